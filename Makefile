@@ -1,0 +1,33 @@
+# The README's two commands. Both do all set-up on a fresh machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+STUDY ?= fashion-quick
+
+.PHONY: run test data lint benchmarks clean
+
+# torch 2.13.0 first: it is the CPU wheel on local disk; any other request would pull a CUDA build.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,coreml,postgres]'
+	touch $(STAMP)
+
+data:
+	@test -d $(FASHION_MNIST) || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+		else echo "Fashion-MNIST is missing: sudo apt-get install dataset-fashion-mnist"; exit 1; fi; }
+
+run: $(STAMP) data
+	$(VENV)/bin/vmoe-nas describe fmnist-vmoe-6x64
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check search_spaces profilers nas tests benchmarks
+
+clean:
+	rm -rf $(VENV)

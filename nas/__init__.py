@@ -1,0 +1,1 @@
+"""Search: data, proxy training, Optuna studies, Pareto analysis and export."""

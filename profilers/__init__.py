@@ -1,0 +1,1 @@
+"""Cost of an architecture: FLOPs, parameters, size and latency on real backends."""

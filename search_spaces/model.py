@@ -1,0 +1,240 @@
+"""The Mobile V-MoE model family: a pre-norm ViT whose chosen blocks swap their MLP for experts.
+
+One class, `VisionMoE`, covers all three kinds an `ArchConfig` describes:
+- dense: a standard ViT (conv patch embedding, class token, learned positions, pre-norm blocks);
+- per_image (Mobile V-MoE): one router reads the class token entering the first MoE block and picks k
+  experts for the whole image; every MoE block of that image uses those experts;
+- per_token (V-MoE): a router in each MoE block picks k experts for every token.
+Only the MLP is per-expert; attention, norms and embeddings are shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search_spaces.config import ArchConfig
+
+
+@dataclass
+class Routing:
+    """What the MoE blocks of one forward pass share: the per-image choice and the losses they add."""
+
+    experts: torch.Tensor | None = None  # (B, k) expert indices, per_image only
+    gates: torch.Tensor | None = None  # (B, k) weights summing to 1, per_image only
+    router_logits: torch.Tensor | None = None  # (B, E), per_image only: trained on super-classes
+    aux_losses: list[torch.Tensor] = field(default_factory=list)  # per_token load-balancing losses
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, num_classes)
+    router_logits: torch.Tensor | None  # (B, E) for per_image routing, else None
+    aux_loss: torch.Tensor | None  # summed per_token load-balancing loss, else None
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Experts(nn.Module):
+    """E MLPs of one shape, their weights stacked so that selected experts can be gathered."""
+
+    def __init__(self, num_experts: int, width: int, hidden: int):
+        super().__init__()
+        # Stored input-major, (E, in, out), so a gathered expert multiplies without a transpose.
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, width, hidden))
+        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, hidden, width))
+        self.fc2_bias = nn.Parameter(torch.zeros(num_experts, width))
+        nn.init.trunc_normal_(self.fc1_weight, std=0.02)
+        nn.init.trunc_normal_(self.fc2_weight, std=0.02)
+
+    def expert_mlp(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """One expert on a (T, C) batch of tokens."""
+        hidden = F.gelu(x @ self.fc1_weight[expert] + self.fc1_bias[expert])
+        return hidden @ self.fc2_weight[expert] + self.fc2_bias[expert]
+
+
+class PerImageExperts(Experts):
+    """Runs, for each image, only the k experts its router chose: their weights are gathered per image
+    and applied with batched matmuls, so the cost is k MLPs whatever E is."""
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        experts = routing.experts  # (B, k)
+        w1 = self.fc1_weight[experts]  # (B, k, C, H)
+        w2 = self.fc2_weight[experts]  # (B, k, H, C)
+        hidden = F.gelu(x.unsqueeze(1) @ w1 + self.fc1_bias[experts].unsqueeze(2))  # (B, k, N, H)
+        out = hidden @ w2 + self.fc2_bias[experts].unsqueeze(2)  # (B, k, N, C)
+        return (out * routing.gates[:, :, None, None]).sum(1)  # (B, N, C)
+
+
+class PerTokenExperts(Experts):
+    """V-MoE's layer: a router per block sends each token to its top-k experts. Tokens are grouped by
+    expert, so each expert runs on its own tokens only. Gates are the raw softmax probabilities (not
+    renormalised, as in V-MoE) so the router learns from the task loss even at k=1."""
+
+    def __init__(self, num_experts: int, top_k: int, width: int, hidden: int):
+        super().__init__(num_experts, width, hidden)
+        self.top_k = top_k
+        self.router = nn.Linear(width, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        B, N, C = x.shape
+        tokens = x.reshape(B * N, C)
+        probs = self.router(tokens).softmax(-1)  # (T, E)
+        gates, experts = probs.topk(self.top_k, dim=-1)  # (T, k)
+        out = torch.zeros_like(tokens)
+        for expert in range(self.fc1_weight.shape[0]):
+            token_index, slot = (experts == expert).nonzero(as_tuple=True)
+            expert_out = self.expert_mlp(tokens[token_index], expert)
+            out = out.index_add(0, token_index, expert_out * gates[token_index, slot].unsqueeze(-1))
+        routing.aux_losses.append(load_balancing_loss(probs, experts))
+        return out.reshape(B, N, C)
+
+
+def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss, E * sum_e f_e * P_e: f_e is the share of token slots sent to
+    expert e, P_e its mean router probability. Equals 1 when the load is uniform."""
+    num_experts = probs.shape[-1]
+    dispatch = F.one_hot(experts, num_experts).float().mean(dim=(0, 1))  # (E,)
+    return num_experts * (dispatch * probs.mean(0)).sum()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ArchConfig, mlp: nn.Module):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width)
+        self.attn = Attention(cfg.width, cfg.num_heads)
+        self.norm2 = nn.LayerNorm(cfg.width)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x), routing)
+
+
+class PerImageRouter(nn.Module):
+    """Mobile V-MoE's single router: class token -> E logits -> top-k experts, gates renormalised."""
+
+    def __init__(self, width: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.linear = nn.Linear(width, num_experts, bias=False)
+
+    def forward(self, class_token: torch.Tensor, routing: Routing) -> None:
+        logits = self.linear(class_token)  # (B, E)
+        gates, experts = logits.softmax(-1).topk(self.top_k, dim=-1)  # (B, k)
+        routing.router_logits = logits
+        routing.experts = experts
+        routing.gates = gates / gates.sum(-1, keepdim=True)
+
+
+def _make_mlp(cfg: ArchConfig, index: int) -> nn.Module:
+    if index not in cfg.moe_layers:
+        return Mlp(cfg.width, cfg.mlp_hidden)
+    if cfg.moe.routing == "per_image":
+        return PerImageExperts(cfg.moe.num_experts, cfg.width, cfg.mlp_hidden)
+    return PerTokenExperts(cfg.moe.num_experts, cfg.moe.top_k, cfg.width, cfg.mlp_hidden)
+
+
+class VisionMoE(nn.Module):
+    def __init__(self, cfg: ArchConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.width) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg, _make_mlp(cfg, i)) for i in range(cfg.depth))
+        per_image = cfg.is_moe and cfg.moe.routing == "per_image"
+        self.router = PerImageRouter(cfg.width, cfg.moe.num_experts, cfg.moe.top_k) if per_image else None
+        self.router_block = cfg.moe_layers[0] if per_image else None  # the router runs before this block
+        self.norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, cfg.num_classes)
+        self.apply(_init_linear)
+
+    def forward_features(self, images: torch.Tensor, routing: Routing) -> torch.Tensor:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, num_patches, C)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # (B, N, C)
+        for index, block in enumerate(self.blocks):
+            if index == self.router_block:
+                self.router(x[:, 0], routing)
+            x = block(x, routing)
+        return self.norm(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features[:, 0])  # (B, num_classes), from the class token
+
+    def forward(self, images: torch.Tensor, *, with_aux: bool = False) -> torch.Tensor | ModelOutput:
+        """Logits; with `with_aux=True` (training), also the router logits and the auxiliary loss."""
+        routing = Routing()
+        logits = self.forward_head(self.forward_features(images, routing))
+        if not with_aux:
+            return logits
+        aux_loss = torch.stack(routing.aux_losses).sum() if routing.aux_losses else None
+        return ModelOutput(logits, routing.router_logits, aux_loss)
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def build_model(cfg: ArchConfig) -> VisionMoE:
+    return VisionMoE(cfg)
+
+
+def count_params(model: VisionMoE) -> tuple[int, int]:
+    """(total, active per image): active counts the shared parts, the routers and k of E experts in
+    each MoE block (for per_token, k experts per token)."""
+    total = sum(p.numel() for p in model.parameters())
+    expert_params = sum(
+        p.numel() for m in model.modules() if isinstance(m, Experts) for n, p in m.named_parameters() if "router" not in n
+    )
+    moe = model.cfg.moe
+    inactive = expert_params * (moe.num_experts - moe.top_k) // moe.num_experts if moe else 0
+    return total, total - inactive
+
+
+def describe(cfg: ArchConfig) -> dict:
+    """What a person asks of an architecture first: its blocks, which are MoE, and its sizes."""
+    total, active = count_params(build_model(cfg))
+    moe = cfg.moe
+    blocks = [
+        {"index": i, "mlp": (f"moe-{moe.routing}" if i in cfg.moe_layers else "dense")}
+        for i in range(cfg.depth)
+    ]
+    return {
+        "name": cfg.name,
+        "config_hash": cfg.config_hash(),
+        "arch": cfg.to_dict(),
+        "blocks": blocks,
+        "params_total": total,
+        "params_active": active,
+    }

@@ -1,0 +1,24 @@
+"""Named architecture presets, shipped as YAML files beside this module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from search_spaces.config import ArchConfig, ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_arch(name_or_path: str | Path) -> ArchConfig:
+    """An architecture from a YAML file path, or a preset by bare name (e.g. `vmoe-12x192`)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return ArchConfig.load(path)
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError("config", f"{name_or_path!r} is neither a file nor a preset ({', '.join(preset_names())})")
+    return ArchConfig.load(preset)
