@@ -88,6 +88,8 @@ class ArchConfig:
     def __post_init__(self):
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", _moe_from_dict(self.moe))
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            raise ConfigError("moe", f"must be a mapping of MoE fields, got {self.moe!r}")
         if self.moe is not None and self.moe.num_experts == 0:
             object.__setattr__(self, "moe", None)  # num_experts: 0 is how a search space says "dense"
         self.validate()
@@ -104,8 +106,6 @@ class ArchConfig:
         if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0:
             raise ConfigError("mlp_ratio", f"must be a positive number, got {self.mlp_ratio!r}")
         if self.moe is not None:
-            if not isinstance(self.moe, MoEConfig):
-                raise ConfigError("moe", f"must be a mapping of MoE fields, got {self.moe!r}")
             self.moe.validate(self.depth)
 
     # Derived sizes, used by the model, the FLOP formulas and the search.

@@ -82,15 +82,27 @@ class Experts(nn.Module):
 
 class PerImageExperts(Experts):
     """Runs, for each image, only the k experts its router chose: their weights are gathered per image
-    and applied with batched matmuls, so the cost is k MLPs whatever E is."""
+    and applied with batched matmuls, so the cost is k MLPs whatever E is. In training, images are
+    grouped by expert instead: the backward of a per-image weight gather scatters B weight-sized
+    gradients, which made a step ~1.3x a dense one; grouped, the gradients land on each expert directly."""
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if self.training:
+            return self._forward_grouped(x, routing)
         experts = routing.experts  # (B, k)
         w1 = self.fc1_weight[experts]  # (B, k, C, H)
         w2 = self.fc2_weight[experts]  # (B, k, H, C)
         hidden = F.gelu(x.unsqueeze(1) @ w1 + self.fc1_bias[experts].unsqueeze(2))  # (B, k, N, H)
         out = hidden @ w2 + self.fc2_bias[experts].unsqueeze(2)  # (B, k, N, C)
         return (out * routing.gates[:, :, None, None]).sum(1)  # (B, N, C)
+
+    def _forward_grouped(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for expert in range(self.fc1_weight.shape[0]):
+            image, slot = (routing.experts == expert).nonzero(as_tuple=True)  # (n,) each
+            expert_out = self.expert_mlp(x[image], expert)  # (n, N, C)
+            out = out.index_add(0, image, expert_out * routing.gates[image, slot, None, None])
+        return out
 
 
 class PerTokenExperts(Experts):
@@ -214,9 +226,8 @@ def count_params(model: VisionMoE) -> tuple[int, int]:
     """(total, active per image): active counts the shared parts, the routers and k of E experts in
     each MoE block (for per_token, k experts per token)."""
     total = sum(p.numel() for p in model.parameters())
-    expert_params = sum(
-        p.numel() for m in model.modules() if isinstance(m, Experts) for n, p in m.named_parameters() if "router" not in n
-    )
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    expert_params = sum(p.numel() for m in experts for name, p in m.named_parameters() if "router" not in name)
     moe = model.cfg.moe
     inactive = expert_params * (moe.num_experts - moe.top_k) // moe.num_experts if moe else 0
     return total, total - inactive

@@ -1,0 +1,295 @@
+"""The study config: everything one search needs, from one validated YAML file.
+
+Shipped presets (`nas/studies/*.yaml`) are picked by bare name (`smoke`, `fashion-quick`); command-line
+flags override fields. Every bad field gets one `ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search_spaces import ArchConfig, ConfigError, load_arch
+from search_spaces.mobile_vmoe import SPACES, MobileVMoESpace
+
+STUDY_DIR = Path(__file__).parent / "studies"
+
+# name -> (direction, metric key): the metric a trial stores and the way it should go.
+OBJECTIVES = {
+    "accuracy": ("maximize", "accuracy"),
+    "flops": ("minimize", "flops"),
+    "latency": ("minimize", "latency_ms"),
+    "params": ("minimize", "params_active"),
+}
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+BACKENDS = ("onnxruntime", "torch", "coreml", "remote")
+
+
+def _from_dict(cls: type, data: Any, prefix: str):
+    """Build a config dataclass from a mapping, naming the first unknown or badly typed field."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip("."), f"must be a mapping, got {data!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown field (known: {', '.join(sorted(known))})")
+    return cls(**data)
+
+
+def _check_number(name: str, value: Any, *, minimum: float = 0, integer: bool = False, optional: bool = True):
+    if value is None and optional:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(name, f"must be {kind} >= {minimum:g}{' or null' if optional else ''}, got {value!r}")
+
+
+@dataclass
+class DataSpec:
+    name: str = "fashion-mnist"  # a data set name understood by nas.data.load_dataset
+    data_dir: str | None = None
+    limit: int | None = None  # training images the proxy uses: the search needs a ranking, not a record
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("data.name", f"must name a data set, got {self.name!r}")
+        _check_number("data.limit", self.limit, minimum=1, integer=True)
+        if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
+            raise ConfigError("data.val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
+
+
+@dataclass
+class ProfilerSpec:
+    backend: str = "onnxruntime"
+    threads: int = 1  # one thread: the phone-class target, and stable numbers beside a training job
+    batch: int = 1
+    provider: str | None = None
+    remote_url: str | None = None  # for backend: remote
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError("profiler.backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        _check_number("profiler.threads", self.threads, minimum=1, integer=True, optional=False)
+        _check_number("profiler.batch", self.batch, minimum=1, integer=True, optional=False)
+        if self.backend == "remote" and not self.remote_url:
+            raise ConfigError("profiler.remote_url", "the remote backend needs the agent's URL")
+
+    def options(self) -> dict[str, Any]:
+        options = {"backend": self.backend, "threads": self.threads, "batch": self.batch}
+        if self.provider:
+            options["provider"] = self.provider
+        if self.remote_url:
+            options["remote_url"] = self.remote_url
+        return options
+
+
+@dataclass
+class Constraints:
+    max_latency_ms: float | None = None
+    max_flops: float | None = None
+    max_params: float | None = None  # active parameters
+    max_size_mb: float | None = None  # fp32 size of all parameters, MB = 1e6 bytes
+
+    def validate(self) -> None:
+        for f in fields(self):
+            _check_number(f"constraints.{f.name}", getattr(self, f.name), minimum=1e-12)
+
+    def active(self) -> dict[str, tuple[str, float]]:
+        """constraint name -> (metric key, limit), for the limits that are set."""
+        metric = {"max_latency_ms": "latency_ms", "max_flops": "flops", "max_params": "params_active",
+                  "max_size_mb": "size_mb"}
+        return {name: (metric[name], limit) for name, limit in dataclasses.asdict(self).items() if limit is not None}
+
+
+@dataclass
+class EarlyStopping:
+    """Stop a trial after its first evaluation when it trails trials of similar cost: its accuracy is
+    below the `quantile` of the first-evaluation accuracies of at least `min_peers` finished trials whose
+    FLOPs are within `flops_ratio` of its own. Comparing like with like keeps cheap models in the race."""
+
+    enabled: bool = True
+    min_peers: int = 3
+    quantile: float = 0.25
+    flops_ratio: float = 2.0
+
+    def validate(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError("early_stopping.enabled", f"must be true or false, got {self.enabled!r}")
+        _check_number("early_stopping.min_peers", self.min_peers, minimum=1, integer=True, optional=False)
+        if not isinstance(self.quantile, (int, float)) or not 0 < self.quantile < 1:
+            raise ConfigError("early_stopping.quantile", f"must be in (0, 1), got {self.quantile!r}")
+        _check_number("early_stopping.flops_ratio", self.flops_ratio, minimum=1, optional=False)
+
+
+@dataclass
+class StudyConfig:
+    study_name: str = "default"
+    data: DataSpec = field(default_factory=DataSpec)
+    space: MobileVMoESpace = field(default_factory=MobileVMoESpace)
+    objectives: list[str] = field(default_factory=lambda: ["accuracy", "flops"])
+    constraints: Constraints = field(default_factory=Constraints)
+    sampler: str = "tpe"
+    seed: int = 0
+    n_trials: int | None = 20
+    timeout: float | None = None  # seconds; the study stops starting trials after it
+    evaluator: dict = field(default_factory=lambda: {"epochs": 1})  # a nas.trainer.TrainRecipe, as YAML
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    profiler: ProfilerSpec = field(default_factory=ProfilerSpec)
+    storage: str | None = None  # default: a SQLite file (journal file with --workers > 1) in results/<study>/
+    workers: int = 1
+    heartbeat_interval: int = 10  # seconds; RDB storages mark a trial whose worker went silent as failed
+    max_retries: int = 1  # times a trial whose worker died is re-queued for another worker
+    trial_timeout: float | None = None  # seconds a trial may run before it is stopped and recorded as failed
+    trial_memory_mb: float | None = None  # resident memory of the worker a trial may reach, likewise
+    results_dir: str = "results"
+    enqueue: list = field(default_factory=list)  # preset names, YAML paths or param dicts, run first
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.study_name, str) or not self.study_name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError("study_name", f"must be letters, digits, '-' or '_', got {self.study_name!r}")
+        self.data.validate()
+        if not self.objectives or not isinstance(self.objectives, list):
+            raise ConfigError("objectives", f"must list objectives among {', '.join(OBJECTIVES)}")
+        for name in self.objectives:
+            if not isinstance(name, str) or name not in OBJECTIVES:
+                raise ConfigError("objectives", f"unknown objective {name!r} (use {', '.join(OBJECTIVES)})")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ConfigError("objectives", f"each objective once, got {self.objectives}")
+        self.constraints.validate()
+        if self.sampler not in SAMPLERS:
+            raise ConfigError("sampler", f"must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        _check_number("seed", self.seed, integer=True, optional=False)
+        _check_number("n_trials", self.n_trials, minimum=1, integer=True)
+        _check_number("timeout", self.timeout, minimum=1e-9)
+        if self.n_trials is None and self.timeout is None:
+            raise ConfigError("n_trials", "set n_trials, timeout or both, or the study never ends")
+        self.early_stopping.validate()
+        self.profiler.validate()
+        _check_number("workers", self.workers, minimum=1, integer=True, optional=False)
+        _check_number("heartbeat_interval", self.heartbeat_interval, minimum=1, integer=True, optional=False)
+        _check_number("max_retries", self.max_retries, integer=True, optional=False)
+        _check_number("trial_timeout", self.trial_timeout, minimum=1e-9)
+        _check_number("trial_memory_mb", self.trial_memory_mb, minimum=1)
+        if not isinstance(self.evaluator, dict):
+            raise ConfigError("evaluator", f"must be a mapping of training-recipe fields, got {self.evaluator!r}")
+        self.recipe()  # validates the evaluator fields
+        for name in ("storage", "results_dir"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and value) and not (name == "storage" and value is None):
+                raise ConfigError(name, f"must be a non-empty string, got {value!r}")
+        if not isinstance(self.enqueue, list) or not all(isinstance(e, (str, dict)) for e in self.enqueue):
+            raise ConfigError("enqueue", "must be a list of presets, YAML paths or parameter mappings")
+        if self.n_trials is not None and len(self.enqueue) > self.n_trials:
+            raise ConfigError("enqueue", f"{len(self.enqueue)} architectures to enqueue but n_trials={self.n_trials}")
+        self.enqueued_params()  # every entry resolves to parameters of the space
+
+    def recipe(self):
+        from nas.trainer import TrainRecipe  # the trainer pulls in torch data code; only needed here
+
+        try:
+            return TrainRecipe.from_dict(self.evaluator)
+        except ConfigError as error:
+            raise ConfigError(f"evaluator.{error.field}", error.problem) from None
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[name][0] for name in self.objectives]
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.results_dir) / self.study_name
+
+    def enqueued_params(self) -> list[dict]:
+        """The trial parameters of each `enqueue` entry, in order."""
+        params = []
+        for entry in self.enqueue:
+            if isinstance(entry, dict):
+                self.space.check_params(entry, "enqueue")
+                params.append(dict(entry))
+                continue
+            try:
+                cfg: ArchConfig = load_arch(entry)
+            except ConfigError as error:
+                raise ConfigError("enqueue", f"{entry!r}: {error}") from None
+            params.append(self.space.params_for(cfg))
+        return params
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["space"] = {"name": "mobile_vmoe", **self.space.to_dict()}
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> StudyConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("study", f"must be a mapping of study fields, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown field (known: {', '.join(sorted(known))})")
+        data = dict(data)
+        data["data"] = _from_dict(DataSpec, data.get("data"), "data.")
+        data["constraints"] = _from_dict(Constraints, data.get("constraints"), "constraints.")
+        data["early_stopping"] = _from_dict(EarlyStopping, data.get("early_stopping"), "early_stopping.")
+        data["profiler"] = _from_dict(ProfilerSpec, data.get("profiler"), "profiler.")
+        data["space"] = _space_from_dict(data.get("space"))
+        data["enqueue"] = data.get("enqueue") or []
+        return cls(**data)
+
+
+def _space_from_dict(data: Any) -> MobileVMoESpace:
+    if data is None:
+        return MobileVMoESpace()
+    if not isinstance(data, dict):
+        raise ConfigError("space", f"must be a mapping, got {data!r}")
+    data = dict(data)
+    name = data.pop("name", "mobile_vmoe")
+    if name not in SPACES:
+        raise ConfigError("space.name", f"unknown search space {name!r} (known: {', '.join(SPACES)})")
+    return SPACES[name].from_dict(data)
+
+
+def study_preset_names() -> list[str]:
+    return sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
+
+
+def load_study_config(path_or_preset: str | Path, **overrides: Any) -> StudyConfig:
+    """A study config from a YAML file or a shipped preset name; `overrides` (non-None) replace fields,
+    e.g. the command line's --n-trials or --storage."""
+    path = Path(path_or_preset)
+    if not path.is_file():
+        path = STUDY_DIR / f"{path_or_preset}.yaml"
+        if not path.is_file():
+            raise ConfigError(
+                "config", f"{path_or_preset!r} is neither a file nor a study preset ({', '.join(study_preset_names())})"
+            )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError("config", f"{path} is not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of study fields")
+    data.update({key: value for key, value in overrides.items() if value is not None})
+    data_fields = {"data_name": "name", "data_dir": "data_dir"}  # flags that override the data section
+    data_overrides = {data_fields[k]: data.pop(k) for k in data_fields if k in data}
+    if data_overrides:
+        data["data"] = {**(data.get("data") or {}), **data_overrides}
+    try:
+        return StudyConfig.from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(error.field, f"{error.problem} (in {path})") from None

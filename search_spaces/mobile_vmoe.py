@@ -1,0 +1,186 @@
+"""The default search space: Mobile V-MoE and dense ViTs over depth, width, heads, MLP ratio, experts,
+top-k, MoE placement, routing and router loss weight.
+
+Every choice is a fixed categorical set (no range depends on another parameter: samplers mishandle
+those), and a dense trial (`num_experts: 0`) samples no MoE parameters. A sampled combination that
+cannot be built (top-k above E, a per-image MoE starting at block 0, ...) raises `InvalidArchitecture`
+before anything is profiled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol
+
+from search_spaces.config import ROUTINGS, ArchConfig, ConfigError, MoEConfig
+
+PLACEMENTS = ("last1", "last2", "last3", "alternate")  # or explicit lists such as "4,5"
+
+
+class InvalidArchitecture(ValueError):
+    """A sampled combination of choices that does not describe a buildable model."""
+
+
+class Suggester(Protocol):
+    """What a space needs from an Optuna trial (`optuna.Trial` fits; so does a test double)."""
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+
+
+def placement_layers(placement: str, depth: int) -> tuple[int, ...]:
+    """Block indices of a named placement: last N blocks, every other block of the second half
+    (ending at the last block), or an explicit comma-separated list."""
+    if placement.startswith("last") and placement[4:].isdigit():
+        count = int(placement[4:])
+        return tuple(range(max(depth - count, 0), depth))
+    if placement == "alternate":
+        return tuple(sorted(range(depth - 1, depth // 2 - 1, -2)))
+    try:
+        return tuple(sorted(int(i) for i in placement.split(",")))
+    except ValueError:
+        known = ", ".join(PLACEMENTS)
+        raise ConfigError("space.placements", f"unknown placement {placement!r} (use {known} or '4,5')") from None
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+@dataclass(frozen=True)
+class MobileVMoESpace:
+    patch_sizes: tuple[int, ...] = (4, 7)
+    depths: tuple[int, ...] = (4, 6, 8)
+    widths: tuple[int, ...] = (32, 48, 64, 96)
+    head_width: int | None = 16  # heads = width // head_width; or set num_heads to search heads directly
+    num_heads: tuple[int, ...] = ()
+    mlp_ratios: tuple[float, ...] = (2.0, 4.0)
+    num_experts: tuple[int, ...] = (0, 4, 8)  # 0 = dense: every study samples its own dense baselines
+    top_k: tuple[int, ...] = (1, 2)
+    placements: tuple[str, ...] = ("last1", "last2", "last3", "alternate")
+    routings: tuple[str, ...] = ("per_image",)
+    router_loss_weights: tuple[float, ...] = (0.3,)
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "head_width":
+                object.__setattr__(self, f.name, _as_tuple(value))
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("patch_sizes", "depths", "widths", "mlp_ratios", "num_experts", "placements", "routings"):
+            if not getattr(self, name):
+                raise ConfigError(f"space.{name}", "must list at least one choice")
+        if (self.head_width is None) == (not self.num_heads):
+            raise ConfigError("space.head_width", "set exactly one of head_width or num_heads")
+        for name in ("patch_sizes", "depths", "widths", "num_heads", "top_k"):
+            for value in getattr(self, name):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ConfigError(f"space.{name}", f"choices must be positive integers, got {value!r}")
+        if self.head_width is not None and (not isinstance(self.head_width, int) or self.head_width < 1):
+            raise ConfigError("space.head_width", f"must be a positive integer, got {self.head_width!r}")
+        for value in self.num_experts:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError("space.num_experts", f"choices must be integers >= 0, got {value!r}")
+        if any(e > 0 for e in self.num_experts) and not self.top_k:
+            raise ConfigError("space.top_k", "must list at least one choice when MoE is searched")
+        for routing in self.routings:
+            if routing not in ROUTINGS:
+                raise ConfigError("space.routings", f"must be among {', '.join(ROUTINGS)}, got {routing!r}")
+        for placement in self.placements:
+            if not isinstance(placement, str):
+                raise ConfigError("space.placements", f"choices must be names such as 'last2' or lists such as '4,5', "
+                                  f"got {placement!r}")
+            placement_layers(placement, max(self.depths))
+        for name, minimum in (("mlp_ratios", 1e-9), ("router_loss_weights", 0)):
+            for value in getattr(self, name):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+                    raise ConfigError(f"space.{name}", f"choices must be numbers >= {minimum:g}, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MobileVMoESpace:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"space.{unknown[0]}", f"unknown field (known: {', '.join(sorted(known))})")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def sample(self, trial: Suggester, *, image_size: int, in_channels: int, num_classes: int) -> ArchConfig:
+        """Sample one architecture. Raises `InvalidArchitecture` for a combination that cannot be built."""
+        depth = trial.suggest_categorical("depth", self.depths)
+        width = trial.suggest_categorical("width", self.widths)
+        if self.num_heads:
+            heads = trial.suggest_categorical("num_heads", self.num_heads)
+        else:
+            heads = max(width // self.head_width, 1)
+        arch = dict(
+            image_size=image_size,
+            in_channels=in_channels,
+            patch_size=trial.suggest_categorical("patch_size", self.patch_sizes),
+            num_classes=num_classes,
+            depth=depth,
+            width=width,
+            num_heads=heads,
+            mlp_ratio=float(trial.suggest_categorical("mlp_ratio", self.mlp_ratios)),
+        )
+        experts = trial.suggest_categorical("num_experts", self.num_experts)
+        if experts:
+            arch["moe"] = MoEConfig(
+                num_experts=experts,
+                top_k=trial.suggest_categorical("top_k", self.top_k),
+                layers=placement_layers(trial.suggest_categorical("moe_placement", self.placements), depth),
+                routing=trial.suggest_categorical("routing", self.routings),
+                router_loss_weight=float(trial.suggest_categorical("router_loss_weight", self.router_loss_weights)),
+            )
+        try:
+            return ArchConfig(**arch)
+        except ConfigError as error:
+            raise InvalidArchitecture(str(error)) from None
+
+    def params_for(self, cfg: ArchConfig) -> dict[str, Any]:
+        """The trial parameters that sample `cfg`, for enqueuing a known architecture (e.g. a preset).
+        Raises ConfigError naming the first value the space cannot express."""
+        params: dict[str, Any] = {
+            "depth": cfg.depth,
+            "width": cfg.width,
+            "patch_size": cfg.patch_size,
+            "mlp_ratio": float(cfg.mlp_ratio),
+            "num_experts": cfg.moe.num_experts if cfg.moe else 0,
+        }
+        if self.num_heads:
+            params["num_heads"] = cfg.num_heads
+        elif cfg.num_heads != max(cfg.width // self.head_width, 1):
+            raise ConfigError("enqueue", f"{cfg.name}: num_heads={cfg.num_heads} is not width // head_width")
+        if cfg.moe:
+            placement = next((p for p in self.placements if placement_layers(p, cfg.depth) == cfg.moe.layers), None)
+            if placement is None:
+                raise ConfigError("enqueue", f"{cfg.name}: MoE layers {list(cfg.moe.layers)} match no placement")
+            params.update(
+                top_k=cfg.moe.top_k,
+                moe_placement=placement,
+                routing=cfg.moe.routing,
+                router_loss_weight=float(cfg.moe.router_loss_weight),
+            )
+        self.check_params(params, f"enqueue: {cfg.name}")
+        return params
+
+    def check_params(self, params: dict[str, Any], where: str) -> None:
+        """Enqueued parameters must name this space's parameters and pick among their choices."""
+        for name, value in params.items():
+            try:
+                choices = self._choices(name)
+            except AttributeError:
+                raise ConfigError(where, f"unknown parameter {name!r}") from None
+            if value not in choices:
+                raise ConfigError(where, f"{name}={value!r} is not among the space's {list(choices)}")
+
+    def _choices(self, param: str) -> tuple:
+        plural = {"depth": "depths", "width": "widths", "patch_size": "patch_sizes", "mlp_ratio": "mlp_ratios",
+                  "moe_placement": "placements", "routing": "routings", "router_loss_weight": "router_loss_weights"}
+        return getattr(self, plural.get(param, param))
+
+
+SPACES = {"mobile_vmoe": MobileVMoESpace}

@@ -1,0 +1,161 @@
+"""End-to-end search studies on synthetic data with a tiny space and budget."""
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+import nas.trainer
+from nas.cli import main
+from nas.search import make_storage
+from search_spaces import ArchConfig, build_model, count_params
+
+D16 = {"depth": 2, "width": 16, "patch_size": 4, "mlp_ratio": 2.0, "num_experts": 0}
+D24 = {**D16, "width": 24}
+M16 = {**D16, "num_experts": 4, "top_k": 1, "moe_placement": "last1", "routing": "per_image",
+       "router_loss_weight": 0.3}
+
+
+def active_params(params: dict) -> int:
+    arch = ArchConfig(image_size=16, in_channels=1, patch_size=4, num_classes=12, depth=2, width=params["width"],
+                      num_heads=params["width"] // 8, mlp_ratio=2.0,
+                      moe={"num_experts": 4, "layers": [1]} if params["num_experts"] else None)
+    return count_params(build_model(arch))[1]
+
+
+def write_study(tmp_path, name, enqueue, n_trials, **extra) -> str:
+    study = {
+        "study_name": name,
+        "data": {"name": "synthetic", "limit": 600},
+        "space": {"patch_sizes": [4], "depths": [2], "widths": [16, 24], "head_width": 8, "mlp_ratios": [2.0],
+                  "num_experts": [0, 4], "top_k": [1], "placements": ["last1"]},
+        "objectives": ["accuracy", "flops"],
+        "n_trials": n_trials,
+        "evaluator": {"steps": 12, "batch_size": 32, "eval_every": 6},
+        "early_stopping": {"enabled": False},
+        "results_dir": str(tmp_path / "results"),
+        "enqueue": enqueue,
+        **extra,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return str(path)
+
+
+def load(tmp_path, name) -> optuna.Study:
+    storage = make_storage(f"sqlite:///{tmp_path / 'results' / name / 'study.db'}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+@pytest.fixture
+def failing_moe(monkeypatch):
+    """Training raises for MoE models: a trial that fails for a reason of its own."""
+    real_train = nas.trainer.train
+
+    def train(cfg, *args, **kwargs):
+        if cfg.is_moe:
+            raise RuntimeError("forced failure of an MoE")
+        return real_train(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(nas.trainer, "train", train)
+
+
+def test_study_end_to_end(tmp_path, failing_moe, capsys):
+    limit = (active_params(D16) + active_params(D24)) / 2  # width 24 breaks it; width 16, MoE or not, does not
+    config = write_study(tmp_path, "e2e", [D16, M16, D24, D16], 4, constraints={"max_params": limit})
+    assert main(["search", "--config", config, "--no-progress"]) == 0
+    study = load(tmp_path, "e2e")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+
+    dense, failed, infeasible, duplicate = trials
+    arch = ArchConfig.from_yaml(dense.user_attrs["arch_yaml"])
+    assert arch.config_hash() == dense.user_attrs["config_hash"] and arch.moe is None
+    metrics = dense.user_attrs["metrics"]
+    assert metrics["params_active"] == count_params(build_model(arch))[1]
+    assert 0 < metrics["accuracy"] <= 1 and metrics["flops"] > 0
+    assert dense.values == [metrics["accuracy"], metrics["flops"]]
+    assert dense.user_attrs["train"]["steps"] == 12 and dense.user_attrs["status"] == "complete"
+    assert dense.constraints == {"max_params": pytest.approx(metrics["params_active"] / limit - 1)}
+
+    assert infeasible.user_attrs["status"] == "infeasible" and infeasible.constraints["max_params"] > 0
+    assert "train" not in infeasible.user_attrs and infeasible.values[0] == 0.0
+    assert "max_params" in infeasible.user_attrs["reason"]
+
+    assert failed.user_attrs["reason"] == "RuntimeError: forced failure of an MoE"
+    assert failed.user_attrs["status"] == "failed" and failed.user_attrs["arch"]["moe"]["num_experts"] == 4
+
+    assert duplicate.user_attrs["duplicate_of"] == dense.number  # same architecture: not trained again
+    assert duplicate.values == dense.values
+    assert "finished: 3 complete, 1 fail" in capsys.readouterr().out
+
+    # Rerunning resumes: nothing is redone; a larger n_trials only adds the missing trials.
+    assert main(["search", "--config", config, "--no-progress"]) == 0
+    assert len(load(tmp_path, "e2e").get_trials()) == 4
+    assert main(["search", "--config", config, "--no-progress", "--n-trials", "5"]) == 0
+    resumed = load(tmp_path, "e2e").get_trials()
+    assert len(resumed) == 5 and [t.datetime_start for t in resumed[:4]] == [t.datetime_start for t in trials]
+
+
+def test_interrupted_study_resumes_where_it_stopped(tmp_path, monkeypatch):
+    config = write_study(tmp_path, "ctrlc", [D16, M16, D24], 3)
+    real_train = nas.trainer.train
+    calls = []
+
+    def interrupt_second(cfg, *args, **kwargs):
+        calls.append(cfg.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(nas.trainer, "train", interrupt_second)
+    assert main(["search", "--config", config, "--no-progress"]) == 130
+    first = load(tmp_path, "ctrlc").get_trials()
+    assert [t.state for t in first] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert first[1].user_attrs["interrupted"] is True
+
+    assert main(["search", "--config", config, "--no-progress"]) == 0
+    trials = load(tmp_path, "ctrlc").get_trials()
+    finished = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == 3  # the interrupted slot ran again; the finished one did not
+    assert sorted(t.user_attrs["slot"] for t in finished) == [0, 1, 2]
+    assert sum(1 for name in calls if name == first[0].user_attrs["name"]) == 1
+
+
+def test_two_workers_on_a_journal_complete_exactly_n_trials(tmp_path):
+    config = write_study(tmp_path, "workers", [], 5)
+    assert main(["search", "--config", config, "--no-progress", "--workers", "2"]) == 0
+    journal = tmp_path / "results" / "workers" / "journal.log"
+    assert journal.exists()
+    study = optuna.load_study(study_name="workers", storage=make_storage(f"journal:{journal}"))
+    trials = study.get_trials()
+    assert len(trials) == 5
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert sorted(t.user_attrs["slot"] for t in trials) == list(range(5))
+    trained = [t.user_attrs["config_hash"] for t in trials
+               if "train" in t.user_attrs and "duplicate_of" not in t.user_attrs]
+    assert len(trained) == len(set(trained))  # no architecture trained twice
+
+
+@pytest.mark.parametrize(
+    "budget, reason",
+    [({"trial_timeout": 1.5}, "exceeded its time budget of 1.5 s"), ({"trial_memory_mb": 64}, "memory budget of 64 MB")],
+)
+def test_a_trial_over_its_budget_is_stopped_and_recorded(tmp_path, budget, reason):
+    config = write_study(tmp_path, "budget", [D16], 1, **budget)
+    data = yaml.safe_load(open(config))
+    data["evaluator"] = {"steps": 100_000, "batch_size": 32, "eval_every": 50_000}  # far longer than the budget
+    open(config, "w").write(yaml.safe_dump(data))
+    assert main(["search", "--config", config, "--no-progress"]) == 0
+    (trial,) = load(tmp_path, "budget").get_trials()
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["reason"].startswith("BudgetExceeded: stopped: ") and reason in trial.user_attrs["reason"]
+
+
+def test_unreachable_storage_is_one_clear_error(tmp_path, capsys):
+    config = write_study(tmp_path, "nowhere", [D16], 1)
+    url = "postgresql://vmoe:secret@127.0.0.1:9/none"
+    assert main(["search", "--config", config, "--no-progress", "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open storage postgresql://***@127.0.0.1:9/none" in err
+    assert "secret" not in err and "Traceback" not in err
