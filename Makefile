@@ -21,7 +21,7 @@ data:
 		else echo "Fashion-MNIST is missing: sudo apt-get install dataset-fashion-mnist"; exit 1; fi; }
 
 run: $(STAMP) data
-	$(VENV)/bin/vmoe-nas describe fmnist-vmoe-6x64
+	$(VENV)/bin/vmoe-nas search --config $(STUDY)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+from nas.data import DataError
+from nas.export import DEFAULT_EPOCHS, PICK_RULES
+from nas.search import StorageError
+from nas.study import OBJECTIVES
+from nas.superclasses import SuperclassError
+from nas.trainer import TrainingError
+from profilers import ProfileError
 from search_spaces import ConfigError, describe, load_arch
 
 
@@ -25,6 +33,128 @@ def cmd_describe(args: argparse.Namespace) -> None:
     print(f"params active: {info['params_active']:,} per image")
 
 
+def cmd_profile(args: argparse.Namespace) -> None:
+    from profilers import format_profile, profile
+
+    if args.remote_url and args.backend != "remote":
+        raise ConfigError("--remote-url", f"is for --backend remote, not {args.backend}")
+    remote = {"remote_url": args.remote_url} if args.remote_url else {}  # only the remote backend takes it
+    result = profile(load_arch(args.arch), backend=args.backend, threads=args.threads, batch=args.batch,
+                     provider=args.provider, **remote)
+    if args.json:
+        return _print_json(result)
+    print(format_profile(result))
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from nas.search import run_search
+    from nas.study import load_study_config
+
+    cfg = load_study_config(
+        args.config,
+        data_name=args.data,
+        data_dir=args.data_dir,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        study_name=args.study_name,
+        workers=args.workers,
+        sampler=args.sampler,
+        seed=args.seed,
+        results_dir=args.results_dir,
+    )
+    print(f"study {cfg.study_name}: objectives {', '.join(cfg.objectives)}; log in {cfg.study_dir / 'search.log'}")
+    try:
+        study = run_search(cfg, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: run the same command again to resume study {cfg.study_name}", file=sys.stderr)
+        raise
+    states = {}
+    for trial in study.get_trials(deepcopy=False):
+        states[trial.state.name.lower()] = states.get(trial.state.name.lower(), 0) + 1
+    print(f"study {cfg.study_name} finished: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
+    if not args.no_report:
+        from nas.report import write_report
+
+        written = write_report(study, cfg.study_dir)
+        print(f"Pareto report: {written['report.md']}, plots: {written['pareto.html']}")
+
+
+def cmd_superclasses(args: argparse.Namespace) -> None:
+    from nas.data import load_dataset
+    from nas.superclasses import cache_name, superclasses_for
+
+    dataset = load_dataset(args.data, data_dir=args.data_dir)
+    found = superclasses_for(dataset, args.groups, cache_dir=args.cache_dir, seed=args.seed,
+                             progress=not args.no_progress)
+    path = found.save(args.out or Path(args.cache_dir) / cache_name(dataset.name, args.groups, args.seed))
+    print(f"{dataset.name}: {args.groups} super-classes ({found.source}), written to {path}")
+    for index, group in enumerate(found.groups):
+        print(f"  group {index}: " + ", ".join(dataset.class_names[c] for c in group))
+
+
+def cmd_profiler_server(args: argparse.Namespace) -> None:
+    from profilers.server import serve
+
+    serve(host=args.host, port=args.port, backend=args.backend, token=args.token, max_upload_mb=args.max_upload_mb,
+          timeout_s=args.timeout)
+
+
+def cmd_pareto(args: argparse.Namespace) -> None:
+    from nas.pareto import analyze, load_study
+    from nas.report import write_report
+
+    study = load_study(args.study, storage=args.storage, results_dir=args.results_dir)
+    analysis = analyze(study, objectives=args.objectives, margin=args.margin)
+    paths = write_report(study, args.out or Path(args.results_dir) / args.study, analysis=analysis)
+    reference = ", ".join(f"{name} {value:.4g}" for name, value in analysis.reference.items())
+    print(f"study {args.study}: {len(analysis.ranked)} trials analysed; reference point {reference}")
+    for which in ("overall", "dense", "moe"):
+        print(f"  {which:>7} front: {len(analysis.front(which))} trials, hypervolume {analysis.hypervolume[which]:.4f}")
+    print(f"  {len(analysis.beats_dense)} of {len(analysis.comparisons)} MoE trials beat dense "
+          f"(margin {analysis.margin:g})")
+    for _, row in analysis.beats_dense.head(5).iterrows():
+        print(f"    trial {row['trial']} {row['name']}: {row['gain_flops']:+.4f} at equal FLOPs, "
+              f"{row['gain_latency']:+.4f} at equal latency")
+    print("wrote " + ", ".join(str(path) for path in paths.values()))
+    for note in analysis.notes:
+        print(f"note: {note}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from nas.export import export_trial
+    from nas.pareto import load_study, study_storage_url
+
+    url = args.storage or study_storage_url(args.study, args.results_dir)
+    study = load_study(args.study, storage=url)
+    paths = export_trial(study, args.out, trial=args.trial, pick=args.pick, epochs=args.epochs,
+                         coreml=not args.no_coreml, force=args.force, study_dir=Path(args.results_dir) / args.study,
+                         margin=args.margin, source=url.split("://")[0] + "://***" if "@" in url else url)
+    card = paths["model_card.md"].read_text().splitlines()
+    print(f"exported {card[0].lstrip('# ')} to {args.out}: " + ", ".join(sorted(paths)))
+    print(f"train it: vmoe-nas train {paths['train.yaml']}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from nas.full_train import load_train_config, run_training
+    from nas.trainer import CHECKPOINT_NAME
+
+    run = load_train_config(args.config).output_dir
+    checkpoint = run / CHECKPOINT_NAME
+    if checkpoint.is_file() and not args.force and not (run / "metrics.json").is_file():
+        print(f"resuming from {checkpoint}")
+    try:
+        metrics = run_training(args.config, force=args.force, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: run the same command again to resume from {checkpoint}", file=sys.stderr)
+        raise
+    test = metrics["test_accuracy"]
+    print(f"{metrics['name']}: {metrics['steps']} steps, val accuracy {metrics['val_accuracy']:.4f}, "
+          f"test accuracy {'-' if test is None else f'{test:.4f}'}; wrote {run / 'metrics.json'}")
+    if "onnx_error" in metrics:
+        print(f"warning: no model.onnx ({metrics['onnx_error']}); the trained weights are in model.pt", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmoe-nas", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -33,11 +163,90 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("arch", help="architecture YAML file or preset name")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_describe)
+
+    p = commands.add_parser("profile", help="FLOPs, parameters, size and latency of an architecture")
+    p.add_argument("arch", help="architecture YAML file or preset name")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "coreml", "remote"])
+    p.add_argument("--remote-url", help="profiler agent (vmoe-nas profiler-server) for --backend remote; "
+                   "token from $VMOE_PROFILER_TOKEN")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads")
+    p.add_argument("--batch", type=int, default=1, help="images per call")
+    p.add_argument("--provider", help="ONNX Runtime execution provider, torch device or Core ML compute units")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_profile)
+
+    p = commands.add_parser("search", help="run or resume a search study")
+    p.add_argument("--config", default="fashion-quick", help="study YAML file or preset (smoke, fashion-quick)")
+    p.add_argument("--data", help="data set name (overrides the config)")
+    p.add_argument("--data-dir", help="folder holding the data set files")
+    p.add_argument("--n-trials", type=int, help="number of trials in the study")
+    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    p.add_argument("--storage", help="Optuna storage URL (sqlite:///..., postgresql://..., journal:PATH)")
+    p.add_argument("--study-name", help="study name (also the folder under results/)")
+    p.add_argument("--workers", type=int, help="worker processes sharing the storage")
+    p.add_argument("--sampler", help="tpe, nsga2, gp or random")
+    p.add_argument("--seed", type=int, help="sampler seed")
+    p.add_argument("--results-dir", help="where studies write (default results/)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-report", action="store_true", help="skip the Pareto report at the end")
+    p.set_defaults(run=cmd_search)
+
+    p = commands.add_parser("superclasses", help="super-classes of a data set (its own, or from confusion)")
+    p.add_argument("--data", required=True, help="data set name (fashion-mnist, cifar100, npz:PATH, ...)")
+    p.add_argument("--groups", type=int, required=True, help="number of super-classes E (= experts)")
+    p.add_argument("--out", type=Path, help="JSON file to write (default: the cache file)")
+    p.add_argument("--data-dir", help="folder holding the data set files")
+    p.add_argument("--cache-dir", default="results/superclasses", help="where discovered mappings are cached")
+    p.add_argument("--seed", type=int, default=0, help="seed of the discovery model and the clustering")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_superclasses)
+
+    p = commands.add_parser("profiler-server", help="the agent that measures latency on this (target) device")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; off loopback a token is required")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "coreml", "torch"],
+                   help="runtime that measures: onnxruntime takes ONNX, coreml zipped ML programs, torch an arch YAML")
+    p.add_argument("--token", help="bearer token every request must carry (default: $VMOE_PROFILER_TOKEN)")
+    p.add_argument("--max-upload-mb", type=float, default=256, help="largest model accepted, in MiB")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per request: upload, queue and measurement")
+    p.set_defaults(run=cmd_profiler_server)
+
+    p = commands.add_parser("pareto", help="Pareto fronts, hypervolumes, MoE against dense, plots and report")
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--storage", help="Optuna storage URL (default: journal.log or study.db in RESULTS_DIR/STUDY/)")
+    p.add_argument("--results-dir", default="results", help="where studies write (default results/)")
+    p.add_argument("--objectives", nargs="+", choices=list(OBJECTIVES), help="objectives to sort on (default: "
+                   "the study's)")
+    p.add_argument("--margin", type=float, default=0.0, help="accuracy gain an MoE needs to count as beating dense")
+    p.add_argument("--out", type=Path, help="folder for the report files (default RESULTS_DIR/STUDY/)")
+    p.set_defaults(run=cmd_pareto)
+
+    rules = "\n".join(f"  {rule:<28} {text}" for rule, text in PICK_RULES.items())
+    p = commands.add_parser("export", help="export a trial: arch, training recipe, ONNX, Core ML, model card",
+                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"pick rules:\n{rules}")
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--storage", help="Optuna storage URL (default: journal.log or study.db in RESULTS_DIR/STUDY/)")
+    p.add_argument("--results-dir", default="results", help="where studies write (default results/)")
+    choice = p.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--trial", type=int, help="trial number")
+    choice.add_argument("--pick", metavar="RULE", help="a rule choosing the trial (below)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (appears whole or not at all)")
+    p.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help="epochs of full training in train.yaml")
+    p.add_argument("--margin", type=float, default=0.0, help="accuracy gain over dense the largest-gain rules need")
+    p.add_argument("--no-coreml", action="store_true", help="skip the Core ML conversion")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(run=cmd_export)
+
+    p = commands.add_parser("train", help="full training of an exported configuration (checkpoints, resume)")
+    p.add_argument("config", type=Path, help="DIR/train.yaml written by vmoe-nas export")
+    p.add_argument("--force", action="store_true", help="start from scratch, over a finished or interrupted run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_train)
     return parser
 
 
 # Errors a user can fix get one line naming what to fix, not a traceback.
-USER_ERRORS = (ConfigError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, SuperclassError, StorageError, TrainingError, FileNotFoundError, ProfileError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,1 +1,57 @@
-"""Cost of an architecture: FLOPs, parameters, size and latency on real backends."""
+"""Cost of an architecture: FLOPs, parameters, size and latency on real backends.
+
+    profile(cfg)                      # everything, as one JSON-ready dict (ONNX Runtime, 1 thread, batch 1)
+    profile(cfg, measure=False)       # params, sizes, FLOPs only: the cheap filter before latency
+    count_flops(cfg).total == analytic_flops(cfg)
+"""
+
+from profilers._backends import (
+    BACKENDS,
+    Backend,
+    BackendResult,
+    CoreMLBackend,
+    OnnxRuntimeBackend,
+    TorchBackend,
+    get_backend,
+    onnxruntime_latency,
+    ort_session,
+    register_backend,
+)
+from profilers._coreml import CoreMLExport, coreml_form, export_coreml
+from profilers._export import CACHE_ENV, ProfileError, cache_dir, cached_onnx, export_onnx
+from profilers._flops import FlopReport, analytic_flops, count_flops
+from profilers._latency import LatencyStats, measure_latency
+from profilers._profile import device_info, format_profile, profile
+from profilers.remote import ProfilerUnreachable, RemoteBackend, RemoteProfilerError  # registers "remote"
+
+__all__ = [
+    "BACKENDS",
+    "CACHE_ENV",
+    "Backend",
+    "BackendResult",
+    "CoreMLBackend",
+    "CoreMLExport",
+    "FlopReport",
+    "LatencyStats",
+    "OnnxRuntimeBackend",
+    "ProfileError",
+    "ProfilerUnreachable",
+    "RemoteBackend",
+    "RemoteProfilerError",
+    "TorchBackend",
+    "analytic_flops",
+    "cache_dir",
+    "cached_onnx",
+    "coreml_form",
+    "count_flops",
+    "device_info",
+    "export_coreml",
+    "export_onnx",
+    "format_profile",
+    "get_backend",
+    "measure_latency",
+    "onnxruntime_latency",
+    "ort_session",
+    "profile",
+    "register_backend",
+]

@@ -89,12 +89,22 @@ class PerImageExperts(Experts):
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.training:
             return self._forward_grouped(x, routing)
-        experts = routing.experts  # (B, k)
-        w1 = self.fc1_weight[experts]  # (B, k, C, H)
-        w2 = self.fc2_weight[experts]  # (B, k, H, C)
-        hidden = F.gelu(x.unsqueeze(1) @ w1 + self.fc1_bias[experts].unsqueeze(2))  # (B, k, N, H)
-        out = hidden @ w2 + self.fc2_bias[experts].unsqueeze(2)  # (B, k, N, C)
+        if routing.experts.shape[1] == 1:
+            # k=1: the one renormalised gate is exactly 1, so there is nothing to mix. Skipping the mixing
+            # (and the k axis) keeps the exported graph to one Gather per expert tensor and the matmuls.
+            return self._gathered_mlp(x, routing.experts.squeeze(1))  # (B, N, C)
+        out = self._gathered_mlp(x.unsqueeze(1), routing.experts)  # (B, k, N, C)
         return (out * routing.gates[:, :, None, None]).sum(1)  # (B, N, C)
+
+    def _gathered_mlp(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Each image's experts on its tokens: x (B, N, C) with experts (B,), or (B, 1, N, C) with (B, k)."""
+
+        def pick(weight: torch.Tensor) -> torch.Tensor:  # (E, ...) -> (*experts.shape, ...)
+            # index_select exports to one ONNX Gather; weight[experts] to index reshaping and a GatherND.
+            return weight.index_select(0, experts.flatten()).unflatten(0, experts.shape)
+
+        hidden = F.gelu(x @ pick(self.fc1_weight) + pick(self.fc1_bias.unsqueeze(1)))  # (B, [k,] N, H)
+        return hidden @ pick(self.fc2_weight) + pick(self.fc2_bias.unsqueeze(1))  # (B, [k,] N, C)
 
     def _forward_grouped(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         out = torch.zeros_like(x)

@@ -1,7 +1,7 @@
 import pytest
 import yaml
-
 from archs import tiny, tiny_moe
+
 from search_spaces import ArchConfig, ConfigError, MoEConfig, load_arch, preset_names
 
 

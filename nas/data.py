@@ -1,0 +1,365 @@
+"""Data sets by name, held in memory as uint8 tensors and normalised on the fly.
+
+`load_dataset(name)` reads one of:
+- `fashion-mnist`: IDX files (raw or .gz) from `data_dir`, `$VMOE_NAS_DATA_DIR`, or where Debian's
+  `dataset-fashion-mnist` package puts them;
+- `cifar10`, `cifar100`: the python-pickle folders as distributed (cifar100 brings 20 super-classes);
+- `imagefolder:PATH`: one folder per class (or `train/` and `test/` holding such folders), PNG/JPEG;
+- `npz:PATH`: arrays `x`, `y`, optional `superclass`, `x_test`, `y_test`, `class_names`;
+- `synthetic[:key=value,...]`: procedural images with a planted class hierarchy (see `make_synthetic`).
+
+The training set is split into train/val by a seeded permutation. The test split is never touched by the
+search; only final training evaluates on it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA_DIR_ENV = "VMOE_NAS_DATA_DIR"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DataError(ValueError):
+    """A data set could not be loaded; the message says where it looked and what it expected."""
+
+
+class DataNotFoundError(DataError):
+    pass
+
+
+class DataFormatError(DataError):
+    pass
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]  # per channel, of the train split, on the [0, 1] scale
+    std: tuple[float, ...]
+    superclasses: np.ndarray | None  # (num_classes,) class -> group, when the data set brings them
+    flip_ok: bool  # whether a horizontal flip keeps every label
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float32, zero mean and unit variance per channel."""
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1) * 255
+        std = torch.tensor(self.std).view(1, -1, 1, 1) * 255
+        return (images.float() - mean) / std
+
+
+@dataclass
+class _Raw:
+    """What a loader returns: numpy arrays, NCHW uint8 images and int labels."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+    superclasses: np.ndarray | None = None
+    flip_ok: bool = False
+
+
+def load_dataset(name: str, *, data_dir=None, val_fraction: float = 0.1, seed: int = 0, limit: int | None = None
+                 ) -> Dataset:
+    """A data set by name, with a seeded train/val split of its training set; `limit` caps the train split
+    (the val split is the same whatever the limit, so accuracies of different budgets compare)."""
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be a positive number of training images, got {limit}")
+    kind, _, arg = name.partition(":")
+    loaders = {"fashion-mnist": _fashion_mnist, "cifar10": _cifar10, "cifar100": _cifar100,
+               "imagefolder": _imagefolder, "npz": _npz, "synthetic": _synthetic}
+    if kind not in loaders:
+        raise DataError(f"unknown data set {name!r}; expected one of {', '.join(loaders)} "
+                        "(imagefolder:PATH, npz:PATH, synthetic[:key=value,...])")
+    raw = loaders[kind](arg, data_dir)
+    _check_raw(raw, name)
+    return _assemble(name, raw, val_fraction, seed, limit)
+
+
+def _assemble(name: str, raw: _Raw, val_fraction: float, seed: int, limit: int | None) -> Dataset:
+    order = torch.randperm(len(raw.y), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(len(order) * val_fraction))
+    if n_val >= len(order):
+        raise DataError(f"{name}: val_fraction={val_fraction} of {len(order)} images leaves none to train on")
+    val_index, train_index = order[:n_val], order[n_val:]
+    if limit is not None:
+        train_index = train_index[:limit]
+    images, labels = torch.from_numpy(raw.x), torch.from_numpy(raw.y.astype(np.int64))
+    train = Split(images[train_index], labels[train_index])
+    pixels = train.images.transpose(0, 1).flatten(1).float() / 255  # (C, N*H*W)
+    return Dataset(
+        name=name,
+        train=train,
+        val=Split(images[val_index], labels[val_index]),
+        test=Split(torch.from_numpy(raw.x_test), torch.from_numpy(raw.y_test.astype(np.int64))),
+        num_classes=len(raw.class_names),
+        class_names=tuple(raw.class_names),
+        mean=tuple(pixels.mean(1).tolist()),
+        std=tuple(pixels.std(1).clamp_min(1e-3).tolist()),  # clamp: a constant channel must not divide by 0
+        superclasses=raw.superclasses,
+        flip_ok=raw.flip_ok,
+    )
+
+
+def _check_raw(raw: _Raw, name: str) -> None:
+    k = len(raw.class_names)
+    for x, y, split in ((raw.x, raw.y, "train"), (raw.x_test, raw.y_test, "test")):
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[2] != x.shape[3]:
+            raise DataFormatError(f"{name}: {split} images must be uint8 (N, C, S, S), got {x.dtype} {x.shape}")
+        if len(x) != len(y) or (len(y) and not 0 <= y.min() <= y.max() < k):
+            raise DataFormatError(f"{name}: {split} has {len(x)} images, {len(y)} labels; labels must be in [0, {k})")
+    if len(raw.x) < 2:
+        raise DataFormatError(f"{name}: needs at least 2 training images, got {len(raw.x)}")
+    if raw.x_test.shape[1:] != raw.x.shape[1:] and len(raw.x_test):
+        raise DataFormatError(f"{name}: test images are {raw.x_test.shape[1:]}, train images {raw.x.shape[1:]}")
+    if raw.superclasses is not None and raw.superclasses.shape != (k,):
+        raise DataFormatError(f"{name}: superclass must map each of the {k} classes to a group, "
+                              f"got shape {raw.superclasses.shape}")
+
+
+def _find_dir(name: str, data_dir, subdir: str, marker: str, default: Path | None = None) -> Path:
+    """The first candidate folder holding `marker` (or `marker`.gz): data_dir, else $VMOE_NAS_DATA_DIR, else the
+    default; each also tried with the distribution's own folder name below it."""
+    root = data_dir or os.environ.get(DATA_DIR_ENV)
+    roots = [Path(root)] if root else ([default] if default else [])
+    candidates = [c for r in roots for c in (r, r / subdir)]
+    for candidate in candidates:
+        if (candidate / marker).is_file() or (candidate / f"{marker}.gz").is_file():
+            return candidate
+    looked = ", ".join(map(str, candidates)) or f"nowhere (pass data_dir or set ${DATA_DIR_ENV})"
+    raise DataNotFoundError(f"{name}: no data set found; looked in {looked} for {marker}")
+
+
+# --- Fashion-MNIST --------------------------------------------------------------------------------------
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (http://yann.lecun.com/exdb/mnist/) of unsigned bytes, raw or gzipped."""
+    path = path if path.is_file() else path.with_name(path.name + ".gz")
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as file:
+        data = bytearray(file.read())  # writable, so torch can share it without a copy
+    if len(data) < 4 or bytes(data[:3]) != b"\0\0\x08":
+        raise DataFormatError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DataFormatError(f"{path}: header says shape {shape} but holds {body.size} values (truncated?)")
+    return body.reshape(shape)
+
+
+def _fashion_mnist(arg: str, data_dir) -> _Raw:
+    folder = _find_dir("fashion-mnist", data_dir, "fashion-mnist", "train-images-idx3-ubyte", FASHION_MNIST_DIR)
+    files = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        for part, suffix in (("images", "idx3"), ("labels", "idx1")):
+            path = folder / f"{prefix}-{part}-{suffix}-ubyte"
+            if not path.is_file() and not path.with_name(path.name + ".gz").is_file():
+                raise DataNotFoundError(f"fashion-mnist: {folder} lacks {path.name}[.gz]")
+            files[split, part] = read_idx(path)
+    return _Raw(files["train", "images"][:, None], files["train", "labels"],
+                files["test", "images"][:, None], files["test", "labels"], FASHION_MNIST_CLASSES, flip_ok=True)
+
+
+# --- CIFAR ----------------------------------------------------------------------------------------------
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as file:
+            return pickle.load(file, encoding="bytes")
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise DataFormatError(f"{path}: not a CIFAR python pickle ({error})") from None
+
+
+def _cifar_images(batch: dict, path: Path) -> np.ndarray:
+    data = np.asarray(batch.get(b"data", []), dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataFormatError(f"{path}: expected b'data' of shape (N, 3072), got {data.shape}")
+    return data.reshape(-1, 3, 32, 32)
+
+
+def _cifar10(arg: str, data_dir) -> _Raw:
+    folder = _find_dir("cifar10", data_dir, "cifar-10-batches-py", "data_batch_1")
+    train = [_unpickle(folder / f"data_batch_{i}") for i in range(1, 6)]
+    test = _unpickle(folder / "test_batch")
+    names = [n.decode() for n in _unpickle(folder / "batches.meta")[b"label_names"]]
+    return _Raw(np.concatenate([_cifar_images(b, folder) for b in train]),
+                np.concatenate([b[b"labels"] for b in train]).astype(np.int64),
+                _cifar_images(test, folder / "test_batch"), np.asarray(test[b"labels"], np.int64),
+                tuple(names), flip_ok=True)
+
+
+def _cifar100(arg: str, data_dir) -> _Raw:
+    folder = _find_dir("cifar100", data_dir, "cifar-100-python", "train")
+    train, test, meta = (_unpickle(folder / n) for n in ("train", "test", "meta"))
+    fine, coarse = np.asarray(train[b"fine_labels"], np.int64), np.asarray(train[b"coarse_labels"], np.int64)
+    superclasses = np.zeros(len(meta[b"fine_label_names"]), np.int64)
+    superclasses[fine] = coarse  # every fine class lies in exactly one coarse class
+    return _Raw(_cifar_images(train, folder / "train"), fine, _cifar_images(test, folder / "test"),
+                np.asarray(test[b"fine_labels"], np.int64), tuple(n.decode() for n in meta[b"fine_label_names"]),
+                superclasses=superclasses, flip_ok=True)
+
+
+# --- image folders and npz ------------------------------------------------------------------------------
+
+
+def _imagefolder(arg: str, data_dir) -> _Raw:
+    root = Path(arg)
+    split_dirs = (root / "train", root / "test") if (root / "train").is_dir() else (root, None)
+    classes = sorted(p.name for p in split_dirs[0].iterdir() if p.is_dir()) if split_dirs[0].is_dir() else []
+    if not classes:
+        raise DataNotFoundError(f"imagefolder: no class folders in {split_dirs[0]}; expected one folder of "
+                                f"PNG/JPEG images per class (optionally under train/ and test/)")
+    x, y = _read_images(split_dirs[0], classes, size=None)
+    x_test, y_test = (_read_images(split_dirs[1], classes, size=x.shape[-1]) if split_dirs[1]
+                      else (np.zeros((0, *x.shape[1:]), np.uint8), np.zeros(0, np.int64)))
+    return _Raw(x, y, x_test, y_test, tuple(classes))
+
+
+def _read_images(folder: Path, classes: list[str], size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """All images under folder/<class>/, resized to the first one's size (which must be square)."""
+    from PIL import Image, UnidentifiedImageError
+
+    paths = [(p, c) for c, name in enumerate(classes) if (folder / name).is_dir()
+             for p in sorted((folder / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not paths:
+        raise DataNotFoundError(f"imagefolder: no {'/'.join(IMAGE_SUFFIXES)} files in the class folders of {folder}")
+    images = []
+    for path, _ in paths:
+        try:
+            images.append(Image.open(path))
+        except (OSError, UnidentifiedImageError) as error:
+            raise DataFormatError(f"imagefolder: cannot read {path} ({error})") from None
+    mode = "L" if all(im.mode in ("L", "1", "I;16") for im in images) else "RGB"
+    size = size or images[0].width
+    if images[0].width != images[0].height:
+        raise DataFormatError(f"imagefolder: images must be square, {paths[0][0]} is {images[0].size}")
+    arrays = [np.asarray(im.convert(mode).resize((size, size)), np.uint8) for im in images]
+    x = np.stack(arrays)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, S, S)
+    return x, np.array([c for _, c in paths], np.int64)
+
+
+def _npz(arg: str, data_dir) -> _Raw:
+    path = Path(arg)
+    if not path.is_file():
+        raise DataNotFoundError(f"npz: no file at {path}; expected an .npz with arrays x, y (optional superclass)")
+    try:
+        arrays = dict(np.load(path, allow_pickle=False))
+    except (OSError, ValueError) as error:
+        raise DataFormatError(f"npz: {path} is not a readable .npz ({error})") from None
+    missing = {"x", "y"} - set(arrays)
+    if missing:
+        raise DataFormatError(f"npz: {path} lacks array(s) {', '.join(sorted(missing))}; has {', '.join(arrays)}")
+    y = arrays["y"].astype(np.int64)
+    num_classes = int(y.max()) + 1
+    names = arrays.get("class_names")
+    names = tuple(map(str, names)) if names is not None else tuple(str(c) for c in range(num_classes))
+    x_test = arrays.get("x_test", arrays["x"][:0])
+    superclass = arrays.get("superclass")
+    return _Raw(_nchw(arrays["x"], path), y, _nchw(x_test, path), arrays.get("y_test", y[:0]).astype(np.int64),
+                names, superclasses=None if superclass is None else superclass.astype(np.int64))
+
+
+def _nchw(x: np.ndarray, path: Path) -> np.ndarray:
+    """(N, S, S), (N, S, S, C) or (N, C, S, S) -> (N, C, S, S) uint8."""
+    if x.dtype != np.uint8:
+        raise DataFormatError(f"npz: {path}: x must be uint8 pixels, got {x.dtype}")
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return x
+
+
+# --- synthetic ------------------------------------------------------------------------------------------
+
+SYNTHETIC_DEFAULTS = dict(size=16, channels=1, classes=12, groups=4, train=6000, test=1000, seed=0)
+
+
+def make_synthetic(*, size=16, channels=1, classes=12, groups=4, train=6000, test=1000, seed=0) -> _Raw:
+    """Images with a planted two-level hierarchy: each super-class has a smooth coarse pattern that all its
+    classes share, and each class adds a fainter pattern of its own; per-image smooth noise of the fine
+    pattern's strength, pixel noise and contrast jitter on top. The super-class is easy to see (a router
+    learns it fast); the class within it is harder, so classes of one super-class are confused with each
+    other, which is what super-class discovery looks for."""
+    rng = np.random.default_rng(seed)
+    group_of = rng.permutation(np.arange(classes) * groups // classes)  # shuffled: groups are not index blocks
+    coarse = rng.normal(size=(max(groups, 9 * channels), 9 * channels))
+    coarse = np.linalg.qr(coarse.T)[0].T[:groups] if groups <= 9 * channels else coarse[:groups]  # orthogonal
+    templates = _smooth(coarse.reshape(groups, channels, 3, 3), size)[group_of]  # (classes, C, S, S)
+    templates += 0.5 * _smooth(rng.normal(size=(classes, channels, 4, 4)), size)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, classes, n)
+        contrast = rng.uniform(0.7, 1.3, (n, 1, 1, 1))
+        nuisance = 0.35 * _smooth(rng.normal(size=(n, channels, 4, 4)), size)
+        x = contrast * templates[y] + nuisance + 0.3 * rng.normal(size=(n, channels, size, size))
+        return np.clip(128 + 50 * x, 0, 255).astype(np.uint8), y
+
+    x, y = sample(train)
+    x_test, y_test = sample(test)
+    names = tuple(f"g{group_of[c]}-c{c}" for c in range(classes))
+    return _Raw(x, y, x_test, y_test, names, superclasses=group_of.astype(np.int64), flip_ok=False)
+
+
+def _smooth(noise: np.ndarray, size: int) -> np.ndarray:
+    """(n, C, h, w) noise -> (n, C, size, size), bilinearly upsampled, unit std per pattern."""
+    up = torch.nn.functional.interpolate(torch.from_numpy(noise).float(), size=(size, size), mode="bilinear")
+    up = up - up.mean(dim=(1, 2, 3), keepdim=True)
+    return (up / up.std(dim=(1, 2, 3), keepdim=True)).numpy()
+
+
+def _synthetic(arg: str, data_dir) -> _Raw:
+    options = dict(SYNTHETIC_DEFAULTS)
+    for item in filter(None, arg.split(",")):
+        key, _, value = item.partition("=")
+        if key not in options or not value.isdigit():
+            raise DataError(f"synthetic: bad option {item!r}; expected key=integer with key in {', '.join(options)}")
+        options[key] = int(value)
+    if not 1 <= options["groups"] <= options["classes"] or options["size"] < 4:
+        raise DataError(f"synthetic: need 1 <= groups <= classes and size >= 4, got {options}")
+    return make_synthetic(**options)
+
+
+__all__ = [
+    "DATA_DIR_ENV", "DataError", "DataFormatError", "DataNotFoundError", "Dataset", "Split", "load_dataset",
+    "make_synthetic", "read_idx",
+]

@@ -1,0 +1,352 @@
+"""Export of a chosen trial: everything needed to train it in full and to deploy it.
+
+`export_trial(study, out_dir, trial=N)` or `pick="RULE"` writes into one directory: `arch.yaml`,
+`train.yaml` (the full-length recipe `vmoe-nas train` runs), `superclasses.json` when the per-image
+router is trained on super-classes, `model.onnx` (checked against torch), `model.mlpackage` (or a
+`coreml/` trunk and tails for per-image MoEs) when coremltools is there, `trial.json` (the trial as
+stored) and `model_card.md`. The study keeps no weights, so the models are freshly initialised; the
+directory appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import platform
+import shutil
+import warnings
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+import yaml
+
+from nas.pareto import ParetoAnalysis, analyze
+from nas.study import StudyConfig
+from search_spaces import ArchConfig, ConfigError, build_model, count_params
+
+PICK_RULES = {
+    "best-accuracy": "the most accurate trial, dense or MoE",
+    "best-moe": "the most accurate MoE",
+    "best-moe-under-latency:MS": "the most accurate MoE whose latency is at most MS milliseconds",
+    "best-moe-under-flops:N": "the most accurate MoE of at most N FLOPs per image (e.g. 2e6)",
+    "largest-gain-flops": "the MoE with the largest accuracy gain over the best dense trial of no more FLOPs",
+    "largest-gain-latency": "the MoE with the largest accuracy gain over the best dense trial of no more latency",
+}
+ONNX_TOLERANCE = 1e-4  # max |logit difference| between ONNX Runtime and torch
+DEFAULT_EPOCHS = 30  # full training: the proxy ran for seconds, the final model for this many epochs
+VERSIONED = ("vmoe-nas", "torch", "onnx", "onnxruntime", "optuna", "coremltools", "numpy")
+
+
+class ExportError(ConfigError):
+    """A trial cannot be picked or exported; the field names the option or file at fault."""
+
+
+# ---------------------------------------------------------------- picking a trial
+
+
+def pick_trial(analysis: ParetoAnalysis, rule: str) -> int:
+    """The trial number a pick rule (see PICK_RULES) chooses among the analysed trials. Ties go to the
+    cheaper (FLOPs), then the earlier trial."""
+    name, _, argument = rule.partition(":")
+    budgeted = {"best-moe-under-latency": "latency_ms", "best-moe-under-flops": "flops"}
+    if name in ("largest-gain-flops", "largest-gain-latency") and not argument:
+        return _largest_gain(analysis, name.removeprefix("largest-gain-"))
+    if not (name in budgeted and argument) and not (name in ("best-accuracy", "best-moe") and not argument):
+        raise ExportError("--pick", f"unknown rule {rule!r}; rules: {', '.join(PICK_RULES)}")
+    rows = analysis.trials[analysis.trials["eligible"] & analysis.trials["accuracy"].notna()]
+    if name != "best-accuracy":
+        rows = rows[rows["kind"] == "moe"]
+    if name in budgeted:
+        column = budgeted[name]
+        try:
+            budget = float(argument)
+        except ValueError:
+            raise ExportError("--pick", f"{rule!r}: the budget {argument!r} is not a number") from None
+        cheapest = rows[column].min()
+        rows = rows[rows[column] <= budget]
+        if rows.empty:
+            raise ExportError("--pick", f"no completed MoE trial has {column} <= {budget:g} "
+                                        f"(the smallest is {cheapest:.4g})")
+    if rows.empty:
+        raise ExportError("--pick", f"{rule!r}: no completed trial with an accuracy to pick from")
+    best = rows.sort_values(["accuracy", "flops", "trial"], ascending=[False, True, True]).iloc[0]
+    return int(best["trial"])
+
+
+def _largest_gain(analysis: ParetoAnalysis, cost: str) -> int:
+    gain = f"gain_{cost}"
+    table = analysis.comparisons.dropna(subset=[gain])
+    if table.empty:
+        raise ExportError("--pick", f"no MoE trial has a dense trial of no more {cost} to compare with")
+    best = table.sort_values([gain, "flops", "trial"], ascending=[False, True, True]).iloc[0]
+    if best[gain] <= analysis.margin:
+        raise ExportError("--pick", f"no MoE beats dense at equal {cost} (largest gain {best[gain]:+.4f}, "
+                                    f"trial {best['trial']})")
+    return int(best["trial"])
+
+
+# ---------------------------------------------------------------- checks
+
+
+def onnx_max_difference(model: torch.nn.Module, path: Path, *, batch: int = 3, seed: int = 0) -> float:
+    """Largest |logit difference| between ONNX Runtime running `path` and torch running `model`, on a
+    random batch (of another size than the export's example: the batch dimension must be dynamic)."""
+    import onnxruntime as ort  # only export and training need it, not every CLI command
+
+    cfg = model.cfg
+    images = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size,
+                         generator=torch.Generator().manual_seed(seed))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (onnx_logits,) = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        torch_logits = model.eval()(images).numpy()
+    return float(np.abs(onnx_logits - torch_logits).max())
+
+
+def export_checked_onnx(model: torch.nn.Module, path: Path) -> float:
+    """Export `model` (checked by onnx.checker in profilers.export_onnx) and compare it with torch."""
+    from profilers import export_onnx
+
+    export_onnx(model, path)
+    difference = onnx_max_difference(model, path)
+    if difference > ONNX_TOLERANCE:
+        raise ExportError(path.name, f"ONNX Runtime and torch differ by {difference:.2e} > {ONNX_TOLERANCE:g}")
+    return difference
+
+
+def rebuilt_costs(cfg: ArchConfig, metrics: dict) -> dict[str, int]:
+    """Params and FLOPs of the rebuilt architecture, which must be those the trial recorded."""
+    from profilers import count_flops
+
+    model = build_model(cfg)
+    total, active = count_params(model)
+    costs = {"params_total": total, "params_active": active, "flops": count_flops(model).total}
+    for key, value in costs.items():
+        if metrics.get(key) is not None and metrics[key] != value:
+            raise ExportError("arch", f"the rebuilt {cfg.name} has {key}={value}, the trial recorded "
+                                      f"{metrics[key]}: the model code changed since the study")
+    return costs
+
+
+def first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
+def export_coreml_quietly(model: torch.nn.Module, out_dir: Path) -> str:
+    """Write Core ML programs of `model` via profilers.export_coreml; returns the model card's line on
+    them. Core ML is optional: a missing coremltools or a failed conversion is a note, not an error."""
+    try:
+        from profilers import coreml_form, export_coreml
+
+        # coremltools prints import warnings and progress bars: a CLI's output is not the place
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            per_image = coreml_form(model.cfg) == "per_image:trunk+tails"
+            result = export_coreml(model, out_dir / "coreml" if per_image else out_dir, precision="fp16")
+    except ImportError as error:
+        return f"not written: coremltools is not installed ({error}); `pip install 'vmoe-nas[coreml]'`"
+    except Exception as error:  # coremltools raises anything from its converters; the ONNX model stands
+        for partial in (out_dir / "coreml", out_dir / "model.mlpackage"):
+            shutil.rmtree(partial, ignore_errors=True)
+        return f"not written: the Core ML conversion failed ({first_line(error)})"
+    names = ", ".join(str(p.relative_to(out_dir)) for p in result.programs.values())
+    how = ("an app runs the trunk, then the tail of the experts the router picked (ascending, with their gates "
+           "when k > 1)" if per_image else "one program")
+    return (f"form {result.form}, fp16 ML programs: {names}; {how}. Converted here, not run: Core ML runs on "
+            "Apple devices only.")
+
+
+# ---------------------------------------------------------------- the files
+
+
+def versions() -> dict[str, str | None]:
+    found = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def train_config(study_cfg: StudyConfig, *, epochs: float, superclasses: bool, source: dict) -> dict:
+    """train.yaml: the study's recipe with a full-length budget, on the full data set (no limit)."""
+    recipe = study_cfg.recipe().to_dict()
+    recipe.update(epochs=epochs, steps=None, seconds=None, eval_every="epoch", num_threads=None)
+    data = study_cfg.data
+    return {
+        "arch": "arch.yaml",
+        "data": {"name": data.name, "data_dir": data.data_dir, "val_fraction": data.val_fraction, "seed": data.seed},
+        "recipe": recipe,
+        "superclasses": "superclasses.json" if superclasses else None,
+        "output_dir": "run",
+        "source": source,
+    }
+
+
+def superclass_map(cfg: ArchConfig, study_cfg: StudyConfig, study_dir: Path):
+    """The super-class map the trial was trained with: the study's data set and cache, so a map the
+    search discovered is read back, not discovered again. None when the router needs none."""
+    moe = cfg.moe
+    if not moe or moe.routing != "per_image" or moe.router_loss_weight == 0:
+        return None
+    from nas.data import load_dataset
+    from nas.superclasses import superclasses_for
+
+    spec = study_cfg.data
+    dataset = load_dataset(spec.name, data_dir=spec.data_dir, val_fraction=spec.val_fraction, seed=spec.seed,
+                           limit=spec.limit)
+    return superclasses_for(dataset, moe.num_experts, cache_dir=Path(study_dir) / "superclasses")
+
+
+def _fmt_metric(value, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "not measured"
+    return f"{value:,.4g}{unit}" if isinstance(value, float) else f"{value:,}{unit}"
+
+
+def model_card(cfg: ArchConfig, frozen: optuna.trial.FrozenTrial, study_name: str, study_cfg: StudyConfig,
+               analysis: ParetoAnalysis, *, onnx_difference: float, coreml_note: str, source: str | None,
+               seed: int, epochs: float, superclasses: bool) -> str:
+    attrs = frozen.user_attrs
+    metrics, profile, train = attrs.get("metrics") or {}, attrs.get("profile") or {}, attrs.get("train") or {}
+    recipe = study_cfg.recipe()
+    budget = ", ".join(f"{k} {getattr(recipe, k):g}" for k in ("epochs", "steps", "seconds") if getattr(recipe, k))
+    limit = f"{study_cfg.data.limit:,} training images" if study_cfg.data.limit else "the full training split"
+    latency = profile.get("latency_ms") or {}
+    rows = [
+        ("validation accuracy", _fmt_metric(metrics.get("accuracy")),
+         f"proxy training ({budget}, batch {recipe.batch_size}) on {limit} of {study_cfg.data.name}; "
+         f"{train.get('steps', '?')} steps"),
+        ("router super-class accuracy", _fmt_metric(metrics.get("router_accuracy")), "same run"),
+        ("FLOPs per image", _fmt_metric(metrics.get("flops")), "profilers.count_flops (fvcore, MAC = 2 FLOPs)"),
+        ("params total / active", f"{_fmt_metric(metrics.get('params_total'))} / "
+         f"{_fmt_metric(metrics.get('params_active'))}", "search_spaces.count_params; active: k of E experts"),
+        ("size (fp32)", _fmt_metric(metrics.get("size_mb"), " MB"), "4 bytes per parameter"),
+        ("latency (median)", _fmt_metric(metrics.get("latency_ms"), " ms"),
+         f"{profile.get('backend')}, batch {profile.get('batch')}, {profile.get('threads')} thread(s), "
+         f"cv {_fmt_metric(latency.get('cv'))}, on {metrics.get('latency_device') or 'unknown CPU'}"),
+    ]
+    table = "| metric | value | how |\n|---|---|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
+    comparison = analysis.comparisons[analysis.comparisons["trial"] == frozen.number]
+    against = ""
+    for _, row in comparison.iterrows():
+        for cost in ("flops", "latency"):
+            if not np.isnan(row[f"gain_{cost}"]):
+                against += (f"- at no more {cost}: {row[f'gain_{cost}']:+.4f} accuracy over dense trial "
+                            f"{row[f'dense_{cost}_trial']} ({row[f'dense_{cost}_name']})\n")
+            else:
+                against += f"- at no more {cost}: no dense trial to compare with\n"
+    lines = [
+        f"# {cfg.name}\n",
+        f"Exported {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from trial {frozen.number} of study "
+        f"`{study_name}`" + (f" ({source})" if source else "") + f"; trial status: {attrs.get('status')}, "
+        f"config hash `{cfg.config_hash()}`.\n",
+        "## Architecture\n", f"```yaml\n{cfg.to_yaml()}```\n",
+        "## Measured in the study\n", table,
+        "The accuracy ranks architectures; it is not a final score. `vmoe-nas train train.yaml` trains for "
+        f"{epochs:g} epochs on the full data set and reports the test accuracy.\n",
+    ]
+    if cfg.is_moe:
+        lines += ["## Against dense\n", against or "Not analysed (the trial is not among the completed ones).\n"]
+    lines += [
+        "## Files\n",
+        f"- `model.onnx`: freshly initialised weights (torch seed {seed}): the study trains with a short proxy "
+        "budget and keeps no weights, so this file fixes the graph, shapes and cost, not the accuracy. "
+        "`vmoe-nas train` writes `run/model.onnx` with the trained weights. Input `images` "
+        f"(N, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), normalised per channel; output `logits`. "
+        f"ONNX Runtime matches torch to {onnx_difference:.1e} (tolerance {ONNX_TOLERANCE:g}).",
+        f"- Core ML: {coreml_note}",
+        "- `train.yaml`, `arch.yaml`" + (", `superclasses.json` (the map the trial's router was trained on)"
+                                         if superclasses else "")
+        + ": what `vmoe-nas train` reads; `trial.json`: the trial as the study stored it.\n",
+        "## Versions\n", "".join(f"- {k}: {v or 'not installed'}\n" for k, v in versions().items()),
+    ]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _staging(out: Path, force: bool):
+    """A hidden sibling of `out` to write into; renamed to `out` when the block succeeds, removed when it
+    does not. So an interrupted export leaves no half-written directory behind."""
+    if out.exists() and not force:
+        raise ExportError("--out", f"{out} exists; pass --force to replace it")
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an export killed outright
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, out)
+
+
+def export_trial(study: optuna.Study, out_dir, *, trial: int | None = None, pick: str | None = None,
+                 epochs: float = DEFAULT_EPOCHS, coreml: bool = True, force: bool = False, study_dir=None,
+                 margin: float = 0.0, source: str | None = None) -> dict[str, Path]:
+    """Export trial `trial`, or the one `pick` chooses (see PICK_RULES), into `out_dir`; returns file kind
+    -> path. `study_dir` holds the study's super-class cache (default results/<study>/); `source` says
+    where the study is stored, for the model card."""
+    if (trial is None) == (pick is None):
+        raise ExportError("--trial", "give either a trial number or a pick rule")
+    if "study_config" not in study.user_attrs:
+        raise ExportError("--study", f"study {study.study_name!r} has no study_config: not written by vmoe-nas search")
+    study_cfg = StudyConfig.from_dict(study.user_attrs["study_config"])
+    analysis = analyze(study, margin=margin)
+    number = trial if trial is not None else pick_trial(analysis, pick)
+    frozen = _stored_trial(study, number)
+    cfg = ArchConfig.from_dict(frozen.user_attrs["arch"])
+    rebuilt_costs(cfg, frozen.user_attrs.get("metrics") or {})
+    mapping = superclass_map(cfg, study_cfg, Path(study_dir) if study_dir else study_cfg.study_dir)
+    seed = study_cfg.recipe().seed
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _staging(out, force) as stage:
+        cfg.save(stage / "arch.yaml")
+        if mapping is not None:
+            mapping.save(stage / "superclasses.json")
+        origin = {"study": study.study_name, "trial": number, "config_hash": cfg.config_hash()}
+        config = train_config(study_cfg, epochs=epochs, superclasses=mapping is not None, source=origin)
+        (stage / "train.yaml").write_text(f"# Full training of {cfg.name}: vmoe-nas train {out / 'train.yaml'}\n"
+                                          + yaml.safe_dump(config, sort_keys=False))
+        torch.manual_seed(seed)
+        model = build_model(cfg).eval()
+        difference = export_checked_onnx(model, stage / "model.onnx")
+        coreml_note = export_coreml_quietly(model, stage) if coreml else "not written (--no-coreml)"
+        record = {"study": study.study_name, "number": number, "state": frozen.state.name, "values": frozen.values,
+                  "constraints": frozen.constraints, "params": frozen.params, "user_attrs": frozen.user_attrs}
+        (stage / "trial.json").write_text(json.dumps(record, indent=1, default=str))
+        (stage / "model_card.md").write_text(model_card(
+            cfg, frozen, study.study_name, study_cfg, analysis, onnx_difference=difference, coreml_note=coreml_note,
+            source=source, seed=seed, epochs=epochs, superclasses=mapping is not None))
+        written = sorted(p.name for p in stage.iterdir())
+    return {name: out / name for name in written}
+
+
+def _stored_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    trials = study.get_trials(deepcopy=False)
+    if not 0 <= number < len(trials):
+        raise ExportError("--trial", f"study {study.study_name!r} has trials 0..{len(trials) - 1}, not {number}")
+    frozen = trials[number]
+    if "arch" not in frozen.user_attrs:
+        raise ExportError("--trial", f"trial {number} has no architecture (status "
+                                     f"{frozen.user_attrs.get('status', frozen.state.name.lower())})")
+    return frozen
+
+
+__all__ = ["DEFAULT_EPOCHS", "ExportError", "PICK_RULES", "export_checked_onnx", "export_trial", "first_line",
+           "onnx_max_difference", "pick_trial", "rebuilt_costs", "train_config"]

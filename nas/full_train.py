@@ -1,0 +1,114 @@
+"""Full-length training of an exported configuration: `vmoe-nas train DIR/train.yaml`.
+
+Reads exactly what `vmoe-nas export` wrote (train.yaml, arch.yaml, superclasses.json), trains with the
+search's trainer on the full data set, checkpointing at every evaluation so an interrupted run resumes
+where it stopped, and ends with the test-set accuracy in `metrics.json`, the trained weights in
+`model.pt` and their ONNX export in `model.onnx`. `metrics.json` is written last: it marks a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from nas.data import load_dataset
+from nas.export import export_checked_onnx, first_line, versions
+from nas.superclasses import SuperclassMap
+from nas.trainer import CHECKPOINT_NAME, TrainRecipe, train
+from search_spaces import ArchConfig, ConfigError
+
+DATA_FIELDS = ("name", "data_dir", "val_fraction", "seed", "limit")  # load_dataset's arguments
+RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "model.pt", "model.onnx")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    path: Path  # the train.yaml; relative paths in it are relative to its folder
+    arch: ArchConfig
+    data: dict
+    recipe: TrainRecipe
+    superclasses: SuperclassMap | None
+    output_dir: Path
+    source: dict
+
+
+def load_train_config(path) -> TrainConfig:
+    """Read and check train.yaml and the files it names; every problem is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("train.yaml", f"no training config at {path} (vmoe-nas export writes one)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError("train.yaml", f"{path} is not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("train.yaml", f"{path} must hold a mapping with arch, data, recipe and output_dir")
+    missing = [k for k in ("arch", "data", "recipe", "output_dir") if k not in data]
+    if missing:
+        raise ConfigError(missing[0], f"missing from {path}")
+    folder = path.parent
+    arch = ArchConfig.load(folder / str(data["arch"]))  # its ConfigError names the file
+    spec = data["data"]
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ConfigError("data", f"in {path}: must be a mapping with a data set name, got {spec!r}")
+    unknown = sorted(set(spec) - set(DATA_FIELDS))
+    if unknown:
+        raise ConfigError(f"data.{unknown[0]}", f"in {path}: unknown field (known: {', '.join(DATA_FIELDS)})")
+    try:
+        recipe = TrainRecipe.from_dict(data["recipe"])
+    except ConfigError as error:
+        raise ConfigError(f"recipe.{error.field}", f"{error.problem} (in {path})") from None
+    superclasses = SuperclassMap.load(folder / data["superclasses"]) if data.get("superclasses") else None
+    if superclasses is not None and (not arch.is_moe or superclasses.num_groups != arch.moe.num_experts):
+        raise ConfigError("superclasses", f"in {path}: {superclasses.num_groups} groups do not match the "
+                                          f"architecture's {arch.moe.num_experts if arch.is_moe else 0} experts")
+    return TrainConfig(path, arch, spec, recipe, superclasses, folder / str(data["output_dir"]),
+                       data.get("source") or {})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=1))
+    os.replace(partial, path)
+
+
+def run_training(path, *, force: bool = False, progress: bool = True) -> dict:
+    """Train the configuration of train.yaml at `path` in full; resume its run if one was interrupted.
+    A finished run (its metrics.json exists) is kept; `force` starts over. Returns the metrics written."""
+    config = load_train_config(path)
+    out = config.output_dir
+    if (out / "metrics.json").is_file() and not force:
+        raise ConfigError("output_dir", f"{out} holds a finished run ({out / 'metrics.json'}); "
+                                        "pass --force to train again from scratch")
+    if force:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    dataset = load_dataset(**config.data)
+    groups = config.superclasses.class_to_group if config.superclasses is not None else None
+    result = train(config.arch, dataset, config.recipe, superclasses=groups, checkpoint_dir=out, progress=progress,
+                   evaluate_test=len(dataset.test) > 0)
+    model = result.model.eval()
+    torch.save({"arch": config.arch.to_dict(), "model": model.state_dict()}, out / "model.pt")
+    try:
+        onnx = {"onnx_max_difference": export_checked_onnx(model, out / "model.onnx")}
+    except Exception as error:  # the trained weights are in model.pt; an ONNX failure must not lose the run
+        (out / "model.onnx").unlink(missing_ok=True)
+        onnx = {"onnx_error": first_line(error)}
+    metrics = {
+        "name": config.arch.name, "config_hash": config.arch.config_hash(), "train_yaml": str(config.path),
+        "source": config.source, "dataset": dataset.name, "train_images": len(dataset.train),
+        "normalisation": {"mean": list(dataset.mean), "std": list(dataset.std)},  # what model.onnx expects
+        "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy, "steps": result.steps,
+        "epochs": result.epochs, "recipe": config.recipe.to_dict(), **onnx,
+        "result": result.to_dict(), "versions": versions(),
+    }
+    _write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+__all__ = ["RUN_FILES", "TrainConfig", "load_train_config", "run_training"]

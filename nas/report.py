@@ -1,0 +1,369 @@
+"""Pareto plots and report files of a study.
+
+Compute first, render second: `pareto_plot_info` and `hypervolume_history` build small info objects
+(what each plot shows, as numbers) that tests check; `pareto_figure` and friends only draw them.
+`write_report` writes pareto.html, report.html, trials.csv, pareto.csv, beats_dense.csv and report.md.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+from plotly.subplots import make_subplots
+
+from nas.pareto import FRONT_COLUMNS, ParetoAnalysis, analyze, hypervolume, non_dominated_rank
+
+KINDS = {"dense": ("dense ViT", "#1f77b4"), "moe": ("Mobile V-MoE", "#d62728")}  # kind -> (label, colour)
+PANELS = (("flops", "FLOPs per image"), ("latency_ms", "latency (ms)"))  # x axes, accuracy on y
+# Whole labels on every tick (a log axis otherwise labels minor ticks "2", "3"): 2M FLOPs, 0.5 ms.
+TICK_FORMATS = {"flops": "~s", "latency_ms": "~g"}
+COMPARISONS_SHOWN = 10  # MoE-against-dense rows in report.md and report.html
+LOG_SPREAD = 10  # a cost axis spanning more than this factor is drawn on a log scale
+
+
+# ---------------------------------------------------------------- compute
+
+
+@dataclass(frozen=True)
+class Series:
+    kind: str  # "dense" or "moe"
+    x: list[float]
+    y: list[float]
+    trials: list[int]
+    hover: list[str]
+    on_front: list[bool]  # on the overall front of the analysis objectives
+
+
+@dataclass(frozen=True)
+class FrontLine:
+    kind: str
+    x: list[float]  # the 2-D front of this panel (accuracy up, cost down), by increasing cost
+    y: list[float]
+
+
+@dataclass(frozen=True)
+class Panel:
+    x_column: str
+    x_label: str
+    series: list[Series]
+    fronts: list[FrontLine]
+    log_x: bool
+    note: str | None  # why the panel is empty, when it is
+
+
+@dataclass(frozen=True)
+class ParetoPlotInfo:
+    title: str
+    panels: list[Panel]
+
+
+def _fmt(value, digits: int = 3) -> str:
+    """Numbers a person reads: 1.23M, 45.6k, 0.871; '-' when missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return "-"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if not isinstance(value, (int, float, np.number)):
+        return str(value)
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.{digits}g}{suffix}"
+    return f"{value:.{digits}g}"
+
+
+def hover_text(row: pd.Series) -> str:
+    """The full architecture and metrics of one trial, for a plot's hover box."""
+    lines = [f"<b>{html.escape(str(row['name']))}</b>", f"trial {row['trial']} ({row['kind']})",
+             f"accuracy {_fmt(row['accuracy'], 4)}", f"FLOPs {_fmt(row['flops'])}",
+             f"latency {_fmt(row['latency_ms'])} ms (cv {_fmt(row['latency_cv'], 2)}, "
+             f"{html.escape(str(row['latency_backend'] or '-'))})",
+             f"params {_fmt(row['params_active'])} active / {_fmt(row['params_total'])} total",
+             f"size {_fmt(row['size_mb'])} MB fp32",
+             f"depth {row['depth']}, width {row['width']}, heads {row['num_heads']}, patch {row['patch_size']}, "
+             f"mlp_ratio {_fmt(row['mlp_ratio'])}"]
+    if row["kind"] == "moe":
+        lines.append(f"experts {row['num_experts']}, top-{row['top_k']}, blocks [{row['moe_layers']}], "
+                     f"{row['routing']}, router loss {_fmt(row['router_loss_weight'])}")
+    return "<br>".join(lines)
+
+
+def _front_2d(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of the (accuracy up, cost down) front, by increasing cost."""
+    on_front = non_dominated_rank(np.column_stack([y, x]), [True, False]) == 0
+    index = np.flatnonzero(on_front)
+    return index[np.lexsort((y[index], x[index]))]
+
+
+def pareto_plot_info(analysis: ParetoAnalysis) -> ParetoPlotInfo:
+    """Accuracy against each cost: a scatter per kind, each kind's front in that plane as a line, and the
+    points on the overall front of the analysis objectives marked."""
+    rows = analysis.trials[analysis.trials["eligible"]]
+    panels = []
+    for column, label in PANELS:
+        shown = rows[rows["accuracy"].notna() & rows[column].notna()]
+        series, fronts = [], []
+        for kind in KINDS:
+            part = shown[shown["kind"] == kind].sort_values(column)
+            if part.empty:
+                continue
+            x, y = part[column].to_numpy(float), part["accuracy"].to_numpy(float)
+            series.append(Series(kind, x.tolist(), y.tolist(), part["trial"].astype(int).tolist(),
+                                 [hover_text(r) for _, r in part.iterrows()], part["on_front"].astype(bool).tolist()))
+            front = _front_2d(x, y)
+            fronts.append(FrontLine(kind, x[front].tolist(), y[front].tolist()))
+        costs = shown[column].to_numpy(float)
+        log_x = bool(len(costs) and costs.min() > 0 and costs.max() / costs.min() > LOG_SPREAD)
+        note = None if series else f"no completed trial has both accuracy and {label}"
+        panels.append(Panel(column, label, series, fronts, log_x, note))
+    counts = rows["kind"].value_counts()
+    names = ", ".join(o.name for o in analysis.objectives)
+    title = (f"{analysis.study_name}: accuracy against cost, {counts.get('dense', 0)} dense and "
+             f"{counts.get('moe', 0)} MoE trials (outlined: on the front of {names})")
+    return ParetoPlotInfo(title, panels)
+
+
+@dataclass(frozen=True)
+class HypervolumeHistory:
+    trials: list[int]  # every analysed trial number, in order
+    values: list[float]  # hypervolume of the overall front of the trials up to and including it
+
+
+def hypervolume_history(analysis: ParetoAnalysis) -> HypervolumeHistory:
+    """How the overall front's hypervolume grew, on the analysis's reference point (so it ends at the
+    report's number)."""
+    frame = analysis.trials.sort_values("trial")
+    columns = [o.column for o in analysis.objectives]
+    reference = np.array([analysis.reference[o.name] for o in analysis.objectives])
+    ranked = frame["rank"].notna().to_numpy()
+    values = frame[columns].to_numpy(float)
+    history = [hypervolume(values[: i + 1][ranked[: i + 1]], analysis.objectives, reference) for i in range(len(frame))]
+    return HypervolumeHistory(frame["trial"].astype(int).tolist(), history)
+
+
+# ---------------------------------------------------------------- render
+
+
+def pareto_figure(info: ParetoPlotInfo) -> go.Figure:
+    figure = make_subplots(rows=1, cols=len(info.panels), shared_yaxes=True, horizontal_spacing=0.06,
+                           subplot_titles=[f"accuracy vs {p.x_label}" for p in info.panels])
+    for col, panel in enumerate(info.panels, start=1):
+        first = col == 1
+        for line in panel.fronts:
+            label, colour = KINDS[line.kind]
+            figure.add_trace(go.Scatter(
+                x=line.x, y=line.y, mode="lines", line={"color": colour, "shape": "hv", "width": 2}, opacity=0.6,
+                name=f"{label} front", legendgroup=f"{line.kind}-front", showlegend=first, hoverinfo="skip",
+            ), row=1, col=col)
+        for s in panel.series:
+            label, colour = KINDS[s.kind]
+            figure.add_trace(go.Scatter(
+                x=s.x, y=s.y, mode="markers", name=label, legendgroup=s.kind, showlegend=first,
+                marker={"color": colour, "size": [13 if f else 9 for f in s.on_front],
+                        "symbol": "circle" if s.kind == "dense" else "diamond",
+                        "line": {"color": "black", "width": [2 if f else 0 for f in s.on_front]}},
+                hovertext=s.hover, hoverinfo="text"), row=1, col=col)
+        figure.update_xaxes(title_text=panel.x_label, type="log" if panel.log_x else "linear", row=1, col=col,
+                            tickformat=TICK_FORMATS[panel.x_column], dtick="D2" if panel.log_x else None)
+        if panel.note:
+            left, right = figure.layout[f"xaxis{col if col > 1 else ''}"].domain  # an empty subplot has no axes:
+            figure.add_annotation(text=panel.note, showarrow=False, xref="paper", yref="paper",  # place by paper
+                                  x=(left + right) / 2, y=0.5, xanchor="center")
+            figure.update_xaxes(visible=False, row=1, col=col)
+    figure.update_yaxes(title_text="validation accuracy (proxy training)", row=1, col=1)
+    if not any(panel.series for panel in info.panels):
+        figure.update_yaxes(visible=False)
+    figure.update_layout(title={"text": info.title, "font": {"size": 15}}, template="plotly_white",
+                         height=560, hoverlabel={"align": "left"}, legend={"orientation": "h", "y": -0.15})
+    return figure
+
+
+def hypervolume_figure(history: HypervolumeHistory) -> go.Figure:
+    figure = go.Figure(go.Scatter(x=history.trials, y=history.values, mode="lines+markers", line={"shape": "hv"}))
+    figure.update_layout(title="hypervolume of the overall front, trial by trial", template="plotly_white",
+                         xaxis_title="trial", yaxis_title="hypervolume (share of the reference box)", height=420)
+    figure.update_xaxes(tick0=0, dtick=max(1, math.ceil(len(history.trials) / 12)))  # whole trial numbers
+    return figure
+
+
+@contextmanager
+def _quiet_optuna():
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
+def _analysed_study(study: optuna.Study, analysis: ParetoAnalysis) -> optuna.Study:
+    """An in-memory copy of the analysed trials, valued on the analysis objectives: Optuna's plots then
+    leave out infeasible, early-stopped and duplicate trials as the fronts do."""
+    keep = set(analysis.ranked["trial"].astype(int))
+    values = analysis.trials.set_index("trial")[[o.column for o in analysis.objectives]]
+    with _quiet_optuna():
+        view = optuna.create_study(directions=["maximize" if o.maximize else "minimize" for o in analysis.objectives])
+        view.set_metric_names([o.column for o in analysis.objectives])  # plots label objectives by metric
+        for t in study.get_trials(deepcopy=False):
+            if t.number in keep:
+                view.add_trial(optuna.trial.create_trial(values=values.loc[t.number].tolist(), params=t.params,
+                                                         distributions=t.distributions))
+    return view
+
+
+def optuna_figures(study: optuna.Study, analysis: ParetoAnalysis) -> tuple[dict[str, go.Figure], list[str]]:
+    """Optuna's parallel coordinates and parameter importances of the analysed trials, and a note for each
+    plot a small or parameterless study cannot have."""
+    view = _analysed_study(study, analysis)
+    figures, notes = {}, []
+    if len(view.trials) < 2 or not any(t.params for t in view.trials):
+        return figures, ["parallel coordinates and parameter importances need two analysed trials with parameters"]
+    first = analysis.objectives[0]
+    plots = {
+        "parallel coordinates": lambda: optuna.visualization.plot_parallel_coordinate(
+            view, target=lambda t: t.values[0], target_name=first.column),
+        # fANOVA: variance explained, whatever the direction (PED-ANOVA assumes a target to minimise)
+        "parameter importances": lambda: optuna.visualization.plot_param_importances(
+            view, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)),
+    }
+    for title, plot in plots.items():
+        try:
+            with _quiet_optuna(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna's caveats on small studies: the notes say what matters
+                figures[title] = plot()
+        except (ValueError, RuntimeError) as error:  # e.g. fANOVA when neither parameters nor values vary
+            notes.append(f"no {title}: {error}")
+    return figures, notes
+
+
+# ---------------------------------------------------------------- files
+
+
+def _write(path: Path, text: str) -> Path:
+    """Write whole or not at all: a report being rewritten is never seen half-written."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+    return path
+
+
+def _table_md(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(none)\n"
+    verbatim = [c == "trial" or c.endswith("_trial") for c in frame.columns]  # trial 1200, not 1.2k
+    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
+    return header + "".join("| " + " | ".join(str(v) if keep else _fmt(v, 4) for v, keep in zip(row, verbatim))
+                            + " |\n" for row in frame.itertuples(False))
+
+
+def summary_tables(analysis: ParetoAnalysis) -> dict[str, pd.DataFrame]:
+    """The report's three tables: hypervolume per front, the overall front, and the MoEs against dense
+    (the best ten by gain, so a study where none beats dense still shows how close they came)."""
+    ranked = analysis.ranked
+    hv = pd.DataFrame([{"front": which, "trials": int((ranked["kind"] == which).sum()) if which != "overall"
+                        else len(ranked), "on front": len(analysis.front(which)),
+                        "hypervolume": analysis.hypervolume[which]} for which in ("overall", "dense", "moe")])
+    front = analysis.front()[["trial", "name", "kind", "accuracy", "flops", "latency_ms", "params_active"]]
+    against = analysis.comparisons.head(COMPARISONS_SHOWN)[[
+        "trial", "name", "accuracy", "gain_flops", "dense_flops_name", "gain_latency", "dense_latency_name",
+        "beats_dense"]]
+    return {"hypervolume": hv, "front": front, "against dense": against}
+
+
+def report_markdown(analysis: ParetoAnalysis, counts: dict[str, int]) -> str:
+    tables = summary_tables(analysis)
+    objectives = ", ".join(f"{o.name} ({'max' if o.maximize else 'min'})" for o in analysis.objectives)
+    reference = ", ".join(f"{name} {_fmt(value, 4)}" for name, value in analysis.reference.items())
+    moe = len(analysis.comparisons)
+    text = [
+        f"# Pareto report: {analysis.study_name}\n",
+        "Trials: " + (", ".join(f"{n} {status}" for status, n in counts.items()) or "none")
+        + f". Objectives: {objectives}.\n",
+        "## Hypervolume\n",
+        f"Reference point: {reference}. The hypervolume is the share of the box between the ideal point "
+        "(accuracy 1, zero cost) and the reference point that a front dominates, with each cost divided by "
+        "its reference value, so it lies in [0, 1].\n",
+        _table_md(tables["hypervolume"]),
+        "\n## Overall Pareto front\n",
+        _table_md(tables["front"]),
+        f"\n## MoE against dense (margin {analysis.margin:g})\n",
+        f"{len(analysis.beats_dense)} of {moe} MoE configurations beat the best dense model of no more FLOPs "
+        "or no more latency (those that do are in beats_dense.csv). Gains are in validation accuracy of the proxy "
+        f"training; the best {COMPARISONS_SHOWN} by gain at equal FLOPs:\n",
+        _table_md(tables["against dense"]),
+    ]
+    if analysis.notes:
+        text += ["\n## Notes\n", "".join(f"- {note}\n" for note in analysis.notes)]
+    return "\n".join(text)
+
+
+def _status_counts(frame: pd.DataFrame) -> dict[str, int]:
+    """Trials by status; re-runs of an architecture already evaluated count as "duplicate"."""
+    status = frame["status"].fillna(frame["state"]).where(frame["duplicate_of"].isna(), "duplicate")
+    return {str(k): int(v) for k, v in status.value_counts().items()}
+
+
+def report_html(analysis: ParetoAnalysis, figures: dict[str, go.Figure], notes: list[str], counts) -> str:
+    tables = summary_tables(analysis)
+    style = ("body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "text-align:right}th{background:#f3f3f3}")
+    reference = ", ".join(f"{name} = {_fmt(value, 4)}" for name, value in analysis.reference.items())
+    body = [f"<h1>Pareto report: {html.escape(analysis.study_name)}</h1>",
+            "<p>Trials: " + (", ".join(f"{n} {html.escape(s)}" for s, n in counts.items()) or "none") + "</p>",
+            f"<h2>Hypervolume</h2><p>Reference point: {html.escape(reference)} (costs normalised by it; "
+            "the hypervolume is a share of the box, in [0, 1]).</p>",
+            tables["hypervolume"].to_html(index=False, float_format=lambda v: f"{v:.4g}"),
+            f"<h2>MoE against dense (margin {analysis.margin:g})</h2><p>{len(analysis.beats_dense)} of "
+            f"{len(analysis.comparisons)} MoE configurations beat the best dense model of no more FLOPs or no "
+            f"more latency; the best {COMPARISONS_SHOWN} by gain at equal FLOPs:</p>",
+            tables["against dense"].to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-", formatters={
+                gain: lambda v: "-" if pd.isna(v) else f"{v:+.4f}" for gain in ("gain_flops", "gain_latency")}),
+            "<h2>Overall Pareto front</h2>",
+            tables["front"].to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")]
+    for title, figure in figures.items():
+        body.append(f"<h2>{html.escape(title.capitalize())}</h2>")
+        body.append(figure.to_html(full_html=False, include_plotlyjs=False))
+    if notes:
+        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(analysis.study_name)} report"
+            f"</title><style>{style}</style><script>{get_plotlyjs()}</script></head><body>{''.join(body)}</body></html>")
+
+
+def write_report(study: optuna.Study, out_dir, *, objectives: list[str] | None = None, margin: float = 0.0,
+                 analysis: ParetoAnalysis | None = None) -> dict[str, Path]:
+    """Analyse `study` (unless `analysis` is given) and write its report files into `out_dir`; returns
+    file kind -> path."""
+    analysis = analysis or analyze(study, objectives=objectives, margin=margin)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = _status_counts(analysis.trials)
+    pareto = pareto_figure(pareto_plot_info(analysis))
+    extra, notes = optuna_figures(study, analysis)
+    figures = {"accuracy against cost": pareto,
+               "hypervolume history": hypervolume_figure(hypervolume_history(analysis)), **extra}
+    on_any = analysis.trials[list(FRONT_COLUMNS.values())].any(axis=1)
+    return {
+        "trials.csv": _write(out / "trials.csv", analysis.trials.to_csv(index=False)),
+        "pareto.csv": _write(out / "pareto.csv", analysis.trials[on_any].to_csv(index=False)),
+        "beats_dense.csv": _write(out / "beats_dense.csv", analysis.beats_dense.to_csv(index=False)),
+        "pareto.html": _write(out / "pareto.html", pareto.to_html(include_plotlyjs=True, full_html=True).replace(
+            "<head>", f"<head><title>{html.escape(analysis.study_name)}: Pareto fronts</title>", 1)),
+        "report.html": _write(out / "report.html", report_html(analysis, figures, analysis.notes + notes, counts)),
+        "report.md": _write(out / "report.md", report_markdown(analysis, counts)),
+    }
+
+
+__all__ = ["FrontLine", "HypervolumeHistory", "Panel", "ParetoPlotInfo", "Series", "hover_text",
+           "hypervolume_figure", "hypervolume_history", "optuna_figures", "pareto_figure", "pareto_plot_info",
+           "report_html", "report_markdown", "summary_tables", "write_report"]

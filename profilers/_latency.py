@@ -1,0 +1,59 @@
+"""The one latency protocol every backend uses: warm-up calls, then timed calls until both a minimum
+count and a minimum time are reached; robust statistics of the per-call times."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from time import perf_counter
+
+import numpy as np
+
+# Defaults sized for the search: ~1 s per architecture, enough runs for a stable median.
+WARMUP = 10
+MIN_RUNS = 30
+MIN_TIME_S = 1.0
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Per-call latency in milliseconds."""
+
+    median: float
+    p10: float
+    p90: float
+    mean: float
+    std: float
+    cv: float  # std / mean: above ~0.1 the machine was busy, so compare medians or re-measure
+    runs: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_times(cls, times_s: list[float]) -> LatencyStats:
+        ms = np.asarray(times_s) * 1e3
+        mean = float(ms.mean())
+        std = float(ms.std(ddof=1)) if len(ms) > 1 else 0.0
+        p10, median, p90 = (float(v) for v in np.percentile(ms, [10, 50, 90]))
+        return cls(median=median, p10=p10, p90=p90, mean=mean, std=std, cv=std / mean if mean else 0.0, runs=len(ms))
+
+
+def measure_latency(
+    fn: Callable[[], object], *, warmup: int = WARMUP, min_runs: int = MIN_RUNS, min_time_s: float = MIN_TIME_S
+) -> LatencyStats:
+    """Time `fn()` (which must block until its result is ready): `warmup` untimed calls (allocators,
+    lazy initialisation, caches), then timed calls until at least `min_runs` calls AND `min_time_s`
+    seconds of them, so that a fast model gets many runs and a slow one still gets `min_runs`."""
+    if min_runs < 1:
+        raise ValueError(f"min_runs must be >= 1, got {min_runs}")
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    elapsed = 0.0
+    while len(times) < min_runs or elapsed < min_time_s:
+        start = perf_counter()
+        fn()
+        times.append(perf_counter() - start)
+        elapsed += times[-1]
+    return LatencyStats.from_times(times)

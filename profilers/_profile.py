@@ -1,0 +1,120 @@
+"""`profile`: every cost figure of one architecture as one JSON-ready dict, and its readable table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+from profilers._backends import get_backend, package_version
+from profilers._export import as_model
+from profilers._flops import count_flops
+from search_spaces import ArchConfig, VisionMoE, count_params
+
+LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "fvcore", "coremltools", "numpy")
+
+
+def cpu_model() -> str:
+    if sys.platform == "darwin":
+        brand = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        return brand.stdout.strip()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info() -> dict:
+    """The machine a latency belongs to: comparable only with figures from the same one."""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "os": platform.platform(),
+        "hostname": platform.node(),
+        "python": platform.python_version(),
+        "versions": {name: package_version(name) for name in LIBRARIES},
+    }
+
+
+def profile(
+    model_or_cfg: ArchConfig | VisionMoE, *, backend: str = "onnxruntime", threads: int = 1, batch: int = 1,
+    measure: bool = True, provider: str | None = None, **backend_options,
+) -> dict:
+    """Parameters, sizes, FLOPs per image and (unless `measure=False`, the cheap path for filtering)
+    latency on `backend` at `batch` with `threads`. A config is exported through the artifact cache; a
+    model (e.g. trained) is exported afresh. `backend_options` go to the backend: the protocol's
+    warmup / min_runs / min_time_s, and coreml's precision / all_tails."""
+    model = as_model(model_or_cfg)
+    cfg = model.cfg
+    runner = get_backend(backend, **backend_options)  # fails fast on a bad name or option, even unmeasured
+    total, active = count_params(model)
+    flops = count_flops(model)
+    result = {
+        "name": cfg.name, "config_hash": cfg.config_hash(), "arch": cfg.to_dict(),
+        "params_total": total, "params_active": active,
+        "flops": flops.total, "flops_by_module": flops.by_module, "uncounted_ops": flops.uncounted_ops,
+        "size_bytes_fp32": 4 * total, "size_bytes_fp16": 2 * total,
+        "size_bytes_fp32_active": 4 * active, "size_bytes_fp16_active": 2 * active,
+        "latency_ms": None, "latency_note": "not measured (measure=False)",
+        "backend": backend, "provider": provider, "threads": threads, "batch": batch,
+        "export_form": runner.form(model), "artifact": None, "device": device_info(),
+    }
+    if measure:
+        cache = isinstance(model_or_cfg, ArchConfig)  # a given model may carry trained weights: no cache
+        run = runner.run(model, batch=batch, threads=threads, provider=provider, cache=cache)
+        result.update(
+            latency_ms=run.latency.to_dict() if run.latency else None, latency_note=run.note,
+            provider=run.provider, export_form=run.export_form, artifact=run.artifact,
+        )
+        if run.device:  # measured elsewhere (the remote backend): the latency belongs to that machine
+            result["device"] = run.device
+        else:
+            result["device"]["versions"].update(run.versions)
+    return result
+
+
+def _si(value: float, unit: str) -> str:
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:g} {unit}"
+
+
+def format_profile(result: dict) -> str:
+    """The readable table `vmoe-nas profile` prints."""
+    flops = result["flops"]
+    size = {key: _si(result[f"size_bytes_{key}"], "B") for key in ("fp32", "fp32_active", "fp16", "fp16_active")}
+    lines = [
+        f"{result['name']}  (hash {result['config_hash']})",
+        f"params      {result['params_total']:,} total, {result['params_active']:,} active per image",
+        f"size        fp32 {size['fp32']} ({size['fp32_active']} active), "
+        f"fp16 {size['fp16']} ({size['fp16_active']} active)",
+        f"FLOPs       {_si(flops, 'FLOP')} per image (active; 1 multiply-add = 1 FLOP)",
+    ]
+    for module, count in sorted(result["flops_by_module"].items(), key=lambda item: -item[1]):
+        if count:
+            lines.append(f"  {module:<12}{_si(count, 'FLOP'):>12}  {100 * count / flops:5.1f}%")
+    if result["uncounted_ops"]:
+        lines.append(f"  uncounted ops: {', '.join(result['uncounted_ops'])}")
+    latency = result["latency_ms"]
+    if latency:
+        lines.append(f"latency     median {latency['median']:.3f} ms  p10 {latency['p10']:.3f}  "
+                     f"p90 {latency['p90']:.3f}  cv {latency['cv']:.3f}  ({latency['runs']} runs)")
+    else:
+        lines.append(f"latency     unavailable: {result['latency_note']}")
+    device = result["device"]
+    lines += [
+        f"backend     {result['backend']} ({result['provider'] or 'default'}), threads {result['threads']}, "
+        f"batch {result['batch']}, form {result['export_form']}",
+        f"device      {device['cpu']}, {device['cores']} cores, {device['os']}",
+    ]
+    return "\n".join(lines)

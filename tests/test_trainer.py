@@ -1,0 +1,184 @@
+"""The trainer: tiny models learn the synthetic set, MoE losses and metrics, budgets, callbacks, checkpoints."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from archs import tiny, tiny_moe
+
+from nas import trainer
+from nas.data import load_dataset
+from nas.trainer import TrainingError, TrainRecipe, augment, train
+from search_spaces import ConfigError, build_model
+
+CLASSES = 8
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset(f"synthetic:size=8,classes={CLASSES},groups=4,train=3000,test=200")
+
+
+def quick(**kw) -> TrainRecipe:
+    # One thread: tiny models gain nothing from two, and two threads on cores shared with other jobs crawl.
+    return TrainRecipe(**{"steps": 40, "batch_size": 64, "lr": 3e-3, "eval_every": 20, "num_threads": 1, **kw})
+
+
+def test_dense_and_per_image_moe_learn_well_above_chance(data):
+    recipe = quick(steps=250, eval_every=250)
+    dense = train(tiny(num_classes=CLASSES), data, recipe)
+    moe = train(tiny_moe(num_classes=CLASSES), data, recipe)
+    assert dense.val_accuracy > 0.6 and moe.val_accuracy > 0.5  # chance: 1/8
+    assert moe.router_accuracy > 0.6  # chance: 1/4 super-classes
+    assert dense.router_accuracy is None and dense.expert_load is None
+    assert sum(moe.expert_load) == len(data.val) and len(moe.expert_load) == 4  # k=1: one expert per image
+    assert moe.loss_curve[-1][1] < moe.loss_curve[0][1]
+    assert (moe.steps, moe.epochs, moe.stopped_early) == (250, round(250 / (len(data.train) // 64), 4), False)
+
+
+def test_per_token_moe_reports_token_shares_and_superclasses_override(data):
+    result = train(tiny_moe(num_classes=CLASSES, routing="per_token", top_k=2), data, quick())
+    assert len(result.expert_load) == 4 and abs(sum(result.expert_load) - 1) < 1e-5
+    assert result.router_accuracy is None
+    # Explicit super-classes replace the data set's; the router is scored against them.
+    halves = np.arange(CLASSES) % 2
+    moe = train(tiny_moe(num_classes=CLASSES), data, quick(), superclasses=halves)
+    assert moe.router_accuracy is not None
+    assert len(moe.expert_load) == 4
+
+
+def test_router_loss_needs_superclasses_unless_its_weight_is_zero(data):
+    blind = dataclasses.replace(data, superclasses=None)
+    with pytest.raises(ConfigError, match="superclasses="):
+        train(tiny_moe(num_classes=CLASSES), blind, quick())
+    cfg = tiny_moe(num_classes=CLASSES)
+    end_to_end = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, router_loss_weight=0))
+    result = train(end_to_end, blind, quick(steps=5))
+    assert result.router_accuracy is None and sum(result.expert_load) == len(data.val)
+    with pytest.raises(ConfigError, match="superclasses"):
+        train(cfg, data, quick(), superclasses=np.full(CLASSES, 7))  # group 7 >= 4 experts
+
+
+def test_architecture_must_fit_the_data(data):
+    with pytest.raises(ConfigError, match="num_classes"):
+        train(tiny(num_classes=5), data, quick())
+
+
+def test_on_eval_sees_each_evaluation_and_can_stop_early(data):
+    calls = []
+
+    def on_eval(step, epoch, accuracy):
+        calls.append((step, epoch, accuracy))
+        return step >= 20
+
+    result = train(tiny(num_classes=CLASSES), data, quick(eval_every=10), on_eval=on_eval)
+    assert [c[0] for c in calls] == [10, 20] and result.steps == 20 and result.stopped_early
+    assert calls[1][1] == pytest.approx(20 / (len(data.train) // 64))
+    assert result.evals == [(s, a) for s, _, a in calls] and result.val_accuracy == calls[-1][2]
+
+
+def test_epoch_and_time_budgets(data):
+    per_epoch = len(data.train) // 64
+    by_epochs = train(tiny(num_classes=CLASSES), data, quick(epochs=0.5, steps=10**6, eval_every="epoch"))
+    assert by_epochs.steps == math.ceil(per_epoch / 2) and by_epochs.epochs == pytest.approx(0.5, abs=0.02)
+    assert [step for step, _ in by_epochs.evals] == [by_epochs.steps]  # half an epoch: only the final evaluation
+    by_time = train(tiny(num_classes=CLASSES), data, quick(seconds=0.5, steps=None))
+    assert by_time.steps >= 1 and not by_time.stopped_early
+
+
+def test_resumed_run_matches_an_uninterrupted_one(data, tmp_path):
+    cfg, recipe = tiny_moe(num_classes=CLASSES), quick(steps=30, eval_every=10)
+    straight = train(cfg, data, recipe)
+
+    def crash(step, epoch, accuracy):
+        if step == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data, recipe, on_eval=crash, checkpoint_dir=tmp_path)
+    resumed = train(cfg, data, recipe, checkpoint_dir=tmp_path)
+    assert resumed.steps == straight.steps == 30
+    np.testing.assert_allclose(np.array(resumed.loss_curve), np.array(straight.loss_curve), rtol=1e-5)
+    assert resumed.val_accuracy == pytest.approx(straight.val_accuracy, abs=1 / len(data.val))
+    finished = train(cfg, data, recipe, checkpoint_dir=tmp_path)  # a finished run is returned, not retrained
+    assert finished.steps == 30 and finished.loss_curve == resumed.loss_curve
+
+
+def test_foreign_or_corrupt_checkpoints_are_refused(data, tmp_path):
+    train(tiny(num_classes=CLASSES), data, quick(steps=5), checkpoint_dir=tmp_path)
+    with pytest.raises(TrainingError, match="another run"):
+        train(tiny(num_classes=CLASSES), data, quick(steps=6), checkpoint_dir=tmp_path)
+    (tmp_path / trainer.CHECKPOINT_NAME).write_bytes(b"torn")
+    with pytest.raises(TrainingError, match="cannot read checkpoint"):
+        train(tiny(num_classes=CLASSES), data, quick(steps=5), checkpoint_dir=tmp_path)
+
+
+def test_nan_loss_is_a_clear_error(data, monkeypatch):
+    def broken(cfg):
+        model = build_model(cfg)
+        model.head.bias.data.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", broken)
+    with pytest.raises(TrainingError, match="loss became nan at step 0"):
+        train(tiny(num_classes=CLASSES), data, quick())
+
+
+def test_result_is_json_ready_with_test_accuracy(data):
+    before = torch.get_num_threads()  # train sets one thread, then restores this
+    result = train(tiny(num_classes=CLASSES), data, quick(steps=5), evaluate_test=True)
+    assert torch.get_num_threads() == before
+    record = json.loads(json.dumps(result.to_dict()))
+    assert 0 <= record["test_accuracy"] <= 1 and "model" not in record
+    assert record["loss_curve"][-1][0] == 5 and record["images_per_s"] > 0
+
+
+def test_recipe_round_trips_through_yaml_and_names_bad_fields():
+    recipe = TrainRecipe(epochs=2, seconds=60.0, eval_every=100, augment=False)
+    assert TrainRecipe.from_dict(yaml.safe_load(yaml.safe_dump(recipe.to_dict()))) == recipe
+    bad_recipes = [
+        ({}, "epochs"), ({"steps": 0}, "steps"), ({"steps": 1.5}, "steps"), ({"steps": 1, "lr": -1}, "lr"),
+        ({"steps": 1, "warmup_fraction": 1}, "warmup_fraction"), ({"steps": 1, "eval_every": "x"}, "eval_every"),
+        ({"steps": 1, "batch_size": True}, "batch_size"), ({"steps": 1, "typo": 1}, "typo"),
+    ]
+    for bad, field in bad_recipes:
+        with pytest.raises(ConfigError) as error:
+            TrainRecipe.from_dict(bad)
+        assert error.value.field == field
+
+
+def test_augment_crops_shifted_windows_and_flips_only_when_allowed():
+    images = torch.randint(1, 256, (16, 2, 8, 8), dtype=torch.uint8)
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1))
+
+    def windows(i, flip):
+        crops = [padded[i, :, y : y + 8, x : x + 8] for y in range(3) for x in range(3)]
+        return crops + ([c.flip(-1) for c in crops] if flip else [])
+
+    for flip in (False, True):
+        out = augment(images, flip=flip, generator=torch.Generator().manual_seed(1))
+        assert out.shape == images.shape and out.dtype == torch.uint8
+        assert all(any(torch.equal(out[i], w) for w in windows(i, flip)) for i in range(16))
+        mirrored = [not any(torch.equal(out[i], w) for w in windows(i, False)) for i in range(16)]
+        assert any(mirrored) == flip
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_per_image_experts_train_path_matches_inference_path(top_k):
+    """Training groups images by expert, inference gathers weights per image: same outputs and gradients."""
+    model = build_model(tiny_moe(experts=4, top_k=top_k))
+    x = torch.randn(6, 1, 8, 8)
+    results = []
+    for mode in (True, False):
+        model.train(mode)
+        out = model(x)
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()), allow_unused=True)
+        # unused: at k=1 the gate is 1 whatever the router says, so a path may skip it (zero gradient)
+        results.append((out, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, model.parameters())]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
