@@ -39,8 +39,9 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if args.remote_url and args.backend != "remote":
         raise ConfigError("--remote-url", f"is for --backend remote, not {args.backend}")
     remote = {"remote_url": args.remote_url} if args.remote_url else {}  # only the remote backend takes it
+    anchor = load_arch(args.anchor) if args.anchor else None
     result = profile(load_arch(args.arch), backend=args.backend, threads=args.threads, batch=args.batch,
-                     provider=args.provider, **remote)
+                     provider=args.provider, anchor=anchor, **remote)
     if args.json:
         return _print_json(result)
     print(format_profile(result))
@@ -62,6 +63,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         sampler=args.sampler,
         seed=args.seed,
         results_dir=args.results_dir,
+        backend=args.backend,
+        remote_url=args.remote_url,
     )
     print(f"study {cfg.study_name}: objectives {', '.join(cfg.objectives)}; log in {cfg.study_dir / 'search.log'}")
     try:
@@ -172,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads")
     p.add_argument("--batch", type=int, default=1, help="images per call")
     p.add_argument("--provider", help="ONNX Runtime execution provider, torch device or Core ML compute units")
+    p.add_argument("--anchor", help="another architecture timed interleaved with ARCH: their latency ratio holds "
+                   "where absolute times drift (local backends)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_profile)
 
@@ -187,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="tpe, nsga2, gp or random")
     p.add_argument("--seed", type=int, help="sampler seed")
     p.add_argument("--results-dir", help="where studies write (default results/)")
+    p.add_argument("--backend", help="latency backend (overrides profiler.backend): onnxruntime, torch, coreml, remote")
+    p.add_argument("--remote-url", help="profiler agent http://HOST:PORT for --backend remote")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="skip the Pareto report at the end")
     p.set_defaults(run=cmd_search)

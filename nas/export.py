@@ -221,6 +221,9 @@ def model_card(cfg: ArchConfig, frozen: optuna.trial.FrozenTrial, study_name: st
     budget = ", ".join(f"{k} {getattr(recipe, k):g}" for k in ("epochs", "steps", "seconds") if getattr(recipe, k))
     limit = f"{study_cfg.data.limit:,} training images" if study_cfg.data.limit else "the full training split"
     latency = profile.get("latency_ms") or {}
+    anchor = profile.get("anchor")
+    anchored = (f"; {anchor['ratio']:.3g}x the study's latency anchor {anchor['name']}, timed interleaved with it "
+                f"(this run's own median: {_fmt_metric(metrics.get('latency_ms_measured'), ' ms')})" if anchor else "")
     rows = [
         ("validation accuracy", _fmt_metric(metrics.get("accuracy")),
          f"proxy training ({budget}, batch {recipe.batch_size}) on {limit} of {study_cfg.data.name}; "
@@ -232,7 +235,8 @@ def model_card(cfg: ArchConfig, frozen: optuna.trial.FrozenTrial, study_name: st
         ("size (fp32)", _fmt_metric(metrics.get("size_mb"), " MB"), "4 bytes per parameter"),
         ("latency (median)", _fmt_metric(metrics.get("latency_ms"), " ms"),
          f"{profile.get('backend')}, batch {profile.get('batch')}, {profile.get('threads')} thread(s), "
-         f"cv {_fmt_metric(latency.get('cv'))}, on {metrics.get('latency_device') or 'unknown CPU'}"),
+         f"cv {_fmt_metric(latency.get('cv'))}, on {metrics.get('latency_device') or 'an unrecorded device'}"
+         f"{anchored}"),
     ]
     table = "| metric | value | how |\n|---|---|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
     comparison = analysis.comparisons[analysis.comparisons["trial"] == frozen.number]

@@ -17,13 +17,14 @@ import pandas as pd
 from optuna._hypervolume import compute_hypervolume
 from optuna.trial import TrialState
 
-from nas.search import StorageError, make_storage
+from nas.search import ANCHOR_ATTR, StorageError, make_storage
 from nas.study import OBJECTIVES
 
 ARCH_COLUMNS = ["image_size", "in_channels", "patch_size", "num_classes", "depth", "width", "num_heads", "mlp_ratio",
                 "num_experts", "top_k", "moe_layers", "routing", "router_loss_weight"]
 METRIC_COLUMNS = ["accuracy", "first_eval_accuracy", "router_accuracy", "flops", "params_total", "params_active",
-                  "size_bytes_fp32", "size_mb", "latency_ms", "latency_cv", "latency_backend", "latency_device",
+                  "size_bytes_fp32", "size_mb", "latency_ms", "latency_ms_measured", "latency_ratio", "latency_cv",
+                  "latency_backend", "latency_device",
                   "train_time_s", "images_per_s"]
 COSTS = {"flops": "flops", "latency_ms": "latency"}  # cost column -> its short name: what MoE and dense compare at
 COST_REFERENCE_FACTOR = 1.1  # a cost's reference point: 10% above the costliest trial, so it still counts
@@ -232,7 +233,16 @@ def analyze(study: optuna.Study, *, objectives: list[str] | None = None, margin:
     """Fronts, hypervolumes and the beats-dense table of `study`, on its own objectives by default."""
     objectives = objectives_for(objectives or study.user_attrs.get("objectives") or ["accuracy", "flops"])
     frame = trials_frame(study)
-    return analyze_frame(frame, objectives, study_name=study.study_name, margin=margin)
+    analysis = analyze_frame(frame, objectives, study_name=study.study_name, margin=margin)
+    anchor = study.user_attrs.get(ANCHOR_ATTR)
+    if anchor and frame["latency_ratio"].notna().any():
+        analysis.notes.append(
+            f"latency_ms is on one scale for the whole study: each trial was timed interleaved with the anchor "
+            f"{anchor['name']} and its latency is their ratio (latency_ratio) times the anchor's "
+            f"{anchor['latency_ms']:.4g} ms, measured when the study started on {anchor['device']}; "
+            "latency_ms_measured is the trial's own median"
+        )
+    return analysis
 
 
 def analyze_frame(frame: pd.DataFrame, objectives: list[Objective], *, study_name: str = "",

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -35,6 +36,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from nas.study import OBJECTIVES, StudyConfig
+from profilers.remote import AgentClient, ProfilerUnreachable
 from search_spaces import ArchConfig
 from search_spaces.mobile_vmoe import InvalidArchitecture
 
@@ -46,7 +48,9 @@ FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # What a storage raises when its database is gone: Optuna wraps SQLAlchemy's errors, mostly.
 STORAGE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
 STORAGE_EXIT_CODE = 3  # a worker process that lost its storage
+PROFILER_EXIT_CODE = 4  # a worker process that lost its remote profiler agent
 REUSABLE = ("complete", "infeasible", "early_stopped")  # results a trial of the same architecture reuses
+ANCHOR_ATTR = "latency_anchor"  # study user attribute: the anchor architecture and its latency
 
 
 class StorageError(RuntimeError):
@@ -87,7 +91,9 @@ def make_storage(url: str, *, heartbeat_interval: int = 10, max_retries: int = 1
             url,
             heartbeat_interval=heartbeat_interval,
             grace_period=3 * heartbeat_interval,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retries) if max_retries else None,
+            heartbeat_stale_trial_callback=(
+                RetryHeartbeatStaleTrialCallback(max_retry=max_retries) if max_retries else None
+            ),
             engine_kwargs={"pool_pre_ping": True},
         )
     except Exception as error:  # SQLAlchemy's errors, a missing driver: all mean "cannot open it"
@@ -150,7 +156,8 @@ def study_lock(url: str, study_name: str):
         finally:
             engine.dispose()
         return
-    path = url.removeprefix("journal:").removeprefix("sqlite:///") if url.startswith(("journal:", "sqlite:///")) else None
+    file_based = url.startswith(("journal:", "sqlite:///"))
+    path = url.removeprefix("journal:").removeprefix("sqlite:///") if file_based else None
     if path is None:  # other databases: the queue is filled by whoever starts first; run one launcher
         yield
         return
@@ -246,7 +253,9 @@ def trial_budget(seconds: float | None, memory_mb: float | None):
         raise BudgetExceeded(f"stopped: exceeded its time budget of {seconds:g} s")
 
     def over_memory(signum, frame):
-        raise BudgetExceeded(f"stopped: exceeded its memory budget of {memory_mb:g} MB (resident {resident_mb():.0f} MB)")
+        raise BudgetExceeded(
+            f"stopped: exceeded its memory budget of {memory_mb:g} MB (resident {resident_mb():.0f} MB)"
+        )
 
     stop = threading.Event()
 
@@ -374,28 +383,35 @@ class TrialEvaluator:
         status = original.user_attrs["status"]
         trial.set_user_attr("status", status)
         if original.state == TrialState.PRUNED:
-            raise optuna.TrialPruned(f"same architecture as trial {original.number}: {original.user_attrs.get('reason')}")
+            reason = original.user_attrs.get("reason")
+            raise optuna.TrialPruned(f"same architecture as trial {original.number}: {reason}")
         return [original.user_attrs["metrics"][OBJECTIVES[name][1]] for name in self.cfg.objectives]
 
     def profile(self, trial: optuna.Trial, arch: ArchConfig) -> dict[str, Any]:
         """Profile the architecture (latency only when an objective or constraint needs it); stores the
         full profile on the trial and returns the flat metrics."""
-        from profilers import profile
+        from profilers import device_label, profile
 
-        needs_latency = "latency" in self.cfg.objectives or self.cfg.constraints.max_latency_ms is not None
-        result = profile(arch, measure=needs_latency, **self.cfg.profiler.options())
+        measure = needs_latency(self.cfg)
+        anchor = trial.study.user_attrs.get(ANCHOR_ATTR) if measure else None
+        anchor_arch = ArchConfig.from_yaml(anchor["arch_yaml"]) if anchor else None
+        result = profile(arch, measure=measure, anchor=anchor_arch, **self.cfg.profiler.options())
         trial.set_user_attr("profile", result)
         latency = result.get("latency_ms") or {}
+        ratio = result["anchor"]["ratio"] if "anchor" in result else None
         metrics = {
             "flops": result["flops"],
             "params_total": result["params_total"],
             "params_active": result["params_active"],
             "size_bytes_fp32": result["size_bytes_fp32"],
             "size_mb": result["size_bytes_fp32"] / 1e6,
-            "latency_ms": latency.get("median"),
+            # On the anchor's scale where there is one: its latency at the study's start times this trial's ratio.
+            "latency_ms": ratio * anchor["latency_ms"] if ratio else latency.get("median"),
+            "latency_ms_measured": latency.get("median"),
+            "latency_ratio": ratio,
             "latency_cv": latency.get("cv"),
             "latency_backend": result.get("backend"),
-            "latency_device": (result.get("device") or {}).get("cpu"),
+            "latency_device": device_label(result["device"]) if latency else None,
         }
         trial.set_user_attr("metrics", metrics)
         return metrics
@@ -416,12 +432,19 @@ class TrialEvaluator:
         moe = arch.moe
         if not moe or moe.routing != "per_image" or moe.router_loss_weight == 0:
             return None
-        if moe.num_experts not in self._superclasses:
+        return self.class_groups(moe.num_experts)
+
+    def class_groups(self, groups: int, *, progress: bool = False) -> np.ndarray:
+        """class -> super-class for `groups` experts: the data set's own, or discovered once per study
+        (cached under results/<study>/superclasses/, where every worker finds it)."""
+        if groups not in self._superclasses:
             from nas.superclasses import superclasses_for
 
-            mapping = superclasses_for(self.dataset, moe.num_experts, cache_dir=self.cfg.study_dir / "superclasses")
-            self._superclasses[moe.num_experts] = np.asarray(mapping.class_to_group)
-        return self._superclasses[moe.num_experts]
+            mapping = superclasses_for(self.dataset, groups, cache_dir=self.cfg.study_dir / "superclasses",
+                                       progress=progress)
+            log.info("super-classes for %d experts (%s): %s", groups, mapping.source, mapping.class_to_group.tolist())
+            self._superclasses[groups] = np.asarray(mapping.class_to_group)
+        return self._superclasses[groups]
 
     def train(self, trial: optuna.Trial, arch: ArchConfig, flops: float) -> dict[str, Any]:
         from nas.trainer import train
@@ -488,6 +511,12 @@ def run_trial(study: optuna.Study, storage, trial: optuna.Trial, evaluator: Tria
             raise
         except STORAGE_ERRORS:
             raise  # the storage itself failed: nothing can be recorded; run_worker reports it
+        except ProfilerUnreachable as error:  # the device is gone, not the architecture: stop, retry on resume
+            trial.set_user_attr("interrupted", True)
+            trial.set_user_attr("status", "failed")
+            trial.set_user_attr("reason", f"{error}; its slot is run again when the study resumes")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
         except Exception as error:
             reason = f"{type(error).__name__}: {error}"
             trial.set_user_attr("status", "failed")
@@ -504,7 +533,7 @@ def run_trial(study: optuna.Study, storage, trial: optuna.Trial, evaluator: Tria
 # ---------------------------------------------------------------- workers
 
 
-def run_worker(cfg: StudyConfig, worker_index: int = 0, on_trial=None) -> int:
+def run_worker(cfg: StudyConfig, worker_index: int = 0, on_trial=None, evaluator: TrialEvaluator | None = None) -> int:
     """Claim and run queued trials until none is left or the timeout passes; returns trials run."""
     url = cfg.storage or default_storage_url(cfg)
     try:
@@ -512,7 +541,7 @@ def run_worker(cfg: StudyConfig, worker_index: int = 0, on_trial=None) -> int:
         storage = study._storage  # the storage the study writes through (a cache around RDB storages)
         with study_lock(url, cfg.study_name):
             fill_slots(study, cfg)  # a no-op unless this worker starts or resumes the study
-        return _work(cfg, study, storage, on_trial)
+        return _work(cfg, study, storage, on_trial, evaluator or TrialEvaluator(cfg))
     except STORAGE_ERRORS as error:
         reason = str(error).strip().splitlines()[0]
         raise StorageError(
@@ -521,8 +550,7 @@ def run_worker(cfg: StudyConfig, worker_index: int = 0, on_trial=None) -> int:
         ) from None
 
 
-def _work(cfg: StudyConfig, study: optuna.Study, storage, on_trial) -> int:
-    evaluator = TrialEvaluator(cfg)
+def _work(cfg: StudyConfig, study: optuna.Study, storage, on_trial, evaluator: TrialEvaluator) -> int:
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
     beats = heartbeat_interval(storage) is not None
     count = 0
@@ -554,6 +582,9 @@ def _worker_process(cfg_dict: dict, worker_index: int, log_path: str) -> None:
     except StorageError as error:
         log.error("worker %d: %s", worker_index, error)
         raise SystemExit(STORAGE_EXIT_CODE) from None
+    except ProfilerUnreachable as error:
+        log.error("worker %d: %s", worker_index, error)
+        raise SystemExit(PROFILER_EXIT_CODE) from None
 
 
 def setup_logging(path: Path, *, console: bool = True) -> None:
@@ -563,7 +594,7 @@ def setup_logging(path: Path, *, console: bool = True) -> None:
     for name in ("vmoe_nas", "optuna"):
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO)
-        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in logger.handlers):
+        if not any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in logger.handlers):
             logger.addHandler(handler)
     if not console:
         optuna.logging.disable_default_handler()  # the progress bar speaks for the study on the console
@@ -595,20 +626,65 @@ class Progress:
         self.bar.close()
 
 
+def needs_latency(cfg: StudyConfig) -> bool:
+    return "latency" in cfg.objectives or cfg.constraints.max_latency_ms is not None
+
+
+def measure_anchor(study: optuna.Study, evaluator: TrialEvaluator) -> None:
+    """Measure the study's latency anchor, the space's smallest dense ViT, once when the study starts (alone,
+    for 3x the usual time). Every trial is timed interleaved with it and its latency reported as this
+    figure times their ratio: one scale for the whole study, across resumes, workers and hours."""
+    from profilers import MIN_TIME_S, device_label, profile
+
+    cfg = evaluator.cfg
+    if not (cfg.profiler.anchor and cfg.profiler.backend != "remote" and needs_latency(cfg)):
+        return  # a remote agent measures one model at a time on a device kept for it: no drift to cancel
+    if ANCHOR_ATTR in study.user_attrs:
+        return
+    data = evaluator.dataset
+    arch = cfg.space.smallest_dense(image_size=data.image_size, in_channels=data.in_channels,
+                                    num_classes=data.num_classes)
+    result = profile(arch, **cfg.profiler.options(), min_time_s=3 * MIN_TIME_S)
+    if result["latency_ms"] is None:
+        return  # this backend cannot measure here (Core ML off macOS): nothing to anchor
+    study.set_user_attr(ANCHOR_ATTR, {"name": arch.name, "arch_yaml": arch.to_yaml(),
+                                      "latency_ms": result["latency_ms"]["median"], "latency": result["latency_ms"],
+                                      "device": device_label(result["device"])})
+    log.info("latency anchor %s: %.4f ms", arch.name, result["latency_ms"]["median"])
+
+
+def prepare_superclasses(evaluator: TrialEvaluator, *, progress: bool) -> None:
+    """Find the class groupings the space's routers need before any trial: the discovery model trains once,
+    in view, instead of inside some worker's first MoE trial."""
+    data = evaluator.dataset
+    for groups in evaluator.cfg.space.router_groups():
+        if groups <= data.num_classes:  # more experts than classes: those trials are rejected as invalid
+            class_to_group = evaluator.class_groups(groups, progress=progress)
+            if progress:
+                named = [[data.class_names[c] for c in np.flatnonzero(class_to_group == g)] for g in range(groups)]
+                print(f"super-classes for {groups} experts: " + " | ".join(", ".join(n) for n in named),
+                      file=sys.stderr)
+
+
 def run_search(cfg: StudyConfig, *, progress: bool = True) -> optuna.Study:
     """Run (or resume) the study in `cfg` with `cfg.workers` processes; returns the study."""
     log_path = cfg.study_dir / "search.log"
     setup_logging(log_path, console=False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = cfg.storage or default_storage_url(cfg)
+    if cfg.profiler.backend == "remote":  # before any trial starts: an absent agent is one error, not N failures
+        AgentClient(cfg.profiler.remote_url).device()
     study = open_study(cfg)
+    evaluator = TrialEvaluator(cfg)
     with study_lock(url, cfg.study_name):
         queued = fill_slots(study, cfg)
+        measure_anchor(study, evaluator)
     log.info("study %s: %d trials queued, %d workers, storage %s", cfg.study_name, queued, cfg.workers, _redact(url))
+    prepare_superclasses(evaluator, progress=progress)
     bar = Progress(cfg, study) if progress else None
     try:
         if cfg.workers == 1:
-            run_worker(cfg, 0, on_trial=bar.update if bar else None)
+            run_worker(cfg, 0, on_trial=bar.update if bar else None, evaluator=evaluator)
         else:
             _run_processes(cfg, study, bar, log_path)
     finally:
@@ -639,3 +715,6 @@ def _run_processes(cfg: StudyConfig, study: optuna.Study, bar: Progress | None, 
     if any(worker.exitcode == STORAGE_EXIT_CODE for worker in workers):
         raise StorageError(f"a worker lost the storage {_redact(cfg.storage or default_storage_url(cfg))}; "
                            f"see {log_path}; finished trials are kept: run the same command again to resume")
+    if any(worker.exitcode == PROFILER_EXIT_CODE for worker in workers):
+        raise ProfilerUnreachable(f"the profiler agent at {cfg.profiler.remote_url} stopped answering; see {log_path}; "
+                                  "finished trials are kept: run the same command again to resume")

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from search_spaces import ArchConfig, ConfigError, load_arch
+from search_spaces.config import check_fields, from_mapping
 from search_spaces.mobile_vmoe import SPACES, MobileVMoESpace
 
 STUDY_DIR = Path(__file__).parent / "studies"
@@ -29,17 +30,9 @@ SAMPLERS = ("tpe", "nsga2", "gp", "random")
 BACKENDS = ("onnxruntime", "torch", "coreml", "remote")
 
 
-def _from_dict(cls: type, data: Any, prefix: str):
-    """Build a config dataclass from a mapping, naming the first unknown or badly typed field."""
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(prefix.rstrip("."), f"must be a mapping, got {data!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown field (known: {', '.join(sorted(known))})")
-    return cls(**data)
+def _section(cls: type, data: Any, where: str):
+    """A study section's dataclass; an absent section takes the defaults."""
+    return cls() if data is None else from_mapping(cls, data, where)
 
 
 def _check_number(name: str, value: Any, *, minimum: float = 0, integer: bool = False, optional: bool = True):
@@ -74,6 +67,9 @@ class ProfilerSpec:
     batch: int = 1
     provider: str | None = None
     remote_url: str | None = None  # for backend: remote
+    # Time each trial interleaved with the space's smallest dense ViT and report latency on that anchor's
+    # scale: absolute times drift 5-25% between processes on a shared machine, ratios hold. Local backends.
+    anchor: bool = True
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -82,6 +78,8 @@ class ProfilerSpec:
         _check_number("profiler.batch", self.batch, minimum=1, integer=True, optional=False)
         if self.backend == "remote" and not self.remote_url:
             raise ConfigError("profiler.remote_url", "the remote backend needs the agent's URL")
+        if not isinstance(self.anchor, bool):
+            raise ConfigError("profiler.anchor", f"must be true or false, got {self.anchor!r}")
 
     def options(self) -> dict[str, Any]:
         options = {"backend": self.backend, "threads": self.threads, "batch": self.batch}
@@ -236,17 +234,11 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, data: Any) -> StudyConfig:
-        if not isinstance(data, dict):
-            raise ConfigError("study", f"must be a mapping of study fields, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(unknown[0], f"unknown field (known: {', '.join(sorted(known))})")
-        data = dict(data)
-        data["data"] = _from_dict(DataSpec, data.get("data"), "data.")
-        data["constraints"] = _from_dict(Constraints, data.get("constraints"), "constraints.")
-        data["early_stopping"] = _from_dict(EarlyStopping, data.get("early_stopping"), "early_stopping.")
-        data["profiler"] = _from_dict(ProfilerSpec, data.get("profiler"), "profiler.")
+        data = dict(check_fields(cls, data, ""))
+        data["data"] = _section(DataSpec, data.get("data"), "data")
+        data["constraints"] = _section(Constraints, data.get("constraints"), "constraints")
+        data["early_stopping"] = _section(EarlyStopping, data.get("early_stopping"), "early_stopping")
+        data["profiler"] = _section(ProfilerSpec, data.get("profiler"), "profiler")
         data["space"] = _space_from_dict(data.get("space"))
         data["enqueue"] = data.get("enqueue") or []
         return cls(**data)
@@ -285,10 +277,12 @@ def load_study_config(path_or_preset: str | Path, **overrides: Any) -> StudyConf
     if not isinstance(data, dict):
         raise ConfigError("config", f"{path} must hold a mapping of study fields")
     data.update({key: value for key, value in overrides.items() if value is not None})
-    data_fields = {"data_name": "name", "data_dir": "data_dir"}  # flags that override the data section
-    data_overrides = {data_fields[k]: data.pop(k) for k in data_fields if k in data}
-    if data_overrides:
-        data["data"] = {**(data.get("data") or {}), **data_overrides}
+    # Flags that override one field of a section: --data, --data-dir, --backend, --remote-url.
+    for section, flags in (("data", {"data_name": "name", "data_dir": "data_dir"}),
+                           ("profiler", {"backend": "backend", "remote_url": "remote_url"})):
+        section_overrides = {flags[k]: data.pop(k) for k in flags if k in data}
+        if section_overrides:
+            data[section] = {**(data.get(section) or {}), **section_overrides}
     try:
         return StudyConfig.from_dict(data)
     except ConfigError as error:

@@ -23,6 +23,7 @@ from torch import nn
 
 from nas.data import Dataset, Split
 from search_spaces import ArchConfig, ConfigError, build_model
+from search_spaces.config import from_mapping
 from search_spaces.model import PerTokenExperts
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -75,13 +76,9 @@ class TrainRecipe:
 
     @classmethod
     def from_dict(cls, data: Any) -> TrainRecipe:
-        if not isinstance(data, dict):
+        if not isinstance(data, dict):  # callers prefix the fields' names with their section's
             raise ConfigError("recipe", f"must be a mapping of recipe fields, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(unknown[0], f"unknown recipe field (known: {', '.join(sorted(known))})")
-        return cls(**data)
+        return from_mapping(cls, data, "")
 
 
 def _check_number(name, value, *, optional=False, positive=False, integer=False) -> None:

@@ -10,7 +10,9 @@ from profilers._backends import (
     Backend,
     BackendResult,
     CoreMLBackend,
+    LocalBackend,
     OnnxRuntimeBackend,
+    Runnable,
     TorchBackend,
     get_backend,
     onnxruntime_latency,
@@ -20,8 +22,8 @@ from profilers._backends import (
 from profilers._coreml import CoreMLExport, coreml_form, export_coreml
 from profilers._export import CACHE_ENV, ProfileError, cache_dir, cached_onnx, export_onnx
 from profilers._flops import FlopReport, analytic_flops, count_flops
-from profilers._latency import LatencyStats, measure_latency
-from profilers._profile import device_info, format_profile, profile
+from profilers._latency import MIN_TIME_S, LatencyStats, measure_interleaved, measure_latency
+from profilers._profile import device_info, device_label, format_profile, profile
 from profilers.remote import ProfilerUnreachable, RemoteBackend, RemoteProfilerError  # registers "remote"
 
 __all__ = [
@@ -31,13 +33,16 @@ __all__ = [
     "BackendResult",
     "CoreMLBackend",
     "CoreMLExport",
+    "LocalBackend",
     "FlopReport",
     "LatencyStats",
+    "MIN_TIME_S",
     "OnnxRuntimeBackend",
     "ProfileError",
     "ProfilerUnreachable",
     "RemoteBackend",
     "RemoteProfilerError",
+    "Runnable",
     "TorchBackend",
     "analytic_flops",
     "cache_dir",
@@ -45,10 +50,12 @@ __all__ = [
     "coreml_form",
     "count_flops",
     "device_info",
+    "device_label",
     "export_coreml",
     "export_onnx",
     "format_profile",
     "get_backend",
+    "measure_interleaved",
     "measure_latency",
     "onnxruntime_latency",
     "ort_session",

@@ -1,17 +1,21 @@
 """Latency backends: one class per runtime, all timed with `measure_latency`.
 
-A backend turns a model into something it can run (exporting, with a cache when the model was built
-from a config), runs it on inputs shaped from the config, and returns a `BackendResult`. New backends
-subclass `Backend` and call `register_backend`. Measuring an ONNX file is one function,
+A local backend turns a model into a `Runnable` (exporting, with a cache when the model was built from a
+config; inputs shaped from the config), and `LocalBackend.run` times it, alone or interleaved with an
+anchor model, into a `BackendResult`. New backends subclass `LocalBackend` (or `Backend`, to measure
+elsewhere) and call `register_backend`. Measuring an ONNX file is one function,
 `onnxruntime_latency`, whose JSON a profiler agent on another machine returns as is (`profilers.remote`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -22,7 +26,7 @@ import torch
 
 from profilers._coreml import coreml_form, export_coreml
 from profilers._export import ProfileError, cache_dir, cached_onnx, eval_mode, example_images, export_onnx
-from profilers._latency import MIN_RUNS, MIN_TIME_S, WARMUP, LatencyStats, measure_latency
+from profilers._latency import MIN_RUNS, MIN_TIME_S, WARMUP, LatencyStats, measure_interleaved, measure_latency
 from search_spaces import VisionMoE
 
 
@@ -35,6 +39,20 @@ class BackendResult:
     note: str | None = None
     versions: dict[str, str | None] = field(default_factory=dict)
     device: dict | None = None  # the machine that measured, when it is not this one (a remote agent)
+    anchor: LatencyStats | None = None  # the anchor model's latency, timed interleaved with this one
+
+
+@dataclass
+class Runnable:
+    """A model made ready to time on one backend."""
+
+    call: Callable[[], object] | None  # one inference; None: not measurable here, `note` says why
+    provider: str
+    export_form: str
+    artifact: str | None = None
+    note: str | None = None
+    versions: dict[str, str | None] = field(default_factory=dict)
+    setup: Callable[[], AbstractContextManager] = contextlib.nullcontext  # what must hold while timing
 
 
 def package_version(name: str) -> str | None:
@@ -63,8 +81,31 @@ class Backend(ABC):
         return model_form(model)
 
     @abstractmethod
-    def run(self, model: VisionMoE, *, batch: int, threads: int, provider: str | None, cache: bool) -> BackendResult:
-        """Export (from the cache when `cache`: `model` is a fresh build of its config) and measure."""
+    def run(self, model: VisionMoE, *, batch: int, threads: int, provider: str | None, cache: bool,
+            anchor: VisionMoE | None = None) -> BackendResult:
+        """Export (from the cache when `cache`: `model` is a fresh build of its config) and measure; with an
+        `anchor` (a fresh build of a reference config) a backend that can times both interleaved."""
+
+
+class LocalBackend(Backend):
+    """A runtime on this machine: `prepare` makes a model runnable; `run` times it."""
+
+    @abstractmethod
+    def prepare(self, model: VisionMoE, *, batch: int, threads: int, provider: str | None, cache: bool) -> Runnable:
+        """Export (from the cache when `cache`) and load `model`, ready for timed calls."""
+
+    def run(self, model, *, batch, threads, provider, cache, anchor=None):
+        target = self.prepare(model, batch=batch, threads=threads, provider=provider, cache=cache)
+        stats = anchor_stats = None
+        if target.call is not None and anchor is None:
+            with target.setup():
+                stats = measure_latency(target.call, **self.protocol)
+        elif target.call is not None:
+            reference = self.prepare(anchor, batch=batch, threads=threads, provider=provider, cache=True)
+            with target.setup(), reference.setup():
+                stats, anchor_stats = measure_interleaved([target.call, reference.call], **self.protocol)
+        return BackendResult(stats, target.provider, target.export_form, artifact=target.artifact, note=target.note,
+                             versions=target.versions, anchor=anchor_stats)
 
 
 BACKENDS: dict[str, type[Backend]] = {}
@@ -131,30 +172,28 @@ def ort_session(onnx_path: str | Path, *, threads: int = 1, provider: str | None
 
 
 @register_backend
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(LocalBackend):
     name = "onnxruntime"
 
-    def run(self, model, *, batch, threads, provider, cache):
-        ort_provider(provider)  # a provider this onnxruntime lacks fails before the export, not after
-        with tempfile.TemporaryDirectory() as tmp:
-            path = cached_onnx(model.cfg) if cache else export_onnx(model, Path(tmp) / "model.onnx")
-            measured = self.measure_onnx(path, batch=batch, threads=threads, provider=provider)
-        return BackendResult(
-            LatencyStats(**measured["latency_ms"]), measured["provider"], model_form(model),
-            artifact=str(path) if cache else None, versions=measured["versions"],
-        )
+    def prepare(self, model, *, batch, threads, provider, cache):
+        import onnxruntime as ort
 
-    def measure_onnx(self, path: Path, *, batch: int, threads: int, provider: str | None) -> dict:
-        return onnxruntime_latency(path, batch=batch, threads=threads, provider=provider, **self.protocol)
+        ort_provider(provider)  # a provider this onnxruntime lacks fails before the export, not after
+        with tempfile.TemporaryDirectory() as tmp:  # the session holds the model: the file may go
+            path = cached_onnx(model.cfg) if cache else export_onnx(model, Path(tmp) / "model.onnx")
+            session = ort_session(path, threads=threads, provider=provider)
+        feed = {"images": example_images(model.cfg, batch).numpy()}
+        return Runnable(lambda: session.run(None, feed), session.get_providers()[0], model_form(model),
+                        artifact=str(path) if cache else None, versions={"onnxruntime": ort.__version__})
 
 
 @register_backend
-class TorchBackend(Backend):
+class TorchBackend(LocalBackend):
     """Eager PyTorch; provider 'cpu' (default) or 'cuda'."""
 
     name = "torch"
 
-    def run(self, model, *, batch, threads, provider, cache):
+    def prepare(self, model, *, batch, threads, provider, cache):
         try:
             device = torch.device(provider or "cpu")
         except RuntimeError:
@@ -169,22 +208,25 @@ class TorchBackend(Backend):
             runner(images)
             sync()  # CUDA runs asynchronously: time the work, not the launch
 
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with eval_mode(runner), torch.inference_mode():
-                stats = measure_latency(forward, **self.protocol)
-        finally:
-            torch.set_num_threads(previous)
+        @contextlib.contextmanager
+        def setup():
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                with eval_mode(runner), torch.inference_mode():
+                    yield
+            finally:
+                torch.set_num_threads(previous)
+
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        return BackendResult(stats, name, model_form(model), versions={"torch": torch.__version__})
+        return Runnable(forward, name, model_form(model), versions={"torch": torch.__version__}, setup=setup)
 
 
 COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")  # coremltools.ComputeUnit
 
 
 @register_backend
-class CoreMLBackend(Backend):
+class CoreMLBackend(LocalBackend):
     """Core ML ML programs; provider = compute units (all, cpu_only, cpu_and_gpu, cpu_and_ne). Measures
     on macOS only; elsewhere exports and says so. Core ML has no thread setting: `threads` is ignored."""
 
@@ -197,7 +239,7 @@ class CoreMLBackend(Backend):
     def form(self, model: VisionMoE) -> str:
         return coreml_form(model.cfg)
 
-    def run(self, model, *, batch, threads, provider, cache):
+    def prepare(self, model, *, batch, threads, provider, cache):
         units = (provider or "all").upper()
         if units not in COMPUTE_UNITS:
             raise ProfileError(f"Core ML provider must be a compute unit ({', '.join(COMPUTE_UNITS).lower()})")
@@ -210,9 +252,8 @@ class CoreMLBackend(Backend):
         versions = {"coremltools": package_version("coremltools")}
         if sys.platform != "darwin":
             note = f"Core ML predictions need macOS, this is {sys.platform}: exported only, latency not measured"
-            return BackendResult(None, units, form, str(out_dir), note=note, versions=versions)
-        stats = measure_latency(self._predict_fn(exported, cfg, batch, units), **self.protocol)
-        return BackendResult(stats, units, form, str(out_dir), versions=versions)
+            return Runnable(None, units, form, str(out_dir), note=note, versions=versions)
+        return Runnable(self._predict_fn(exported, cfg, batch, units), units, form, str(out_dir), versions=versions)
 
     @staticmethod
     def _predict_fn(exported, cfg, batch: int, units: str):

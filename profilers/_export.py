@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +48,7 @@ def export_onnx(model_or_cfg: ArchConfig | VisionMoE, path: str | Path, *, batch
     at 2 because torch.export specialises size-1 dimensions, which would pin the batch to 1."""
     model = as_model(model_or_cfg)
     path = Path(path)
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), _quiet_exporter():
         torch.onnx.export(
             model, (example_images(model.cfg, max(batch, 2)),), path,
             input_names=["images"], output_names=["logits"],
@@ -55,6 +57,21 @@ def export_onnx(model_or_cfg: ArchConfig | VisionMoE, path: str | Path, *, batch
         )
     onnx.checker.check_model(str(path))
     return path
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Every export warns that torchvision's ops are missing and that a pytree class is deprecated: noise
+    that buries a search's progress (our models use neither)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def cache_dir() -> Path:

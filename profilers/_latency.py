@@ -1,9 +1,11 @@
 """The one latency protocol every backend uses: warm-up calls, then timed calls until both a minimum
-count and a minimum time are reached; robust statistics of the per-call times."""
+count and a minimum time are reached; robust statistics of the per-call times. `measure_interleaved`
+times several models in alternating blocks, so machine drift (frequency, neighbours) hits them alike and
+their ratios hold where absolute times do not."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from time import perf_counter
 
@@ -13,6 +15,7 @@ import numpy as np
 WARMUP = 10
 MIN_RUNS = 30
 MIN_TIME_S = 1.0
+BLOCK = 5  # calls of one model in a row when interleaving: short, so drift is shared; >1, so caches stay warm
 
 
 @dataclass(frozen=True)
@@ -57,3 +60,24 @@ def measure_latency(
         times.append(perf_counter() - start)
         elapsed += times[-1]
     return LatencyStats.from_times(times)
+
+
+def measure_interleaved(
+    fns: Sequence[Callable[[], object]], *, warmup: int = WARMUP, min_runs: int = MIN_RUNS,
+    min_time_s: float = MIN_TIME_S, block: int = BLOCK,
+) -> list[LatencyStats]:
+    """`measure_latency` for several functions at once: `warmup` calls of each, then rounds of `block`
+    timed calls of each in turn, until every one has `min_runs` calls and the first `min_time_s` seconds."""
+    if min_runs < 1 or block < 1:
+        raise ValueError(f"min_runs and block must be >= 1, got {min_runs} and {block}")
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    while len(times[0]) < min_runs or sum(times[0]) < min_time_s:
+        for fn, own in zip(fns, times):
+            for _ in range(block):
+                start = perf_counter()
+                fn()
+                own.append(perf_counter() - start)
+    return [LatencyStats.from_times(own) for own in times]

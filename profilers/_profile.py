@@ -12,7 +12,7 @@ import torch
 from profilers._backends import get_backend, package_version
 from profilers._export import as_model
 from profilers._flops import count_flops
-from search_spaces import ArchConfig, VisionMoE, count_params
+from search_spaces import ArchConfig, VisionMoE, build_model, count_params
 
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "fvcore", "coremltools", "numpy")
 
@@ -45,14 +45,24 @@ def device_info() -> dict:
     }
 
 
+def device_label(device: dict) -> str:
+    """One line naming the machine a latency belongs to, with the agent's URL when it was measured remotely."""
+    label = f"{device['cpu']}, {device['cores']} cores, {device['os']}"
+    return f"{label} (agent {device['remote_url']})" if device.get("remote_url") else label
+
+
 def profile(
     model_or_cfg: ArchConfig | VisionMoE, *, backend: str = "onnxruntime", threads: int = 1, batch: int = 1,
-    measure: bool = True, provider: str | None = None, **backend_options,
+    measure: bool = True, provider: str | None = None, anchor: ArchConfig | None = None, **backend_options,
 ) -> dict:
     """Parameters, sizes, FLOPs per image and (unless `measure=False`, the cheap path for filtering)
     latency on `backend` at `batch` with `threads`. A config is exported through the artifact cache; a
     model (e.g. trained) is exported afresh. `backend_options` go to the backend: the protocol's
-    warmup / min_runs / min_time_s, and coreml's precision / all_tails."""
+    warmup / min_runs / min_time_s, and coreml's precision / all_tails.
+
+    With an `anchor` config, a local backend times the model and the anchor interleaved; `anchor` in the
+    result holds the anchor's latency and `ratio`, the model's median over the anchor's: a figure that
+    holds across processes and hours, where absolute times drift by 5-25% on a shared machine."""
     model = as_model(model_or_cfg)
     cfg = model.cfg
     runner = get_backend(backend, **backend_options)  # fails fast on a bad name or option, even unmeasured
@@ -70,11 +80,15 @@ def profile(
     }
     if measure:
         cache = isinstance(model_or_cfg, ArchConfig)  # a given model may carry trained weights: no cache
-        run = runner.run(model, batch=batch, threads=threads, provider=provider, cache=cache)
+        run = runner.run(model, batch=batch, threads=threads, provider=provider, cache=cache,
+                         anchor=build_model(anchor) if anchor else None)
         result.update(
             latency_ms=run.latency.to_dict() if run.latency else None, latency_note=run.note,
             provider=run.provider, export_form=run.export_form, artifact=run.artifact,
         )
+        if run.anchor:
+            result["anchor"] = {"name": anchor.name, "config_hash": anchor.config_hash(),
+                                "latency_ms": run.anchor.to_dict(), "ratio": run.latency.median / run.anchor.median}
         if run.device:  # measured elsewhere (the remote backend): the latency belongs to that machine
             result["device"] = run.device
         else:
@@ -111,10 +125,13 @@ def format_profile(result: dict) -> str:
                      f"p90 {latency['p90']:.3f}  cv {latency['cv']:.3f}  ({latency['runs']} runs)")
     else:
         lines.append(f"latency     unavailable: {result['latency_note']}")
-    device = result["device"]
+    if result.get("anchor"):
+        anchor = result["anchor"]
+        lines.append(f"anchor      {anchor['name']}: median {anchor['latency_ms']['median']:.3f} ms, "
+                     f"timed interleaved; ratio {anchor['ratio']:.3f}")
     lines += [
         f"backend     {result['backend']} ({result['provider'] or 'default'}), threads {result['threads']}, "
         f"batch {result['batch']}, form {result['export_form']}",
-        f"device      {device['cpu']}, {device['cores']} cores, {device['os']}",
+        f"device      {device_label(result['device'])}",
     ]
     return "\n".join(lines)

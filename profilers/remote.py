@@ -115,7 +115,8 @@ class RemoteBackend(Backend):
         self.agent = AgentClient(remote_url, token=token, retries=retries)
         self.precision = precision  # of a Core ML export, for a coreml agent
 
-    def run(self, model, *, batch, threads, provider, cache):
+    def run(self, model, *, batch, threads, provider, cache, anchor=None):
+        # No anchor: the agent measures one model at a time on a device kept for it, so no drift to cancel.
         agent_backend = self.agent.device()["backend"]
         if agent_backend not in CONTENT_TYPES:
             raise RemoteProfilerError(f"profiler agent at {self.agent.url} runs unknown backend {agent_backend!r}")

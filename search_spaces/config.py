@@ -87,7 +87,7 @@ class ArchConfig:
 
     def __post_init__(self):
         if isinstance(self.moe, dict):
-            object.__setattr__(self, "moe", _moe_from_dict(self.moe))
+            object.__setattr__(self, "moe", from_mapping(MoEConfig, self.moe, "moe"))
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             raise ConfigError("moe", f"must be a mapping of MoE fields, got {self.moe!r}")
         if self.moe is not None and self.moe.num_experts == 0:
@@ -156,10 +156,7 @@ class ArchConfig:
 
     @classmethod
     def from_dict(cls, data: Any) -> ArchConfig:
-        if not isinstance(data, dict):
-            raise ConfigError("config", f"must be a mapping of architecture fields, got {type(data).__name__}")
-        _reject_unknown(data, cls, prefix="")
-        return cls(**data)
+        return from_mapping(cls, data, "")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -192,16 +189,22 @@ class ArchConfig:
         return replace(self, moe=None)
 
 
-def _reject_unknown(data: dict, cls: type, prefix: str) -> None:
+def check_fields(cls: type, data: Any, where: str) -> dict:
+    """`data` if it is a mapping of `cls`'s dataclass fields; else a ConfigError naming the section `where`
+    ("" for the top level) or its first unknown field, with the known ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(where or "config", f"must be a mapping of {cls.__name__} fields, got {data!r}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown field (known: {', '.join(sorted(known))})")
+        field = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(field, f"unknown field (known: {', '.join(sorted(known))})")
+    return data
 
 
-def _moe_from_dict(data: dict) -> MoEConfig:
-    _reject_unknown(data, MoEConfig, prefix="moe.")
-    return MoEConfig(**data)
+def from_mapping(cls: type, data: Any, where: str):
+    """`cls(**data)` for a config dataclass, after `check_fields`."""
+    return cls(**check_fields(cls, data, where))
 
 
-__all__ = ["ArchConfig", "ConfigError", "MoEConfig", "ROUTINGS"]
+__all__ = ["ROUTINGS", "ArchConfig", "ConfigError", "MoEConfig", "check_fields", "from_mapping"]

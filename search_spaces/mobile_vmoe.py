@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
-from search_spaces.config import ROUTINGS, ArchConfig, ConfigError, MoEConfig
+from search_spaces.config import ROUTINGS, ArchConfig, ConfigError, MoEConfig, from_mapping
 
 PLACEMENTS = ("last1", "last2", "last3", "alternate")  # or explicit lists such as "4,5"
 
@@ -99,11 +99,7 @@ class MobileVMoESpace:
 
     @classmethod
     def from_dict(cls, data: dict) -> MobileVMoESpace:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"space.{unknown[0]}", f"unknown field (known: {', '.join(sorted(known))})")
-        return cls(**data)
+        return from_mapping(cls, data, "space")
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -139,6 +135,23 @@ class MobileVMoESpace:
             return ArchConfig(**arch)
         except ConfigError as error:
             raise InvalidArchitecture(str(error)) from None
+
+    def smallest_dense(self, *, image_size: int, in_channels: int, num_classes: int) -> ArchConfig:
+        """The cheapest dense architecture the space's choices make (fewest and narrowest blocks, fewest
+        tokens): the anchor a study's latencies are measured against."""
+        cheapest = {"depth": min, "width": min, "num_heads": min, "mlp_ratio": min,
+                    "patch_size": lambda sizes: max((p for p in sizes if image_size % p == 0), default=sizes[0])}
+
+        class Cheapest:
+            def suggest_categorical(self, name: str, choices: Any) -> Any:
+                return 0 if name == "num_experts" else cheapest[name](choices)
+
+        return self.sample(Cheapest(), image_size=image_size, in_channels=in_channels, num_classes=num_classes)
+
+    def router_groups(self) -> tuple[int, ...]:
+        """The expert counts whose per-image routers learn super-classes (so need a class grouping)."""
+        guided = "per_image" in self.routings and any(weight > 0 for weight in self.router_loss_weights)
+        return tuple(sorted(e for e in set(self.num_experts) if e > 0)) if guided else ()
 
     def params_for(self, cfg: ArchConfig) -> dict[str, Any]:
         """The trial parameters that sample `cfg`, for enqueuing a known architecture (e.g. a preset).

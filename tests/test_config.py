@@ -1,8 +1,9 @@
 import pytest
 import yaml
-from archs import tiny, tiny_moe
 
 from search_spaces import ArchConfig, ConfigError, MoEConfig, load_arch, preset_names
+
+from archs import tiny, tiny_moe
 
 
 def test_yaml_round_trip_keeps_every_field(tmp_path):

@@ -2,10 +2,11 @@ import json
 
 import pytest
 import torch
-from archs import tiny, tiny_moe
 
 from nas.cli import main
 from search_spaces import build_model, count_params, describe, load_arch, preset_names
+
+from archs import tiny, tiny_moe
 
 
 def expected_params(cfg):

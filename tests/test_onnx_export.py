@@ -5,8 +5,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from archs import tiny, tiny_moe
 from search_spaces import build_model
+
+from archs import tiny, tiny_moe
 
 
 @pytest.mark.parametrize("cfg", [tiny(), tiny_moe(experts=4, top_k=2)], ids=lambda c: c.name)

@@ -3,10 +3,11 @@
 import json
 
 import pytest
-from archs import tiny_moe
 
 import profilers
 from nas.cli import main
+
+from archs import tiny_moe
 
 
 @pytest.fixture
@@ -27,6 +28,13 @@ def test_profile_table(arch, capsys):
     assert main(["profile", arch, "--backend", "torch"]) == 0
     out = capsys.readouterr().out
     assert "active per image" in out and "experts" in out and "latency     median" in out
+
+
+def test_profile_against_an_anchor_prints_the_ratio(arch, capsys):
+    assert main(["profile", arch, "--backend", "torch", "--anchor", "fmnist-vit-4x32"]) == 0
+    assert "anchor      vit-4x32h2-p4-28: median" in capsys.readouterr().out
+    assert main(["profile", arch, "--anchor", "no-such-arch"]) == 2
+    assert "no-such-arch" in capsys.readouterr().err
 
 
 def test_missing_provider_is_one_line_error(arch, capsys):

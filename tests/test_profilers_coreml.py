@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-from archs import tiny_moe
 
 import profilers
 import profilers._coreml
@@ -13,6 +12,8 @@ from profilers import ProfileError, export_coreml, profile
 from profilers._coreml import Tail, Trunk, masked_per_token
 from search_spaces import build_model
 from search_spaces.model import PerTokenExperts
+
+from archs import tiny_moe
 
 IMAGES = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from archs import tiny, tiny_moe
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 from profilers import analytic_flops, count_flops
 from profilers._flops import COUNTED_OPS
 from search_spaces import build_model, load_arch
+
+from archs import tiny, tiny_moe
 
 SHAPES = [
     tiny(),

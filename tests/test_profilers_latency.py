@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import profilers._latency as latency
-from profilers import LatencyStats, measure_latency
+from profilers import LatencyStats, measure_interleaved, measure_latency
 
 
 class FakeClock:
@@ -65,3 +65,30 @@ def test_a_single_run_has_zero_spread():
 def test_min_runs_must_be_positive():
     with pytest.raises(ValueError, match="min_runs"):
         measure_latency(lambda: None, min_runs=0)
+
+
+def test_interleaved_runs_alternate_in_blocks_until_the_first_has_both_minimums(clock):
+    fake = clock([0.01])
+    order = []
+    fns = [lambda: (order.append("a"), fake.fn()), lambda: (order.append("b"), fake.fn())]
+    a, b = measure_interleaved(fns, warmup=1, min_runs=4, min_time_s=0.1, block=3)
+    assert order[:2] == ["a", "b"]  # one warm-up call each, untimed
+    assert order[2:] == (["a"] * 3 + ["b"] * 3) * 4  # 0.1 s of "a" needs 10 runs: 4 rounds of 3
+    assert a.runs == b.runs == 12 and a.median == b.median == pytest.approx(10.0)
+
+
+def test_interleaving_keeps_the_ratio_through_drift(clock):
+    fake = clock([0.0])
+    calls = []
+
+    def model(ms):
+        def run():
+            calls.append(ms)
+            fake.now += ms * (2 if len(calls) > 40 else 1) / 1e3  # halfway, the machine runs at half speed
+        return run
+
+    fast, slow = measure_interleaved([model(1), model(2)], warmup=0, min_runs=40, min_time_s=0, block=5)
+    assert (fast.median, slow.median) == (pytest.approx(1.5), pytest.approx(3.0))  # both drifted alike
+    assert slow.median / fast.median == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="block"):
+        measure_interleaved([model(1)], block=0)

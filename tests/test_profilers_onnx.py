@@ -8,13 +8,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from archs import tiny, tiny_moe
 from onnx import numpy_helper
 
 import profilers._export
 from profilers import ProfileError, analytic_flops, cache_dir, export_onnx, onnxruntime_latency, profile
 from profilers._export import build_once
 from search_spaces import build_model, count_params
+
+from archs import tiny, tiny_moe
 
 FAST = {"warmup": 1, "min_runs": 3, "min_time_s": 0}
 FORMS = {"per_image": "gather", "per_token": "grouped"}
@@ -145,6 +146,17 @@ def test_torch_backend_measures_a_given_model_and_restores_threads():
     result = profile(model, backend="torch", threads=1, batch=2, **FAST)
     assert result["latency_ms"]["runs"] >= 3 and result["provider"] == "cpu" and result["artifact"] is None
     assert torch.get_num_threads() == threads and model.training  # the caller's model and settings, untouched
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_profile_with_an_anchor_times_both_and_gives_their_ratio(backend):
+    anchor_cfg = tiny()
+    result = profile(tiny_moe(), backend=backend, anchor=anchor_cfg, **FAST)
+    anchor = result["anchor"]
+    assert (anchor["name"], anchor["config_hash"]) == (anchor_cfg.name, anchor_cfg.config_hash())
+    assert anchor["latency_ms"]["runs"] >= FAST["min_runs"] and result["latency_ms"]["runs"] >= FAST["min_runs"]
+    assert anchor["ratio"] == result["latency_ms"]["median"] / anchor["latency_ms"]["median"]
+    assert "anchor" not in profile(tiny_moe(), backend=backend, **FAST)
 
 
 def test_bad_backend_and_provider_are_profile_errors():

@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import onnx
 import pytest
-from archs import tiny, tiny_moe
 from onnx import TensorProto, helper
 
 import profilers
@@ -27,6 +26,8 @@ from profilers._coreml import CoreMLExport
 from profilers.remote import PIPELINE_FILE, TOKEN_ENV, coreml_zip
 from profilers.server import AgentSettings, PayloadError, create_app, is_loopback, measure, serve, unpack_coreml
 from search_spaces import ConfigError
+
+from archs import tiny, tiny_moe
 
 TOKEN = "test-token-0123456789"
 FAST = {"warmup": 1, "min_runs": 3, "min_time_s": 0.0}  # the protocol, cut to a few runs: tests check fields
@@ -284,4 +285,45 @@ def test_study_with_the_remote_backend_completes(agent, tmp_path, monkeypatch):
     assert len(trials) == 2 and all(t.user_attrs["status"] == "complete" for t in trials)
     for trial in trials:
         assert trial.user_attrs["profile"]["device"]["remote_url"] == agent.url
+        assert trial.user_attrs["metrics"]["latency_device"].endswith(f"(agent {agent.url})")
         assert trial.user_attrs["metrics"]["latency_ms"] > 0
+
+
+def test_study_with_an_absent_agent_is_one_clear_error(tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    code = main(["search", "--config", "smoke", "--n-trials", "2", "--results-dir", str(tmp_path),
+                 "--backend", "remote", "--remote-url", url])
+    assert code == 2
+    assert f"agent at {url} is unreachable" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("study.db"))  # checked before any storage or trial is made
+
+
+def test_agent_lost_mid_study_stops_it_and_the_rerun_retries_the_trial(agent, tmp_path, monkeypatch):
+    from nas.search import run_search
+    from nas.study import ProfilerSpec, load_study_config
+    from profilers.remote import AgentClient
+
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    cfg = load_study_config("smoke", n_trials=3, results_dir=str(tmp_path))
+    cfg.profiler = ProfilerSpec(backend="remote", remote_url=agent.url)
+    cfg.data.limit, cfg.evaluator = 300, {"steps": 6, "batch_size": 32, "eval_every": 3}
+    answered = AgentClient.profile
+
+    def gone_after_one(self, *args, **kwargs):
+        if gone_after_one.calls:
+            raise ProfilerUnreachable(f"profiler agent at {self.url} is unreachable (test)")
+        gone_after_one.calls += 1
+        return answered(self, *args, **kwargs)
+
+    gone_after_one.calls = 0
+    monkeypatch.setattr(AgentClient, "profile", gone_after_one)
+    with pytest.raises(ProfilerUnreachable):
+        run_search(cfg, progress=False)
+    first = run_search.__globals__["open_study"](cfg).get_trials()
+    assert [t.state.name for t in first] == ["COMPLETE", "FAIL", "WAITING"]  # the last slot is still queued
+    assert first[1].user_attrs["interrupted"] and "run again when the study resumes" in first[1].user_attrs["reason"]
+
+    monkeypatch.setattr(AgentClient, "profile", answered)
+    trials = run_search(cfg, progress=False).get_trials()
+    assert [t.state.name for t in trials].count("FAIL") == 1  # only the interrupted one
+    assert len([t for t in trials if t.state.name != "FAIL"]) == 3

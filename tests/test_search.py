@@ -14,6 +14,8 @@ D16 = {"depth": 2, "width": 16, "patch_size": 4, "mlp_ratio": 2.0, "num_experts"
 D24 = {**D16, "width": 24}
 M16 = {**D16, "num_experts": 4, "top_k": 1, "moe_placement": "last1", "routing": "per_image",
        "router_loss_weight": 0.3}
+SPACE = {"patch_sizes": [4], "depths": [2], "widths": [16, 24], "head_width": 8, "mlp_ratios": [2.0],
+         "num_experts": [0, 4], "top_k": [1], "placements": ["last1"]}
 
 
 def active_params(params: dict) -> int:
@@ -27,8 +29,7 @@ def write_study(tmp_path, name, enqueue, n_trials, **extra) -> str:
     study = {
         "study_name": name,
         "data": {"name": "synthetic", "limit": 600},
-        "space": {"patch_sizes": [4], "depths": [2], "widths": [16, 24], "head_width": 8, "mlp_ratios": [2.0],
-                  "num_experts": [0, 4], "top_k": [1], "placements": ["last1"]},
+        "space": SPACE,
         "objectives": ["accuracy", "flops"],
         "n_trials": n_trials,
         "evaluator": {"steps": 12, "batch_size": 32, "eval_every": 6},
@@ -97,6 +98,43 @@ def test_study_end_to_end(tmp_path, failing_moe, capsys):
     assert len(resumed) == 5 and [t.datetime_start for t in resumed[:4]] == [t.datetime_start for t in trials]
 
 
+def test_superclasses_are_discovered_once_before_the_trials(tmp_path, monkeypatch, capsys):
+    import nas.superclasses
+
+    calls = []
+    discover = nas.superclasses.superclasses_for
+    monkeypatch.setattr(nas.superclasses, "superclasses_for",
+                        lambda data, groups, **kw: calls.append(groups) or discover(data, groups, **kw))
+    m3 = {**M16, "num_experts": 3}  # synthetic data has 4 super-classes of its own, not 3: discovered
+    config = write_study(tmp_path, "groups", [m3, D16, {**m3, "width": 24}], 3, space={**SPACE, "num_experts": [0, 3]})
+
+    assert main(["search", "--config", config]) == 0
+    assert calls == [3]  # once, before the first trial, for both MoE trials
+    assert "super-classes for 3 experts: " in capsys.readouterr().err
+    assert (tmp_path / "results" / "groups" / "superclasses" / "synthetic-g3-s0.json").is_file()
+    moe = [t for t in load(tmp_path, "groups").get_trials() if t.user_attrs["arch"].get("moe")]
+    assert len(moe) == 2 and all(t.user_attrs["metrics"]["router_accuracy"] is not None for t in moe)
+
+
+def test_latency_is_reported_on_the_scale_of_the_study_anchor(tmp_path):
+    config = write_study(tmp_path, "anchor", [D16, M16], 2, objectives=["accuracy", "latency"])
+    assert main(["search", "--config", config, "--no-progress"]) == 0
+    study = load(tmp_path, "anchor")
+    anchor = study.user_attrs["latency_anchor"]
+    arch = ArchConfig.from_yaml(anchor["arch_yaml"])
+    assert (arch.depth, arch.width, arch.patch_size, arch.moe) == (2, 16, 4, None)  # SPACE's smallest dense
+    for trial in study.get_trials():
+        metrics = trial.user_attrs["metrics"]
+        assert trial.user_attrs["profile"]["anchor"]["config_hash"] == arch.config_hash()
+        assert metrics["latency_ms"] == pytest.approx(metrics["latency_ratio"] * anchor["latency_ms"])
+        assert trial.values[1] == metrics["latency_ms"] and metrics["latency_ms_measured"] > 0
+    report = (tmp_path / "results" / "anchor" / "report.md").read_text()
+    assert f"timed interleaved with the anchor {arch.name}" in report
+
+    assert main(["search", "--config", config, "--no-progress", "--no-report", "--n-trials", "3"]) == 0
+    assert load(tmp_path, "anchor").user_attrs["latency_anchor"] == anchor  # a resumed study keeps its scale
+
+
 def test_interrupted_study_resumes_where_it_stopped(tmp_path, monkeypatch):
     config = write_study(tmp_path, "ctrlc", [D16, M16, D24], 3)
     real_train = nas.trainer.train
@@ -139,7 +177,10 @@ def test_two_workers_on_a_journal_complete_exactly_n_trials(tmp_path):
 
 @pytest.mark.parametrize(
     "budget, reason",
-    [({"trial_timeout": 1.5}, "exceeded its time budget of 1.5 s"), ({"trial_memory_mb": 64}, "memory budget of 64 MB")],
+    [
+        ({"trial_timeout": 1.5}, "exceeded its time budget of 1.5 s"),
+        ({"trial_memory_mb": 64}, "memory budget of 64 MB"),
+    ],
 )
 def test_a_trial_over_its_budget_is_stopped_and_recorded(tmp_path, budget, reason):
     config = write_study(tmp_path, "budget", [D16], 1, **budget)

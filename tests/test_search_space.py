@@ -98,3 +98,13 @@ def test_bad_space_names_the_field(change, field):
     with pytest.raises(ConfigError) as error:
         MobileVMoESpace.from_dict(change)
     assert error.value.field == field
+
+
+def test_smallest_dense_is_the_cheapest_dense_choice_that_fits_the_image():
+    space = MobileVMoESpace(patch_sizes=(4, 7), depths=(6, 4), widths=(48, 32), mlp_ratios=(4.0, 2.0),
+                            num_experts=(4, 8))  # a space without dense trials still has a dense anchor
+    arch = space.smallest_dense(image_size=28, in_channels=1, num_classes=10)
+    assert (arch.depth, arch.width, arch.num_heads, arch.patch_size, arch.mlp_ratio) == (4, 32, 2, 7, 2.0)
+    assert arch.moe is None
+    odd = MobileVMoESpace(patch_sizes=(5, 4), depths=(4,), widths=(32,))
+    assert odd.smallest_dense(image_size=28, in_channels=1, num_classes=10).patch_size == 4  # 5 does not divide 28

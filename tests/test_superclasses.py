@@ -5,12 +5,13 @@ import json
 
 import numpy as np
 import pytest
-from archs import tiny
 
 from nas.cli import main
 from nas.data import load_dataset
 from nas.superclasses import SuperclassError, SuperclassMap, cluster_confusion, superclasses_for
 from nas.trainer import TrainRecipe
+
+from archs import tiny
 
 SMALL = "synthetic:size=8,classes=8,groups=4,train=4000,test=100"
 

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from archs import tiny, tiny_moe
 
 from nas import trainer
 from nas.data import load_dataset
 from nas.trainer import TrainingError, TrainRecipe, augment, train
 from search_spaces import ConfigError, build_model
+
+from archs import tiny, tiny_moe
 
 CLASSES = 8
 
