@@ -233,8 +233,8 @@ def model_card(cfg: ArchConfig, frozen: optuna.trial.FrozenTrial, study_name: st
         ("params total / active", f"{_fmt_metric(metrics.get('params_total'))} / "
          f"{_fmt_metric(metrics.get('params_active'))}", "search_spaces.count_params; active: k of E experts"),
         ("size (fp32)", _fmt_metric(metrics.get("size_mb"), " MB"), "4 bytes per parameter"),
-        ("latency (median)", _fmt_metric(metrics.get("latency_ms"), " ms"),
-         f"{profile.get('backend')}, batch {profile.get('batch')}, {profile.get('threads')} thread(s), "
+        ("latency", _fmt_metric(metrics.get("latency_ms"), " ms"),
+         f"median, {profile.get('backend')}, batch {profile.get('batch')}, {profile.get('threads')} thread(s), "
          f"cv {_fmt_metric(latency.get('cv'))}, on {metrics.get('latency_device') or 'an unrecorded device'}"
          f"{anchored}"),
     ]
