@@ -19,10 +19,9 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from profilers import device_info, export_onnx, measure_latency, ort_session
+from profilers import device_info, export_onnx, measure_latency, ort_inference
 from search_spaces import ArchConfig, MoEConfig, build_model, load_arch
 
 OUT = Path("results/benchmarks/moe_overhead.json")
@@ -36,13 +35,6 @@ def variants(dense: ArchConfig) -> dict[str, ArchConfig]:
     last_two = (dense.depth - 2, dense.depth - 1)
     moe = {f"moe_k{k}": replace(dense, moe=MoEConfig(num_experts=10, top_k=k, layers=last_two)) for k in (1, 2)}
     return {"dense": dense, **moe}
-
-
-def ort_runner(path: Path, cfg: ArchConfig, batch: int):
-    session = ort_session(path, threads=1)
-    feed = {"images": np.random.default_rng(0).standard_normal(
-        (batch, cfg.in_channels, cfg.image_size, cfg.image_size), dtype=np.float32)}
-    return lambda: session.run(None, feed)
 
 
 def torch_runner(model: torch.nn.Module, batch: int):
@@ -94,8 +86,8 @@ def main() -> None:
             for batch in BATCHES:
                 for backend in ("onnxruntime", "torch"):
                     runners = {
-                        name: ort_runner(paths[name], model.cfg, batch) if backend == "onnxruntime"
-                        else torch_runner(model, batch)
+                        name: torch_runner(model, batch) if backend == "torch"
+                        else ort_inference(paths[name], batch=batch, threads=1, provider=None)[1]
                         for name, model in models.items()
                     }
                     row = results[f"{backend}_batch{batch}"] = interleaved(runners, args.rounds, args.calls)

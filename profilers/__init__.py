@@ -16,6 +16,7 @@ from profilers._backends import (
     TorchBackend,
     get_backend,
     onnxruntime_latency,
+    ort_inference,
     ort_session,
     register_backend,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "measure_interleaved",
     "measure_latency",
     "onnxruntime_latency",
+    "ort_inference",
     "ort_session",
     "profile",
     "register_backend",

@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -146,15 +146,25 @@ def onnxruntime_latency(
     batch, versions."""
     import onnxruntime as ort
 
-    session = ort_session(onnx_path, threads=threads, provider=provider)
-    graph_input = session.get_inputs()[0]
-    shape = (batch, *(input_shape or graph_input.shape[1:]))
-    feed = {graph_input.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
-    stats = measure_latency(lambda: session.run(None, feed), warmup=warmup, min_runs=min_runs, min_time_s=min_time_s)
+    session, call = ort_inference(onnx_path, batch=batch, threads=threads, provider=provider, input_shape=input_shape)
+    stats = measure_latency(call, warmup=warmup, min_runs=min_runs, min_time_s=min_time_s)
     return {
         "latency_ms": stats.to_dict(), "provider": session.get_providers()[0], "providers": session.get_providers(),
         "threads": threads, "batch": batch, "versions": {"onnxruntime": ort.__version__},
     }
+
+
+def ort_inference(
+    onnx_path: str | Path, *, batch: int, threads: int, provider: str | None,
+    input_shape: tuple[int, ...] | None = None,
+) -> tuple[Any, Callable[[], object]]:
+    """An `ort_session` and one inference call of it on random inputs of `(batch, *input_shape)` (default:
+    the file's own non-batch dimensions)."""
+    session = ort_session(onnx_path, threads=threads, provider=provider)
+    graph_input = session.get_inputs()[0]
+    shape = (batch, *(input_shape or graph_input.shape[1:]))
+    feed = {graph_input.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
+    return session, lambda: session.run(None, feed)
 
 
 def ort_session(onnx_path: str | Path, *, threads: int = 1, provider: str | None = None):
@@ -181,9 +191,8 @@ class OnnxRuntimeBackend(LocalBackend):
         ort_provider(provider)  # a provider this onnxruntime lacks fails before the export, not after
         with tempfile.TemporaryDirectory() as tmp:  # the session holds the model: the file may go
             path = cached_onnx(model.cfg) if cache else export_onnx(model, Path(tmp) / "model.onnx")
-            session = ort_session(path, threads=threads, provider=provider)
-        feed = {"images": example_images(model.cfg, batch).numpy()}
-        return Runnable(lambda: session.run(None, feed), session.get_providers()[0], model_form(model),
+            session, call = ort_inference(path, batch=batch, threads=threads, provider=provider)
+        return Runnable(call, session.get_providers()[0], model_form(model),
                         artifact=str(path) if cache else None, versions={"onnxruntime": ort.__version__})
 
 

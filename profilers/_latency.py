@@ -48,18 +48,7 @@ def measure_latency(
     """Time `fn()` (which must block until its result is ready): `warmup` untimed calls (allocators,
     lazy initialisation, caches), then timed calls until at least `min_runs` calls AND `min_time_s`
     seconds of them, so that a fast model gets many runs and a slow one still gets `min_runs`."""
-    if min_runs < 1:
-        raise ValueError(f"min_runs must be >= 1, got {min_runs}")
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    elapsed = 0.0
-    while len(times) < min_runs or elapsed < min_time_s:
-        start = perf_counter()
-        fn()
-        times.append(perf_counter() - start)
-        elapsed += times[-1]
-    return LatencyStats.from_times(times)
+    return measure_interleaved([fn], warmup=warmup, min_runs=min_runs, min_time_s=min_time_s, block=1)[0]
 
 
 def measure_interleaved(
@@ -68,16 +57,20 @@ def measure_interleaved(
 ) -> list[LatencyStats]:
     """`measure_latency` for several functions at once: `warmup` calls of each, then rounds of `block`
     timed calls of each in turn, until every one has `min_runs` calls and the first `min_time_s` seconds."""
-    if min_runs < 1 or block < 1:
-        raise ValueError(f"min_runs and block must be >= 1, got {min_runs} and {block}")
+    if min_runs < 1:
+        raise ValueError(f"min_runs must be >= 1, got {min_runs}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     for fn in fns:
         for _ in range(warmup):
             fn()
     times: list[list[float]] = [[] for _ in fns]
-    while len(times[0]) < min_runs or sum(times[0]) < min_time_s:
+    elapsed = 0.0  # of the first function's timed calls
+    while len(times[0]) < min_runs or elapsed < min_time_s:
         for fn, own in zip(fns, times):
             for _ in range(block):
                 start = perf_counter()
                 fn()
                 own.append(perf_counter() - start)
+        elapsed += sum(times[0][-block:])
     return [LatencyStats.from_times(own) for own in times]
