@@ -16,6 +16,7 @@ from nas.superclasses import SuperclassError
 from nas.trainer import TrainingError
 from profilers import ProfileError
 from search_spaces import ConfigError, describe, load_arch
+from search_spaces.config import check_int
 
 
 def _print_json(data: dict) -> None:
@@ -38,6 +39,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
     if args.remote_url and args.backend != "remote":
         raise ConfigError("--remote-url", f"is for --backend remote, not {args.backend}")
+    check_int("--threads", args.threads, 1)
+    check_int("--batch", args.batch, 1)
     remote = {"remote_url": args.remote_url} if args.remote_url else {}  # only the remote backend takes it
     anchor = load_arch(args.anchor) if args.anchor else None
     result = profile(load_arch(args.arch), backend=args.backend, threads=args.threads, batch=args.batch,

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from nas.data import load_dataset
 from nas.export import export_checked_onnx, first_line, versions
 from nas.superclasses import SuperclassMap
 from nas.trainer import CHECKPOINT_NAME, TrainRecipe, train
 from search_spaces import ArchConfig, ConfigError
+from search_spaces.config import read_yaml
 
 DATA_FIELDS = ("name", "data_dir", "val_fraction", "seed", "limit")  # load_dataset's arguments
 RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "model.pt", "model.onnx")
@@ -42,10 +42,7 @@ def load_train_config(path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("train.yaml", f"no training config at {path} (vmoe-nas export writes one)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError("train.yaml", f"{path} is not valid YAML ({error})") from None
+    data = read_yaml(path, "train.yaml")
     if not isinstance(data, dict):
         raise ConfigError("train.yaml", f"{path} must hold a mapping with arch, data, recipe and output_dir")
     missing = [k for k in ("arch", "data", "recipe", "output_dir") if k not in data]

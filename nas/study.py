@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from search_spaces import ArchConfig, ConfigError, load_arch
-from search_spaces.config import check_fields, from_mapping
+from search_spaces.config import check_fields, from_mapping, is_file, is_number, read_yaml
 from search_spaces.mobile_vmoe import SPACES, MobileVMoESpace
 
 STUDY_DIR = Path(__file__).parent / "studies"
@@ -38,8 +38,7 @@ def _section(cls: type, data: Any, where: str):
 def _check_number(name: str, value: Any, *, minimum: float = 0, integer: bool = False, optional: bool = True):
     if value is None and optional:
         return
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+    if not is_number(value) or (integer and not isinstance(value, int)) or value < minimum:
         kind = "an integer" if integer else "a number"
         raise ConfigError(name, f"must be {kind} >= {minimum:g}{' or null' if optional else ''}, got {value!r}")
 
@@ -264,16 +263,13 @@ def load_study_config(path_or_preset: str | Path, **overrides: Any) -> StudyConf
     """A study config from a YAML file or a shipped preset name; `overrides` (non-None) replace fields,
     e.g. the command line's --n-trials or --storage."""
     path = Path(path_or_preset)
-    if not path.is_file():
+    if not is_file(path):
         path = STUDY_DIR / f"{path_or_preset}.yaml"
-        if not path.is_file():
+        if not is_file(path):
             raise ConfigError(
                 "config", f"{path_or_preset!r} is neither a file nor a study preset ({', '.join(study_preset_names())})"
             )
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError("config", f"{path} is not valid YAML ({error})") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError("config", f"{path} must hold a mapping of study fields")
     data.update({key: value for key, value in overrides.items() if value is not None})

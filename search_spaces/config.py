@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -17,20 +18,105 @@ import yaml
 ROUTINGS = ("per_image", "per_token")
 
 
+MAX_PROBLEM = 1000  # characters of a ConfigError's message: whatever a message embeds, it stays readable
+
+
 class ConfigError(ValueError):
     """A config field is missing, of the wrong type or out of range; the message names the field."""
 
     def __init__(self, field_name: str, problem: str):
+        if len(problem) > MAX_PROBLEM:  # the head says what is wrong, the tail where: keep both
+            problem = f"{problem[: MAX_PROBLEM // 2]} ... {problem[-MAX_PROBLEM // 2 :]}"
         super().__init__(f"{field_name}: {problem}")
         self.field = field_name
         self.problem = problem
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def shown(value: Any, limit: int = 80) -> str:
+    """`repr(value)` for an error message, cut to about `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}...{text[-17:]}"
+
+
+def is_number(value: Any) -> bool:
+    """An int or a finite float (not a bool, not inf or nan)."""
+    return not isinstance(value, bool) and (isinstance(value, int) or isinstance(value, float) and math.isfinite(value))
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"must be an integer, got {value!r}")
+        raise ConfigError(name, f"must be an integer, got {shown(value)}")
     if value < minimum:
-        raise ConfigError(name, f"must be >= {minimum}, got {value}")
+        raise ConfigError(name, f"must be >= {minimum}, got {shown(value)}")
+
+
+MAX_YAML_VALUES = 100_000  # a config holds hundreds; nested aliases (*) can make billions of a few hundred bytes
+
+
+class _UserYAMLLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a document holding more than MAX_YAML_VALUES values once its aliases are expanded,
+    before anything walks (or prints) the expansion, and an alias inside its own anchor."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if _expanded_size(node, {}, set()) > MAX_YAML_VALUES:
+            raise yaml.MarkedYAMLError(problem=f"holds more than {MAX_YAML_VALUES:,} values once its aliases (*) "
+                                       "are expanded", problem_mark=node.start_mark)
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Nodes in `node`'s tree, aliases expanded; `sizes` memoises shared nodes, so this is one pass."""
+    key = id(node)
+    if key not in sizes:
+        if key in open_nodes:
+            raise yaml.MarkedYAMLError(problem="an alias (*) inside its own anchor (&)", problem_mark=node.start_mark)
+        open_nodes.add(key)
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else [])
+        sizes[key] = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+        open_nodes.discard(key)
+    return sizes[key]
+
+
+def safe_yaml_load(text: str | bytes, where: str = "config") -> Any:
+    """YAML a user wrote (bytes are decoded as UTF-8), its aliases expanded to at most MAX_YAML_VALUES values;
+    any problem is one single-line ConfigError whose field is `where`."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(where, f"not UTF-8 text (byte {error.start} is {text[error.start]:#04x})") from None
+    try:
+        return yaml.load(text, Loader=_UserYAMLLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        what = ", ".join(filter(None, (error.context, error.problem)))
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(where, f"not valid YAML: {what}{at}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(where, f"not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise ConfigError(where, "not valid YAML: nested too deeply") from None
+
+
+def read_yaml(path: str | Path, where: str = "config") -> Any:
+    """`safe_yaml_load` of a file; errors name the file."""
+    path = Path(path)
+    try:
+        return safe_yaml_load(path.read_bytes(), where)
+    except OSError as error:
+        raise ConfigError(where, f"cannot read {path} ({error.strerror})") from None
+    except ConfigError as error:
+        raise ConfigError(where, f"{path}: {error.problem}") from None
+
+
+def is_file(path: str | Path) -> bool:
+    """`Path.is_file`, but False for a name the system refuses (too long, ...): it names no file either."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -49,28 +135,27 @@ class MoEConfig:
             object.__setattr__(self, "layers", layers)
 
     def validate(self, depth: int) -> None:
-        _check_int("moe.num_experts", self.num_experts, 1)
-        _check_int("moe.top_k", self.top_k, 1)
+        check_int("moe.num_experts", self.num_experts, 1)
+        check_int("moe.top_k", self.top_k, 1)
         if self.top_k > self.num_experts:
             raise ConfigError("moe.top_k", f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if not isinstance(self.layers, tuple) or not self.layers:
-            raise ConfigError("moe.layers", f"must be a non-empty list of block indices, got {self.layers!r}")
+            raise ConfigError("moe.layers", f"must be a non-empty list of block indices, got {shown(self.layers)}")
         for index in self.layers:
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < depth:
-                raise ConfigError("moe.layers", f"block index {index!r} is outside [0, depth={depth})")
+                raise ConfigError("moe.layers", f"block index {shown(index)} is outside [0, depth={depth})")
         if len(set(self.layers)) != len(self.layers):
-            raise ConfigError("moe.layers", f"block indices must be unique, got {list(self.layers)}")
+            raise ConfigError("moe.layers", f"block indices must be unique, got {shown(list(self.layers))}")
         if self.routing not in ROUTINGS:
-            raise ConfigError("moe.routing", f"must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+            raise ConfigError("moe.routing", f"must be one of {', '.join(ROUTINGS)}, got {shown(self.routing)}")
         if self.routing == "per_image" and min(self.layers) == 0:
             raise ConfigError(
                 "moe.layers",
                 "per_image routing needs at least one dense block before the first MoE block "
                 "(the router reads its class token), but block 0 is MoE",
             )
-        weight = self.router_loss_weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ConfigError("moe.router_loss_weight", f"must be a number >= 0, got {weight!r}")
+        if not is_number(self.router_loss_weight) or self.router_loss_weight < 0:
+            raise ConfigError("moe.router_loss_weight", f"must be a number >= 0, got {shown(self.router_loss_weight)}")
 
 
 @dataclass(frozen=True)
@@ -89,22 +174,25 @@ class ArchConfig:
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", from_mapping(MoEConfig, self.moe, "moe"))
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
-            raise ConfigError("moe", f"must be a mapping of MoE fields, got {self.moe!r}")
+            raise ConfigError("moe", f"must be a mapping of MoE fields, got {shown(self.moe)}")
         if self.moe is not None and self.moe.num_experts == 0:
             object.__setattr__(self, "moe", None)  # num_experts: 0 is how a search space says "dense"
         self.validate()
 
     def validate(self) -> None:
         for name in ("image_size", "in_channels", "patch_size", "num_classes", "depth", "width", "num_heads"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         if self.image_size % self.patch_size:
             raise ConfigError(
                 "patch_size", f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
             )
         if self.width % self.num_heads:
             raise ConfigError("num_heads", f"width={self.width} is not divisible by num_heads={self.num_heads}")
-        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0:
-            raise ConfigError("mlp_ratio", f"must be a positive number, got {self.mlp_ratio!r}")
+        if not is_number(self.mlp_ratio) or self.mlp_ratio <= 0:
+            raise ConfigError("mlp_ratio", f"must be a positive number, got {shown(self.mlp_ratio)}")
+        if self.mlp_hidden < 1:
+            raise ConfigError("mlp_ratio", f"width={self.width} x mlp_ratio={self.mlp_ratio:g} is a zero-width MLP; "
+                                           "it must give at least 1 hidden unit")
         if self.moe is not None:
             self.moe.validate(self.depth)
 
@@ -162,12 +250,8 @@ class ArchConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, text: str) -> ArchConfig:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError("config", f"not valid YAML ({error})") from None
-        return cls.from_dict(data)
+    def from_yaml(cls, text: str | bytes) -> ArchConfig:
+        return cls.from_dict(safe_yaml_load(text))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -177,10 +261,11 @@ class ArchConfig:
     @classmethod
     def load(cls, path: str | Path) -> ArchConfig:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError("config", f"no architecture file at {path}")
+        if not is_file(path):
+            raise ConfigError("config", f"no architecture file at {shown(str(path))}")
+        data = read_yaml(path)
         try:
-            return cls.from_yaml(path.read_text())
+            return cls.from_dict(data)
         except ConfigError as error:
             raise ConfigError(error.field, f"{error.problem} (in {path})") from None
 
@@ -193,11 +278,12 @@ def check_fields(cls: type, data: Any, where: str) -> dict:
     """`data` if it is a mapping of `cls`'s dataclass fields; else a ConfigError naming the section `where`
     ("" for the top level) or its first unknown field, with the known ones."""
     if not isinstance(data, dict):
-        raise ConfigError(where or "config", f"must be a mapping of {cls.__name__} fields, got {data!r}")
+        raise ConfigError(where or "config", f"must be a mapping of {cls.__name__} fields, got {shown(data)}")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
-        field = f"{where}.{unknown[0]}" if where else unknown[0]
+        name = unknown[0] if isinstance(unknown[0], str) and len(unknown[0]) <= 80 else shown(unknown[0])
+        field = f"{where}.{name}" if where else name
         raise ConfigError(field, f"unknown field (known: {', '.join(sorted(known))})")
     return data
 
@@ -207,4 +293,7 @@ def from_mapping(cls: type, data: Any, where: str):
     return cls(**check_fields(cls, data, where))
 
 
-__all__ = ["ROUTINGS", "ArchConfig", "ConfigError", "MoEConfig", "check_fields", "from_mapping"]
+__all__ = [
+    "ROUTINGS", "ArchConfig", "ConfigError", "MoEConfig", "check_fields", "check_int", "from_mapping", "is_file",
+    "is_number", "read_yaml", "safe_yaml_load", "shown",
+]

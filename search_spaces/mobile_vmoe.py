@@ -9,12 +9,26 @@ before anything is profiled.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
-from search_spaces.config import ROUTINGS, ArchConfig, ConfigError, MoEConfig, from_mapping
+from search_spaces.config import (
+    ROUTINGS,
+    ArchConfig,
+    ConfigError,
+    MoEConfig,
+    check_int,
+    from_mapping,
+    is_number,
+    shown,
+)
 
 PLACEMENTS = ("last1", "last2", "last3", "alternate")  # or explicit lists such as "4,5"
+# trial parameter -> the space field listing its choices
+PARAMS = {"depth": "depths", "width": "widths", "num_heads": "num_heads", "patch_size": "patch_sizes",
+          "mlp_ratio": "mlp_ratios", "num_experts": "num_experts", "top_k": "top_k", "moe_placement": "placements",
+          "routing": "routings", "router_loss_weight": "router_loss_weights"}
 
 
 class InvalidArchitecture(ValueError):
@@ -39,11 +53,23 @@ def placement_layers(placement: str, depth: int) -> tuple[int, ...]:
         return tuple(sorted(int(i) for i in placement.split(",")))
     except ValueError:
         known = ", ".join(PLACEMENTS)
-        raise ConfigError("space.placements", f"unknown placement {placement!r} (use {known} or '4,5')") from None
+        raise ConfigError("space.placements", f"unknown placement {shown(placement)} (use {known} or '4,5')") from None
 
 
 def _as_tuple(value: Any) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _first_buildable(candidates: Iterable[dict]) -> tuple[dict | None, str]:
+    """The first of `candidates` (ArchConfig arguments) that builds; else None and the first one's error."""
+    first_error = ""
+    for arch in candidates:
+        try:
+            ArchConfig(**arch)
+            return arch, ""
+        except ConfigError as error:
+            first_error = first_error or str(error)
+    return None, first_error
 
 
 @dataclass(frozen=True)
@@ -76,26 +102,50 @@ class MobileVMoESpace:
         for name in ("patch_sizes", "depths", "widths", "num_heads", "top_k"):
             for value in getattr(self, name):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ConfigError(f"space.{name}", f"choices must be positive integers, got {value!r}")
-        if self.head_width is not None and (not isinstance(self.head_width, int) or self.head_width < 1):
-            raise ConfigError("space.head_width", f"must be a positive integer, got {self.head_width!r}")
+                    raise ConfigError(f"space.{name}", f"choices must be positive integers, got {shown(value)}")
+        if self.head_width is not None:
+            check_int("space.head_width", self.head_width, 1)
         for value in self.num_experts:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError("space.num_experts", f"choices must be integers >= 0, got {value!r}")
+                raise ConfigError("space.num_experts", f"choices must be integers >= 0, got {shown(value)}")
         if any(e > 0 for e in self.num_experts) and not self.top_k:
             raise ConfigError("space.top_k", "must list at least one choice when MoE is searched")
         for routing in self.routings:
             if routing not in ROUTINGS:
-                raise ConfigError("space.routings", f"must be among {', '.join(ROUTINGS)}, got {routing!r}")
+                raise ConfigError("space.routings", f"must be among {', '.join(ROUTINGS)}, got {shown(routing)}")
         for placement in self.placements:
             if not isinstance(placement, str):
                 raise ConfigError("space.placements", f"choices must be names such as 'last2' or lists such as '4,5', "
-                                  f"got {placement!r}")
+                                  f"got {shown(placement)}")
             placement_layers(placement, max(self.depths))
         for name, minimum in (("mlp_ratios", 1e-9), ("router_loss_weights", 0)):
             for value in getattr(self, name):
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-                    raise ConfigError(f"space.{name}", f"choices must be numbers >= {minimum:g}, got {value!r}")
+                if not is_number(value) or value < minimum:
+                    raise ConfigError(f"space.{name}", f"choices must be numbers >= {minimum:g}, got {shown(value)}")
+        self._check_buildable()
+
+    def _check_buildable(self) -> None:
+        """Refuse a space whose choices never build: some width, heads and MLP ratio must build a model and, when
+        MoE is searched, some experts, top-k, placement, depth and routing an MoE (else every such trial is
+        pruned). Patch sizes are left to the data set, which brings the image size."""
+        base = dict(image_size=1, in_channels=1, patch_size=1, num_classes=1, depth=1)
+        trunk, problem = _first_buildable(dict(base, width=w, num_heads=h, mlp_ratio=r)
+                                          for w in self.widths for h in self._heads(w) for r in self.mlp_ratios)
+        if trunk is None:
+            heads = "num_heads" if self.num_heads else "head_width"
+            raise ConfigError("space", f"no choice of widths, {heads} and mlp_ratios builds a model (e.g. {problem})")
+        experts = [e for e in self.num_experts if e > 0]
+        moe, problem = _first_buildable(
+            dict(trunk, depth=d, moe=MoEConfig(e, k, placement_layers(p, d), r))
+            for e in experts for k in self.top_k for d in self.depths for p in self.placements for r in self.routings
+        )
+        if experts and moe is None:
+            raise ConfigError("space", f"num_experts {experts} asks for MoE, but no choice of top_k, placements, "
+                                       f"depths and routings builds one (e.g. {problem})")
+
+    def _heads(self, width: int) -> tuple[int, ...]:
+        """The head counts a trial of this width may have."""
+        return self.num_heads or (max(width // self.head_width, 1),)
 
     @classmethod
     def from_dict(cls, data: dict) -> MobileVMoESpace:
@@ -108,10 +158,7 @@ class MobileVMoESpace:
         """Sample one architecture. Raises `InvalidArchitecture` for a combination that cannot be built."""
         depth = trial.suggest_categorical("depth", self.depths)
         width = trial.suggest_categorical("width", self.widths)
-        if self.num_heads:
-            heads = trial.suggest_categorical("num_heads", self.num_heads)
-        else:
-            heads = max(width // self.head_width, 1)
+        heads = trial.suggest_categorical("num_heads", self.num_heads) if self.num_heads else self._heads(width)[0]
         arch = dict(
             image_size=image_size,
             in_channels=in_channels,
@@ -165,7 +212,7 @@ class MobileVMoESpace:
         }
         if self.num_heads:
             params["num_heads"] = cfg.num_heads
-        elif cfg.num_heads != max(cfg.width // self.head_width, 1):
+        elif (cfg.num_heads,) != self._heads(cfg.width):
             raise ConfigError("enqueue", f"{cfg.name}: num_heads={cfg.num_heads} is not width // head_width")
         if cfg.moe:
             placement = next((p for p in self.placements if placement_layers(p, cfg.depth) == cfg.moe.layers), None)
@@ -182,18 +229,13 @@ class MobileVMoESpace:
 
     def check_params(self, params: dict[str, Any], where: str) -> None:
         """Enqueued parameters must name this space's parameters and pick among their choices."""
+        known = [name for name in PARAMS if name != "num_heads" or self.num_heads]  # else heads follow the width
         for name, value in params.items():
-            try:
-                choices = self._choices(name)
-            except AttributeError:
-                raise ConfigError(where, f"unknown parameter {name!r}") from None
+            if name not in known:
+                raise ConfigError(where, f"unknown parameter {shown(name)} (known: {', '.join(known)})")
+            choices = getattr(self, PARAMS[name])
             if value not in choices:
-                raise ConfigError(where, f"{name}={value!r} is not among the space's {list(choices)}")
-
-    def _choices(self, param: str) -> tuple:
-        plural = {"depth": "depths", "width": "widths", "patch_size": "patch_sizes", "mlp_ratio": "mlp_ratios",
-                  "moe_placement": "placements", "routing": "routings", "router_loss_weight": "router_loss_weights"}
-        return getattr(self, plural.get(param, param))
+                raise ConfigError(where, f"{name}={shown(value)} is not among the space's {shown(list(choices))}")
 
 
 SPACES = {"mobile_vmoe": MobileVMoESpace}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from search_spaces.config import ArchConfig, ConfigError
+from search_spaces.config import ArchConfig, ConfigError, is_file, shown
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -16,9 +16,10 @@ def preset_names() -> list[str]:
 def load_arch(name_or_path: str | Path) -> ArchConfig:
     """An architecture from a YAML file path, or a preset by bare name (e.g. `vmoe-12x192`)."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or is_file(path):
         return ArchConfig.load(path)
     preset = PRESET_DIR / f"{name_or_path}.yaml"
-    if not preset.is_file():
-        raise ConfigError("config", f"{name_or_path!r} is neither a file nor a preset ({', '.join(preset_names())})")
+    if not is_file(preset):
+        known = ", ".join(preset_names())
+        raise ConfigError("config", f"{shown(str(name_or_path))} is neither a file nor a preset ({known})")
     return ArchConfig.load(preset)

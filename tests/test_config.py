@@ -53,6 +53,10 @@ BAD_CONFIGS = [
     ({"width": -8}, "width", ">= 1"),
     ({"num_classes": 2.5}, "num_classes", "integer"),
     ({"mlp_ratio": 0}, "mlp_ratio", "positive"),
+    ({"mlp_ratio": float("inf")}, "mlp_ratio", "positive"),
+    ({"mlp_ratio": float("nan")}, "mlp_ratio", "positive"),
+    ({"mlp_ratio": 0.01}, "mlp_ratio", "zero-width MLP"),
+    ({1: 2, "colour": "red"}, "1", "unknown field"),
     ({"colour": "red"}, "colour", "unknown field"),
     ({"moe": {"num_experts": 4, "top_k": 5, "layers": [1]}}, "moe.top_k", "num_experts=4"),
     ({"moe": {"num_experts": 4, "top_k": 0, "layers": [1]}}, "moe.top_k", ">= 1"),
@@ -63,6 +67,7 @@ BAD_CONFIGS = [
     ({"moe": {"num_experts": 4, "layers": [0, 1]}}, "moe.layers", "dense block before the first MoE"),
     ({"moe": {"num_experts": 4, "layers": [1], "routing": "per_patch"}}, "moe.routing", "per_image"),
     ({"moe": {"num_experts": 4, "layers": [1], "router_loss_weight": -1}}, "moe.router_loss_weight", ">= 0"),
+    ({"moe": {"num_experts": 4, "layers": [1], "router_loss_weight": float("nan")}}, "moe.router_loss_weight", ">= 0"),
     ({"moe": {"num_experts": 4, "layers": [1], "capacity": 2}}, "moe.capacity", "unknown field"),
 ]
 
@@ -91,6 +96,18 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         ArchConfig.load(path)
     with pytest.raises(ConfigError, match="neither a file nor a preset"):
         load_arch("no-such-preset")
+
+
+def test_yaml_aliases_expand_within_a_bound():
+    text = tiny().to_yaml().replace("in_channels: 1", "in_channels: &c 1").replace("num_classes: 5", "num_classes: *c")
+    assert ArchConfig.from_yaml(text).num_classes == 1  # PyYAML writes aliases for shared objects
+    bomb = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{x}: &{x} [{', '.join([f'*{y}'] * 10)}]\n" for y, x in zip("abcd", "bcde"))  # 10**5 values, 150 bytes
+    with pytest.raises(ConfigError, match="more than 100,000 values once its aliases"):
+        ArchConfig.from_yaml(bomb)
+    with pytest.raises(ConfigError, match="alias .* inside its own anchor .* at line 1"):
+        ArchConfig.from_yaml("width: &w [1, *w]")
+    assert ArchConfig.from_yaml(tiny().to_yaml().encode()) == tiny()  # bytes are read as UTF-8
 
 
 def test_moe_config_defaults_follow_the_paper():
