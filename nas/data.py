@@ -200,12 +200,34 @@ def _fashion_mnist(arg: str, data_dir) -> _Raw:
 # --- CIFAR ----------------------------------------------------------------------------------------------
 
 
-def _unpickle(path: Path) -> dict:
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what CIFAR's python batches hold (dicts, lists, strings, numpy arrays) and nothing else: a
+    pickle may name any function to call, so a crafted file would run code on load."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+        (f"numpy.{core}.{module}", name)  # numpy 1 (numpy.core), as in the distributed files, or numpy 2 (_core)
+        for core in ("core", "_core")
+        for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: a CIFAR batch holds arrays, lists and strings")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path, *keys: bytes) -> dict:
+    """A CIFAR pickle: a dict holding at least `keys`."""
     try:
         with open(path, "rb") as file:
-            return pickle.load(file, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
+            data = _CifarUnpickler(file, encoding="bytes").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError) as error:
         raise DataFormatError(f"{path}: not a CIFAR python pickle ({error})") from None
+    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise DataFormatError(f"{path}: not a CIFAR python pickle (no {missing[0]!r} entry)")
+    return data
 
 
 def _cifar_images(batch: dict, path: Path) -> np.ndarray:
@@ -217,9 +239,9 @@ def _cifar_images(batch: dict, path: Path) -> np.ndarray:
 
 def _cifar10(arg: str, data_dir) -> _Raw:
     folder = _find_dir("cifar10", data_dir, "cifar-10-batches-py", "data_batch_1")
-    train = [_unpickle(folder / f"data_batch_{i}") for i in range(1, 6)]
-    test = _unpickle(folder / "test_batch")
-    names = [n.decode() for n in _unpickle(folder / "batches.meta")[b"label_names"]]
+    train = [_unpickle(folder / f"data_batch_{i}", b"data", b"labels") for i in range(1, 6)]
+    test = _unpickle(folder / "test_batch", b"data", b"labels")
+    names = [n.decode() for n in _unpickle(folder / "batches.meta", b"label_names")[b"label_names"]]
     return _Raw(np.concatenate([_cifar_images(b, folder) for b in train]),
                 np.concatenate([b[b"labels"] for b in train]).astype(np.int64),
                 _cifar_images(test, folder / "test_batch"), np.asarray(test[b"labels"], np.int64),
@@ -228,7 +250,9 @@ def _cifar10(arg: str, data_dir) -> _Raw:
 
 def _cifar100(arg: str, data_dir) -> _Raw:
     folder = _find_dir("cifar100", data_dir, "cifar-100-python", "train")
-    train, test, meta = (_unpickle(folder / n) for n in ("train", "test", "meta"))
+    keys = (b"data", b"fine_labels", b"coarse_labels")
+    train, test = (_unpickle(folder / name, *keys) for name in ("train", "test"))
+    meta = _unpickle(folder / "meta", b"fine_label_names")
     fine, coarse = np.asarray(train[b"fine_labels"], np.int64), np.asarray(train[b"coarse_labels"], np.int64)
     superclasses = np.zeros(len(meta[b"fine_label_names"]), np.int64)
     superclasses[fine] = coarse  # every fine class lies in exactly one coarse class
@@ -254,24 +278,28 @@ def _imagefolder(arg: str, data_dir) -> _Raw:
 
 
 def _read_images(folder: Path, classes: list[str], size: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """All images under folder/<class>/, resized to the first one's size (which must be square)."""
-    from PIL import Image, UnidentifiedImageError
+    """All images under folder/<class>/, resized to the first one's size (which must be square); grey if all
+    are, else RGB. Each file is read and closed in turn: a folder may hold more images than a process may open
+    files, and only the resized pixels are kept."""
+    from PIL import Image
 
     paths = [(p, c) for c, name in enumerate(classes) if (folder / name).is_dir()
              for p in sorted((folder / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
     if not paths:
         raise DataNotFoundError(f"imagefolder: no {'/'.join(IMAGE_SUFFIXES)} files in the class folders of {folder}")
-    images = []
-    for path, _ in paths:
+    arrays = []
+    for index, (path, _) in enumerate(paths):
         try:
-            images.append(Image.open(path))
-        except (OSError, UnidentifiedImageError) as error:
+            with Image.open(path) as image:
+                if index == 0 and image.width != image.height:
+                    raise DataFormatError(f"imagefolder: images must be square, {path} is {image.size}")
+                size = size or image.width
+                grey = image.mode in ("L", "1", "I;16")
+                arrays.append(np.asarray(image.convert("L" if grey else "RGB").resize((size, size)), np.uint8))
+        except (OSError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
             raise DataFormatError(f"imagefolder: cannot read {path} ({error})") from None
-    mode = "L" if all(im.mode in ("L", "1", "I;16") for im in images) else "RGB"
-    size = size or images[0].width
-    if images[0].width != images[0].height:
-        raise DataFormatError(f"imagefolder: images must be square, {paths[0][0]} is {images[0].size}")
-    arrays = [np.asarray(im.convert(mode).resize((size, size)), np.uint8) for im in images]
+    if any(a.ndim == 3 for a in arrays):  # one colour image makes them all RGB: grey repeated on 3 channels
+        arrays = [a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=-1) for a in arrays]
     x = np.stack(arrays)
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, S, S)
     return x, np.array([c for _, c in paths], np.int64)

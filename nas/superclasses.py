@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +71,16 @@ class SuperclassMap:
         return result
 
     def save(self, path: str | Path) -> Path:
+        """Write to a unique temporary file, then rename it over `path`: a worker reading the cache meanwhile (or
+        another writing it) sees a whole file, old or new."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            temporary.write_text(json.dumps(self.to_dict(), indent=1))
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
         return path
 
     @classmethod

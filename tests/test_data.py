@@ -1,7 +1,10 @@
 """Every loader reads a small fixture written here in its format; bad paths and files give one clear error."""
 
 import gzip
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -121,6 +124,63 @@ def test_imagefolder_without_test_folder_has_empty_test_split(tmp_path):
             Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"c{c}" / f"{i}.png")
     data = load_dataset(f"imagefolder:{tmp_path}")
     assert data.in_channels == 1 and len(data.test) == 0 and len(data.train) + len(data.val) == 6
+
+
+def test_imagefolder_reads_more_images_than_open_files_allowed(tmp_path):
+    """Each image is opened, read and closed in turn (400 images once failed with 'Too many open files')."""
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(150):
+            Image.fromarray(np.full((4, 4), i, np.uint8)).save(tmp_path / f"c{c}" / f"{i}.png")
+    code = f"""if True:
+        import resource
+        from nas.data import load_dataset
+        import PIL.PngImagePlugin  # imported before the limit: the test is about image files, not modules
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        data = load_dataset("imagefolder:{tmp_path}")
+        print(len(data.train) + len(data.val))
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    assert done.returncode == 0 and done.stdout.split() == ["300"], done.stderr[-2000:]
+
+
+def test_imagefolder_mixes_grey_and_colour_as_rgb(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.fromarray(np.full((6, 6), 90, np.uint8)).save(tmp_path / "a" / "grey.png")
+    Image.fromarray(np.full((12, 12, 3), (10, 20, 30), np.uint8)).save(tmp_path / "b" / "colour.png")
+    data = load_dataset(f"imagefolder:{tmp_path}", val_fraction=0.5)
+    images = {label: image for split in (data.train, data.val)
+              for image, label in zip(split.images, split.labels.tolist())}
+    assert data.in_channels == 3 and data.image_size == 6  # the first image's size
+    assert images[0].flatten().unique().tolist() == [90] and images[1][:, 0, 0].tolist() == [10, 20, 30]
+
+
+def test_a_cifar_pickle_that_calls_a_function_is_refused(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": Exploit()}))
+    with pytest.raises(DataFormatError, match="refusing .*system"):
+        load_dataset("cifar10", data_dir=tmp_path)
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps([1, 2]))  # a pickle, but not a CIFAR batch
+    with pytest.raises(DataFormatError, match="no b'data' entry"):
+        load_dataset("cifar10", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("protocol, numpy1", [(2, True), (2, False), (5, False)])
+def test_cifar_pickles_of_any_numpy_and_protocol_load(tmp_path, protocol, numpy1):
+    """The distributed files were written by Python 2 and numpy 1 (numpy.core); numpy 2 writes numpy._core."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = write_cifar_batch(folder / name, 3)
+        data = pickle.dumps(batch, protocol=protocol)  # protocol 2 names globals as text lines: renamed safely
+        (folder / name).write_bytes(data.replace(b"numpy._core.", b"numpy.core.") if numpy1 else data)
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}, 2))
+    assert len(load_dataset("cifar10", data_dir=tmp_path, val_fraction=0.2).test) == 3
 
 
 @pytest.mark.parametrize("layout", ["nhw", "nhwc", "nchw"])

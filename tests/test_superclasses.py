@@ -65,6 +65,24 @@ def test_map_save_load_round_trip_and_json_format(tmp_path):
     assert SuperclassMap.load(path).to_dict() == found.to_dict()
 
 
+def test_save_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A worker reading the cache sees the old mapping or the new one, never a half-written file."""
+    path = tmp_path / "m.json"
+    old = SuperclassMap(np.array([0, 1]), 2).save(path).read_text()
+    new = SuperclassMap(np.array([1, 0]), 2, np.eye(2, dtype=int), "confusion:x")
+
+    def crash(src, dst):  # the process dies between writing and renaming
+        assert path.read_text() == old and json.loads(open(src).read()) == new.to_dict()
+        raise OSError("killed")
+
+    monkeypatch.setattr("os.replace", crash)
+    with pytest.raises(OSError, match="killed"):
+        new.save(path)
+    assert path.read_text() == old and [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temporary left
+    monkeypatch.undo()
+    assert SuperclassMap.load(new.save(path)).to_dict() == new.to_dict()
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
