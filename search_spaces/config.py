@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 ROUTINGS = ("per_image", "per_token")
+MAX_PARAMS = 10**9  # 4 GB of fp32 weights: far past a mobile model, and a config must not ask for terabytes
 
 
 MAX_PROBLEM = 1000  # characters of a ConfigError's message: whatever a message embeds, it stays readable
@@ -195,6 +196,9 @@ class ArchConfig:
                                            "it must give at least 1 hidden unit")
         if self.moe is not None:
             self.moe.validate(self.depth)
+        if self.num_params > MAX_PARAMS:  # every term grows with the width
+            raise ConfigError("width", f"this model would have {self.num_params:.3g} parameters, more than "
+                                       f"MAX_PARAMS={MAX_PARAMS:.3g}")
 
     # Derived sizes, used by the model, the FLOP formulas and the search.
     @property
@@ -208,6 +212,29 @@ class ArchConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.width * self.mlp_ratio)
+
+    @property
+    def num_params(self) -> int:
+        """All parameters, every expert included, written out from the architecture: what `build_model` would
+        allocate, known before it does. Tests hold it equal to `count_params`' total.
+
+        With width C, MLP hidden H, E experts:
+            patch embedding  C * in_channels * patch_size^2 + C     (conv weight and bias)
+            tokens           C + num_tokens * C                     (class token, positions)
+            each block       4C^2 + 8C (2 norms, qkv, proj) + 2CH + H + C per MLP (E of them in an MoE block)
+              per_token      + C * E (a router per MoE block, no bias)
+            per_image router C * E, once
+            final norm, head 2C + C * num_classes + num_classes
+        """
+        c, h = self.width, self.mlp_hidden
+        mlp = 2 * c * h + h + c
+        params = c * self.in_channels * self.patch_size**2 + c + c + self.num_tokens * c
+        params += self.depth * (4 * c * c + 8 * c + mlp) + 2 * c + c * self.num_classes + self.num_classes
+        if self.moe is not None:
+            experts, per_token = self.moe.num_experts, self.moe.routing == "per_token"
+            params += len(self.moe.layers) * ((experts - 1) * mlp + (c * experts if per_token else 0))
+            params += 0 if per_token else c * experts
+        return params
 
     @property
     def is_moe(self) -> bool:

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from search_spaces import ArchConfig, ConfigError, MoEConfig, load_arch, preset_names
+from search_spaces import ArchConfig, ConfigError, MoEConfig, build_model, count_params, load_arch, preset_names
 
 from archs import tiny, tiny_moe
 
@@ -96,6 +96,19 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         ArchConfig.load(path)
     with pytest.raises(ConfigError, match="neither a file nor a preset"):
         load_arch("no-such-preset")
+
+
+@pytest.mark.parametrize(
+    "cfg", [tiny(), tiny(mlp_ratio=3.0, num_classes=7), tiny_moe(experts=5, top_k=3, layers=(2,)),
+            tiny_moe(layers=(0, 2), routing="per_token"), load_arch("vmoe-6x64")], ids=lambda c: c.name)
+def test_num_params_is_what_the_model_allocates(cfg):
+    assert cfg.num_params == count_params(build_model(cfg))[0]
+
+
+def test_a_model_past_max_params_is_refused_before_it_is_built():
+    for change in ({"mlp_ratio": 1e9}, {"width": 10**6, "num_heads": 1}, {"image_size": 10**6, "patch_size": 1}):
+        with pytest.raises(ConfigError, match="width: this model would have .* parameters, more than MAX_PARAMS"):
+            ArchConfig.from_dict({**tiny().to_dict(), **change})
 
 
 def test_yaml_aliases_expand_within_a_bound():
