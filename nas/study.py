@@ -250,7 +250,7 @@ def _space_from_dict(data: Any) -> MobileVMoESpace:
         raise ConfigError("space", f"must be a mapping, got {data!r}")
     data = dict(data)
     name = data.pop("name", "mobile_vmoe")
-    if name not in SPACES:
+    if not isinstance(name, str) or name not in SPACES:
         raise ConfigError("space.name", f"unknown search space {name!r} (known: {', '.join(SPACES)})")
     return SPACES[name].from_dict(data)
 

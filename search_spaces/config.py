@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 ROUTINGS = ("per_image", "per_token")
-MAX_PARAMS = 10**9  # 4 GB of fp32 weights: far past a mobile model, and a config must not ask for terabytes
+MAX_PARAMS = 10**10  # 40 GB of fp32 weights: refuses what no machine builds (a typo can ask for terabytes)
+MAX_DEPTH = 1000  # blocks: a tiny block has few parameters, but a million of them take minutes to construct
 
 
 MAX_PROBLEM = 1000  # characters of a ConfigError's message: whatever a message embeds, it stays readable
@@ -183,6 +184,8 @@ class ArchConfig:
     def validate(self) -> None:
         for name in ("image_size", "in_channels", "patch_size", "num_classes", "depth", "width", "num_heads"):
             check_int(name, getattr(self, name), 1)
+        if self.depth > MAX_DEPTH:
+            raise ConfigError("depth", f"must be <= MAX_DEPTH={MAX_DEPTH}, got {shown(self.depth)}")
         if self.image_size % self.patch_size:
             raise ConfigError(
                 "patch_size", f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"

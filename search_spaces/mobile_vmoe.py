@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
 from search_spaces.config import (
+    MAX_DEPTH,
     ROUTINGS,
     ArchConfig,
     ConfigError,
@@ -103,6 +104,8 @@ class MobileVMoESpace:
             for value in getattr(self, name):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ConfigError(f"space.{name}", f"choices must be positive integers, got {shown(value)}")
+        if max(self.depths) > MAX_DEPTH:
+            raise ConfigError("space.depths", f"choices must be <= {MAX_DEPTH}, got {shown(max(self.depths))}")
         if self.head_width is not None:
             check_int("space.head_width", self.head_width, 1)
         for value in self.num_experts:

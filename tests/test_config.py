@@ -50,6 +50,7 @@ BAD_CONFIGS = [
     ({"width": 190, "num_heads": 3}, "num_heads", "not divisible"),
     ({"image_size": 30, "patch_size": 4}, "patch_size", "not divisible"),
     ({"depth": 0}, "depth", ">= 1"),
+    ({"depth": 10**6, "width": 1, "num_heads": 1}, "depth", "<= MAX_DEPTH=1000"),
     ({"width": -8}, "width", ">= 1"),
     ({"num_classes": 2.5}, "num_classes", "integer"),
     ({"mlp_ratio": 0}, "mlp_ratio", "positive"),

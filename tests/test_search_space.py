@@ -94,7 +94,8 @@ def test_params_for_a_preset_and_out_of_space_error():
      ({"mlp_ratios": [0]}, "space.mlp_ratios"), ({"head_width": None}, "space.head_width"),
      ({"colour": 1}, "space.colour"), ({"mlp_ratios": [float("inf")]}, "space.mlp_ratios"),
      ({"router_loss_weights": [float("nan")]}, "space.router_loss_weights"), ({"head_width": True}, "space.head_width"),
-     ({"placements": ["last0"]}, "space"), ({"widths": [48], "head_width": 5}, "space")],
+     ({"placements": ["last0"]}, "space"), ({"depths": [10**30]}, "space.depths"),
+     ({"widths": [48], "head_width": 5}, "space")],
 )
 def test_bad_space_names_the_field(change, field):
     with pytest.raises(ConfigError) as error:
