@@ -18,8 +18,6 @@ import yaml
 ROUTINGS = ("per_image", "per_token")
 MAX_PARAMS = 10**10  # 40 GB of fp32 weights: refuses what no machine builds (a typo can ask for terabytes)
 MAX_DEPTH = 1000  # blocks: a tiny block has few parameters, but a million of them take minutes to construct
-
-
 MAX_PROBLEM = 1000  # characters of a ConfigError's message: whatever a message embeds, it stays readable
 
 
