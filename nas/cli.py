@@ -8,13 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from nas.data import DataError
 from nas.export import DEFAULT_EPOCHS, PICK_RULES
-from nas.search import StorageError
-from nas.study import OBJECTIVES
-from nas.superclasses import SuperclassError
-from nas.trainer import TrainingError
-from profilers import ProfileError
+from nas.objectives import OBJECTIVES
 from search_spaces import ConfigError, describe, load_arch
 
 
@@ -104,8 +99,9 @@ def cmd_profiler_server(args: argparse.Namespace) -> None:
 
 
 def cmd_pareto(args: argparse.Namespace) -> None:
-    from nas.pareto import analyze, load_study
+    from nas.pareto import analyze
     from nas.report import write_report
+    from nas.storage import load_study
 
     study = load_study(args.study, storage=args.storage, results_dir=args.results_dir)
     analysis = analyze(study, objectives=args.objectives, margin=args.margin)
@@ -126,13 +122,14 @@ def cmd_pareto(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from nas.export import export_trial
-    from nas.pareto import load_study, study_storage_url
+    from nas.storage import existing_storage, load_study, parse_storage
 
-    url = args.storage or study_storage_url(args.study, args.results_dir)
-    study = load_study(args.study, storage=url)
+    study_dir = Path(args.results_dir) / args.study
+    url = parse_storage(args.storage) if args.storage else existing_storage(study_dir)
+    study = load_study(args.study, storage=url, results_dir=args.results_dir)
     paths = export_trial(study, args.out, trial=args.trial, pick=args.pick, epochs=args.epochs,
-                         coreml=not args.no_coreml, force=args.force, study_dir=Path(args.results_dir) / args.study,
-                         margin=args.margin, source=url.split("://")[0] + "://***" if "@" in url else url)
+                         coreml=not args.no_coreml, force=args.force, study_dir=study_dir, margin=args.margin,
+                         source=url.redacted)
     card = paths["model_card.md"].read_text().splitlines()
     print(f"exported {card[0].lstrip('# ')} to {args.out}: " + ", ".join(sorted(paths)))
     print(f"train it: vmoe-nas train {paths['train.yaml']}")
@@ -252,15 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors a user can fix get one line naming what to fix, not a traceback.
-USER_ERRORS = (ConfigError, DataError, SuperclassError, StorageError, TrainingError, FileNotFoundError, ProfileError)
+# Errors a user can fix get one line naming what to fix, not a traceback. Named by module, so that a command
+# imports only what it uses: an error class whose module was never imported cannot have been raised.
+USER_ERRORS = {"search_spaces.config": "ConfigError", "nas.data": "DataError", "nas.superclasses": "SuperclassError",
+               "nas.storage": "StorageError", "nas.trainer": "TrainingError", "profilers._export": "ProfileError",
+               "builtins": "FileNotFoundError"}
+
+
+def is_user_error(error: BaseException) -> bool:
+    return any(isinstance(error, getattr(sys.modules[module], name))
+               for module, name in USER_ERRORS.items() if module in sys.modules)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except USER_ERRORS as error:
+    except Exception as error:
+        if not is_user_error(error):
+            raise
         print(f"vmoe-nas {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,19 +13,13 @@ from typing import Any
 
 import yaml
 
+from nas.objectives import OBJECTIVES, Objective, objectives_for
 from search_spaces import ArchConfig, ConfigError, load_arch
 from search_spaces.config import check_fields, from_mapping
 from search_spaces.mobile_vmoe import SPACES, MobileVMoESpace
 
 STUDY_DIR = Path(__file__).parent / "studies"
 
-# name -> (direction, metric key): the metric a trial stores and the way it should go.
-OBJECTIVES = {
-    "accuracy": ("maximize", "accuracy"),
-    "flops": ("minimize", "flops"),
-    "latency": ("minimize", "latency_ms"),
-    "params": ("minimize", "params_active"),
-}
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 BACKENDS = ("onnxruntime", "torch", "coreml", "remote")
 
@@ -202,8 +196,12 @@ class StudyConfig:
             raise ConfigError(f"evaluator.{error.field}", error.problem) from None
 
     @property
+    def study_objectives(self) -> list[Objective]:
+        return objectives_for(self.objectives)
+
+    @property
     def directions(self) -> list[str]:
-        return [OBJECTIVES[name][0] for name in self.objectives]
+        return [o.direction for o in self.study_objectives]
 
     @property
     def study_dir(self) -> Path:

@@ -14,7 +14,7 @@ import nas.trainer
 from nas.cli import main
 from nas.export import export_trial
 from nas.full_train import run_training
-from nas.pareto import load_study
+from nas.storage import load_study
 from nas.trainer import CHECKPOINT_NAME
 from search_spaces import ArchConfig, build_model
 

@@ -281,12 +281,14 @@ def test_study_with_the_remote_backend_completes(agent, tmp_path, monkeypatch):
     cfg = load_study_config("smoke", n_trials=2, results_dir=str(tmp_path))
     cfg.profiler = ProfilerSpec(backend="remote", remote_url=agent.url)
     cfg.data.limit, cfg.evaluator = 300, {"steps": 6, "batch_size": 32, "eval_every": 3}  # the profile is on test
-    trials = run_search(cfg, progress=False).get_trials()
-    assert len(trials) == 2 and all(t.user_attrs["status"] == "complete" for t in trials)
+    from nas import record as records
+
+    trials = records.read_all(run_search(cfg, progress=False))
+    assert len(trials) == 2 and all(t.status == "complete" for t in trials)
     for trial in trials:
-        assert trial.user_attrs["profile"]["device"]["remote_url"] == agent.url
-        assert trial.user_attrs["metrics"]["latency_device"].endswith(f"(agent {agent.url})")
-        assert trial.user_attrs["metrics"]["latency_ms"] > 0
+        assert trial.profile["device"]["remote_url"] == agent.url
+        assert trial.metrics.latency_device.endswith(f"(agent {agent.url})")
+        assert trial.metrics.latency_ms > 0
 
 
 def test_study_with_an_absent_agent_is_one_clear_error(tmp_path, capsys):
@@ -299,7 +301,9 @@ def test_study_with_an_absent_agent_is_one_clear_error(tmp_path, capsys):
 
 
 def test_agent_lost_mid_study_stops_it_and_the_rerun_retries_the_trial(agent, tmp_path, monkeypatch):
+    from nas import record as records
     from nas.search import run_search
+    from nas.storage import load_study
     from nas.study import ProfilerSpec, load_study_config
     from profilers.remote import AgentClient
 
@@ -319,9 +323,9 @@ def test_agent_lost_mid_study_stops_it_and_the_rerun_retries_the_trial(agent, tm
     monkeypatch.setattr(AgentClient, "profile", gone_after_one)
     with pytest.raises(ProfilerUnreachable):
         run_search(cfg, progress=False)
-    first = run_search.__globals__["open_study"](cfg).get_trials()
+    first = records.read_all(load_study(cfg.study_name, results_dir=cfg.results_dir))
     assert [t.state.name for t in first] == ["COMPLETE", "FAIL", "WAITING"]  # the last slot is still queued
-    assert first[1].user_attrs["interrupted"] and "run again when the study resumes" in first[1].user_attrs["reason"]
+    assert first[1].interrupted and "run again when the study resumes" in first[1].reason
 
     monkeypatch.setattr(AgentClient, "profile", answered)
     trials = run_search(cfg, progress=False).get_trials()
