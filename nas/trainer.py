@@ -2,8 +2,9 @@
 
 AdamW with warm-up plus cosine decay, label smoothing, batched crop/flip augmentation on uint8 tensors. MoE
 models add their routing losses: per-image routing the super-class router loss (Mobile V-MoE), per-token
-routing the load-balancing loss (V-MoE). Every random choice of the data derives from (seed, step), so
-a run resumed from a checkpoint takes the same steps as one that never stopped.
+routing the load-balancing loss (V-MoE). Every random choice of the data derives from (data seed, step), so
+a run resumed from a checkpoint takes the same steps as one that never stopped, and two models trained with
+one data seed see the same batches.
 
 A run is small pieces wired by `_Run`, each usable alone: `param_groups`, `Schedule`, `Batches`, `Loss`,
 `evaluate` and `Checkpoint`.
@@ -40,7 +41,8 @@ class TrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainRecipe:
-    # Budget: any of the three; training stops at the first one reached.
+    # Budget: any of the three; training stops at the first one reached. It is also the schedule's length,
+    # whatever step `train(stop_at_step=...)` pauses at.
     epochs: float | None = None
     steps: int | None = None
     seconds: float | None = None
@@ -52,7 +54,8 @@ class TrainRecipe:
     augment: bool = True  # random crop with padding; flips only where the data set allows them
     grad_clip: float | None = 1.0  # global norm; keeps early ViT training from diverging
     aux_loss_weight: float = 0.01  # per-token load-balancing loss (V-MoE / Switch: 0.01)
-    seed: int = 0
+    seed: int = 0  # the model's initial weights, and the batches unless data_seed is set
+    data_seed: int | None = None  # batch order and augmentation: one data_seed, same batches whatever the model
     eval_every: int | str = "epoch"  # steps between validations, or "epoch"
     num_threads: int | None = None  # None: all cores this process may use
 
@@ -63,6 +66,7 @@ class TrainRecipe:
             _check_number(name, getattr(self, name), optional=True, positive=True, integer=name == "steps")
         for name in ("batch_size", "seed"):
             _check_number(name, getattr(self, name), integer=True, positive=name == "batch_size")
+        _check_number("data_seed", self.data_seed, optional=True, integer=True)
         _check_number("num_threads", self.num_threads, optional=True, positive=True, integer=True)
         _check_number("lr", self.lr, positive=True)
         for name in ("weight_decay", "label_smoothing", "aux_loss_weight", "warmup_fraction"):
@@ -143,7 +147,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Linear warm-up from 0, then cosine decay to 0, over the fraction of the budget spent."""
+    """Linear warm-up from 0, then cosine decay to 0, over the fraction of the budget spent. Its length is the
+    recipe's budget, not where a run stops: a run stopped at a rung and continued follows the same curve."""
 
     peak_lr: float
     warmup_fraction: float
@@ -275,7 +280,7 @@ class Checkpoint:
             raise TrainingError(f"cannot read checkpoint {self.path} ({error}); delete it to restart") from None
         for key, value in self.identity.items():
             stored = payload.get(key) if isinstance(payload, dict) else None
-            if stored != value:
+            if (_recipe_dict(stored) if key == "recipe" else stored) != value:
                 raise TrainingError(f"checkpoint {self.path} is from another run (its {key} differs); "
                                     f"use another checkpoint_dir or delete it")
         model.load_state_dict(payload["model"])
@@ -284,25 +289,37 @@ class Checkpoint:
         return RunState(**payload["state"])
 
 
+def _recipe_dict(data: Any) -> dict | None:
+    """A stored recipe read back as a recipe, so that fields added since it was written take their defaults."""
+    try:
+        return TrainRecipe.from_dict(data).to_dict()
+    except ConfigError:
+        return None
+
+
 # --- the run -----------------------------------------------------------------------------------------------
 
 
 def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasses: np.ndarray | None = None,
           on_eval: Callable[[int, float, float], bool] | None = None, checkpoint_dir=None, progress: bool = False,
-          evaluate_test: bool = False) -> TrainResult:
+          evaluate_test: bool = False, stop_at_step: int | None = None) -> TrainResult:
     """Train `cfg` on `dataset.train` for the recipe's budget; validate on `dataset.val`.
 
     `on_eval(step, epoch, val_accuracy)` runs at each evaluation; True stops training (early stopping lives in
     the search). With `checkpoint_dir`, progress is saved at each evaluation and at the end, and resumed from
     there. `superclasses` (class -> group) trains a per-image router; the data set's own are used otherwise.
+    `stop_at_step` pauses the run at that step (evaluated and checkpointed) without shortening its schedule:
+    a later call with a larger `stop_at_step` (or none) continues it to where an unpaused run would be.
     """
     _check_fits(cfg, dataset)
+    if stop_at_step is not None:
+        _check_number("stop_at_step", stop_at_step, positive=True, integer=True)
     groups = _router_targets(cfg, dataset, superclasses)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(recipe.num_threads or len(os.sched_getaffinity(0)))
     try:
         run = _Run(cfg, dataset, recipe, groups, checkpoint_dir)
-        return run.loop(on_eval, progress, evaluate_test)
+        return run.loop(on_eval, math.inf if stop_at_step is None else stop_at_step, progress, evaluate_test)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -342,7 +359,8 @@ class _Run:
         self.model = build_model(cfg)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, recipe.weight_decay), lr=recipe.lr,
                                            foreach=True)  # one kernel per op, not per tensor: small models
-        self.batches = Batches(dataset, recipe.batch_size, seed=recipe.seed, augment=recipe.augment)
+        data_seed = recipe.seed if recipe.data_seed is None else recipe.data_seed
+        self.batches = Batches(dataset, recipe.batch_size, seed=data_seed, augment=recipe.augment)
         self.schedule = Schedule.of(recipe, self.batches.per_epoch)
         self.loss = Loss.of(cfg, recipe, groups)
         self.grad_clip = recipe.grad_clip
@@ -372,17 +390,17 @@ class _Run:
         self.state.step += 1
         return loss.item()
 
-    def loop(self, on_eval, progress: bool, evaluate_test: bool) -> TrainResult:
+    def loop(self, on_eval, stop_at: float, progress: bool, evaluate_test: bool) -> TrainResult:
         s = self.state
         bar = _progress_bar(progress, self.schedule.steps, s.step)
         start, losses = time.perf_counter(), []
-        while not s.finished:
+        while not s.finished and s.step < stop_at:
             tick = time.perf_counter()
             losses.append(self.step())
             s.train_time += time.perf_counter() - tick
             bar.update(1)
             done = self.schedule.progress(s.step, s.train_time) >= 1
-            evaluating = done or s.step % self.eval_every == 0
+            evaluating = done or s.step == stop_at or s.step % self.eval_every == 0
             if len(losses) == LOG_EVERY or evaluating:  # flushed at evaluations: a resumed curve is the same
                 s.loss_curve.append((s.step, float(np.mean(losses))))
                 losses = []

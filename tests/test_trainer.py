@@ -159,6 +159,7 @@ def test_recipe_round_trips_through_yaml_and_names_bad_fields():
         ({}, "epochs"), ({"steps": 0}, "steps"), ({"steps": 1.5}, "steps"), ({"steps": 1, "lr": -1}, "lr"),
         ({"steps": 1, "warmup_fraction": 1}, "warmup_fraction"), ({"steps": 1, "eval_every": "x"}, "eval_every"),
         ({"steps": 1, "batch_size": True}, "batch_size"), ({"steps": 1, "typo": 1}, "typo"),
+        ({"steps": 1, "data_seed": 0.5}, "data_seed"),
     ]
     for bad, field in bad_recipes:
         with pytest.raises(ConfigError) as error:
@@ -233,6 +234,27 @@ def test_batches_depend_on_seed_and_step_only(data):
     torch.testing.assert_close(epoch.mean(), torch.tensor(0.0), atol=0.05, rtol=0)  # normalised
 
 
+def test_data_seed_fixes_the_batches_whatever_the_model(data, monkeypatch):
+    seen = {}
+    real_at = Batches.at
+
+    def spy(batches, step):
+        images, labels = real_at(batches, step)
+        seen.setdefault(key, []).append(labels)
+        return images, labels
+
+    monkeypatch.setattr(Batches, "at", spy)
+    runs = {("dense", 0): (tiny(num_classes=CLASSES), {}),
+            ("moe", 1): (tiny_moe(num_classes=CLASSES), {"data_seed": 0}),
+            ("dense", 1): (tiny(num_classes=CLASSES), {})}
+    models = {}
+    for key, (cfg, seeds) in runs.items():
+        models[key] = train(cfg, data, quick(steps=3, seed=key[1], **seeds)).model
+    same_data = [torch.equal(a, b) for a, b in zip(seen["dense", 0], seen["moe", 1])]
+    assert same_data == [True] * 3  # seed 1, data_seed 0: a different model, the same batches as seed 0
+    assert not torch.equal(seen["dense", 0][0], seen["dense", 1][0])  # seed alone sets both
+    assert not torch.equal(models["dense", 0].head.weight, models["dense", 1].head.weight)
+
 
 def test_param_groups_loss_and_evaluate_work_alone(data):
     model = build_model(tiny_moe(num_classes=CLASSES))
@@ -286,3 +308,26 @@ def test_checkpoint_round_trips_model_optimizer_state_and_rng(tmp_path):
     other = Checkpoint(tmp_path / "checkpoint.pt", cfg, quick(lr=1e-4), "synthetic")
     with pytest.raises(TrainingError, match="its recipe differs"):
         other.restore(fresh, fresh_optimizer)
+    # A checkpoint written before a recipe field existed still belongs to the run with that field's default.
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del payload["recipe"]["data_seed"]
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    assert checkpoint.restore(fresh, fresh_optimizer) == state
+
+
+
+def test_a_run_stopped_at_a_step_continues_to_the_same_end(data, tmp_path):
+    """Multi-fidelity: train to a rung, checkpoint, later continue on the same schedule, as if never stopped."""
+    cfg, recipe = tiny_moe(num_classes=CLASSES), quick(steps=40, eval_every=20)
+    straight = train(cfg, data, recipe)
+    rung = train(cfg, data, recipe, checkpoint_dir=tmp_path, stop_at_step=20)
+    assert (rung.steps, rung.stopped_early, rung.evals) == (20, False, straight.evals[:1])
+    again = train(cfg, data, recipe, checkpoint_dir=tmp_path, stop_at_step=20)  # the rung's result, no training
+    assert again.steps == 20 and again.loss_curve == rung.loss_curve
+    resumed = train(cfg, data, recipe, checkpoint_dir=tmp_path, stop_at_step=40)
+    assert (resumed.steps, resumed.val_accuracy, resumed.evals) == (40, straight.val_accuracy, straight.evals)
+    assert resumed.loss_curve == straight.loss_curve
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ConfigError, match="must be > 0"):
+        train(cfg, data, recipe, stop_at_step=0)
