@@ -256,7 +256,8 @@ def evaluate(model: nn.Module, split: Split, normalize: Callable[[torch.Tensor],
 class Checkpoint:
     """A run's progress in one file: model, optimizer, RunState and torch RNG, beside what identifies the run
     (architecture, recipe, data set) so that another run's checkpoint is refused, not resumed. Written
-    atomically."""
+    atomically; it holds only tensors and plain data, and is read with weights_only=True: a planted file
+    cannot run code."""
 
     def __init__(self, path, cfg: ArchConfig, recipe: TrainRecipe, dataset_name: str):
         self.path = Path(path)
@@ -275,9 +276,12 @@ class Checkpoint:
         if not self.path.is_file():
             return None
         try:
-            payload = torch.load(self.path, weights_only=False)
-        except Exception as error:  # a torn or foreign file: say which, not a pickle traceback
-            raise TrainingError(f"cannot read checkpoint {self.path} ({error}); delete it to restart") from None
+            payload = torch.load(self.path, weights_only=True)
+        except Exception as error:  # torn, foreign or planted: say which file, not a pickle traceback
+            lines = str(error).splitlines() or [type(error).__name__]
+            why = next((line for line in lines if "GLOBAL" in line), lines[0])  # what a planted file pickles
+            raise TrainingError(f"cannot read checkpoint {self.path} ({why}); only tensors and plain data are "
+                                f"loaded; delete it to restart") from None
         for key, value in self.identity.items():
             stored = payload.get(key) if isinstance(payload, dict) else None
             if (_recipe_dict(stored) if key == "recipe" else stored) != value:

@@ -315,6 +315,28 @@ def test_checkpoint_round_trips_model_optimizer_state_and_rng(tmp_path):
     assert checkpoint.restore(fresh, fresh_optimizer) == state
 
 
+class _Planted:
+    """Unpickling this calls open(marker, "w"): harmless, but it leaves a file behind if code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_planted_checkpoint_is_refused_without_running_it(data, tmp_path):
+    cfg, recipe = tiny(num_classes=CLASSES), quick(steps=5)
+    train(cfg, data, recipe, checkpoint_dir=tmp_path)
+    path, marker = tmp_path / trainer.CHECKPOINT_NAME, tmp_path / "code-ran"
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "state": _Planted(marker)}, path)
+    with pytest.raises(TrainingError, match=f"cannot read checkpoint {path}") as error:
+        train(cfg, data, recipe, checkpoint_dir=tmp_path)
+    assert "open" in str(error.value) and not marker.exists()
+    torch.load(path, weights_only=False)  # the plant is live: an unsafe load runs it
+    assert marker.exists()
+
 
 def test_a_run_stopped_at_a_step_continues_to_the_same_end(data, tmp_path):
     """Multi-fidelity: train to a rung, checkpoint, later continue on the same schedule, as if never stopped."""
