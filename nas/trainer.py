@@ -320,12 +320,19 @@ def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasse
         _check_number("stop_at_step", stop_at_step, positive=True, integer=True)
     groups = _router_targets(cfg, dataset, superclasses)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(recipe.num_threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(recipe.num_threads or available_cores())
     try:
         run = _Run(cfg, dataset, recipe, groups, checkpoint_dir)
         return run.loop(on_eval, math.inf if stop_at_step is None else stop_at_step, progress, evaluate_test)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def available_cores() -> int:
+    """Cores this process may run on: its affinity mask where the OS has one (Linux), else all (macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _check_fits(cfg: ArchConfig, dataset: Dataset) -> None:
@@ -487,5 +494,5 @@ def _progress_bar(enabled: bool, total: int | None, initial: int):
 
 __all__ = [
     "CHECKPOINT_NAME", "Batches", "Checkpoint", "Loss", "RunState", "Schedule", "TrainRecipe", "TrainResult",
-    "TrainingError", "augment", "evaluate", "param_groups", "train",
+    "TrainingError", "augment", "available_cores", "evaluate", "param_groups", "train",
 ]

@@ -4,6 +4,7 @@ and its pieces (schedule, batches, loss, evaluation, checkpoint) each on its own
 import dataclasses
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from nas.trainer import (
     TrainingError,
     TrainRecipe,
     augment,
+    available_cores,
     evaluate,
     param_groups,
     train,
@@ -353,3 +355,13 @@ def test_a_run_stopped_at_a_step_continues_to_the_same_end(data, tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(ConfigError, match="must be > 0"):
         train(cfg, data, recipe, stop_at_step=0)
+
+
+def test_available_cores_without_sched_getaffinity(data, monkeypatch):
+    """macOS has no sched_getaffinity: all cores count, and training with the default threads still runs."""
+    if hasattr(os, "sched_getaffinity"):
+        assert available_cores() == len(os.sched_getaffinity(0))
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert available_cores() == 1
+    assert train(tiny(num_classes=CLASSES), data, quick(steps=2, num_threads=None)).steps == 2
