@@ -63,7 +63,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     )
     print(f"study {cfg.study_name}: objectives {', '.join(cfg.objectives)}; log in {cfg.study_dir / 'search.log'}")
     try:
-        study = run_search(cfg, progress=not args.no_progress)
+        study = run_search(cfg, progress=not args.no_progress, allow_changes=args.allow_changes)
     except KeyboardInterrupt:
         print(f"interrupted: run the same command again to resume study {cfg.study_name}", file=sys.stderr)
         raise
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remote-url", help="profiler agent http://HOST:PORT for --backend remote")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="skip the Pareto report at the end")
+    p.add_argument("--allow-changes", action="store_true", help="resume a study whose config changed in fields that "
+                   "change what a trial means (data, space, evaluator, constraints, profiler); refused otherwise")
     p.set_defaults(run=cmd_search)
 
     p = commands.add_parser("superclasses", help="super-classes of a data set (its own, or from confusion)")

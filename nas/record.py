@@ -76,6 +76,8 @@ class TrialRecord:
     seeds: list[int] = field(default_factory=list)  # training seeds behind its accuracy
     slot: int | None = None  # its place among the study's n_trials
     worker: str | None = None  # host:pid that ran it
+    lease_until: float | None = None  # epoch seconds: its worker renews this while it runs (nas.liveness)
+    started: float | None = None  # epoch seconds when a worker claimed it
     interrupted: bool = False  # stopped from outside (Ctrl-C, lost agent): its slot runs again on resume
     constraints: dict[str, float] = field(default_factory=dict)  # Optuna's: <= 0 is feasible
     values: list[float] | None = None
@@ -153,7 +155,7 @@ def _attrs(record: TrialRecord) -> dict[str, Any]:
         attrs["profile"] = record.profile
     if record.arch is not None:
         attrs["metrics"] = asdict(record.metrics)
-    for key in ("train", "reason", "duplicate_of", "rung", "slot", "worker"):
+    for key in ("train", "reason", "duplicate_of", "rung", "slot", "worker", "lease_until"):
         if getattr(record, key) is not None:
             attrs[key] = getattr(record, key)
     if record.seeds:
@@ -176,6 +178,18 @@ def write(trial: optuna.Trial, record: TrialRecord) -> None:
         trial.set_user_attr(CONSTRAINED_ATTR, True)
 
 
+def write_stored(storage: optuna.storages.BaseStorage, trial_id: int, record: TrialRecord) -> None:
+    """Like `write`, for a trial another worker runs (by storage and trial id): its changed user attributes."""
+    stored = storage.get_trial(trial_id).user_attrs
+    for key, value in _attrs(record).items():
+        if stored.get(key) != value:
+            storage.set_trial_user_attr(trial_id, key, value)
+
+
+def renew_lease(trial: optuna.Trial, until: float) -> None:
+    trial.set_user_attr("lease_until", until)
+
+
 def frozen_attrs(record: TrialRecord) -> dict[str, Any]:
     """The user attributes of `record`, for `optuna.trial.create_trial` (tests, copies of studies)."""
     return _attrs(record)
@@ -195,6 +209,8 @@ def read(frozen: FrozenTrial) -> TrialRecord:
         seeds=list(attrs.get("seeds", [])), slot=attrs.get("slot"), worker=attrs.get("worker"),
         interrupted=bool(attrs.get("interrupted")), constraints=dict(frozen.constraints),
         values=list(frozen.values) if frozen.values is not None else None, params=dict(frozen.params),
+        lease_until=attrs.get("lease_until"),
+        started=frozen.datetime_start.timestamp() if frozen.datetime_start else None,
     )
 
 
@@ -208,4 +224,5 @@ def read_all(study: optuna.Study, states: tuple[TrialState, ...] | None = None) 
 
 
 __all__ = ["METRIC_COLUMNS", "TEXT_METRICS", "Metrics", "StudyRecord", "TrialRecord", "enqueue_attrs", "frozen_attrs",
-           "read", "read_all", "read_study", "running", "write", "write_study"]
+           "read", "read_all", "read_study", "renew_lease", "running", "write", "write_stored",
+           "write_study"]

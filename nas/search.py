@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
-import signal
-import socket
 import sys
-import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -25,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
-from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from nas import liveness
 from nas import record as records
 from nas import trial as steps
+from nas.budget import run_with_budget
 from nas.record import TrialRecord
 from nas.storage import (
     STORAGE_ERRORS,
@@ -41,8 +38,9 @@ from nas.storage import (
     parse_storage,
     study_lock,
 )
-from nas.study import StudyConfig
+from nas.study import StudyConfig, config_changes
 from profilers.remote import AgentClient, ProfilerUnreachable
+from search_spaces import ConfigError
 from search_spaces.mobile_vmoe import InvalidArchitecture
 
 log = logging.getLogger("vmoe_nas.search")
@@ -73,9 +71,13 @@ def make_sampler(cfg: StudyConfig, worker_index: int = 0) -> optuna.samplers.Bas
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def open_study(cfg: StudyConfig, url: StorageURL, *, worker_index: int = 0) -> optuna.Study:
-    """Create the study, or load it to resume; a study of the same name with other objectives is refused."""
-    storage = make_storage(url, heartbeat_interval=cfg.heartbeat_interval, max_retries=cfg.max_retries)
+def open_study(cfg: StudyConfig, url: StorageURL, *, worker_index: int = 0,
+               allow_changes: bool = False) -> optuna.Study:
+    """Create the study, or load it to resume. Resuming with a config that changes what trials mean (data,
+    space, objectives, constraints, evaluator, early stopping, profiler) is refused, naming the fields, unless
+    `allow_changes`; then the study keeps the new config. Run settings (n_trials, workers, timeouts, ...) may
+    change freely."""
+    storage = make_storage(url)
     try:
         study = optuna.create_study(
             study_name=cfg.study_name,
@@ -88,13 +90,23 @@ def open_study(cfg: StudyConfig, url: StorageURL, *, worker_index: int = 0) -> o
         if isinstance(error, ValueError) and "direction" in str(error):
             raise StorageError(f"study {cfg.study_name!r} exists with other objectives: {error}") from None
         raise StorageError(f"cannot open study {cfg.study_name!r}: {str(error).splitlines()[0]}") from None
-    stored = records.read_study(study).objectives
-    if stored is None:
-        # The config as run, minus the storage URL's credentials: a study never holds its own password.
-        config = {**cfg.to_dict(), "storage": url.redacted if cfg.storage else None}
+    stored = records.read_study(study)
+    # The config as run, minus the storage URL's credentials: a study never holds its own password.
+    config = {**cfg.to_dict(), "storage": url.redacted if cfg.storage else None}
+    if stored.objectives is None:
         records.write_study(study, records.StudyRecord(objectives=cfg.objectives, config=config))
-    elif stored != cfg.objectives:
-        raise StorageError(f"study {cfg.study_name!r} was created with objectives {stored}, not {cfg.objectives}")
+    elif stored.objectives != cfg.objectives:
+        raise StorageError(f"study {cfg.study_name!r} was created with objectives {stored.objectives}, "
+                           f"not {cfg.objectives}")
+    elif stored.config is not None:
+        changed = config_changes(stored.config, cfg)
+        if changed and not allow_changes:
+            raise ConfigError("config", f"study {cfg.study_name!r} was run with other settings of "
+                              f"{', '.join(changed)}: its finished trials would not compare with new ones. Start a "
+                              "new study (--study-name), or pass --allow-changes to resume with the new settings")
+        if changed:
+            log.warning("study %s resumes with changed %s", cfg.study_name, ", ".join(changed))
+            records.write_study(study, records.StudyRecord(config=config))
     return study
 
 
@@ -126,91 +138,6 @@ def claim_trial(study: optuna.Study, storage: optuna.storages.BaseStorage) -> op
     return None
 
 
-def heartbeat_interval(storage: optuna.storages.BaseStorage) -> int | None:
-    """Seconds between heartbeats, or None for storages without them (journal files)."""
-    return getattr(storage, "get_heartbeat_interval", lambda: None)()
-
-
-@contextmanager
-def heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial):
-    """Record heartbeats while a trial runs, on storages that support them."""
-    interval = heartbeat_interval(storage)
-    if interval is None:
-        yield
-        return
-    stop = threading.Event()
-
-    def beat():
-        while True:
-            try:
-                storage.record_heartbeat(trial._trial_id)
-            except STORAGE_ERRORS as error:  # the trial itself will meet the lost storage and report it
-                log.warning("trial %d: heartbeat failed: %s", trial.number, str(error).splitlines()[0])
-                return
-            if stop.wait(interval):
-                return
-
-    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial.number}")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-class BudgetExceeded(Exception):
-    """A trial ran past its time or memory budget."""
-
-
-def resident_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-@contextmanager
-def trial_budget(seconds: float | None, memory_mb: float | None):
-    """Stop the code inside after `seconds`, or when this process's resident memory passes `memory_mb`:
-    a timer and a watchdog thread signal the main thread, whose handler raises BudgetExceeded."""
-    if not seconds and not memory_mb:
-        yield
-        return
-    if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("trial budgets need the main thread (they use signals)")
-
-    def over_time(signum, frame):
-        raise BudgetExceeded(f"stopped: exceeded its time budget of {seconds:g} s")
-
-    def over_memory(signum, frame):
-        raise BudgetExceeded(
-            f"stopped: exceeded its memory budget of {memory_mb:g} MB (resident {resident_mb():.0f} MB)"
-        )
-
-    stop = threading.Event()
-
-    def watch_memory():
-        while not stop.wait(0.1):
-            if resident_mb() > memory_mb:
-                os.kill(os.getpid(), signal.SIGUSR1)
-                return
-
-    previous = signal.signal(signal.SIGALRM, over_time), signal.signal(signal.SIGUSR1, over_memory)
-    if seconds:
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-    watchdog = threading.Thread(target=watch_memory, daemon=True) if memory_mb else None
-    if watchdog:
-        watchdog.start()
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        stop.set()
-        if watchdog:
-            watchdog.join()
-        signal.signal(signal.SIGALRM, previous[0])
-        signal.signal(signal.SIGUSR1, previous[1])
-
-
 # ---------------------------------------------------------------- one trial
 
 
@@ -227,7 +154,7 @@ def evaluate(ctx: steps.StudyContext, trial: optuna.Trial, record: TrialRecord) 
         raise optuna.TrialPruned(f"invalid architecture: {error}") from None
     records.write(trial, record)
 
-    original = wait_for_reusable(trial.study, record)
+    original = wait_for_reusable(trial.study, record, ctx.cfg)
     if original is not None:
         log.info("trial %d: %s already evaluated in trial %d, reusing", record.number, record.name, original.number)
         records.write(trial, steps.reuse(record, original))
@@ -257,9 +184,11 @@ def evaluate(ctx: steps.StudyContext, trial: optuna.Trial, record: TrialRecord) 
     return record.objective_values(objectives)
 
 
-def wait_for_reusable(study: optuna.Study, record: TrialRecord) -> TrialRecord | None:
-    """A finished trial of the same architecture, waiting while an earlier trial is still running it."""
+def wait_for_reusable(study: optuna.Study, record: TrialRecord, cfg: StudyConfig) -> TrialRecord | None:
+    """A finished trial of the same architecture, waiting while an earlier trial is still running it (and
+    its worker is alive: a dead worker's trial is reclaimed, and its retry is a later trial)."""
     while True:
+        reclaim(study, cfg)
         stored = records.read_all(study, (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
         original = steps.find_reusable(record.arch, record.number, stored)
         if original is not None or not steps.running_earlier(record.arch, record.number, stored):
@@ -267,10 +196,11 @@ def wait_for_reusable(study: optuna.Study, record: TrialRecord) -> TrialRecord |
         time.sleep(DUPLICATE_POLL_S)
 
 
-def run_trial(study: optuna.Study, storage, trial: optuna.Trial, ctx: steps.StudyContext) -> TrialState:
-    """Run one claimed trial to its end state. A failing trial is recorded as failed with its reason."""
+def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: steps.StudyContext, url: StorageURL) -> TrialState:
+    """Run one claimed trial to its end state, holding a lease on it. A failing trial is recorded as failed
+    with its reason. With a time or memory budget the trial runs in a child process killed past it."""
     record = records.running(trial)
-    record.worker = f"{socket.gethostname()}:{os.getpid()}"
+    record.worker = liveness.worker_id()
     records.write(trial, record)
 
     def fail(reason: str, *, interrupted: bool = False) -> None:
@@ -278,31 +208,53 @@ def run_trial(study: optuna.Study, storage, trial: optuna.Trial, ctx: steps.Stud
         records.write(trial, record)
         study.tell(trial, state=TrialState.FAIL)
 
-    with heartbeat(storage, trial):
-        try:
-            with trial_budget(ctx.cfg.trial_timeout, ctx.cfg.trial_memory_mb):
-                values = evaluate(ctx, trial, record)
-        except optuna.TrialPruned as pruned:
-            study.tell(trial, state=TrialState.PRUNED)
-            log.info("trial %d pruned: %s", trial.number, pruned)
-            return TrialState.PRUNED
-        except KeyboardInterrupt:
-            fail("interrupted (Ctrl-C); its slot is run again when the study resumes", interrupted=True)
-            raise
-        except STORAGE_ERRORS:
-            raise  # the storage itself failed: nothing can be recorded; run_worker reports it
-        except ProfilerUnreachable as error:  # the device is gone, not the architecture: stop, retry on resume
-            fail(f"{error}; its slot is run again when the study resumes", interrupted=True)
-            raise
-        except Exception as error:
-            reason = f"{type(error).__name__}: {error}"
-            fail(reason)
-            log.warning("trial %d failed: %s", trial.number, reason, exc_info=True)
-            return TrialState.FAIL
-    study.tell(trial, values)
-    log.info("trial %d %s: %s -> %s", trial.number, "infeasible" if not record.feasible else "complete",
-             record.name, dict(zip(ctx.cfg.objectives, values)))
+    cfg = ctx.cfg
+    try:
+        with liveness.lease(trial, cfg.heartbeat_interval):
+            try:
+                if cfg.trial_timeout or cfg.trial_memory_mb:
+                    values = run_with_budget(evaluate_stored, (cfg.to_dict(), url.url, trial._trial_id),
+                                             seconds=cfg.trial_timeout, memory_mb=cfg.trial_memory_mb)
+                    record = records.read(study._storage.get_trial(trial._trial_id))
+                else:
+                    values = evaluate(ctx, trial, record)
+            except optuna.TrialPruned as pruned:
+                study.tell(trial, state=TrialState.PRUNED)
+                log.info("trial %d pruned: %s", trial.number, pruned)
+                return TrialState.PRUNED
+            except KeyboardInterrupt:
+                fail("interrupted (Ctrl-C); its slot is run again when the study resumes", interrupted=True)
+                raise
+            except STORAGE_ERRORS:
+                raise  # the storage itself failed: nothing can be recorded; run_worker reports it
+            except ProfilerUnreachable as error:  # the device is gone, not the architecture: stop, retry on resume
+                fail(f"{error}; its slot is run again when the study resumes", interrupted=True)
+                raise
+            except UpdateFinishedTrialError:
+                raise
+            except Exception as error:
+                reason = f"{type(error).__name__}: {error}"
+                fail(reason)
+                log.warning("trial %d failed: %s", trial.number, reason, exc_info=True)
+                return TrialState.FAIL
+            study.tell(trial, values)
+    except UpdateFinishedTrialError:  # its lease lapsed and another worker reclaimed it: its retry runs instead
+        log.warning("trial %d was reclaimed by another worker while it ran; dropping its result", trial.number)
+        return TrialState.FAIL
+    log.info("trial %d %s: %s -> %s", trial.number, "complete" if record.feasible else "infeasible", record.name,
+             dict(zip(cfg.objectives, values)))
     return TrialState.COMPLETE
+
+
+def evaluate_stored(cfg_dict: dict, url: str, trial_id: int) -> list[float]:
+    """`evaluate` of a running trial named by storage and id: what a budgeted trial's child process runs."""
+    cfg = StudyConfig.from_dict(cfg_dict)
+    with study_logging(cfg.study_dir / "search.log"):
+        study = optuna.load_study(study_name=cfg.study_name, storage=make_storage(url))
+        study.get_trials(deepcopy=False)  # an RDB storage's cache learns the trial ids, which a Trial needs
+        trial = optuna.Trial(study, trial_id)
+        ctx = steps.build_context(cfg, anchor=stored_anchor(study))
+        return evaluate(ctx, trial, records.running(trial))
 
 
 # ---------------------------------------------------------------- workers
@@ -316,7 +268,7 @@ def run_worker(cfg: StudyConfig, worker_index: int = 0, *, study: optuna.Study |
     try:
         study = study or open_study(cfg, url, worker_index=worker_index)
         ctx = ctx or steps.build_context(cfg, anchor=stored_anchor(study))
-        return _work(cfg, study, ctx, on_trial)
+        return _work(cfg, study, ctx, url, on_trial)
     except STORAGE_ERRORS as error:
         reason = str(error).strip().splitlines()[0]
         raise StorageError(
@@ -325,23 +277,25 @@ def run_worker(cfg: StudyConfig, worker_index: int = 0, *, study: optuna.Study |
         ) from None
 
 
-def _work(cfg: StudyConfig, study: optuna.Study, ctx: steps.StudyContext, on_trial) -> int:
-    storage = study._storage  # the storage the study writes through (a cache around RDB storages)
+def reclaim(study: optuna.Study, cfg: StudyConfig) -> list[int]:
+    return liveness.reclaim_dead_trials(study, max_retries=cfg.max_retries, grace_s=3 * cfg.heartbeat_interval)
+
+
+def _work(cfg: StudyConfig, study: optuna.Study, ctx: steps.StudyContext, url: StorageURL, on_trial) -> int:
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
-    beats = heartbeat_interval(storage) is not None
     count = 0
     while deadline is None or time.monotonic() < deadline:
-        fail_stale_trials(study)  # a dead worker's trial fails here, and its retry is queued
-        trial = claim_trial(study, storage)
+        reclaim(study, cfg)  # a dead worker's trial fails here, and its retry is queued
+        trial = claim_trial(study, study._storage)
         if trial is None:
             if cfg.n_trials is None:
                 trial = study.ask()  # a timeout-only study makes trials as it goes
-            elif beats and study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                time.sleep(cfg.heartbeat_interval)  # a running trial may belong to a dead worker: wait to retry it
+            elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                time.sleep(min(1.0, cfg.heartbeat_interval))  # its worker may die: stay to run the retry
                 continue
             else:
                 break
-        run_trial(study, storage, trial, ctx)
+        run_trial(study, trial, ctx, url)
         count += 1
         if on_trial:
             on_trial(study)
@@ -429,14 +383,18 @@ def print_superclasses(ctx: steps.StudyContext) -> None:
         print(f"super-classes for {groups} experts: " + " | ".join(", ".join(n) for n in named), file=sys.stderr)
 
 
-def run_search(cfg: StudyConfig, *, progress: bool = True) -> optuna.Study:
-    """Run (or resume) the study in `cfg` with `cfg.workers` processes; returns the study."""
+def run_search(cfg: StudyConfig, *, progress: bool = True, allow_changes: bool = False) -> optuna.Study:
+    """Run (or resume) the study in `cfg` with `cfg.workers` processes; returns the study. `allow_changes`:
+    see `open_study`."""
     log_path = cfg.study_dir / "search.log"
     url = storage_url(cfg)
+    if url.kind == "sqlite" and cfg.workers > 1:
+        raise StorageError(f"{url.redacted} is a SQLite file, which takes one writer at a time: run it with "
+                           "--workers 1, or give several workers a journal or PostgreSQL storage (--storage)")
     with study_logging(log_path):
         if cfg.profiler.backend == "remote":  # before any trial starts: an absent agent is one error, not N failures
             AgentClient(cfg.profiler.remote_url).device()
-        study = open_study(cfg, url)
+        study = open_study(cfg, url, allow_changes=allow_changes)
         # Super-classes are found before any trial (in view, not inside some worker's first MoE trial).
         ctx = steps.build_context(cfg, progress=progress)
         with study_lock(url, cfg.study_name):
@@ -466,16 +424,36 @@ def run_search(cfg: StudyConfig, *, progress: bool = True) -> optuna.Study:
 
 def _run_processes(cfg: StudyConfig, study: optuna.Study, bar: Progress | None, log_path: Path,
                    url: StorageURL) -> None:
+    """`cfg.workers` processes on the study. A worker that dies (killed, out of memory) has its trial
+    reclaimed and is replaced while queued or running trials remain, up to `workers * (max_retries + 1)`
+    replacements."""
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-    workers = [
-        context.Process(target=_worker_process, args=(cfg.to_dict(), index, str(log_path)), name=f"worker-{index}")
-        for index in range(cfg.workers)
-    ]
-    for worker in workers:
-        worker.start()
+
+    def start(index: int):
+        process = context.Process(target=_worker_process, args=(cfg.to_dict(), index, str(log_path)),
+                                  name=f"worker-{index}")
+        process.start()
+        return process
+
+    workers = [start(index) for index in range(cfg.workers)]
+    replacements = cfg.workers * (cfg.max_retries + 1)
+    exit_codes = []
     try:
-        while any(worker.is_alive() for worker in workers):
+        while workers:
             time.sleep(1.0)
+            for index, worker in enumerate(workers):
+                if worker.is_alive():
+                    continue
+                exit_codes.append(worker.exitcode)
+                workers[index] = None
+                if worker.exitcode not in (0, STORAGE_EXIT_CODE, PROFILER_EXIT_CODE):
+                    log.warning("worker %d died (exit code %s); its trial is reclaimed", index, worker.exitcode)
+                    reclaim(study, cfg)
+                    unfinished = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+                    if unfinished and replacements:
+                        replacements -= 1
+                        workers[index] = start(index)
+            workers = [w for w in workers if w is not None]
             if bar:
                 bar.update(study)
     finally:
@@ -483,9 +461,9 @@ def _run_processes(cfg: StudyConfig, study: optuna.Study, bar: Progress | None, 
             worker.join(timeout=30)
             if worker.is_alive():
                 worker.terminate()
-    if any(worker.exitcode == STORAGE_EXIT_CODE for worker in workers):
+    if STORAGE_EXIT_CODE in exit_codes:
         raise StorageError(f"a worker lost the storage {url.redacted}; see {log_path}; finished trials are kept: "
                            "run the same command again to resume")
-    if any(worker.exitcode == PROFILER_EXIT_CODE for worker in workers):
+    if PROFILER_EXIT_CODE in exit_codes:
         raise ProfilerUnreachable(f"the profiler agent at {cfg.profiler.remote_url} stopped answering; see {log_path}; "
                                   "finished trials are kept: run the same command again to resume")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 # What a storage raises when its database is gone: Optuna wraps SQLAlchemy's errors, mostly.
@@ -93,25 +93,16 @@ def default_storage(study_dir: Path, workers: int) -> StorageURL:
     return existing_storage(study_dir) or file_storage("journal" if workers > 1 else "sqlite", study_dir)
 
 
-def make_storage(url: str | StorageURL, *, heartbeat_interval: int = 10,
-                 max_retries: int = 1) -> optuna.storages.BaseStorage:
-    """The Optuna storage at `url`. RDB storages get heartbeats: a trial whose worker dies is failed and
-    re-queued `max_retries` times."""
+def make_storage(url: str | StorageURL) -> optuna.storages.BaseStorage:
+    """The Optuna storage at `url`. Trials of dead workers are found by `nas.liveness` on every storage
+    alike, so RDB storages get no Optuna heartbeats (a journal file has none)."""
     url = parse_storage(url)
     if url.path is not None:
         url.path.parent.mkdir(parents=True, exist_ok=True)
     if url.kind == "journal":
         return JournalStorage(JournalFileBackend(str(url.path)))
     try:
-        return RDBStorage(
-            url.sqlalchemy_url,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=3 * heartbeat_interval,
-            heartbeat_stale_trial_callback=(
-                RetryHeartbeatStaleTrialCallback(max_retry=max_retries) if max_retries else None
-            ),
-            engine_kwargs={"pool_pre_ping": True},
-        )
+        return RDBStorage(url.sqlalchemy_url, engine_kwargs={"pool_pre_ping": True})
     except Exception as error:  # SQLAlchemy's errors, a missing driver: all mean "cannot open it"
         raise StorageError(f"cannot open storage {url.redacted}: {first_line(error)}") from None
 

@@ -7,6 +7,7 @@ flags override fields. Every bad field gets one `ConfigError` naming it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from search_spaces.config import check_fields, from_mapping
 from search_spaces.mobile_vmoe import SPACES, MobileVMoESpace
 
 STUDY_DIR = Path(__file__).parent / "studies"
+log = logging.getLogger("vmoe_nas.study")
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 BACKENDS = ("onnxruntime", "torch", "coreml", "remote")
@@ -240,6 +242,38 @@ class StudyConfig:
         data["space"] = _space_from_dict(data.get("space"))
         data["enqueue"] = data.get("enqueue") or []
         return cls(**data)
+
+
+# What may differ when a study resumes: how it runs, not what its trials mean. Everything else (data, space,
+# objectives, constraints, evaluator, early stopping, profiler) changed mid-study would mix incomparable results.
+RUN_SETTINGS = ("n_trials", "timeout", "workers", "storage", "results_dir", "heartbeat_interval", "max_retries",
+                "trial_timeout", "trial_memory_mb", "sampler", "seed", "enqueue", "data.data_dir")
+
+
+def config_changes(stored: dict, current: StudyConfig) -> list[str]:
+    """The fields (dotted) of `current` that differ from the stored config of a study, run settings aside."""
+    try:
+        before = _flat(_comparable(StudyConfig.from_dict(stored)))
+    except ConfigError as error:  # written by another version, or by hand: compare what can be read
+        log.debug("stored study config does not load (%s); comparing it as stored", error)
+        before = _flat(stored)
+    after = _flat(_comparable(current))
+    return sorted(key for key in before.keys() | after.keys()
+                  if before.get(key) != after.get(key) and not key.startswith(RUN_SETTINGS))
+
+
+def _comparable(cfg: StudyConfig) -> dict:
+    return {**cfg.to_dict(), "evaluator": cfg.recipe().to_dict()}  # the recipe with its defaults filled in
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _space_from_dict(data: Any) -> MobileVMoESpace:
