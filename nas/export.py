@@ -284,9 +284,19 @@ def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: 
 @contextlib.contextmanager
 def _staging(out: Path, force: bool):
     """A hidden sibling of `out` to write into; renamed to `out` when the block succeeds, removed when it
-    does not. So an interrupted export leaves no half-written directory behind."""
+    does not. So an interrupted export leaves no half-written directory behind. A training run inside `out`
+    (`vmoe-nas train` writes `run/` there) is never replaced."""
+    old = out.with_name(f".{out.name}.old")
+    if old.exists():  # an export killed between its two renames below
+        if out.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, out)  # the previous export is whole: put it back first
     if out.exists() and not force:
         raise ExportError("--out", f"{out} exists; pass --force to replace it")
+    if (out / "run").exists():
+        raise ExportError("--force", f"{out / 'run'} holds a training run (vmoe-nas train): move it out of {out} "
+                                     "or delete it first; --force replaces the whole folder")
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)  # left by an export killed outright
     staging.mkdir(parents=True)
