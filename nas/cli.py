@@ -14,7 +14,7 @@ from nas.search import StorageError
 from nas.study import OBJECTIVES
 from nas.superclasses import SuperclassError
 from nas.trainer import TrainingError
-from profilers import ProfileError
+from profilers import BACKENDS, ProfileError
 from search_spaces import ConfigError, describe, load_arch
 
 
@@ -99,8 +99,8 @@ def cmd_superclasses(args: argparse.Namespace) -> None:
 def cmd_profiler_server(args: argparse.Namespace) -> None:
     from profilers.server import serve
 
-    serve(host=args.host, port=args.port, backend=args.backend, token=args.token, max_upload_mb=args.max_upload_mb,
-          timeout_s=args.timeout)
+    serve(host=args.host, port=args.port, backend=args.backend, token_file=args.token_file,
+          insecure_no_token=args.insecure_no_token, max_upload_mb=args.max_upload_mb, timeout_s=args.timeout)
 
 
 def cmd_pareto(args: argparse.Namespace) -> None:
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("profile", help="FLOPs, parameters, size and latency of an architecture")
     p.add_argument("arch", help="architecture YAML file or preset name")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "coreml", "remote"])
+    p.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS))
     p.add_argument("--remote-url", help="profiler agent (vmoe-nas profiler-server) for --backend remote; "
                    "token from $VMOE_PROFILER_TOKEN")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads")
@@ -208,12 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_superclasses)
 
-    p = commands.add_parser("profiler-server", help="the agent that measures latency on this (target) device")
+    p = commands.add_parser("profiler-server", help="the agent that measures latency on this (target) device",
+                            allow_abbrev=False)  # --token must not pass for --token-file
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; off loopback a token is required")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "coreml", "torch"],
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS.agent_backends(),
                    help="runtime that measures: onnxruntime takes ONNX, coreml zipped ML programs, torch an arch YAML")
-    p.add_argument("--token", help="bearer token every request must carry (default: $VMOE_PROFILER_TOKEN)")
+    p.add_argument("--token-file", help="file holding the bearer token every request must carry (default: "
+                   "$VMOE_PROFILER_TOKEN; never on the command line, where ps shows it)")
+    p.add_argument("--insecure-no-token", action="store_true",
+                   help="on loopback only: accept requests without a token, from any local program")
     p.add_argument("--max-upload-mb", type=float, default=256, help="largest model accepted, in MiB")
     p.add_argument("--timeout", type=float, default=300, help="seconds per request: upload, queue and measurement")
     p.set_defaults(run=cmd_profiler_server)

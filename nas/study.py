@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+import profilers
 from search_spaces import ArchConfig, ConfigError, load_arch
 from search_spaces.config import check_fields, from_mapping
 from search_spaces.mobile_vmoe import SPACES, MobileVMoESpace
@@ -27,7 +28,7 @@ OBJECTIVES = {
     "params": ("minimize", "params_active"),
 }
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
-BACKENDS = ("onnxruntime", "torch", "coreml", "remote")
+BACKENDS = profilers.BACKENDS  # the backend registry: names, and the classes on demand
 
 
 def _section(cls: type, data: Any, where: str):

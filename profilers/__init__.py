@@ -3,33 +3,43 @@
     profile(cfg)                      # everything, as one JSON-ready dict (ONNX Runtime, 1 thread, batch 1)
     profile(cfg, measure=False)       # params, sizes, FLOPs only: the cheap filter before latency
     count_flops(cfg).total == analytic_flops(cfg)
+
+Importing this package imports no runtime (onnxruntime, coremltools) and no HTTP stack: backends are
+found by name in `BACKENDS` and each is imported when first used; `RemoteBackend` is imported on access.
 """
 
 from profilers._backends import (
     BACKENDS,
+    AgentLimits,
     Backend,
     BackendResult,
-    CoreMLBackend,
     LocalBackend,
-    OnnxRuntimeBackend,
+    Payload,
     Runnable,
-    TorchBackend,
     get_backend,
-    onnxruntime_latency,
-    ort_inference,
-    ort_session,
     register_backend,
 )
 from profilers._coreml import CoreMLExport, coreml_form, export_coreml
-from profilers._export import CACHE_ENV, ProfileError, cache_dir, cached_onnx, export_onnx
+from profilers._coreml_backend import CoreMLBackend
+from profilers._errors import PayloadError, ProfileError, ProfilerUnreachable, RemoteProfilerError
+from profilers._export import CACHE_ENV, cache_dir, cached_onnx, export_onnx
 from profilers._flops import FlopReport, analytic_flops, count_flops
 from profilers._latency import MIN_TIME_S, LatencyStats, measure_interleaved, measure_latency
+from profilers._onnxruntime import OnnxRuntimeBackend, onnxruntime_latency, ort_inference, ort_session
 from profilers._profile import device_info, device_label, format_profile, profile
-from profilers.remote import ProfilerUnreachable, RemoteBackend, RemoteProfilerError  # registers "remote"
+from profilers._torch import TorchBackend
+
+
+def __getattr__(name: str):
+    if name == "RemoteBackend":  # its module imports httpx: only when asked for
+        return BACKENDS["remote"]
+    raise AttributeError(f"module 'profilers' has no attribute {name!r}")
+
 
 __all__ = [
     "BACKENDS",
     "CACHE_ENV",
+    "AgentLimits",
     "Backend",
     "BackendResult",
     "CoreMLBackend",
@@ -39,6 +49,8 @@ __all__ = [
     "LatencyStats",
     "MIN_TIME_S",
     "OnnxRuntimeBackend",
+    "Payload",
+    "PayloadError",
     "ProfileError",
     "ProfilerUnreachable",
     "RemoteBackend",
