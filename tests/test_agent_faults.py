@@ -23,8 +23,8 @@ import profilers._export
 import profilers.server
 from nas.cli import main
 from profilers import cached_onnx, export_coreml
-from profilers._export import build_once
 from profilers._coreml_backend import PIPELINE_FILE
+from profilers._export import build_once
 from profilers.remote import TOKEN_ENV
 from profilers.server import MAX_ERROR_CHARS, OPTIONS, AgentSettings, PayloadError, create_app, measure, serve
 from search_spaces import ConfigError
@@ -121,7 +121,7 @@ def coreml_program(tmp_path_factory) -> Path:
     return export_coreml(tiny(), tmp_path_factory.mktemp("coreml"), precision="fp32").programs["model"]
 
 
-def coreml_body(program: Path, manifest_path: str) -> bytes:
+def coreml_body(program: Path, manifest_path: str = "com.apple.CoreML/model.mlmodel", weights: str = "") -> bytes:
     manifest = json.loads((program / "Manifest.json").read_text())
     root = manifest["rootModelIdentifier"]
     manifest["itemInfoEntries"][root]["path"] = manifest_path
@@ -130,9 +130,22 @@ def coreml_body(program: Path, manifest_path: str) -> bytes:
         archive.writestr(PIPELINE_FILE, json.dumps({"form": "dense", "pipeline": ["model"], "arch": tiny().to_dict()}))
         archive.writestr("model.mlpackage/Manifest.json", json.dumps(manifest))
         for file in program.rglob("*"):
-            if file.is_file() and file.name != "Manifest.json":
+            if file.is_file() and file.name not in ("Manifest.json", "model.mlmodel"):
                 archive.write(file, f"model.mlpackage/{file.relative_to(program).as_posix()}")
+        archive.writestr("model.mlpackage/Data/com.apple.CoreML/model.mlmodel", spec_naming(program, weights))
     return buffer.getvalue()
+
+
+def spec_naming(program: Path, weights: str) -> bytes:
+    """The package's model spec, its weight file renamed to `weights`."""
+    import coremltools as ct
+
+    from profilers._backends import proto_messages
+
+    spec = ct.utils.load_spec(str(program))
+    for blob in proto_messages(spec, "BlobFileValue"):
+        blob.fileName = weights or blob.fileName
+    return spec.SerializeToString()
 
 
 @pytest.mark.parametrize("planted", ["absolute", "parent", "device"])
@@ -141,10 +154,11 @@ def test_a_manifest_path_outside_the_package_is_refused(coreml_program, tmp_path
     outside.write_bytes((coreml_program / "Data/com.apple.CoreML/model.mlmodel").read_bytes())
     path = {"absolute": str(outside), "parent": f"../../../../../../../../../..{outside}", "device": "/dev/null"}
     settings = AgentSettings(backend="coreml")
-    assert "latency_ms" in measure(settings, coreml_body(coreml_program, "com.apple.CoreML/model.mlmodel"),
-                                   OPTIONS_FAST)  # the untouched package is fine
+    assert "latency_ms" in measure(settings, coreml_body(coreml_program), OPTIONS_FAST)  # the untouched package
     with pytest.raises(PayloadError, match="Manifest.json"):
         measure(settings, coreml_body(coreml_program, path[planted]), OPTIONS_FAST)
+    with pytest.raises(PayloadError, match="weight file"):
+        measure(settings, coreml_body(coreml_program, weights=f"@model_path/{path[planted]}"), OPTIONS_FAST)
 
 
 # ---------------------------------------------------------------- 8: ONNX external data anywhere
