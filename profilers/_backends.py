@@ -209,6 +209,9 @@ class Registry(Mapping[str, type[Backend]]):
             self._classes[name] = getattr(importlib.import_module(module), cls)
         return self._classes[name]
 
+    def __contains__(self, name: object) -> bool:  # without importing anything; any value, even unhashable
+        return isinstance(name, str) and (name in self._lazy or name in self._classes)
+
     def __iter__(self) -> Iterator[str]:
         return iter({**self._lazy, **self._classes})
 
