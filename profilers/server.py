@@ -56,7 +56,7 @@ OPTIONS = {
 }
 DEFAULTS = {"batch": 1, "threads": 1, "warmup": WARMUP, "min_runs": MIN_RUNS, "min_time_s": MIN_TIME_S}
 MAX_ERROR_CHARS = 500  # an error quotes what it refuses: never the whole of it
-MAX_PENDING = 4  # requests uploading or queued at once (their bodies are in memory); more get a 503
+MAX_PENDING = 8  # requests uploading or queued at once (their bodies are in memory); more get a 503
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
