@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nas.export import DEFAULT_EPOCHS, PICK_RULES
 from nas.objectives import OBJECTIVES
+from profilers import BACKENDS
 from search_spaces import ConfigError, describe, load_arch
 
 
@@ -94,8 +95,8 @@ def cmd_superclasses(args: argparse.Namespace) -> None:
 def cmd_profiler_server(args: argparse.Namespace) -> None:
     from profilers.server import serve
 
-    serve(host=args.host, port=args.port, backend=args.backend, token=args.token, max_upload_mb=args.max_upload_mb,
-          timeout_s=args.timeout)
+    serve(host=args.host, port=args.port, backend=args.backend, token_file=args.token_file,
+          insecure_no_token=args.insecure_no_token, max_upload_mb=args.max_upload_mb, timeout_s=args.timeout)
 
 
 def cmd_pareto(args: argparse.Namespace) -> None:
@@ -155,6 +156,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"warning: no model.onnx ({metrics['onnx_error']}); the trained weights are in model.pt", file=sys.stderr)
 
 
+class AgentBackends:
+    """The backends a profiler agent can run, as argparse choices. Knowing them imports each backend, so
+    they are listed only when checked or shown: building the parser for `describe` imports no runtime."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in BACKENDS.agent_backends()
+
+    def __iter__(self):
+        return iter(BACKENDS.agent_backends())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmoe-nas", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -166,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("profile", help="FLOPs, parameters, size and latency of an architecture")
     p.add_argument("arch", help="architecture YAML file or preset name")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "coreml", "remote"])
+    p.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS))
     p.add_argument("--remote-url", help="profiler agent (vmoe-nas profiler-server) for --backend remote; "
                    "token from $VMOE_PROFILER_TOKEN")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads")
@@ -207,12 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_superclasses)
 
-    p = commands.add_parser("profiler-server", help="the agent that measures latency on this (target) device")
+    p = commands.add_parser("profiler-server", help="the agent that measures latency on this (target) device",
+                            allow_abbrev=False)  # --token must not pass for --token-file
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; off loopback a token is required")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "coreml", "torch"],
-                   help="runtime that measures: onnxruntime takes ONNX, coreml zipped ML programs, torch an arch YAML")
-    p.add_argument("--token", help="bearer token every request must carry (default: $VMOE_PROFILER_TOKEN)")
+    p.add_argument("--backend", default="onnxruntime", choices=AgentBackends(), metavar="BACKEND",
+                   help="runtime that measures, one of %(choices)s: onnxruntime takes ONNX, coreml zipped ML "
+                   "programs, torch an arch YAML")
+    p.add_argument("--token-file", help="file holding the bearer token every request must carry (default: "
+                   "$VMOE_PROFILER_TOKEN; never on the command line, where ps shows it)")
+    p.add_argument("--insecure-no-token", action="store_true",
+                   help="on loopback only: accept requests without a token, from any local program")
     p.add_argument("--max-upload-mb", type=float, default=256, help="largest model accepted, in MiB")
     p.add_argument("--timeout", type=float, default=300, help="seconds per request: upload, queue and measurement")
     p.set_defaults(run=cmd_profiler_server)
@@ -254,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Errors a user can fix get one line naming what to fix, not a traceback. Named by module, so that a command
 # imports only what it uses: an error class whose module was never imported cannot have been raised.
 USER_ERRORS = {"search_spaces.config": "ConfigError", "nas.data": "DataError", "nas.superclasses": "SuperclassError",
-               "nas.storage": "StorageError", "nas.trainer": "TrainingError", "profilers._export": "ProfileError",
+               "nas.storage": "StorageError", "nas.trainer": "TrainingError", "profilers._errors": "ProfileError",
                "builtins": "FileNotFoundError"}
 
 

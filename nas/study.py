@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+import profilers
 from nas.objectives import OBJECTIVES, Objective, objectives_for
 from search_spaces import ArchConfig, ConfigError, load_arch
 from search_spaces.config import check_fields, from_mapping
@@ -23,7 +24,7 @@ STUDY_DIR = Path(__file__).parent / "studies"
 log = logging.getLogger("vmoe_nas.study")
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
-BACKENDS = ("onnxruntime", "torch", "coreml", "remote")
+BACKENDS = profilers.BACKENDS  # the backend registry: names, and the classes on demand
 
 
 def _section(cls: type, data: Any, where: str):

@@ -189,6 +189,22 @@ class ArchConfig:
         return replace(self, moe=None)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing anchors and aliases: a few hundred bytes of nested aliases expand
+    to gigabytes, and a config never needs them."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases are not allowed", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_yaml_load(text: str) -> Any:
+    """`yaml.safe_load` for text from elsewhere: no anchors or aliases (a `yaml.YAMLError` names the line)."""
+    return yaml.load(text, Loader=_NoAliasLoader)
+
+
 def check_fields(cls: type, data: Any, where: str) -> dict:
     """`data` if it is a mapping of `cls`'s dataclass fields; else a ConfigError naming the section `where`
     ("" for the top level) or its first unknown field, with the known ones."""
@@ -207,4 +223,4 @@ def from_mapping(cls: type, data: Any, where: str):
     return cls(**check_fields(cls, data, where))
 
 
-__all__ = ["ROUTINGS", "ArchConfig", "ConfigError", "MoEConfig", "check_fields", "from_mapping"]
+__all__ = ["ROUTINGS", "ArchConfig", "ConfigError", "MoEConfig", "check_fields", "from_mapping", "safe_yaml_load"]

@@ -23,8 +23,9 @@ import profilers.server
 from nas.cli import main
 from profilers import ProfileError, ProfilerUnreachable, RemoteBackend, RemoteProfilerError, get_backend
 from profilers._coreml import CoreMLExport
-from profilers.remote import PIPELINE_FILE, TOKEN_ENV, coreml_zip
-from profilers.server import AgentSettings, PayloadError, create_app, is_loopback, measure, serve, unpack_coreml
+from profilers._coreml_backend import PIPELINE_FILE, coreml_zip, unpack_coreml
+from profilers.remote import TOKEN_ENV
+from profilers.server import AgentSettings, PayloadError, create_app, is_loopback, measure, serve
 from search_spaces import ConfigError
 
 from archs import tiny, tiny_moe
@@ -69,11 +70,10 @@ class Agent:
 def agent(tmp_path_factory):
     """An agent with a token and a 1 MiB upload limit, on loopback in its own process."""
     port, log = free_port(), tmp_path_factory.mktemp("agent") / "agent.log"
-    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    env = {**os.environ, TOKEN_ENV: TOKEN}
     with open(log, "w") as output:  # a file, not a pipe: a full pipe would block the agent's logging
         process = subprocess.Popen(
-            [sys.executable, "-m", "nas.cli", "profiler-server", "--port", str(port), "--token", TOKEN,
-             "--max-upload-mb", "1"],
+            [sys.executable, "-m", "nas.cli", "profiler-server", "--port", str(port), "--max-upload-mb", "1"],
             env=env, stdout=output, stderr=subprocess.STDOUT,
         )
     try:
@@ -190,7 +190,7 @@ def test_agent_refuses_to_listen_off_loopback_without_a_token(monkeypatch):
 def test_measurement_past_the_timeout_is_a_504(onnx_bytes):
     async def post() -> httpx.Response:
         transport = httpx.ASGITransport(create_app(AgentSettings(timeout_s=0.2)))
-        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             slow = {"warmup": 0, "min_runs": 1, "min_time_s": 2.0}
             return await client.post("/profile", content=onnx_bytes, headers=ONNX, params=slow)
 
@@ -201,18 +201,16 @@ def test_measurement_past_the_timeout_is_a_504(onnx_bytes):
 def test_measurements_run_one_at_a_time(monkeypatch):
     active, most = [0], [0]
 
-    def fake_measure(settings, body, options):
+    def fake_measure(settings, body, options, deadline):
         active[0] += 1
         most[0] = max(most[0], active[0])
         time.sleep(0.05)  # long enough for the other requests to arrive while this one runs
         active[0] -= 1
         return {"latency_ms": None}
 
-    monkeypatch.setattr(profilers.server, "measure", fake_measure)
-
     async def post_many() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(create_app(AgentSettings()))
-        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as client:
+        transport = httpx.ASGITransport(create_app(AgentSettings(), run=fake_measure))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             return await asyncio.gather(*(client.post("/profile", content=b"model", headers=ONNX) for _ in range(4)))
 
     assert [r.status_code for r in asyncio.run(post_many())] == [200] * 4
