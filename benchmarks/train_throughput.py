@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from nas.data import Dataset, Split
-from nas.trainer import TrainRecipe, _Run
+from nas.trainer import TrainRecipe, _Run, available_cores
 from search_spaces import load_arch
 
 OUT = Path("results/benchmarks/train_throughput.json")
@@ -61,7 +60,7 @@ def main() -> None:
                         "oversubscribed threads wait on each other and swamp the comparison)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(args.threads or available_cores())
     data = random_dataset(args.batch_size * 64)
     recipe = TrainRecipe(steps=10**9, batch_size=args.batch_size)  # the budget is never reached here
     runs = {name: _Run(cfg, data, recipe, torch.as_tensor(data.superclasses), None) for name, cfg in models().items()}

@@ -8,13 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from nas.data import DataError
 from nas.export import DEFAULT_EPOCHS, PICK_RULES
-from nas.search import StorageError
-from nas.study import OBJECTIVES
-from nas.superclasses import SuperclassError
-from nas.trainer import TrainingError
-from profilers import ProfileError
+from nas.objectives import OBJECTIVES
+from profilers import BACKENDS
 from search_spaces import ConfigError, describe, load_arch
 from search_spaces.config import check_int
 
@@ -71,7 +67,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     )
     print(f"study {cfg.study_name}: objectives {', '.join(cfg.objectives)}; log in {cfg.study_dir / 'search.log'}")
     try:
-        study = run_search(cfg, progress=not args.no_progress)
+        study = run_search(cfg, progress=not args.no_progress, allow_changes=args.allow_changes)
     except KeyboardInterrupt:
         print(f"interrupted: run the same command again to resume study {cfg.study_name}", file=sys.stderr)
         raise
@@ -102,13 +98,14 @@ def cmd_superclasses(args: argparse.Namespace) -> None:
 def cmd_profiler_server(args: argparse.Namespace) -> None:
     from profilers.server import serve
 
-    serve(host=args.host, port=args.port, backend=args.backend, token=args.token, max_upload_mb=args.max_upload_mb,
-          timeout_s=args.timeout)
+    serve(host=args.host, port=args.port, backend=args.backend, token_file=args.token_file,
+          insecure_no_token=args.insecure_no_token, max_upload_mb=args.max_upload_mb, timeout_s=args.timeout)
 
 
 def cmd_pareto(args: argparse.Namespace) -> None:
-    from nas.pareto import analyze, load_study
+    from nas.pareto import analyze
     from nas.report import write_report
+    from nas.storage import load_study
 
     study = load_study(args.study, storage=args.storage, results_dir=args.results_dir)
     analysis = analyze(study, objectives=args.objectives, margin=args.margin)
@@ -129,13 +126,14 @@ def cmd_pareto(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from nas.export import export_trial
-    from nas.pareto import load_study, study_storage_url
+    from nas.storage import existing_storage, load_study, parse_storage
 
-    url = args.storage or study_storage_url(args.study, args.results_dir)
-    study = load_study(args.study, storage=url)
+    study_dir = Path(args.results_dir) / args.study
+    url = parse_storage(args.storage) if args.storage else existing_storage(study_dir)
+    study = load_study(args.study, storage=url, results_dir=args.results_dir)
     paths = export_trial(study, args.out, trial=args.trial, pick=args.pick, epochs=args.epochs,
-                         coreml=not args.no_coreml, force=args.force, study_dir=Path(args.results_dir) / args.study,
-                         margin=args.margin, source=url.split("://")[0] + "://***" if "@" in url else url)
+                         coreml=not args.no_coreml, force=args.force, study_dir=study_dir, margin=args.margin,
+                         source=url.redacted)
     card = paths["model_card.md"].read_text().splitlines()
     print(f"exported {card[0].lstrip('# ')} to {args.out}: " + ", ".join(sorted(paths)))
     print(f"train it: vmoe-nas train {paths['train.yaml']}")
@@ -161,6 +159,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"warning: no model.onnx ({metrics['onnx_error']}); the trained weights are in model.pt", file=sys.stderr)
 
 
+class AgentBackends:
+    """The backends a profiler agent can run, as argparse choices. Knowing them imports each backend, so
+    they are listed only when checked or shown: building the parser for `describe` imports no runtime."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in BACKENDS.agent_backends()
+
+    def __iter__(self):
+        return iter(BACKENDS.agent_backends())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmoe-nas", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -172,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("profile", help="FLOPs, parameters, size and latency of an architecture")
     p.add_argument("arch", help="architecture YAML file or preset name")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "coreml", "remote"])
+    p.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS))
     p.add_argument("--remote-url", help="profiler agent (vmoe-nas profiler-server) for --backend remote; "
                    "token from $VMOE_PROFILER_TOKEN")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads")
@@ -199,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remote-url", help="profiler agent http://HOST:PORT for --backend remote")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="skip the Pareto report at the end")
+    p.add_argument("--allow-changes", action="store_true", help="resume a study whose config changed in fields that "
+                   "change what a trial means (data, space, evaluator, constraints, profiler); refused otherwise")
     p.set_defaults(run=cmd_search)
 
     p = commands.add_parser("superclasses", help="super-classes of a data set (its own, or from confusion)")
@@ -211,12 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_superclasses)
 
-    p = commands.add_parser("profiler-server", help="the agent that measures latency on this (target) device")
+    p = commands.add_parser("profiler-server", help="the agent that measures latency on this (target) device",
+                            allow_abbrev=False)  # --token must not pass for --token-file
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; off loopback a token is required")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "coreml", "torch"],
-                   help="runtime that measures: onnxruntime takes ONNX, coreml zipped ML programs, torch an arch YAML")
-    p.add_argument("--token", help="bearer token every request must carry (default: $VMOE_PROFILER_TOKEN)")
+    p.add_argument("--backend", default="onnxruntime", choices=AgentBackends(), metavar="BACKEND",
+                   help="runtime that measures, one of %(choices)s: onnxruntime takes ONNX, coreml zipped ML "
+                   "programs, torch an arch YAML")
+    p.add_argument("--token-file", help="file holding the bearer token every request must carry (default: "
+                   "$VMOE_PROFILER_TOKEN; never on the command line, where ps shows it)")
+    p.add_argument("--insecure-no-token", action="store_true",
+                   help="on loopback only: accept requests without a token, from any local program")
     p.add_argument("--max-upload-mb", type=float, default=256, help="largest model accepted, in MiB")
     p.add_argument("--timeout", type=float, default=300, help="seconds per request: upload, queue and measurement")
     p.set_defaults(run=cmd_profiler_server)
@@ -255,15 +271,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors a user can fix get one line naming what to fix, not a traceback.
-USER_ERRORS = (ConfigError, DataError, SuperclassError, StorageError, TrainingError, FileNotFoundError, ProfileError)
+# Errors a user can fix get one line naming what to fix, not a traceback. Named by module, so that a command
+# imports only what it uses: an error class whose module was never imported cannot have been raised.
+USER_ERRORS = {"search_spaces.config": "ConfigError", "nas.data": "DataError", "nas.superclasses": "SuperclassError",
+               "nas.storage": "StorageError", "nas.trainer": "TrainingError", "profilers._errors": "ProfileError",
+               "builtins": "FileNotFoundError"}
+
+
+def is_user_error(error: BaseException) -> bool:
+    return any(isinstance(error, getattr(sys.modules[module], name))
+               for module, name in USER_ERRORS.items() if module in sys.modules)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except USER_ERRORS as error:
+    except Exception as error:
+        if not is_user_error(error):
+            raise
         print(f"vmoe-nas {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,15 +20,20 @@ import warnings
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import optuna
 import torch
 import yaml
 
-from nas.pareto import ParetoAnalysis, analyze
 from nas.study import StudyConfig
 from search_spaces import ArchConfig, ConfigError, build_model, count_params
+
+if TYPE_CHECKING:  # the CLI reads PICK_RULES to build its help: no Optuna or pandas for that
+    import optuna
+
+    from nas.pareto import ParetoAnalysis
+    from nas.record import Metrics, TrialRecord
 
 PICK_RULES = {
     "best-accuracy": "the most accurate trial, dense or MoE",
@@ -120,7 +125,7 @@ def export_checked_onnx(model: torch.nn.Module, path: Path) -> float:
     return difference
 
 
-def rebuilt_costs(cfg: ArchConfig, metrics: dict) -> dict[str, int]:
+def rebuilt_costs(cfg: ArchConfig, metrics: Metrics) -> dict[str, int]:
     """Params and FLOPs of the rebuilt architecture, which must be those the trial recorded."""
     from profilers import count_flops
 
@@ -128,9 +133,10 @@ def rebuilt_costs(cfg: ArchConfig, metrics: dict) -> dict[str, int]:
     total, active = count_params(model)
     costs = {"params_total": total, "params_active": active, "flops": count_flops(model).total}
     for key, value in costs.items():
-        if metrics.get(key) is not None and metrics[key] != value:
+        recorded = getattr(metrics, key)
+        if recorded is not None and recorded != value:
             raise ExportError("arch", f"the rebuilt {cfg.name} has {key}={value}, the trial recorded "
-                                      f"{metrics[key]}: the model code changed since the study")
+                                      f"{recorded}: the model code changed since the study")
     return costs
 
 
@@ -212,34 +218,33 @@ def _fmt_metric(value, unit: str = "") -> str:
     return f"{value:,.4g}{unit}" if isinstance(value, float) else f"{value:,}{unit}"
 
 
-def model_card(cfg: ArchConfig, frozen: optuna.trial.FrozenTrial, study_name: str, study_cfg: StudyConfig,
+def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: StudyConfig,
                analysis: ParetoAnalysis, *, onnx_difference: float, coreml_note: str, source: str | None,
                seed: int, epochs: float, superclasses: bool) -> str:
-    attrs = frozen.user_attrs
-    metrics, profile, train = attrs.get("metrics") or {}, attrs.get("profile") or {}, attrs.get("train") or {}
+    metrics, profile, train = trial.metrics, trial.profile or {}, trial.train or {}
     recipe = study_cfg.recipe()
     budget = ", ".join(f"{k} {getattr(recipe, k):g}" for k in ("epochs", "steps", "seconds") if getattr(recipe, k))
     limit = f"{study_cfg.data.limit:,} training images" if study_cfg.data.limit else "the full training split"
     latency = profile.get("latency_ms") or {}
     anchor = profile.get("anchor")
     anchored = (f"; {anchor['ratio']:.3g}x the study's latency anchor {anchor['name']}, timed interleaved with it "
-                f"(this run's own median: {_fmt_metric(metrics.get('latency_ms_measured'), ' ms')})" if anchor else "")
+                f"(this run's own median: {_fmt_metric(metrics.latency_ms_measured, ' ms')})" if anchor else "")
     rows = [
-        ("validation accuracy", _fmt_metric(metrics.get("accuracy")),
+        ("validation accuracy", _fmt_metric(metrics.accuracy),
          f"proxy training ({budget}, batch {recipe.batch_size}) on {limit} of {study_cfg.data.name}; "
          f"{train.get('steps', '?')} steps"),
-        ("router super-class accuracy", _fmt_metric(metrics.get("router_accuracy")), "same run"),
-        ("FLOPs per image", _fmt_metric(metrics.get("flops")), "profilers.count_flops (fvcore, MAC = 2 FLOPs)"),
-        ("params total / active", f"{_fmt_metric(metrics.get('params_total'))} / "
-         f"{_fmt_metric(metrics.get('params_active'))}", "search_spaces.count_params; active: k of E experts"),
-        ("size (fp32)", _fmt_metric(metrics.get("size_mb"), " MB"), "4 bytes per parameter"),
-        ("latency", _fmt_metric(metrics.get("latency_ms"), " ms"),
+        ("router super-class accuracy", _fmt_metric(metrics.router_accuracy), "same run"),
+        ("FLOPs per image", _fmt_metric(metrics.flops), "profilers.count_flops (fvcore, MAC = 2 FLOPs)"),
+        ("params total / active", f"{_fmt_metric(metrics.params_total)} / "
+         f"{_fmt_metric(metrics.params_active)}", "search_spaces.count_params; active: k of E experts"),
+        ("size (fp32)", _fmt_metric(metrics.size_mb, " MB"), "4 bytes per parameter"),
+        ("latency", _fmt_metric(metrics.latency_ms, " ms"),
          f"median, {profile.get('backend')}, batch {profile.get('batch')}, {profile.get('threads')} thread(s), "
-         f"cv {_fmt_metric(latency.get('cv'))}, on {metrics.get('latency_device') or 'an unrecorded device'}"
+         f"cv {_fmt_metric(latency.get('cv'))}, on {metrics.latency_device or 'an unrecorded device'}"
          f"{anchored}"),
     ]
     table = "| metric | value | how |\n|---|---|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
-    comparison = analysis.comparisons[analysis.comparisons["trial"] == frozen.number]
+    comparison = analysis.comparisons[analysis.comparisons["trial"] == trial.number]
     against = ""
     for _, row in comparison.iterrows():
         for cost in ("flops", "latency"):
@@ -250,8 +255,8 @@ def model_card(cfg: ArchConfig, frozen: optuna.trial.FrozenTrial, study_name: st
                 against += f"- at no more {cost}: no dense trial to compare with\n"
     lines = [
         f"# {cfg.name}\n",
-        f"Exported {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from trial {frozen.number} of study "
-        f"`{study_name}`" + (f" ({source})" if source else "") + f"; trial status: {attrs.get('status')}, "
+        f"Exported {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from trial {trial.number} of study "
+        f"`{study_name}`" + (f" ({source})" if source else "") + f"; trial status: {trial.status}, "
         f"config hash `{cfg.config_hash()}`.\n",
         "## Architecture\n", f"```yaml\n{cfg.to_yaml()}```\n",
         "## Measured in the study\n", table,
@@ -279,9 +284,19 @@ def model_card(cfg: ArchConfig, frozen: optuna.trial.FrozenTrial, study_name: st
 @contextlib.contextmanager
 def _staging(out: Path, force: bool):
     """A hidden sibling of `out` to write into; renamed to `out` when the block succeeds, removed when it
-    does not. So an interrupted export leaves no half-written directory behind."""
+    does not. So an interrupted export leaves no half-written directory behind. A training run inside `out`
+    (`vmoe-nas train` writes `run/` there) is never replaced."""
+    old = out.with_name(f".{out.name}.old")
+    if old.exists():  # an export killed between its two renames below
+        if out.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, out)  # the previous export is whole: put it back first
     if out.exists() and not force:
         raise ExportError("--out", f"{out} exists; pass --force to replace it")
+    if (out / "run").exists():
+        raise ExportError("--force", f"{out / 'run'} holds a training run (vmoe-nas train): move it out of {out} "
+                                     "or delete it first; --force replaces the whole folder")
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)  # left by an export killed outright
     staging.mkdir(parents=True)
@@ -305,16 +320,20 @@ def export_trial(study: optuna.Study, out_dir, *, trial: int | None = None, pick
     """Export trial `trial`, or the one `pick` chooses (see PICK_RULES), into `out_dir`; returns file kind
     -> path. `study_dir` holds the study's super-class cache (default results/<study>/); `source` says
     where the study is stored, for the model card."""
+    from nas import record as records
+    from nas.pareto import analyze
+
     if (trial is None) == (pick is None):
         raise ExportError("--trial", "give either a trial number or a pick rule")
-    if "study_config" not in study.user_attrs:
+    stored_config = records.read_study(study).config
+    if stored_config is None:
         raise ExportError("--study", f"study {study.study_name!r} has no study_config: not written by vmoe-nas search")
-    study_cfg = StudyConfig.from_dict(study.user_attrs["study_config"])
+    study_cfg = StudyConfig.from_dict(stored_config)
     analysis = analyze(study, margin=margin)
     number = trial if trial is not None else pick_trial(analysis, pick)
-    frozen = _stored_trial(study, number)
-    cfg = ArchConfig.from_dict(frozen.user_attrs["arch"])
-    rebuilt_costs(cfg, frozen.user_attrs.get("metrics") or {})
+    chosen = _stored_trial(study, number)
+    cfg = chosen.arch
+    rebuilt_costs(cfg, chosen.metrics)
     mapping = superclass_map(cfg, study_cfg, Path(study_dir) if study_dir else study_cfg.study_dir)
     seed = study_cfg.recipe().seed
     out = Path(out_dir)
@@ -327,29 +346,30 @@ def export_trial(study: optuna.Study, out_dir, *, trial: int | None = None, pick
         config = train_config(study_cfg, epochs=epochs, superclasses=mapping is not None, source=origin)
         (stage / "train.yaml").write_text(f"# Full training of {cfg.name}: vmoe-nas train {out / 'train.yaml'}\n"
                                           + yaml.safe_dump(config, sort_keys=False))
-        torch.manual_seed(seed)
-        model = build_model(cfg).eval()
+        with torch.random.fork_rng(devices=[]):  # initial weights from the recipe's seed, not the caller's RNG
+            torch.manual_seed(seed)
+            model = build_model(cfg).eval()
         difference = export_checked_onnx(model, stage / "model.onnx")
         coreml_note = export_coreml_quietly(model, stage) if coreml else "not written (--no-coreml)"
-        record = {"study": study.study_name, "number": number, "state": frozen.state.name, "values": frozen.values,
-                  "constraints": frozen.constraints, "params": frozen.params, "user_attrs": frozen.user_attrs}
-        (stage / "trial.json").write_text(json.dumps(record, indent=1, default=str))
+        stored = {"study": study.study_name, **chosen.to_json()}
+        (stage / "trial.json").write_text(json.dumps(stored, indent=1, default=str))
         (stage / "model_card.md").write_text(model_card(
-            cfg, frozen, study.study_name, study_cfg, analysis, onnx_difference=difference, coreml_note=coreml_note,
+            cfg, chosen, study.study_name, study_cfg, analysis, onnx_difference=difference, coreml_note=coreml_note,
             source=source, seed=seed, epochs=epochs, superclasses=mapping is not None))
         written = sorted(p.name for p in stage.iterdir())
     return {name: out / name for name in written}
 
 
-def _stored_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+def _stored_trial(study: optuna.Study, number: int) -> TrialRecord:
+    from nas import record as records
+
     trials = study.get_trials(deepcopy=False)
     if not 0 <= number < len(trials):
         raise ExportError("--trial", f"study {study.study_name!r} has trials 0..{len(trials) - 1}, not {number}")
-    frozen = trials[number]
-    if "arch" not in frozen.user_attrs:
-        raise ExportError("--trial", f"trial {number} has no architecture (status "
-                                     f"{frozen.user_attrs.get('status', frozen.state.name.lower())})")
-    return frozen
+    chosen = records.read(trials[number])
+    if chosen.arch is None:
+        raise ExportError("--trial", f"trial {number} has no architecture (status {chosen.status})")
+    return chosen
 
 
 __all__ = ["DEFAULT_EPOCHS", "ExportError", "PICK_RULES", "export_checked_onnx", "export_trial", "first_line",

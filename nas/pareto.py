@@ -8,8 +8,8 @@ status `complete`, met every constraint and are not a re-run of an architecture 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import optuna
@@ -17,71 +17,26 @@ import pandas as pd
 from optuna._hypervolume import compute_hypervolume
 from optuna.trial import TrialState
 
-from nas.search import ANCHOR_ATTR, StorageError, make_storage
-from nas.study import OBJECTIVES
+from nas import record as records
+from nas.objectives import Objective, objectives_for
+from nas.record import METRIC_COLUMNS, TEXT_METRICS
 
 ARCH_COLUMNS = ["image_size", "in_channels", "patch_size", "num_classes", "depth", "width", "num_heads", "mlp_ratio",
                 "num_experts", "top_k", "moe_layers", "routing", "router_loss_weight"]
-METRIC_COLUMNS = ["accuracy", "first_eval_accuracy", "router_accuracy", "flops", "params_total", "params_active",
-                  "size_bytes_fp32", "size_mb", "latency_ms", "latency_ms_measured", "latency_ratio", "latency_cv",
-                  "latency_backend", "latency_device",
-                  "train_time_s", "images_per_s"]
 COSTS = {"flops": "flops", "latency_ms": "latency"}  # cost column -> its short name: what MoE and dense compare at
 COST_REFERENCE_FACTOR = 1.1  # a cost's reference point: 10% above the costliest trial, so it still counts
 FRONT_COLUMNS = {"overall": "on_front", "dense": "on_dense_front", "moe": "on_moe_front"}  # front -> flag column
 
 
-@dataclass(frozen=True)
-class Objective:
-    name: str  # accuracy, flops, latency or params
-    column: str  # the metric column holding it
-    maximize: bool
-
-
-def objectives_for(names: list[str]) -> list[Objective]:
-    unknown = [n for n in names if n not in OBJECTIVES]
-    if unknown or not names or len(set(names)) != len(names):
-        raise ValueError(f"objectives must be distinct names among {', '.join(OBJECTIVES)}, got {names}")
-    return [Objective(n, OBJECTIVES[n][1], OBJECTIVES[n][0] == "maximize") for n in names]
-
-
-# ---------------------------------------------------------------- opening a study
-
-
-def study_storage_url(study_name: str, results_dir: str | Path = "results") -> str:
-    """The storage a search wrote under results/<study>/: its journal file or its SQLite file."""
-    folder = Path(results_dir) / study_name
-    journal, sqlite = folder / "journal.log", folder / "study.db"
-    if journal.is_file():
-        return f"journal:{journal}"
-    if sqlite.is_file():
-        return f"sqlite:///{sqlite}"
-    raise StorageError(f"no study storage in {folder}: neither {journal} nor {sqlite} exists "
-                       "(pass --storage URL or --results-dir)")
-
-
-def load_study(study_name: str, *, storage: str | None = None, results_dir: str | Path = "results") -> optuna.Study:
-    url = storage or study_storage_url(study_name, results_dir)
-    for prefix in ("sqlite:///", "journal:"):  # opening a missing file would create an empty storage
-        if url.startswith(prefix) and not Path(url.removeprefix(prefix)).is_file():
-            raise StorageError(f"no study storage at {url.removeprefix(prefix)}")
-    backend = make_storage(url)
-    try:
-        return optuna.load_study(study_name=study_name, storage=backend)
-    except KeyError:
-        names = sorted(s.study_name for s in optuna.get_all_study_summaries(backend))
-        raise StorageError(f"no study {study_name!r} in {url} (it holds: {', '.join(names) or 'none'})") from None
-
-
 # ---------------------------------------------------------------- trials as a table
 
 
-def _arch_fields(arch: dict) -> dict:
-    moe = arch.get("moe") or {}
-    row = {name: arch.get(name) for name in ARCH_COLUMNS[:8]}
-    row.update(num_experts=moe.get("num_experts", 0), top_k=moe.get("top_k"),
-               moe_layers=",".join(map(str, moe["layers"])) if moe else None,
-               routing=moe.get("routing"), router_loss_weight=moe.get("router_loss_weight"))
+def _arch_fields(arch) -> dict:
+    moe = arch.moe
+    row = {name: getattr(arch, name) for name in ARCH_COLUMNS[:8]}
+    row.update(num_experts=moe.num_experts if moe else 0, top_k=moe.top_k if moe else None,
+               moe_layers=",".join(map(str, moe.layers)) if moe else None,
+               routing=moe.routing if moe else None, router_loss_weight=moe.router_loss_weight if moe else None)
     return row
 
 
@@ -89,26 +44,20 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per finished trial that got as far as an architecture: its state and status, every
     architecture field, every metric, its constraints, and whether it is `eligible` for the analysis."""
     rows = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
-        attrs = t.user_attrs
-        if "arch" not in attrs:
+    for r in records.read_all(study, (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        if r.arch is None:
             continue  # invalid samples and trials that failed before sampling: nothing to analyse
-        feasible = all(v <= 0 for v in t.constraints.values())
-        duplicate = attrs.get("duplicate_of")
-        row = {"trial": t.number, "name": attrs.get("name"), "kind": "moe" if attrs["arch"].get("moe") else "dense",
-               "state": t.state.name.lower(), "status": attrs.get("status"), "feasible": feasible,
-               "duplicate_of": duplicate,
-               "eligible": t.state == TrialState.COMPLETE and attrs.get("status") == "complete" and feasible
-               and duplicate is None,
-               "config_hash": attrs.get("config_hash"), **_arch_fields(attrs["arch"])}
-        row.update({column: (attrs.get("metrics") or {}).get(column) for column in METRIC_COLUMNS})
-        row.update({f"constraint_{name}": value for name, value in t.constraints.items()})
-        row["reason"] = attrs.get("reason")
+        row = {"trial": r.number, "name": r.name, "kind": r.kind, "state": r.state.name.lower(), "status": r.status,
+               "feasible": r.feasible, "duplicate_of": r.duplicate_of,
+               "eligible": r.status == "complete" and r.duplicate_of is None,
+               "config_hash": r.arch.config_hash(), **_arch_fields(r.arch), **dataclasses.asdict(r.metrics)}
+        row.update({f"constraint_{name}": value for name, value in r.constraints.items()})
+        row["reason"] = r.reason
         rows.append(row)
     columns = ["trial", "name", "kind", "state", "status", "feasible", "duplicate_of", "eligible", "config_hash",
                *ARCH_COLUMNS, *METRIC_COLUMNS]
     frame = pd.DataFrame(rows, columns=list(dict.fromkeys(columns + [k for r in rows for k in r])))
-    numeric = [c for c in METRIC_COLUMNS if c not in ("latency_backend", "latency_device")]
+    numeric = [c for c in METRIC_COLUMNS if c not in TEXT_METRICS]
     frame[numeric] = frame[numeric].apply(pd.to_numeric)  # None -> NaN: a metric not measured
     frame["duplicate_of"] = frame["duplicate_of"].astype("Int64")
     return frame.astype({"eligible": bool, "feasible": bool})
@@ -220,7 +169,7 @@ class ParetoAnalysis:
 
     def front(self, which: str = "overall") -> pd.DataFrame:
         first = self.objectives[0]
-        return self.trials[self.trials[FRONT_COLUMNS[which]]].sort_values([first.column, "trial"],
+        return self.trials[self.trials[FRONT_COLUMNS[which]]].sort_values([first.metric, "trial"],
                                                             ascending=[not first.maximize, True])
 
     @property
@@ -231,10 +180,11 @@ class ParetoAnalysis:
 
 def analyze(study: optuna.Study, *, objectives: list[str] | None = None, margin: float = 0.0) -> ParetoAnalysis:
     """Fronts, hypervolumes and the beats-dense table of `study`, on its own objectives by default."""
-    objectives = objectives_for(objectives or study.user_attrs.get("objectives") or ["accuracy", "flops"])
+    stored = records.read_study(study)
+    objectives = objectives_for(objectives or stored.objectives or ["accuracy", "flops"])
     frame = trials_frame(study)
     analysis = analyze_frame(frame, objectives, study_name=study.study_name, margin=margin)
-    anchor = study.user_attrs.get(ANCHOR_ATTR)
+    anchor = stored.anchor
     if anchor and frame["latency_ratio"].notna().any():
         analysis.notes.append(
             f"latency_ms is on one scale for the whole study: each trial was timed interleaved with the anchor "
@@ -247,15 +197,15 @@ def analyze(study: optuna.Study, *, objectives: list[str] | None = None, margin:
 
 def analyze_frame(frame: pd.DataFrame, objectives: list[Objective], *, study_name: str = "",
                   margin: float = 0.0) -> ParetoAnalysis:
-    columns = [o.column for o in objectives]
+    columns = [o.metric for o in objectives]
     maximize = [o.maximize for o in objectives]
     frame = frame.copy()
     notes = []
     complete = frame["eligible"] & frame[columns].notna().all(1)
     for o in objectives:
-        missing = frame["eligible"] & frame[o.column].isna()
+        missing = frame["eligible"] & frame[o.metric].isna()
         if missing.any():
-            notes.append(f"{int(missing.sum())} eligible trials have no {o.column} and are left out of the fronts")
+            notes.append(f"{int(missing.sum())} eligible trials have no {o.metric} and are left out of the fronts")
     values = frame.loc[complete, columns].to_numpy(float)
     reference = reference_point(values, objectives)
     frame["rank"] = pd.Series(non_dominated_rank(values, maximize), index=frame.index[complete]).astype("Int64")
@@ -277,5 +227,5 @@ def analyze_frame(frame: pd.DataFrame, objectives: list[Objective], *, study_nam
     )
 
 
-__all__ = ["FRONT_COLUMNS", "Objective", "ParetoAnalysis", "analyze", "analyze_frame", "beats_dense", "hypervolume",
-           "load_study", "non_dominated_rank", "objectives_for", "reference_point", "study_storage_url", "trials_frame"]
+__all__ = ["FRONT_COLUMNS", "ParetoAnalysis", "analyze", "analyze_frame", "beats_dense", "hypervolume",
+           "non_dominated_rank", "reference_point", "trials_frame"]

@@ -143,7 +143,7 @@ def hypervolume_history(analysis: ParetoAnalysis) -> HypervolumeHistory:
     """How the overall front's hypervolume grew, on the analysis's reference point (so it ends at the
     report's number)."""
     frame = analysis.trials.sort_values("trial")
-    columns = [o.column for o in analysis.objectives]
+    columns = [o.metric for o in analysis.objectives]
     reference = np.array([analysis.reference[o.name] for o in analysis.objectives])
     ranked = frame["rank"].notna().to_numpy()
     values = frame[columns].to_numpy(float)
@@ -210,10 +210,10 @@ def _analysed_study(study: optuna.Study, analysis: ParetoAnalysis) -> optuna.Stu
     """An in-memory copy of the analysed trials, valued on the analysis objectives: Optuna's plots then
     leave out infeasible, early-stopped and duplicate trials as the fronts do."""
     keep = set(analysis.ranked["trial"].astype(int))
-    values = analysis.trials.set_index("trial")[[o.column for o in analysis.objectives]]
+    values = analysis.trials.set_index("trial")[[o.metric for o in analysis.objectives]]
     with _quiet_optuna():
         view = optuna.create_study(directions=["maximize" if o.maximize else "minimize" for o in analysis.objectives])
-        view.set_metric_names([o.column for o in analysis.objectives])  # plots label objectives by metric
+        view.set_metric_names([o.metric for o in analysis.objectives])  # plots label objectives by metric
         for t in study.get_trials(deepcopy=False):
             if t.number in keep:
                 view.add_trial(optuna.trial.create_trial(values=values.loc[t.number].tolist(), params=t.params,
@@ -231,7 +231,7 @@ def optuna_figures(study: optuna.Study, analysis: ParetoAnalysis) -> tuple[dict[
     first = analysis.objectives[0]
     plots = {
         "parallel coordinates": lambda: optuna.visualization.plot_parallel_coordinate(
-            view, target=lambda t: t.values[0], target_name=first.column),
+            view, target=lambda t: t.values[0], target_name=first.metric),
         # fANOVA: variance explained, whatever the direction (PED-ANOVA assumes a target to minimise)
         "parameter importances": lambda: optuna.visualization.plot_param_importances(
             view, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)),

@@ -7,27 +7,24 @@ flags override fields. Every bad field gets one `ConfigError` naming it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+import profilers
+from nas.objectives import OBJECTIVES, Objective, objectives_for
 from search_spaces import ArchConfig, ConfigError, load_arch
 from search_spaces.config import check_fields, from_mapping, is_file, is_number, read_yaml
 from search_spaces.mobile_vmoe import SPACES, MobileVMoESpace
 
 STUDY_DIR = Path(__file__).parent / "studies"
+log = logging.getLogger("vmoe_nas.study")
 
-# name -> (direction, metric key): the metric a trial stores and the way it should go.
-OBJECTIVES = {
-    "accuracy": ("maximize", "accuracy"),
-    "flops": ("minimize", "flops"),
-    "latency": ("minimize", "latency_ms"),
-    "params": ("minimize", "params_active"),
-}
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
-BACKENDS = ("onnxruntime", "torch", "coreml", "remote")
+BACKENDS = profilers.BACKENDS  # the backend registry: names, and the classes on demand
 
 
 def _section(cls: type, data: Any, where: str):
@@ -201,8 +198,12 @@ class StudyConfig:
             raise ConfigError(f"evaluator.{error.field}", error.problem) from None
 
     @property
+    def study_objectives(self) -> list[Objective]:
+        return objectives_for(self.objectives)
+
+    @property
     def directions(self) -> list[str]:
-        return [OBJECTIVES[name][0] for name in self.objectives]
+        return [o.direction for o in self.study_objectives]
 
     @property
     def study_dir(self) -> Path:
@@ -241,6 +242,38 @@ class StudyConfig:
         data["space"] = _space_from_dict(data.get("space"))
         data["enqueue"] = data.get("enqueue") or []
         return cls(**data)
+
+
+# What may differ when a study resumes: how it runs, not what its trials mean. Everything else (data, space,
+# objectives, constraints, evaluator, early stopping, profiler) changed mid-study would mix incomparable results.
+RUN_SETTINGS = ("n_trials", "timeout", "workers", "storage", "results_dir", "heartbeat_interval", "max_retries",
+                "trial_timeout", "trial_memory_mb", "sampler", "seed", "enqueue", "data.data_dir")
+
+
+def config_changes(stored: dict, current: StudyConfig) -> list[str]:
+    """The fields (dotted) of `current` that differ from the stored config of a study, run settings aside."""
+    try:
+        before = _flat(_comparable(StudyConfig.from_dict(stored)))
+    except ConfigError as error:  # written by another version, or by hand: compare what can be read
+        log.debug("stored study config does not load (%s); comparing it as stored", error)
+        before = _flat(stored)
+    after = _flat(_comparable(current))
+    return sorted(key for key in before.keys() | after.keys()
+                  if before.get(key) != after.get(key) and not key.startswith(RUN_SETTINGS))
+
+
+def _comparable(cfg: StudyConfig) -> dict:
+    return {**cfg.to_dict(), "evaluator": cfg.recipe().to_dict()}  # the recipe with its defaults filled in
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _space_from_dict(data: Any) -> MobileVMoESpace:

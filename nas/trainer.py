@@ -2,8 +2,12 @@
 
 AdamW with warm-up plus cosine decay, label smoothing, batched crop/flip augmentation on uint8 tensors. MoE
 models add their routing losses: per-image routing the super-class router loss (Mobile V-MoE), per-token
-routing the load-balancing loss (V-MoE). Every random choice derives from (seed, step), so a run resumed
-from a checkpoint takes the same steps as one that never stopped.
+routing the load-balancing loss (V-MoE). Every random choice of the data derives from (data seed, step), so
+a run resumed from a checkpoint takes the same steps as one that never stopped, and two models trained with
+one data seed see the same batches.
+
+A run is small pieces wired by `_Run`, each usable alone: `param_groups`, `Schedule`, `Batches`, `Loss`,
+`evaluate` and `Checkpoint`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import nn
 from nas.data import Dataset, Split
 from search_spaces import ArchConfig, ConfigError, build_model
 from search_spaces.config import from_mapping
-from search_spaces.model import PerTokenExperts
+from search_spaces.model import ModelOutput, PerTokenExperts
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_EVERY = 10  # steps per loss-curve point: the curve stays small enough to store on every trial
@@ -37,7 +41,8 @@ class TrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainRecipe:
-    # Budget: any of the three; training stops at the first one reached.
+    # Budget: any of the three; training stops at the first one reached. It is also the schedule's length,
+    # whatever step `train(stop_at_step=...)` pauses at.
     epochs: float | None = None
     steps: int | None = None
     seconds: float | None = None
@@ -49,7 +54,8 @@ class TrainRecipe:
     augment: bool = True  # random crop with padding; flips only where the data set allows them
     grad_clip: float | None = 1.0  # global norm; keeps early ViT training from diverging
     aux_loss_weight: float = 0.01  # per-token load-balancing loss (V-MoE / Switch: 0.01)
-    seed: int = 0
+    seed: int = 0  # the model's initial weights, and the batches unless data_seed is set
+    data_seed: int | None = None  # batch order and augmentation: one data_seed, same batches whatever the model
     eval_every: int | str = "epoch"  # steps between validations, or "epoch"
     num_threads: int | None = None  # None: all cores this process may use
 
@@ -60,6 +66,7 @@ class TrainRecipe:
             _check_number(name, getattr(self, name), optional=True, positive=True, integer=name == "steps")
         for name in ("batch_size", "seed"):
             _check_number(name, getattr(self, name), integer=True, positive=name == "batch_size")
+        _check_number("data_seed", self.data_seed, optional=True, integer=True)
         _check_number("num_threads", self.num_threads, optional=True, positive=True, integer=True)
         _check_number("lr", self.lr, positive=True)
         for name in ("weight_decay", "label_smoothing", "aux_loss_weight", "warmup_fraction"):
@@ -114,8 +121,8 @@ class TrainResult:
 
 
 @dataclass
-class _State:
-    """Everything a resumed run needs besides model and optimizer."""
+class RunState:
+    """Everything a resumed run needs besides model, optimizer and RNG."""
 
     step: int = 0
     train_time: float = 0.0  # seconds spent in training steps
@@ -127,23 +134,205 @@ class _State:
     metrics: dict = field(default_factory=dict)  # of the latest evaluation on val
 
 
+# --- the pieces of a run: each usable, and tested, alone ---------------------------------------------------
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matmul and conv weights only: not on biases, norms, class token or positions."""
+    params = dict(model.named_parameters())
+    decays = {name: name.endswith("weight") and p.ndim >= 2 for name, p in params.items()}
+    return [{"params": [p for name, p in params.items() if decays[name]], "weight_decay": weight_decay},
+            {"params": [p for name, p in params.items() if not decays[name]], "weight_decay": 0.0}]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warm-up from 0, then cosine decay to 0, over the fraction of the budget spent. Its length is the
+    recipe's budget, not where a run stops: a run stopped at a rung and continued follows the same curve."""
+
+    peak_lr: float
+    warmup_fraction: float
+    steps: int | None  # the step budget (the smaller of steps and epochs), if any
+    seconds: float | None  # the training-time budget, if any
+
+    @classmethod
+    def of(cls, recipe: TrainRecipe, steps_per_epoch: int) -> Schedule:
+        budgets = [recipe.steps, recipe.epochs and math.ceil(recipe.epochs * steps_per_epoch)]
+        return cls(recipe.lr, recipe.warmup_fraction, min((b for b in budgets if b), default=None), recipe.seconds)
+
+    def progress(self, step: int, train_time: float = 0.0) -> float:
+        """Fraction of the budget spent: the largest over the step and time budgets."""
+        done = [step / self.steps] if self.steps else []
+        if self.seconds:
+            done.append(train_time / self.seconds)
+        return max(done)
+
+    def lr(self, progress: float) -> float:
+        warmup = self.warmup_fraction
+        if progress < warmup:
+            return self.peak_lr * max(progress, 1e-3) / warmup  # floor: step 0 of a time budget is not a no-op
+        return self.peak_lr * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
+
+
+class Batches:
+    """The train split's batches by step, normalised, augmented when asked. Epoch e is a permutation seeded by
+    (seed, e), step s's crops and flips by (seed, s): batch s depends on (seed, s) only, never on the model
+    (two models trained with one seed see the same batches) nor on where a run resumed."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, augment: bool):
+        self.data, self.seed, self.augment = dataset, seed, augment
+        self.size = min(batch_size, len(dataset.train))
+        self.per_epoch = len(dataset.train) // self.size  # full batches only: every step has the same shape
+        self._order = (-1, None)  # (epoch, its permutation): computed once per epoch
+
+    def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = divmod(step, self.per_epoch)
+        if self._order[0] != epoch:
+            self._order = (epoch, torch.randperm(len(self.data.train), generator=_generator(self.seed, epoch)))
+        take = self._order[1][index * self.size : (index + 1) * self.size]
+        images, labels = self.data.train.images[take], self.data.train.labels[take]
+        if self.augment:
+            images = augment(images, flip=self.data.flip_ok, generator=_generator(self.seed, step, 1))
+        return self.data.normalize(images), labels
+
+
+@dataclass(frozen=True)
+class Loss:
+    """Label-smoothed cross-entropy plus the routing losses: the per-image router's super-class cross-entropy
+    (Mobile V-MoE), the per-token load-balancing loss (V-MoE)."""
+
+    label_smoothing: float = 0.0
+    groups: torch.Tensor | None = None  # class -> super-class: the per-image router's targets
+    router_weight: float = 0.0
+    aux_weight: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: ArchConfig, recipe: TrainRecipe, groups: torch.Tensor | None) -> Loss:
+        return cls(recipe.label_smoothing, groups, cfg.moe.router_loss_weight if cfg.is_moe else 0.0,
+                   recipe.aux_loss_weight)
+
+    def __call__(self, out: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(out.logits, labels, label_smoothing=self.label_smoothing)
+        if out.router_logits is not None and self.groups is not None and self.router_weight:
+            loss = loss + self.router_weight * F.cross_entropy(out.router_logits, self.groups[labels])
+        if out.aux_loss is not None:
+            loss = loss + self.aux_weight * out.aux_loss
+        return loss
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: Split, normalize: Callable[[torch.Tensor], torch.Tensor], *,
+             groups: torch.Tensor | None = None) -> dict[str, Any]:
+    """Top-1 accuracy on `split`, the per-image router's super-class accuracy (against `groups`) and the
+    expert load (per-image: images per expert; per-token: share of token slots)."""
+    model.eval()
+    moe = model.cfg.moe if model.cfg.is_moe else None
+    per_image = moe is not None and moe.routing == "per_image"
+    correct, router_correct = 0, 0
+    image_load = torch.zeros(moe.num_experts if per_image else 0, dtype=torch.int64)
+    hooks = _token_load_hooks(model)
+    for start in range(0, len(split), EVAL_BATCH):
+        images = normalize(split.images[start : start + EVAL_BATCH])
+        labels = split.labels[start : start + EVAL_BATCH]
+        out = model(images, with_aux=True)
+        correct += (out.logits.argmax(-1) == labels).sum().item()
+        if out.router_logits is not None:
+            chosen = out.router_logits.topk(moe.top_k, dim=-1).indices  # (B, k)
+            image_load += torch.bincount(chosen.flatten(), minlength=moe.num_experts)
+            if groups is not None:
+                router_correct += (out.router_logits.argmax(-1) == groups[labels]).sum().item()
+    for hook in hooks:
+        hook.handle.remove()
+    n = max(len(split), 1)
+    if hooks:
+        token_load = sum(hook.counts for hook in hooks)
+        load = (token_load / token_load.sum()).tolist()
+    else:
+        load = image_load.tolist() if per_image else None
+    return {"accuracy": correct / n, "router_accuracy": router_correct / n if groups is not None else None,
+            "expert_load": load}
+
+
+class Checkpoint:
+    """A run's progress in one file: model, optimizer, RunState and torch RNG, beside what identifies the run
+    (architecture, recipe, data set) so that another run's checkpoint is refused, not resumed. Written
+    atomically; it holds only tensors and plain data, and is read with weights_only=True: a planted file
+    cannot run code."""
+
+    def __init__(self, path, cfg: ArchConfig, recipe: TrainRecipe, dataset_name: str):
+        self.path = Path(path)
+        self.identity = {"arch": cfg.to_dict(), "recipe": recipe.to_dict(), "dataset": dataset_name}
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {**self.identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "state": asdict(state), "rng": torch.get_rng_state()}
+        partial = self.path.with_suffix(".tmp")
+        torch.save(payload, partial)
+        partial.replace(self.path)  # atomic: a crash mid-save leaves the previous checkpoint
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> RunState | None:
+        """Load the checkpoint into model and optimizer and return its state; None when there is none."""
+        if not self.path.is_file():
+            return None
+        try:
+            payload = torch.load(self.path, weights_only=True)
+        except Exception as error:  # torn, foreign or planted: say which file, not a pickle traceback
+            lines = str(error).splitlines() or [type(error).__name__]
+            why = next((line for line in lines if "GLOBAL" in line), lines[0])  # what a planted file pickles
+            raise TrainingError(f"cannot read checkpoint {self.path} ({why}); only tensors and plain data are "
+                                f"loaded; delete it to restart") from None
+        for key, value in self.identity.items():
+            stored = payload.get(key) if isinstance(payload, dict) else None
+            if (_recipe_dict(stored) if key == "recipe" else stored) != value:
+                raise TrainingError(f"checkpoint {self.path} is from another run (its {key} differs); "
+                                    f"use another checkpoint_dir or delete it")
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        torch.set_rng_state(payload["rng"])
+        return RunState(**payload["state"])
+
+
+def _recipe_dict(data: Any) -> dict | None:
+    """A stored recipe read back as a recipe, so that fields added since it was written take their defaults."""
+    try:
+        return TrainRecipe.from_dict(data).to_dict()
+    except ConfigError:
+        return None
+
+
+# --- the run -----------------------------------------------------------------------------------------------
+
+
 def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasses: np.ndarray | None = None,
           on_eval: Callable[[int, float, float], bool] | None = None, checkpoint_dir=None, progress: bool = False,
-          evaluate_test: bool = False) -> TrainResult:
+          evaluate_test: bool = False, stop_at_step: int | None = None) -> TrainResult:
     """Train `cfg` on `dataset.train` for the recipe's budget; validate on `dataset.val`.
 
     `on_eval(step, epoch, val_accuracy)` runs at each evaluation; True stops training (early stopping lives in
     the search). With `checkpoint_dir`, progress is saved at each evaluation and at the end, and resumed from
     there. `superclasses` (class -> group) trains a per-image router; the data set's own are used otherwise.
+    `stop_at_step` pauses the run at that step (evaluated and checkpointed) without shortening its schedule:
+    a later call with a larger `stop_at_step` (or none) continues it to where an unpaused run would be.
     """
     _check_fits(cfg, dataset)
+    if stop_at_step is not None:
+        _check_number("stop_at_step", stop_at_step, positive=True, integer=True)
     groups = _router_targets(cfg, dataset, superclasses)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(recipe.num_threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(recipe.num_threads or available_cores())
     try:
-        return _Run(cfg, dataset, recipe, groups, checkpoint_dir).loop(on_eval, progress, evaluate_test)
+        run = _Run(cfg, dataset, recipe, groups, checkpoint_dir)
+        return run.loop(on_eval, math.inf if stop_at_step is None else stop_at_step, progress, evaluate_test)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def available_cores() -> int:
+    """Cores this process may run on: its affinity mask where the OS has one (Linux), else all (macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _check_fits(cfg: ArchConfig, dataset: Dataset) -> None:
@@ -173,194 +362,89 @@ def _router_targets(cfg: ArchConfig, dataset: Dataset, superclasses) -> torch.Te
 
 
 class _Run:
+    """One training run: the pieces above, wired together, and the loop over them."""
+
     def __init__(self, cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, groups, checkpoint_dir):
-        self.cfg, self.data, self.recipe, self.groups = cfg, dataset, recipe, groups
+        self.cfg, self.data, self.groups = cfg, dataset, groups
         torch.manual_seed(recipe.seed)
         self.model = build_model(cfg)
-        # Weight decay on matmul and conv weights only: not on biases, norms, class token or positions.
-        params = dict(self.model.named_parameters())
-        decay = [p for n, p in params.items() if n.endswith("weight") and p.ndim >= 2]
-        no_decay = [p for n, p in params.items() if not (n.endswith("weight") and p.ndim >= 2)]
-        self.optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                           lr=recipe.lr, weight_decay=recipe.weight_decay,
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, recipe.weight_decay), lr=recipe.lr,
                                            foreach=True)  # one kernel per op, not per tensor: small models
-        n = len(dataset.train)
-        self.batch = min(recipe.batch_size, n)
-        self.steps_per_epoch = n // self.batch  # full batches only: every step has the same shape
-        budgets = [recipe.steps, recipe.epochs and math.ceil(recipe.epochs * self.steps_per_epoch)]
-        self.max_steps = min((b for b in budgets if b), default=None)
-        self.eval_every = self.steps_per_epoch if recipe.eval_every == "epoch" else recipe.eval_every
-        self.mean = torch.tensor(dataset.mean).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(dataset.std).view(1, -1, 1, 1) * 255
-        self.checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
-        self.state = _State()
-        self.order = (-1, None)  # (epoch, its shuffle of the train split)
-        if self.checkpoint and self.checkpoint.is_file():
-            self._load()
-
-    # --- schedule and budget ---------------------------------------------------------------------------
-
-    def progress(self) -> float:
-        """Fraction of the budget spent: the largest over the step and time budgets."""
-        done = [self.state.step / self.max_steps] if self.max_steps else []
-        if self.recipe.seconds:
-            done.append(self.state.train_time / self.recipe.seconds)
-        return max(done)
-
-    def lr(self) -> float:
-        """Linear warm-up, then cosine decay to 0, over the budget's progress (steps or seconds)."""
-        p, warmup = self.progress(), self.recipe.warmup_fraction
-        if p < warmup:
-            return self.recipe.lr * max(p, 1e-3) / warmup  # floor: step 0 of a time budget is not a no-op
-        return self.recipe.lr * 0.5 * (1 + math.cos(math.pi * (p - warmup) / (1 - warmup)))
-
-    # --- one step --------------------------------------------------------------------------------------
-
-    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's batch: epoch e shuffles with seed (seed, e), so a step's batch depends on the step only."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        if self.order[0] != epoch:
-            self.order = (epoch, torch.randperm(len(self.data.train), generator=_generator(self.recipe.seed, epoch)))
-        order = self.order[1]
-        take = order[index * self.batch : (index + 1) * self.batch]
-        images, labels = self.data.train.images[take], self.data.train.labels[take]
-        if self.recipe.augment:
-            images = augment(images, flip=self.data.flip_ok, generator=_generator(self.recipe.seed, step, 1))
-        return self.normalize(images), labels
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() - self.mean) / self.std
-
-    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        out = self.model(images, with_aux=True)
-        loss = F.cross_entropy(out.logits, labels, label_smoothing=self.recipe.label_smoothing)
-        if out.router_logits is not None and self.groups is not None and self.cfg.moe.router_loss_weight:
-            loss = loss + self.cfg.moe.router_loss_weight * F.cross_entropy(out.router_logits, self.groups[labels])
-        if out.aux_loss is not None:
-            loss = loss + self.recipe.aux_loss_weight * out.aux_loss
-        return loss
+        data_seed = recipe.seed if recipe.data_seed is None else recipe.data_seed
+        self.batches = Batches(dataset, recipe.batch_size, seed=data_seed, augment=recipe.augment)
+        self.schedule = Schedule.of(recipe, self.batches.per_epoch)
+        self.loss = Loss.of(cfg, recipe, groups)
+        self.grad_clip = recipe.grad_clip
+        self.eval_every = self.batches.per_epoch if recipe.eval_every == "epoch" else recipe.eval_every
+        self.checkpoint = None
+        self.state = RunState()
+        if checkpoint_dir:
+            self.checkpoint = Checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME, cfg, recipe, dataset.name)
+            self.state = self.checkpoint.restore(self.model, self.optimizer) or self.state
 
     def step(self) -> float:
+        """One optimizer step on the current step's batch; returns its loss."""
+        lr = self.schedule.lr(self.schedule.progress(self.state.step, self.state.train_time))
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr()
-        images, labels = self.batch_at(self.state.step)
+            group["lr"] = lr
+        images, labels = self.batches.at(self.state.step)
         self.model.train()
-        loss = self.loss(images, labels)
+        loss = self.loss(self.model(images, with_aux=True), labels)
         if not torch.isfinite(loss):
             raise TrainingError(f"{self.cfg.name}: loss became {loss.item()} at step {self.state.step} "
-                                f"(lr {self.lr():.2e}); try a lower lr or a grad_clip")
+                                f"(lr {lr:.2e}); try a lower lr or a grad_clip")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.recipe.grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip, foreach=True)
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         self.optimizer.step()
         self.state.step += 1
         return loss.item()
 
-    # --- the loop --------------------------------------------------------------------------------------
-
-    def loop(self, on_eval, progress: bool, evaluate_test: bool) -> TrainResult:
-        bar = _progress_bar(progress, self.max_steps, self.state.step)
+    def loop(self, on_eval, stop_at: float, progress: bool, evaluate_test: bool) -> TrainResult:
+        s = self.state
+        bar = _progress_bar(progress, self.schedule.steps, s.step)
         start, losses = time.perf_counter(), []
-        while not self.state.finished:
+        while not s.finished and s.step < stop_at:
             tick = time.perf_counter()
             losses.append(self.step())
-            self.state.train_time += time.perf_counter() - tick
+            s.train_time += time.perf_counter() - tick
             bar.update(1)
-            done = self.progress() >= 1
-            evaluating = done or self.state.step % self.eval_every == 0
+            done = self.schedule.progress(s.step, s.train_time) >= 1
+            evaluating = done or s.step == stop_at or s.step % self.eval_every == 0
             if len(losses) == LOG_EVERY or evaluating:  # flushed at evaluations: a resumed curve is the same
-                self.state.loss_curve.append((self.state.step, float(np.mean(losses))))
+                s.loss_curve.append((s.step, float(np.mean(losses))))
                 losses = []
             if evaluating:
-                self.state.metrics = self.evaluate(self.data.val)
-                accuracy = self.state.metrics["accuracy"]
-                self.state.evals.append((self.state.step, accuracy))
-                stop = bool(on_eval and on_eval(self.state.step, self.epochs(), accuracy))
-                self.state.stopped_early = stop and not done
-                self.state.finished = done or stop
-                self.state.wall_time += time.perf_counter() - start
+                s.metrics = evaluate(self.model, self.data.val, self.data.normalize, groups=self.groups)
+                s.evals.append((s.step, s.metrics["accuracy"]))
+                stop = bool(on_eval and on_eval(s.step, self.epochs(), s.metrics["accuracy"]))
+                s.stopped_early = stop and not done
+                s.finished = done or stop
+                s.wall_time += time.perf_counter() - start
                 start = time.perf_counter()
-                self._save()
+                if self.checkpoint:
+                    self.checkpoint.save(self.model, self.optimizer, s)
         bar.close()
         return self.result(evaluate_test)
 
     def epochs(self) -> float:
-        return self.state.step / self.steps_per_epoch
+        return self.state.step / self.batches.per_epoch
 
     def result(self, evaluate_test: bool) -> TrainResult:
         test = None
         if evaluate_test:
             if not len(self.data.test):
                 raise ConfigError("evaluate_test", f"data set {self.data.name!r} has no test split")
-            test = self.evaluate(self.data.test)["accuracy"]
+            test = evaluate(self.model, self.data.test, self.data.normalize, groups=self.groups)["accuracy"]
         s = self.state
         return TrainResult(
             val_accuracy=s.metrics["accuracy"], router_accuracy=s.metrics["router_accuracy"],
             expert_load=s.metrics["expert_load"], loss_curve=s.loss_curve, steps=s.step,
             epochs=round(self.epochs(), 4), wall_time_s=round(s.wall_time, 3),
-            images_per_s=round(s.step * self.batch / max(s.train_time, 1e-9), 1), stopped_early=s.stopped_early,
-            test_accuracy=test, evals=s.evals, model=self.model,
+            images_per_s=round(s.step * self.batches.size / max(s.train_time, 1e-9), 1),
+            stopped_early=s.stopped_early, test_accuracy=test, evals=s.evals, model=self.model,
         )
-
-    @torch.inference_mode()
-    def evaluate(self, split: Split) -> dict[str, Any]:
-        """Top-1 accuracy on split, the router's super-class accuracy and the expert load."""
-        self.model.eval()
-        correct, router_correct, image_load = 0, 0, 0
-        hooks = _token_load_hooks(self.model)
-        for start in range(0, len(split), EVAL_BATCH):
-            images = self.normalize(split.images[start : start + EVAL_BATCH])
-            labels = split.labels[start : start + EVAL_BATCH]
-            out = self.model(images, with_aux=True)
-            correct += (out.logits.argmax(-1) == labels).sum().item()
-            if out.router_logits is not None:
-                chosen = out.router_logits.topk(self.cfg.moe.top_k, dim=-1).indices  # (B, k)
-                image_load = image_load + torch.bincount(chosen.flatten(), minlength=self.cfg.moe.num_experts)
-                if self.groups is not None:
-                    router_correct += (out.router_logits.argmax(-1) == self.groups[labels]).sum().item()
-        for hook in hooks:
-            hook.handle.remove()
-        n = max(len(split), 1)
-        if hooks:
-            token_load = sum(hook.counts for hook in hooks)
-            load = (token_load / token_load.sum()).tolist()
-        else:
-            load = image_load.tolist() if self.router_is_per_image else None
-        return {"accuracy": correct / n, "router_accuracy": router_correct / n if self.groups is not None else None,
-                "expert_load": load}
-
-    @property
-    def router_is_per_image(self) -> bool:
-        return self.cfg.is_moe and self.cfg.moe.routing == "per_image"
-
-    # --- checkpoints -----------------------------------------------------------------------------------
-
-    def _save(self) -> None:
-        if not self.checkpoint:
-            return
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"arch": self.cfg.to_dict(), "recipe": self.recipe.to_dict(), "dataset": self.data.name,
-                   "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "state": asdict(self.state), "rng": torch.get_rng_state()}
-        partial = self.checkpoint.with_suffix(".tmp")
-        torch.save(payload, partial)
-        partial.replace(self.checkpoint)  # atomic: a crash mid-save leaves the previous checkpoint
-
-    def _load(self) -> None:
-        try:
-            payload = torch.load(self.checkpoint, weights_only=False)
-        except Exception as error:  # a torn or foreign file: say which, not a pickle traceback
-            raise TrainingError(f"cannot read checkpoint {self.checkpoint} ({error}); delete it to restart") from None
-        mine = {"arch": self.cfg.to_dict(), "recipe": self.recipe.to_dict(), "dataset": self.data.name}
-        for key, value in mine.items():
-            if payload.get(key) != value:
-                raise TrainingError(f"checkpoint {self.checkpoint} is from another run (its {key} differs); "
-                                    f"use another checkpoint_dir or delete it")
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.state = _State(**payload["state"])
-        torch.set_rng_state(payload["rng"])
 
 
 def augment(images: torch.Tensor, *, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -408,4 +492,7 @@ def _progress_bar(enabled: bool, total: int | None, initial: int):
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
-__all__ = ["TrainRecipe", "TrainResult", "TrainingError", "augment", "train"]
+__all__ = [
+    "CHECKPOINT_NAME", "Batches", "Checkpoint", "Loss", "RunState", "Schedule", "TrainRecipe", "TrainResult",
+    "TrainingError", "augment", "available_cores", "evaluate", "param_groups", "train",
+]

@@ -3,33 +3,55 @@
     profile(cfg)                      # everything, as one JSON-ready dict (ONNX Runtime, 1 thread, batch 1)
     profile(cfg, measure=False)       # params, sizes, FLOPs only: the cheap filter before latency
     count_flops(cfg).total == analytic_flops(cfg)
+
+Importing this package imports no runtime (onnxruntime, coremltools) and no HTTP stack: backends are
+found by name in `BACKENDS` and each is imported when first used; `RemoteBackend` is imported on access.
 """
+
+import importlib
 
 from profilers._backends import (
     BACKENDS,
+    AgentLimits,
     Backend,
     BackendResult,
-    CoreMLBackend,
     LocalBackend,
-    OnnxRuntimeBackend,
+    Payload,
     Runnable,
-    TorchBackend,
     get_backend,
-    onnxruntime_latency,
-    ort_inference,
-    ort_session,
     register_backend,
 )
-from profilers._coreml import CoreMLExport, coreml_form, export_coreml
-from profilers._export import CACHE_ENV, ProfileError, cache_dir, cached_onnx, export_onnx
-from profilers._flops import FlopReport, analytic_flops, count_flops
+from profilers._errors import PayloadError, ProfileError, ProfilerUnreachable, RemoteProfilerError
 from profilers._latency import MIN_TIME_S, LatencyStats, measure_interleaved, measure_latency
-from profilers._profile import device_info, device_label, format_profile, profile
-from profilers.remote import ProfilerUnreachable, RemoteBackend, RemoteProfilerError  # registers "remote"
+
+# The rest imports ONNX and fvcore: loaded on first use, so that reading the registry (the command line, a
+# study config) stays cheap. RemoteBackend's module imports httpx.
+_LAZY = {
+    "profilers._coreml": ("CoreMLExport", "coreml_form", "export_coreml"),
+    "profilers._coreml_backend": ("CoreMLBackend",),
+    "profilers._export": ("CACHE_ENV", "cache_dir", "cached_onnx", "export_onnx"),
+    "profilers._flops": ("FlopReport", "analytic_flops", "count_flops"),
+    "profilers._onnxruntime": ("OnnxRuntimeBackend", "onnxruntime_latency", "ort_inference", "ort_session"),
+    "profilers._profile": ("device_info", "device_label", "format_profile", "profile"),
+    "profilers._torch": ("TorchBackend",),
+}
+_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name == "RemoteBackend":
+        return BACKENDS["remote"]
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+        globals()[name] = value  # once: later lookups find it directly
+        return value
+    raise AttributeError(f"module 'profilers' has no attribute {name!r}")
+
 
 __all__ = [
     "BACKENDS",
     "CACHE_ENV",
+    "AgentLimits",
     "Backend",
     "BackendResult",
     "CoreMLBackend",
@@ -39,6 +61,8 @@ __all__ = [
     "LatencyStats",
     "MIN_TIME_S",
     "OnnxRuntimeBackend",
+    "Payload",
+    "PayloadError",
     "ProfileError",
     "ProfilerUnreachable",
     "RemoteBackend",

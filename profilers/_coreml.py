@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from profilers._export import ProfileError, as_model, build_once, eval_mode, example_images
+from profilers._errors import PayloadError, ProfileError
+from profilers._export import as_model, build_once, cache_dir, cache_key, eval_mode, example_images
 from search_spaces import ArchConfig, VisionMoE
 from search_spaces.model import Block, Experts, Mlp, PerTokenExperts, Routing
 
@@ -35,11 +37,35 @@ class CoreMLExport:
     programs: dict[str, Path] = field(default_factory=dict)  # "model", or "trunk" and "tail-<experts>"
     pipeline: tuple[str, ...] = ("model",)  # the programs one prediction runs, in order
 
+    @property
+    def measured_form(self) -> str:
+        """The form and the programs a measurement of this export runs."""
+        return f"{self.form} (measured: {' then '.join(self.pipeline)})"
+
 
 def coreml_form(cfg: ArchConfig) -> str:
     return "dense" if not cfg.is_moe else f"{cfg.moe.routing}:" + (
         "trunk+tails" if cfg.moe.routing == "per_image" else "all_experts_masked"
     )
+
+
+def coreml_cache_dir(cfg: ArchConfig, precision: str, batch: int) -> Path:
+    return cache_dir() / "coreml" / cache_key(cfg, precision, f"b{batch}")
+
+
+def check_package(package: Path) -> None:
+    """Every path an `.mlpackage` names (its Manifest.json items) resolves inside it to a file or folder
+    it holds: coremltools opens a manifest path as given, so `/etc/os-release` or `/dev/zero` would be read."""
+    root = package.resolve()
+    try:
+        items = json.loads((package / "Manifest.json").read_text())["itemInfoEntries"]
+        paths = [str(item["path"]) for item in items.values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise PayloadError(f"{package.name}/Manifest.json is missing or malformed ({type(error).__name__})") from None
+    for path in paths:
+        target = (package / "Data" / path).resolve()  # follows links and `..`: what would really be opened
+        if not (target.is_relative_to(root) and (target.is_file() or target.is_dir())):
+            raise PayloadError(f"{package.name}/Manifest.json names {path[:100]!r}, which is not in the package")
 
 
 class Trunk(nn.Module):
@@ -184,4 +210,4 @@ def _convert(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: tuple[
         )
         mlmodel.save(str(tmp))
 
-    return build_once(path, build)
+    return build_once(path, build, verify=check_package)

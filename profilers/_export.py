@@ -1,13 +1,19 @@
-"""ONNX export of any model, and the on-disk cache of exported artifacts keyed by config hash."""
+"""ONNX export of any model, and the on-disk cache of exported artifacts.
+
+An artifact's key is its config hash plus `code_version()`: the exporters' versions and a hash of the
+code that decides what an export writes, so an upgrade or a model change never reuses a stale file."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import onnx
@@ -17,10 +23,10 @@ from search_spaces import ArchConfig, VisionMoE, build_model
 
 CACHE_ENV = "VMOE_NAS_CACHE"
 DEFAULT_CACHE = Path("results/cache")
-
-
-class ProfileError(ValueError):
-    """A backend, provider or option this installation cannot honour; the message says what it can."""
+# What an export depends on besides the config: the exporters, and the code of the model and its forms.
+EXPORTERS = ("onnxscript", "coremltools")  # with torch and onnx, whose versions are read off the modules
+EXPORT_CODE = ("search_spaces/model.py", "profilers/_export.py", "profilers/_coreml.py")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def as_model(model_or_cfg: ArchConfig | VisionMoE) -> VisionMoE:
@@ -78,13 +84,41 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
-def build_once(path: Path, build: Callable[[Path], object]) -> Path:
-    """The artifact at `path`, built by `build(path)` only if missing. It is built under a temporary
-    name and renamed, so concurrent search workers never read a half-written file."""
+def package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def code_version() -> str:
+    """A short hash of what an export depends on besides the config (see EXPORTERS, EXPORT_CODE)."""
+    digest = hashlib.sha256(f"torch {torch.__version__} onnx {onnx.__version__}".encode())
+    for name in EXPORTERS:
+        digest.update(f" {name} {package_version(name)}".encode())
+    for source in EXPORT_CODE:
+        digest.update((ROOT / source).read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def cache_key(cfg: ArchConfig, *variant: str) -> str:
+    """The file name an artifact of `cfg` (and of `variant`, e.g. a precision) is cached under."""
+    return "-".join((cfg.config_hash(), *variant, code_version()))
+
+
+def build_once(path: Path, build: Callable[[Path], object], verify: Callable[[Path], object] | None = None) -> Path:
+    """The artifact at `path`, built by `build(path)` unless it exists and `verify(path)` raises nothing
+    (a file truncated by a full disk or a killed worker is rebuilt, not trusted). It is built under a
+    unique temporary name and renamed, so concurrent search workers never read a half-written file."""
     if path.exists():
-        return path
+        try:
+            if verify:
+                verify(path)
+            return path
+        except Exception:  # whatever the check raised, the artifact is unusable: build it again
+            _remove(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix: some writers need it
+    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")  # keeps the suffix for writers
     try:
         build(tmp)
         try:
@@ -93,13 +127,22 @@ def build_once(path: Path, build: Callable[[Path], object]) -> Path:
             if not path.exists():
                 raise
     finally:  # what is left: a failed build's leftovers, or the directory that lost the race
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
     return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def onnx_cache_path(cfg: ArchConfig) -> Path:
+    return cache_dir() / "onnx" / f"{cache_key(cfg)}.onnx"
 
 
 def cached_onnx(cfg: ArchConfig) -> Path:
     """The ONNX export of a freshly built `cfg` (latency does not depend on the weights' values)."""
-    return build_once(cache_dir() / "onnx" / f"{cfg.config_hash()}.onnx", lambda path: export_onnx(cfg, path))
+    return build_once(onnx_cache_path(cfg), lambda path: export_onnx(cfg, path),
+                      verify=lambda path: onnx.checker.check_model(str(path)))

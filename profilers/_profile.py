@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from profilers._backends import get_backend, package_version
-from profilers._export import as_model
+from profilers._backends import get_backend
+from profilers._export import as_model, package_version
 from profilers._flops import count_flops
 from search_spaces import ArchConfig, VisionMoE, build_model, count_params
 

@@ -10,36 +10,21 @@ says where it was measured.
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import tempfile
 import time
-import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 
-from profilers._backends import Backend, BackendResult, model_form, register_backend
-from profilers._coreml import export_coreml
-from profilers._export import ProfileError, cache_dir, cached_onnx, export_onnx
-from profilers._latency import LatencyStats
-from search_spaces import VisionMoE
+from profilers._backends import BACKENDS, Backend, BackendResult, get_backend
+from profilers._errors import ProfileError, ProfilerUnreachable, RemoteProfilerError
+from profilers._latency import MIN_RUNS, MIN_TIME_S, WARMUP
 
 TOKEN_ENV = "VMOE_PROFILER_TOKEN"
-# The payload each agent backend accepts (the agent checks the content type against it).
-CONTENT_TYPES = {"onnxruntime": "application/onnx", "coreml": "application/zip", "torch": "application/yaml"}
-PIPELINE_FILE = "pipeline.json"  # in a Core ML payload: the programs to run in order, and the architecture
 RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)  # nothing was measured
-RETRY_STATUSES = (502, 503)  # a proxy without its agent, or an agent at its connection limit
-
-
-class RemoteProfilerError(ProfileError):
-    """The agent refused or failed a request; the message names its URL and its reason."""
-
-
-class ProfilerUnreachable(RemoteProfilerError):
-    """No answer from the agent, after retries."""
+RETRY_STATUSES = (502, 503)  # a proxy without its agent, or an agent with too many requests pending
 
 
 class AgentClient:
@@ -100,61 +85,40 @@ def _reason(response: httpx.Response) -> str:
         return response.text[:200] or response.reason_phrase
 
 
-@register_backend
 class RemoteBackend(Backend):
     """Latency measured by the agent at `remote_url`, in its runtime (`vmoe-nas profiler-server --backend`):
-    `provider` and `threads` mean what they mean on that backend."""
+    `provider` and `threads` mean what they mean on that backend, and `runtime_options` (e.g. a Core ML
+    `precision`) go to it."""
 
     name = "remote"
 
     def __init__(self, *, remote_url: str | None = None, token: str | None = None, retries: int = 3,
-                 precision: str = "fp16", **protocol):
-        super().__init__(**protocol)
+                 warmup: int = WARMUP, min_runs: int = MIN_RUNS, min_time_s: float = MIN_TIME_S, **runtime_options):
+        super().__init__(warmup=warmup, min_runs=min_runs, min_time_s=min_time_s)
         if not remote_url:
             raise ProfileError("the remote backend needs remote_url, the agent's http://HOST:PORT")
         self.agent = AgentClient(remote_url, token=token, retries=retries)
-        self.precision = precision  # of a Core ML export, for a coreml agent
+        self.runtime_options = runtime_options
 
     def run(self, model, *, batch, threads, provider, cache, anchor=None):
         # No anchor: the agent measures one model at a time on a device kept for it, so no drift to cancel.
-        agent_backend = self.agent.device()["backend"]
-        if agent_backend not in CONTENT_TYPES:
-            raise RemoteProfilerError(f"profiler agent at {self.agent.url} runs unknown backend {agent_backend!r}")
+        runtime = self._runtime(self.agent.device().get("backend"))
         with tempfile.TemporaryDirectory() as tmp:
-            body, form, artifact = self._payload(model, agent_backend, batch=batch, cache=cache, tmp=Path(tmp))
+            payload = runtime.pack(model, batch=batch, cache=cache, workdir=Path(tmp))
         options = {"batch": batch, "threads": threads, "provider": provider, **self.protocol}
-        measured = self.agent.profile(body, CONTENT_TYPES[agent_backend], options)
-        latency, device = measured["latency_ms"], measured["device"]
-        versions = {**device.get("versions", {}), **measured["versions"]}
-        return BackendResult(
-            LatencyStats(**latency) if latency else None, measured["provider"], measured.get("export_form") or form,
-            artifact=artifact, note=measured.get("note"), versions=measured["versions"],
-            device={**device, "versions": versions, "remote_url": self.agent.url},
-        )
+        answer = self.agent.profile(payload.body, runtime.content_type, options)
+        try:
+            measured = BackendResult.from_json(answer)
+            device = dict(answer["device"])
+        except (KeyError, TypeError, ValueError) as error:
+            problem = f"profiler agent at {self.agent.url} sent a malformed result: {error!r}"
+            raise RemoteProfilerError(problem) from None
+        versions = {**device.get("versions", {}), **measured.versions}
+        return replace(measured, export_form=measured.export_form or payload.export_form, artifact=payload.artifact,
+                       device={**device, "versions": versions, "remote_url": self.agent.url})
 
-    def _payload(self, model: VisionMoE, agent_backend: str, *, batch: int, cache: bool,
-                 tmp: Path) -> tuple[bytes, str, str | None]:
-        """The bytes the agent's backend runs, the form of the model they compute, and the cached artifact."""
-        cfg = model.cfg
-        if agent_backend == "torch":  # the agent builds the model: latency does not depend on the weights
-            return cfg.to_yaml().encode(), model_form(model), None
-        if agent_backend == "onnxruntime":
-            path = cached_onnx(cfg) if cache else export_onnx(model, tmp / "model.onnx")
-            return path.read_bytes(), model_form(model), str(path) if cache else None
-        out_dir = cache_dir() / f"coreml/{cfg.config_hash()}-{self.precision}-b{batch}" if cache else tmp / "coreml"
-        exported = export_coreml(model, out_dir, batch=batch, precision=self.precision, all_tails=False)
-        form = f"{exported.form} (measured: {' then '.join(exported.pipeline)})"
-        return coreml_zip(exported, cfg.to_dict()), form, str(out_dir) if cache else None
-
-
-def coreml_zip(exported, arch: dict) -> bytes:
-    """The Core ML payload: the programs of `exported.pipeline` (`NAME.mlpackage/...`) and PIPELINE_FILE."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(PIPELINE_FILE, json.dumps({"form": exported.form, "pipeline": list(exported.pipeline),
-                                                    "arch": arch}))
-        for name in exported.pipeline:
-            root = Path(exported.programs[name])
-            for file in sorted(p for p in root.rglob("*") if p.is_file()):
-                archive.write(file, f"{name}.mlpackage/{file.relative_to(root).as_posix()}")
-    return buffer.getvalue()
+    def _runtime(self, name) -> Backend:
+        """The agent's backend, here: it packs the model the way that agent loads it."""
+        if name not in BACKENDS or not BACKENDS[name].content_type:
+            raise RemoteProfilerError(f"profiler agent at {self.agent.url} runs unknown backend {name!r}")
+        return get_backend(name, **self.protocol, **self.runtime_options)

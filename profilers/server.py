@@ -1,33 +1,37 @@
 """The profiler agent: runs on the target device and measures the models a search sends it.
 
-    vmoe-nas profiler-server --backend onnxruntime          # loopback only; --host 0.0.0.0 needs --token
+    VMOE_PROFILER_TOKEN=... vmoe-nas profiler-server --backend onnxruntime   # loopback; --host 0.0.0.0 for others
 
     GET  /device    the device description (CPU, cores, OS, backend, library versions, providers)
-    POST /profile   body: the model in the backend's form, see `profilers.remote.CONTENT_TYPES`
-                    (ONNX; a zipped Core ML pipeline; an architecture YAML for torch); query: batch,
-                    threads, provider, warmup, min_runs, min_time_s. Returns the latency JSON and device.
+    POST /profile   body: the model as the backend's `pack` makes it (its `content_type`: ONNX; a zipped
+                    Core ML pipeline; an architecture YAML for torch); query: batch, threads, provider,
+                    warmup, min_runs, min_time_s, each capped (OPTIONS). Returns `BackendResult.to_json()`
+                    and the device.
 
-Measurements use the same protocol as a local profile and run one at a time on a single worker thread,
-which is the request queue: a measurement never shares the CPU with another. Payloads are parsed as
-data only (protobuf, zip, safe YAML) and validated before use; every error is a JSON `{"error": ...}`.
+The agent measures through the backend registry: the backend's `load` validates the payload and loads
+it, and `time` measures it with the protocol of a local profile. Each measurement runs in a child
+process, one at a time, from a private empty folder: a timeout kills it (the only way to stop a runaway
+measurement), and nothing it reads resolves against the agent's own folder. Payloads are parsed as data
+only (protobuf, zip, YAML without aliases); every error is a JSON `{"error": ...}` of at most
+MAX_ERROR_CHARS characters that names no path on the device.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
+import logging
+import multiprocessing
 import os
-import re
 import secrets
-import sys
 import tempfile
-import zipfile
+import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from io import BytesIO
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -36,27 +40,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from profilers._backends import BackendResult, CoreMLBackend, get_backend, onnxruntime_latency
-from profilers._coreml import CoreMLExport
-from profilers._latency import MIN_RUNS, MIN_TIME_S, WARMUP, measure_latency
+from profilers._backends import BACKENDS, AgentLimits, get_backend
+from profilers._errors import PayloadError
+from profilers._latency import MIN_RUNS, MIN_TIME_S, WARMUP
 from profilers._profile import device_info
-from profilers.remote import CONTENT_TYPES, PIPELINE_FILE, TOKEN_ENV
-from search_spaces import ArchConfig, ConfigError, build_model
+from profilers.remote import TOKEN_ENV
+from search_spaces import ConfigError
 
-MAX_YAML_BYTES = 64 * 1024  # an architecture is a few hundred bytes
-MAX_ZIP_ENTRIES = 10_000
-UNZIP_RATIO = 4  # a Core ML payload may unpack to this many times the upload limit, no more (zip bombs)
-PROGRAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# name -> (type, minimum, maximum): every measurement option a request may set.
+log = logging.getLogger("vmoe_nas.agent")
+
+# name -> (type, minimum, maximum): every measurement option a request may set, and its cap.
 OPTIONS = {
-    "batch": (int, 1, 1024), "threads": (int, 1, 256),
-    "warmup": (int, 0, 10_000), "min_runs": (int, 1, 100_000), "min_time_s": (float, 0.0, 600.0),
+    "batch": (int, 1, 256), "threads": (int, 1, 256),
+    "warmup": (int, 0, 1000), "min_runs": (int, 1, 10_000), "min_time_s": (float, 0.0, 60.0),
 }
 DEFAULTS = {"batch": 1, "threads": 1, "warmup": WARMUP, "min_runs": MIN_RUNS, "min_time_s": MIN_TIME_S}
-
-
-class PayloadError(ValueError):
-    """The request's model or options are unusable: a 400 with this message."""
+MAX_ERROR_CHARS = 500  # an error quotes what it refuses: never the whole of it
+MAX_PENDING = 8  # requests uploading or queued at once (their bodies are in memory); more get a 503
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,13 @@ class AgentSettings:
     backend: str = "onnxruntime"
     token: str | None = None  # required by every request when set
     max_upload_bytes: int = 256 * 2**20
-    timeout_s: float = 300.0  # per request: upload, queue and measurement each
+    timeout_s: float = 300.0  # per request: the upload, then queue and measurement together
+    host: str = "127.0.0.1"  # on loopback, requests must name a loopback Host (no DNS rebinding)
+    header_timeout_s: float = 10.0  # for a request's headers, and between chunks of its body
+    limits: AgentLimits = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "limits", AgentLimits(max_bytes=self.max_upload_bytes))
 
 
 def is_loopback(host: str) -> bool:
@@ -76,224 +83,163 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-# ---------------------------------------------------------------- validation
-
-
 def parse_options(query) -> dict:
     unknown = sorted(set(query) - set(OPTIONS) - {"provider"})
     if unknown:
-        raise PayloadError(f"unknown option {unknown[0]!r} (known: provider, {', '.join(OPTIONS)})")
+        raise PayloadError(f"unknown option {unknown[0][:50]!r} (known: provider, {', '.join(OPTIONS)})")
     options = dict(DEFAULTS, provider=query.get("provider") or None)
     for name, (kind, low, high) in OPTIONS.items():
         if name in query:
             try:
                 options[name] = kind(query[name])
             except ValueError:
-                raise PayloadError(f"{name} must be a {kind.__name__}, got {query[name]!r}") from None
+                raise PayloadError(f"{name} must be a {kind.__name__}, got {query[name][:50]!r}") from None
             if not low <= options[name] <= high:
                 raise PayloadError(f"{name} must be in [{low}, {high}], got {options[name]}")
     return options
 
 
-def check_onnx(body: bytes) -> None:
-    """A self-contained, well-formed ONNX model with one float input that ONNX Runtime can load."""
-    import onnx
-    import onnxruntime as ort
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+# ---------------------------------------------------------------- measurement
 
+
+def measure(settings: AgentSettings, body: bytes, options: dict, workdir: Path | None = None) -> dict:
+    """Validate `body` with the agent's backend, load it from `workdir` (a private empty folder; a fresh
+    one by default) and measure it: `BackendResult.to_json()`, with latency_ms None and a note where this
+    device cannot run it."""
+    backend = get_backend(settings.backend, **{key: options[key] for key in ("warmup", "min_runs", "min_time_s")})
+    with tempfile.TemporaryDirectory(prefix="vmoe-agent-") as tmp:
+        target = backend.load(body, workdir=workdir or Path(tmp), batch=options["batch"], threads=options["threads"],
+                              provider=options["provider"], limits=settings.limits)
+        return backend.time(target, batch=options["batch"], threads=options["threads"]).to_json()
+
+
+def _measure_child(settings: AgentSettings, upload: str, options: dict, workdir: str, conn) -> None:
+    """A measurement process: (status, result or message) back through `conn`."""
+    os.chdir(workdir)  # a path the model names relative to the working directory finds nothing
     try:
-        model = onnx.load_from_string(body)
-        if any(uses_external_data(tensor) for tensor in _get_all_tensors(model)):  # paths on this machine
-            raise PayloadError("the ONNX model refers to external data files: send one self-contained file")
-        onnx.checker.check_model(model)
-    except PayloadError:
-        raise
-    except Exception as error:  # DecodeError, ValidationError: the bytes are not a valid ONNX model
-        raise PayloadError(f"not a valid ONNX model: {str(error).strip().splitlines()[0][:300]}") from None
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # just load it, quickly
-    try:
-        session = ort.InferenceSession(body, options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # ONNX Runtime's own exception classes
-        raise PayloadError(f"ONNX Runtime cannot load the model: {str(error)[:300]}") from None
-    inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].type != "tensor(float)":
-        raise PayloadError("the model must have exactly one float input (the images)")
-    if not all(isinstance(dim, int) and dim > 0 for dim in inputs[0].shape[1:]):
-        raise PayloadError(f"the input's non-batch dimensions must be fixed, got {inputs[0].shape}")
+        conn.send((200, measure(settings, Path(upload).read_bytes(), options, Path(workdir))))
+    except (PayloadError, ConfigError) as error:
+        conn.send((400, str(error)))
+    except ValueError as error:  # ProfileError and the like: an option this device cannot honour
+        conn.send((422, str(error)))
+    except Exception as error:
+        traceback.print_exc()  # to the agent's log; the client gets the kind of error only
+        conn.send((500, f"the measurement failed ({type(error).__name__}); the agent's log has the details"))
 
 
-def unpack_coreml(body: bytes, out_dir: Path, max_bytes: int) -> tuple[CoreMLExport, ArchConfig]:
-    """Unpack a Core ML payload (see `profilers.remote.coreml_zip`) into `out_dir`: only PIPELINE_FILE and
-    `NAME.mlpackage/...` regular files, no absolute or parent paths, at most `max_bytes` unpacked."""
-    try:
-        archive = zipfile.ZipFile(BytesIO(body))
-    except zipfile.BadZipFile:
-        raise PayloadError("not a zip file (a coreml agent takes a zipped Core ML pipeline)") from None
-    entries = archive.infolist()
-    if len(entries) > MAX_ZIP_ENTRIES or sum(entry.file_size for entry in entries) > max_bytes:
-        raise PayloadError(f"the zip unpacks to more than {MAX_ZIP_ENTRIES} files or {max_bytes} bytes")
-    for entry in entries:
-        _check_entry(entry)
-    try:
-        spec = json.loads(archive.read(PIPELINE_FILE))
-        names, arch = list(spec["pipeline"]), ArchConfig.from_dict(spec["arch"])
-    except (KeyError, TypeError, ValueError) as error:  # ConfigError is a ValueError
-        raise PayloadError(f"{PIPELINE_FILE} is missing or malformed: {error}") from None
-    if not names or not all(isinstance(n, str) and PROGRAM_NAME.fullmatch(n) for n in names):
-        raise PayloadError(f"{PIPELINE_FILE}: pipeline must list program names, got {names!r}")
-    try:
-        for entry in entries:  # member sizes are enforced while reading: a lying header fails its CRC
-            if not entry.is_dir():
-                target = out_dir / entry.filename
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(archive.read(entry))
-    except zipfile.BadZipFile as error:
-        raise PayloadError(f"corrupt zip: {error}") from None
-    programs = {name: out_dir / f"{name}.mlpackage" for name in names}
-    missing = [name for name, path in programs.items() if not (path / "Manifest.json").is_file()]
-    if missing:
-        raise PayloadError(f"no {missing[0]}.mlpackage/Manifest.json in the zip")
-    return CoreMLExport(str(spec.get("form", "")), programs, tuple(names)), arch
+def child_context(backend: str):
+    """Measurement processes fork from a server that has imported the backend once (fast, and without the
+    agent's threads); `spawn` where there is no fork server."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, BACKENDS[backend].__module__])
+    return context
 
 
-def _check_entry(entry: zipfile.ZipInfo) -> None:
-    path = PurePosixPath(entry.filename)
-    is_link = (entry.external_attr >> 16) & 0o170000 == 0o120000
-    top = path.parts[0] if path.parts else ""
-    if (path.is_absolute() or "\\" in entry.filename or ".." in path.parts or ":" in top or is_link
-            or not (entry.filename == PIPELINE_FILE or top.endswith(".mlpackage"))):
-        raise PayloadError(f"zip entry {entry.filename!r} is not allowed (only {PIPELINE_FILE} and NAME.mlpackage/...)")
-
-
-# ---------------------------------------------------------------- measurement (on the worker thread)
-
-
-def measure(settings: AgentSettings, body: bytes, options: dict) -> dict:
-    """Validate `body` and measure it; JSON with latency_ms (None plus a note where this device cannot
-    run it), provider, export_form, threads, batch, versions."""
-    protocol = {key: options[key] for key in ("warmup", "min_runs", "min_time_s")}
-    run_options = {key: options[key] for key in ("batch", "threads", "provider")}
-    backend = settings.backend
-    if backend == "onnxruntime":
-        check_onnx(body)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
-            path.write_bytes(body)
-            measured = onnxruntime_latency(path, **run_options, **protocol)
-        return {**measured, "note": None, "export_form": None}
-    if backend == "torch":
-        if options["provider"] not in (None, "cpu", "cuda"):
-            raise PayloadError(f"provider must be cpu or cuda on a torch agent, got {options['provider']!r}")
-        if len(body) > MAX_YAML_BYTES:
-            raise PayloadError(f"an architecture YAML is at most {MAX_YAML_BYTES} bytes")
+def measure_in_child(settings: AgentSettings, body: bytes, options: dict, deadline: float) -> dict:
+    """`measure` in a child process, killed at `deadline` (time.monotonic()); errors as HTTPExceptions."""
+    if time.monotonic() >= deadline:  # it waited in the queue past its time: never start it
+        raise HTTPException(504, f"no result within {settings.timeout_s:g} s (queue and measurement)")
+    with tempfile.TemporaryDirectory(prefix="vmoe-agent-") as tmp:
+        upload, workdir = Path(tmp) / "upload", Path(tmp) / "model"
+        upload.write_bytes(body)
+        workdir.mkdir()
+        receiver, sender = multiprocessing.Pipe(duplex=False)
+        child = child_context(settings.backend).Process(
+            target=_measure_child, args=(settings, str(upload), options, str(workdir), sender), daemon=True)
+        child.start()
+        sender.close()
         try:
-            cfg = ArchConfig.from_yaml(body.decode())
-        except (ConfigError, UnicodeDecodeError) as error:
-            raise PayloadError(f"not a valid architecture: {error}") from None
-        if 4 * weight_count(cfg) > settings.max_upload_bytes:  # the limit an ONNX file of it would meet
-            raise PayloadError(f"{cfg.name} is over the agent's model size limit of {settings.max_upload_bytes} bytes")
-        run = get_backend("torch", **protocol).run(build_model(cfg), cache=False, **run_options)
-        return _result(run, options)
-    with tempfile.TemporaryDirectory() as tmp:
-        unpacked = measure_coreml(body, Path(tmp), UNZIP_RATIO * settings.max_upload_bytes, options, protocol)
-        return _result(unpacked, options)
-
-
-def weight_count(cfg: ArchConfig) -> int:
-    """The weight matrices' parameters, from the config alone: a check before building anything."""
-    C, H = cfg.width, cfg.mlp_hidden
-    mlps = cfg.depth + (cfg.moe.num_experts - 1) * len(cfg.moe_layers) if cfg.moe else cfg.depth
-    patch = cfg.in_channels * cfg.patch_size**2 * C
-    return patch + cfg.num_tokens * C + cfg.depth * 4 * C * C + mlps * 2 * C * H + C * cfg.num_classes
-
-
-def measure_coreml(body: bytes, tmp: Path, max_bytes: int, options: dict, protocol: dict) -> BackendResult:
-    import coremltools as ct
-
-    exported, cfg = unpack_coreml(body, tmp, max_bytes)
-    for path in exported.programs.values():
-        try:  # parse the spec without compiling: a malformed package fails here, on any OS
-            ct.models.MLModel(str(path), skip_model_load=True)
-        except Exception as error:
-            raise PayloadError(f"{path.name} is not a valid Core ML package: {str(error)[:300]}") from None
-    units = (options["provider"] or "all").upper()
-    if units not in ct.ComputeUnit.__members__:
-        raise PayloadError(f"provider must be a compute unit ({', '.join(ct.ComputeUnit.__members__)}), got {units!r}")
-    form = f"{exported.form} (measured: {' then '.join(exported.pipeline)})"
-    versions = {"coremltools": ct.__version__}
-    if sys.platform != "darwin":
-        return BackendResult(None, units, form, note=f"Core ML predictions need macOS, this agent runs {sys.platform}",
-                             versions=versions)
-    predict = CoreMLBackend._predict_fn(exported, cfg, options["batch"], units)
-    return BackendResult(measure_latency(predict, **protocol), units, form, versions=versions)
-
-
-def _result(run: BackendResult, options: dict) -> dict:
-    return {
-        "latency_ms": run.latency.to_dict() if run.latency else None, "note": run.note, "provider": run.provider,
-        "export_form": run.export_form, "threads": options["threads"], "batch": options["batch"],
-        "versions": run.versions,
-    }
+            if not wait([receiver, child.sentinel], timeout=max(0.0, deadline - time.monotonic())):
+                raise HTTPException(504, f"no result within {settings.timeout_s:g} s (queue and measurement); "
+                                         "the measurement was stopped")
+            try:
+                status, result = receiver.recv()
+            except EOFError:  # it died without a word: killed by the system (memory) or crashed
+                child.join(5)
+                raise HTTPException(500, f"the measurement process died (exit code {child.exitcode})") from None
+        finally:
+            child.kill()
+            child.join()
+            receiver.close()
+    if status != 200:
+        for path in (str(Path(tmp).resolve()), tmp):  # a library's message may name the upload's folder
+            result = result.replace(path, "")
+        raise HTTPException(status, result)
+    return result
 
 
 def device_description(backend: str) -> dict:
-    if backend == "onnxruntime":
-        import onnxruntime as ort
-
-        providers = ort.get_available_providers()
-    elif backend == "torch":
-        import torch
-
-        providers = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
-    else:
-        try:
-            import coremltools as ct
-        except ImportError:
-            raise ConfigError("backend", "coreml needs coremltools: pip install 'vmoe-nas[coreml]'") from None
-        providers = [unit.lower() for unit in ct.ComputeUnit.__members__]
+    if backend not in BACKENDS.agent_backends():
+        raise ConfigError("backend", f"must be one of {', '.join(BACKENDS.agent_backends())}, got {backend!r}")
+    try:
+        providers = BACKENDS[backend].providers()
+    except ImportError as error:
+        raise ConfigError("backend", f"{backend} needs {error.name}: pip install 'vmoe-nas[{backend}]'") from None
     return {**device_info(), "backend": backend, "providers": providers}
 
 
 # ---------------------------------------------------------------- the app
 
 
-class BearerToken:
-    """ASGI middleware: every HTTP request must carry `Authorization: Bearer <token>`."""
+def host_name(header: str) -> str:
+    """The host a Host header names: 'a:80' -> 'a', '[::1]:80' -> '::1'."""
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if ":" in header else header
 
-    def __init__(self, app, token: str):
-        self.app, self.expected = app, f"Bearer {token}".encode()
+
+class Guard:
+    """ASGI middleware: on loopback, the Host header must name loopback (a web page that rebinds its own
+    name to 127.0.0.1 still sends that name); with a token, every request must carry it."""
+
+    def __init__(self, app, settings: AgentSettings):
+        self.app, self.loopback = app, is_loopback(settings.host)
+        self.expected = f"Bearer {settings.token}".encode() if settings.token else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            given = Headers(scope=scope).get("authorization", "").encode()
-            if not secrets.compare_digest(given, self.expected):  # constant time: no guessing byte by byte
+            headers = Headers(scope=scope)
+            if self.loopback and host_name(headers.get("host", "")) not in LOOPBACK_HOSTS:
+                response = JSONResponse({"error": "Host header must name this loopback agent"}, status_code=421)
+                return await response(scope, receive, send)
+            given = headers.get("authorization", "").encode()
+            if self.expected and not secrets.compare_digest(given, self.expected):  # constant time: no guessing
                 response = JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
                                         headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes (before it is all in memory)."""
+async def read_body(request: Request, limit: int, idle_s: float) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (before it is all in memory), and
+    with 408 when no data comes for `idle_s`."""
     declared = request.headers.get("content-length", "0")
     if not declared.isdigit():
         raise HTTPException(400, "bad Content-Length")
     if int(declared) > limit:
         raise HTTPException(413, f"the body is over the agent's limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    chunks, size, stream = [], 0, request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), idle_s)
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"no data for {idle_s:g} s") from None
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, f"the body is over the agent's limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
-def create_app(settings: AgentSettings) -> Starlette:
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="measure")  # the measurement queue
+def create_app(settings: AgentSettings, *, run=measure_in_child) -> Starlette:
+    """The agent's app; `run(settings, body, options, deadline)` measures (default: `measure_in_child`)."""
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="measure")  # the queue: one at a time
     device = device_description(settings.backend)
-    content_type = CONTENT_TYPES[settings.backend]
+    content_type = BACKENDS[settings.backend].content_type
+    pending = [0]
 
     async def get_device(request: Request) -> JSONResponse:
         return JSONResponse(device)
@@ -305,27 +251,32 @@ def create_app(settings: AgentSettings) -> Starlette:
             raise HTTPException(400, str(error)) from None
         given = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if given != content_type:
-            raise HTTPException(415, f"this {settings.backend} agent takes {content_type}, got {given or 'none'}")
+            raise HTTPException(415, f"this {settings.backend} agent takes {content_type}, got {given[:50] or 'none'}")
+        if pending[0] >= MAX_PENDING:
+            raise HTTPException(503, f"{MAX_PENDING} requests are already pending: retry later")
+        pending[0] += 1
         try:
-            body = await asyncio.wait_for(read_body(request, settings.max_upload_bytes), settings.timeout_s)
-        except asyncio.TimeoutError:
-            raise HTTPException(408, f"the upload took over {settings.timeout_s:g} s") from None
-        job = asyncio.get_running_loop().run_in_executor(worker, measure, settings, body, options)
-        try:  # a timeout drops a queued job; a running one finishes first, so the next never overlaps it
-            result = await asyncio.wait_for(job, settings.timeout_s)
-        except asyncio.TimeoutError:
-            raise HTTPException(504, f"no result within {settings.timeout_s:g} s (queue and measurement)") from None
-        except (PayloadError, ConfigError) as error:
-            raise HTTPException(400, str(error)) from None
-        except ValueError as error:  # an option this device cannot honour, e.g. a missing provider
-            raise HTTPException(422, str(error)) from None
+            try:
+                body = await asyncio.wait_for(read_body(request, settings.max_upload_bytes, settings.header_timeout_s),
+                                              settings.timeout_s)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the upload took over {settings.timeout_s:g} s") from None
+            deadline = time.monotonic() + settings.timeout_s
+            result = await asyncio.get_running_loop().run_in_executor(worker, run, settings, body, options, deadline)
+        finally:
+            pending[0] -= 1
         return JSONResponse({**result, "device": device})
 
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
+        message = str(error.detail)
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[: MAX_ERROR_CHARS - 15] + " ... (truncated)"
+        return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
 
     async def server_error(request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse({"error": f"{type(error).__name__}: {error}"}, status_code=500)
+        log.error("internal error", exc_info=error)  # the details stay here: they may name paths
+        return JSONResponse({"error": f"internal error ({type(error).__name__}); the agent's log has the details"},
+                            status_code=500)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -337,21 +288,72 @@ def create_app(settings: AgentSettings) -> Starlette:
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
-    if settings.token:
-        app.add_middleware(BearerToken, token=settings.token)
+    app.add_middleware(Guard, settings=settings)
     return app
 
 
+def headers_deadline_protocol(timeout_s: float) -> type:
+    """uvicorn's h11 protocol, closing a connection that has not sent a request's headers within
+    `timeout_s`: uvicorn times out only idle kept-alive connections, so a socket that sends nothing, or
+    trickles, would otherwise hold its place forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc):
+            if self._deadline:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self):
+            if self._deadline:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(timeout_s, self._expire)
+
+        def _expire(self):
+            if self.cycle is None or self.cycle.response_complete:  # no request under way: still no headers
+                self.transport.close()
+
+    return Protocol
+
+
+def read_token(token: str | None, token_file: str | Path | None) -> str | None:
+    """The token: given (from Python), from `token_file`, or from $VMOE_PROFILER_TOKEN; never the command
+    line, where `ps` shows it to every user of the machine."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as error:
+            raise ConfigError("token_file", f"cannot read {token_file}: {error.strerror}") from None
+        if not token:
+            raise ConfigError("token_file", f"{token_file} is empty")
+    return token or os.environ.get(TOKEN_ENV) or None
+
+
 def serve(*, host: str = "127.0.0.1", port: int = 8765, backend: str = "onnxruntime", token: str | None = None,
-          max_upload_mb: float = 256, timeout_s: float = 300) -> None:
-    """Run the agent until interrupted. Off loopback a token is required (default: $VMOE_PROFILER_TOKEN)."""
+          token_file: str | Path | None = None, insecure_no_token: bool = False, max_upload_mb: float = 256,
+          timeout_s: float = 300, header_timeout_s: float = 10) -> None:
+    """Run the agent until interrupted. A token is required (`token_file` or $VMOE_PROFILER_TOKEN), except
+    on loopback with `insecure_no_token`."""
     import uvicorn
 
-    token = token or os.environ.get(TOKEN_ENV) or None
-    if backend not in CONTENT_TYPES:
-        raise ConfigError("backend", f"must be one of {', '.join(CONTENT_TYPES)}, got {backend!r}")
+    token = read_token(token, token_file)
     if not token and not is_loopback(host):
-        raise ConfigError("token", f"required to listen on {host} (not loopback): pass --token or set {TOKEN_ENV}")
-    settings = AgentSettings(backend, token, int(max_upload_mb * 2**20), timeout_s)
-    # limit_concurrency: requests past it get a 503 at once, so queued uploads cannot fill the memory.
-    uvicorn.run(create_app(settings), host=host, port=port, limit_concurrency=8, timeout_keep_alive=5)
+        raise ConfigError("token", f"required to listen on {host} (not loopback): set {TOKEN_ENV} or --token-file")
+    if not token and not insecure_no_token:
+        raise ConfigError("token", f"required: set {TOKEN_ENV} or --token-file (or, on loopback only, pass "
+                                   "--insecure-no-token to accept requests from any local program)")
+    settings = AgentSettings(backend, token, int(max_upload_mb * 2**20), timeout_s, host, header_timeout_s)
+    # No limit_concurrency: uvicorn counts idle sockets against it, so a few would refuse every request.
+    # Idle sockets are closed at the headers deadline instead, and the app bounds pending uploads.
+    uvicorn.run(create_app(settings), host=host, port=port, http=headers_deadline_protocol(header_timeout_s),
+                timeout_keep_alive=5)

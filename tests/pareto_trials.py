@@ -2,7 +2,8 @@
 
 import optuna
 
-from nas.study import OBJECTIVES
+from nas.objectives import OBJECTIVES
+from nas.record import Metrics, TrialRecord, frozen_attrs
 from search_spaces import ArchConfig
 
 
@@ -13,25 +14,21 @@ def arch(kind: str, width: int = 16) -> ArchConfig:
 
 
 def trial(kind: str, accuracy: float, flops: float, latency: float | None = None, *, width: int = 16,
-          status: str = "complete", constraint: float | None = None, duplicate_of: int | None = None) -> dict:
+          constraint: float | None = None, duplicate_of: int | None = None) -> dict:
     """A trial as the search stores it: its user attributes; `constraint` > 0 makes it infeasible."""
-    cfg = arch(kind, width)
-    metrics = {"accuracy": accuracy, "flops": flops, "latency_ms": latency, "params_active": 1000 * width,
-               "params_total": 2000 * width, "size_bytes_fp32": 8000 * width, "size_mb": 0.008 * width,
-               "latency_backend": "onnxruntime" if latency is not None else None}
-    attrs = {"arch": cfg.to_dict(), "arch_yaml": cfg.to_yaml(), "config_hash": cfg.config_hash(), "name": cfg.name,
-             "status": status, "metrics": metrics}
-    if duplicate_of is not None:
-        attrs["duplicate_of"] = duplicate_of
+    metrics = Metrics(accuracy=accuracy, flops=flops, latency_ms=latency, params_active=1000 * width,
+                      params_total=2000 * width, size_bytes_fp32=8000 * width, size_mb=0.008 * width,
+                      latency_backend="onnxruntime" if latency is not None else None)
+    attrs = frozen_attrs(TrialRecord(arch=arch(kind, width), metrics=metrics, duplicate_of=duplicate_of))
     return {"user_attrs": attrs, "constraints": None if constraint is None else {"max_flops": constraint}}
 
 
 def study(trials: list[dict], objectives=("accuracy", "flops", "latency"), storage=None, name="hand") -> optuna.Study:
     """A study of completed `trials`, valued on `objectives` as the search values them."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    s = optuna.create_study(study_name=name, storage=storage, directions=[OBJECTIVES[o][0] for o in objectives])
+    s = optuna.create_study(study_name=name, storage=storage, directions=[OBJECTIVES[o].direction for o in objectives])
     s.set_user_attr("objectives", list(objectives))
     for t in trials:
         metrics = t["user_attrs"]["metrics"]
-        s.add_trial(optuna.trial.create_trial(values=[metrics[OBJECTIVES[o][1]] for o in objectives], **t))
+        s.add_trial(optuna.trial.create_trial(values=[metrics[OBJECTIVES[o].metric] for o in objectives], **t))
     return s

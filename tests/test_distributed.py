@@ -15,8 +15,9 @@ import yaml
 from optuna.trial import TrialState
 
 import nas.trainer
+from nas import record as records
 from nas.cli import main
-from nas.search import make_storage
+from nas.storage import make_storage
 
 POSTGRES = os.environ.get("VMOE_NAS_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(not POSTGRES, reason="set VMOE_NAS_POSTGRES_URL (.ci/postgres.sh prints one)")
@@ -57,8 +58,8 @@ def test_three_workers_finish_exactly_n_trials_when_one_is_killed(tmp_path):
 
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # kill the first worker in the middle of a trial of its own
-        running = [t for t in _trials(name) if t.state == TrialState.RUNNING
-                   and t.user_attrs.get("worker", "").endswith(f":{victim.pid}") and "arch" in t.user_attrs]
+        running = [t for t in map(records.read, _trials(name)) if t.state == TrialState.RUNNING
+                   and (t.worker or "").endswith(f":{victim.pid}") and t.arch is not None]
         if running:
             break
         time.sleep(0.2)
@@ -73,12 +74,12 @@ def test_three_workers_finish_exactly_n_trials_when_one_is_killed(tmp_path):
     trials = _trials(name)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == n_trials
-    assert sorted(t.user_attrs["slot"] for t in complete) == list(range(n_trials))  # none lost, none doubled
+    assert sorted(records.read(t).slot for t in complete) == list(range(n_trials))  # none lost, none doubled
     assert len({t.number for t in trials}) == len(trials)
     killed = next(t for t in trials if t.number == killed_trial)
-    assert killed.state == TrialState.FAIL  # failed by the others' heartbeat check, then retried
+    assert killed.state == TrialState.FAIL  # reclaimed by another worker (its pid is gone), then retried
     assert any(t.system_attrs.get("failed_trial") == killed_trial for t in complete)
-    trained = [t.user_attrs["config_hash"] for t in complete if "duplicate_of" not in t.user_attrs]
+    trained = [r.arch.config_hash() for r in map(records.read, complete) if r.duplicate_of is None]
     assert len(trained) == len(set(trained))
 
 
@@ -118,7 +119,7 @@ def test_losing_the_database_mid_study_is_one_clear_error_and_keeps_finished_tri
         with admin.connect() as connection:
             connection.execute(sqlalchemy.text(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true"))
         trials = load("lost", url).get_trials()
-        assert trials[0].state == TrialState.COMPLETE and trials[0].user_attrs["status"] == "complete"
+        assert trials[0].state == TrialState.COMPLETE and records.read(trials[0]).status == "complete"
     finally:
         with admin.connect() as connection:
             connection.execute(sqlalchemy.text(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true"))

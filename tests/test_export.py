@@ -1,6 +1,7 @@
 """Export: pick rules on hand-made trials; the files of an export from a tiny real study, the rebuilt model's
 params and FLOPs, ONNX parity, Core ML (or its note), and an all-or-nothing output directory."""
 
+import os
 import re
 
 import numpy as np
@@ -18,7 +19,8 @@ from nas.cli import main
 from nas.data import load_dataset
 from nas.export import ExportError, export_trial, pick_trial
 from nas.full_train import load_train_config
-from nas.pareto import analyze, load_study
+from nas.pareto import analyze
+from nas.storage import load_study
 from search_spaces import ArchConfig, build_model, count_params
 
 HAND = [
@@ -27,7 +29,7 @@ HAND = [
     trial("moe", 0.78, 160, 1.5),  # 2: +0.08 over 0 at equal FLOPs and latency
     trial("moe", 0.85, 300, 3.0),  # 3: +0.05 over 1
     trial("moe", 0.85, 250, 4.0),  # 4: as accurate as 3 with fewer FLOPs; +0.05 over 1 at equal FLOPs
-    trial("dense", 0.95, 900, 9.0, status="infeasible", constraint=1.0),  # 5: never picked
+    trial("dense", 0.95, 900, 9.0, constraint=1.0),  # 5: never picked
 ]
 
 
@@ -130,6 +132,31 @@ def test_an_interrupted_export_leaves_no_directory_and_keeps_the_old_one(results
     with pytest.raises(KeyboardInterrupt):
         export_trial(s, old, trial=1, coreml=False, force=True, study_dir=results / STUDY)
     assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "arch.yaml").read_text() == "kept"
+
+
+def test_export_force_after_an_export_killed_mid_swap_completes(results, tmp_path):
+    s = load_study(STUDY, results_dir=results)
+    out = tmp_path / "chosen"
+    export_trial(s, out, trial=1, coreml=False, study_dir=results / STUDY)
+    (tmp_path / ".chosen.old").mkdir()  # left by an export killed after moving the old folder aside
+    (tmp_path / ".chosen.old" / "arch.yaml").write_text("stale")
+    paths = export_trial(s, out, trial=0, coreml=False, force=True, study_dir=results / STUDY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chosen"] and paths["arch.yaml"].read_text() != "stale"
+
+    os.replace(out, tmp_path / ".chosen.old")  # killed between the renames: only the old export is whole
+    export_trial(s, out, trial=1, coreml=False, force=True, study_dir=results / STUDY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chosen"]
+
+
+def test_export_force_never_deletes_a_training_run(results, tmp_path):
+    s = load_study(STUDY, results_dir=results)
+    out = tmp_path / "chosen"
+    export_trial(s, out, trial=1, coreml=False, study_dir=results / STUDY)
+    (out / "run").mkdir()
+    (out / "run" / "model.pt").write_text("trained for hours")
+    with pytest.raises(ExportError, match="holds a training run"):
+        export_trial(s, out, trial=0, coreml=False, force=True, study_dir=results / STUDY)
+    assert (out / "run" / "model.pt").read_text() == "trained for hours"
 
 
 def test_export_command_refuses_a_bad_trial_and_rule(results, tmp_path, capsys):

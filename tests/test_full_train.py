@@ -14,7 +14,7 @@ import nas.trainer
 from nas.cli import main
 from nas.export import export_trial
 from nas.full_train import run_training
-from nas.pareto import load_study
+from nas.storage import load_study
 from nas.trainer import CHECKPOINT_NAME
 from search_spaces import ArchConfig, build_model
 
@@ -60,7 +60,7 @@ def test_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run
         stop_at(patch, STOP_AT)
         assert main(["train", str(config), "--no-progress"]) == 130
     run = config.parent / "run"
-    assert torch.load(run / CHECKPOINT_NAME, weights_only=False)["state"]["step"] == EVAL_EVERY
+    assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["state"]["step"] == EVAL_EVERY
     assert not (run / "metrics.json").exists()
 
     assert main(["train", str(config), "--no-progress"]) == 0
@@ -72,7 +72,7 @@ def test_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run
     assert metrics["source"] == {"study": STUDY, "trial": 1, "config_hash": ArchConfig.load(
         config.parent / "arch.yaml").config_hash()}
     assert metrics["onnx_max_difference"] <= 1e-4 and (run / "model.onnx").is_file()
-    saved = torch.load(run / "model.pt", weights_only=False)
+    saved = torch.load(run / "model.pt", weights_only=True)
     build_model(ArchConfig.from_dict(saved["arch"])).load_state_dict(saved["model"])
 
 

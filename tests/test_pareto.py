@@ -8,18 +8,8 @@ import pandas as pd
 import pytest
 from pareto_trials import study, trial
 
-from nas.pareto import (
-    analyze,
-    beats_dense,
-    hypervolume,
-    load_study,
-    non_dominated_rank,
-    objectives_for,
-    reference_point,
-    study_storage_url,
-    trials_frame,
-)
-from nas.search import StorageError
+from nas.objectives import objectives_for
+from nas.pareto import analyze, beats_dense, hypervolume, non_dominated_rank, reference_point, trials_frame
 
 ACC_FLOPS = objectives_for(["accuracy", "flops"])
 
@@ -72,13 +62,12 @@ def test_analysis_leaves_out_infeasible_duplicate_early_stopped_and_invalid_tria
     s = study([
         trial("dense", 0.8, 100, 1.0),
         trial("moe", 0.85, 100, 1.2),
-        trial("dense", 0.0, 500, 9.0, status="infeasible", constraint=0.5),
+        trial("dense", 0.0, 500, 9.0, constraint=0.5),
         trial("moe", 0.85, 100, 1.2, duplicate_of=1),
     ])
     s.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED,
-                                          user_attrs={**trial("moe", 0.99, 1, 0.1)["user_attrs"],
-                                                      "status": "early_stopped"}))
-    s.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={"status": "invalid"}))
+                                          user_attrs=trial("moe", 0.99, 1, 0.1)["user_attrs"]))  # early-stopped
+    s.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED))  # an invalid sample
     a = analyze(s)
     assert a.trials["trial"].tolist() == [0, 1, 2, 3, 4]  # the invalid sample has no architecture: no row
     assert a.trials["eligible"].tolist() == [True, True, False, False, False]
@@ -161,30 +150,6 @@ def test_beats_dense_breaks_accuracy_ties_by_the_cheaper_dense_model():
 
 
 def test_beats_dense_ignores_infeasible_and_duplicate_dense_trials():
-    s = study([trial("dense", 0.9, 100, 1.0, status="infeasible", constraint=0.1),
+    s = study([trial("dense", 0.9, 100, 1.0, constraint=0.1),
                trial("dense", 0.95, 100, 1.0, duplicate_of=0), trial("moe", 0.8, 100, 1.0)])
     assert analyze(s).comparisons["gain_flops"].isna().all()
-
-
-def test_study_storage_url_prefers_the_journal_and_names_the_folder_when_missing(tmp_path):
-    with pytest.raises(StorageError, match=str(tmp_path / "results" / "nope")):
-        study_storage_url("nope", tmp_path / "results")
-    folder = tmp_path / "results" / "s"
-    folder.mkdir(parents=True)
-    (folder / "study.db").touch()
-    assert study_storage_url("s", tmp_path / "results") == f"sqlite:///{folder / 'study.db'}"
-    (folder / "journal.log").touch()
-    assert study_storage_url("s", tmp_path / "results") == f"journal:{folder / 'journal.log'}"
-
-
-def test_load_study_reads_a_stored_study_and_names_the_ones_there(tmp_path):
-    url = f"sqlite:///{tmp_path / 'results' / 'hand' / 'study.db'}"
-    (tmp_path / "results" / "hand").mkdir(parents=True)
-    study([trial("dense", 0.8, 100, 1.0)], storage=url)
-    loaded = load_study("hand", results_dir=tmp_path / "results")
-    assert len(loaded.trials) == 1 and loaded.user_attrs["objectives"] == ["accuracy", "flops", "latency"]
-    with pytest.raises(StorageError, match="it holds: hand"):
-        load_study("other", storage=url)
-    with pytest.raises(StorageError, match="no study storage at"):
-        load_study("hand", storage=f"sqlite:///{tmp_path / 'missing.db'}")
-    assert not (tmp_path / "missing.db").exists()

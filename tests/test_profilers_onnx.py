@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 import profilers._export
 from profilers import ProfileError, analytic_flops, cache_dir, export_onnx, onnxruntime_latency, profile
-from profilers._export import build_once
+from profilers._export import build_once, onnx_cache_path
 from search_spaces import build_model, count_params
 
 from archs import tiny, tiny_moe
@@ -67,7 +67,7 @@ def exported(request, cache):
     per_image = request.param == "per_image"  # one per-token MoE block: its export unrolls a loop over experts
     cfg = tiny_moe(experts=4, top_k=2 if per_image else 1, layers=(1, 2) if per_image else (2,), routing=request.param)
     model = routed_everywhere(cfg, IMAGES).train()
-    path = build_once(cache / "onnx" / f"{cfg.config_hash()}.onnx", lambda p: export_onnx(model, p))
+    path = build_once(onnx_cache_path(cfg), lambda p: export_onnx(model, p))
     return model, path, model.training
 
 

@@ -23,8 +23,9 @@ import profilers.server
 from nas.cli import main
 from profilers import ProfileError, ProfilerUnreachable, RemoteBackend, RemoteProfilerError, get_backend
 from profilers._coreml import CoreMLExport
-from profilers.remote import PIPELINE_FILE, TOKEN_ENV, coreml_zip
-from profilers.server import AgentSettings, PayloadError, create_app, is_loopback, measure, serve, unpack_coreml
+from profilers._coreml_backend import PIPELINE_FILE, coreml_zip, unpack_coreml
+from profilers.remote import TOKEN_ENV
+from profilers.server import AgentSettings, PayloadError, create_app, is_loopback, measure, serve
 from search_spaces import ConfigError
 
 from archs import tiny, tiny_moe
@@ -69,11 +70,10 @@ class Agent:
 def agent(tmp_path_factory):
     """An agent with a token and a 1 MiB upload limit, on loopback in its own process."""
     port, log = free_port(), tmp_path_factory.mktemp("agent") / "agent.log"
-    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    env = {**os.environ, TOKEN_ENV: TOKEN}
     with open(log, "w") as output:  # a file, not a pipe: a full pipe would block the agent's logging
         process = subprocess.Popen(
-            [sys.executable, "-m", "nas.cli", "profiler-server", "--port", str(port), "--token", TOKEN,
-             "--max-upload-mb", "1"],
+            [sys.executable, "-m", "nas.cli", "profiler-server", "--port", str(port), "--max-upload-mb", "1"],
             env=env, stdout=output, stderr=subprocess.STDOUT,
         )
     try:
@@ -190,7 +190,7 @@ def test_agent_refuses_to_listen_off_loopback_without_a_token(monkeypatch):
 def test_measurement_past_the_timeout_is_a_504(onnx_bytes):
     async def post() -> httpx.Response:
         transport = httpx.ASGITransport(create_app(AgentSettings(timeout_s=0.2)))
-        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             slow = {"warmup": 0, "min_runs": 1, "min_time_s": 2.0}
             return await client.post("/profile", content=onnx_bytes, headers=ONNX, params=slow)
 
@@ -201,18 +201,16 @@ def test_measurement_past_the_timeout_is_a_504(onnx_bytes):
 def test_measurements_run_one_at_a_time(monkeypatch):
     active, most = [0], [0]
 
-    def fake_measure(settings, body, options):
+    def fake_measure(settings, body, options, deadline):
         active[0] += 1
         most[0] = max(most[0], active[0])
         time.sleep(0.05)  # long enough for the other requests to arrive while this one runs
         active[0] -= 1
         return {"latency_ms": None}
 
-    monkeypatch.setattr(profilers.server, "measure", fake_measure)
-
     async def post_many() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(create_app(AgentSettings()))
-        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as client:
+        transport = httpx.ASGITransport(create_app(AgentSettings(), run=fake_measure))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             return await asyncio.gather(*(client.post("/profile", content=b"model", headers=ONNX) for _ in range(4)))
 
     assert [r.status_code for r in asyncio.run(post_many())] == [200] * 4
@@ -281,12 +279,14 @@ def test_study_with_the_remote_backend_completes(agent, tmp_path, monkeypatch):
     cfg = load_study_config("smoke", n_trials=2, results_dir=str(tmp_path))
     cfg.profiler = ProfilerSpec(backend="remote", remote_url=agent.url)
     cfg.data.limit, cfg.evaluator = 300, {"steps": 6, "batch_size": 32, "eval_every": 3}  # the profile is on test
-    trials = run_search(cfg, progress=False).get_trials()
-    assert len(trials) == 2 and all(t.user_attrs["status"] == "complete" for t in trials)
+    from nas import record as records
+
+    trials = records.read_all(run_search(cfg, progress=False))
+    assert len(trials) == 2 and all(t.status == "complete" for t in trials)
     for trial in trials:
-        assert trial.user_attrs["profile"]["device"]["remote_url"] == agent.url
-        assert trial.user_attrs["metrics"]["latency_device"].endswith(f"(agent {agent.url})")
-        assert trial.user_attrs["metrics"]["latency_ms"] > 0
+        assert trial.profile["device"]["remote_url"] == agent.url
+        assert trial.metrics.latency_device.endswith(f"(agent {agent.url})")
+        assert trial.metrics.latency_ms > 0
 
 
 def test_study_with_an_absent_agent_is_one_clear_error(tmp_path, capsys):
@@ -299,7 +299,9 @@ def test_study_with_an_absent_agent_is_one_clear_error(tmp_path, capsys):
 
 
 def test_agent_lost_mid_study_stops_it_and_the_rerun_retries_the_trial(agent, tmp_path, monkeypatch):
+    from nas import record as records
     from nas.search import run_search
+    from nas.storage import load_study
     from nas.study import ProfilerSpec, load_study_config
     from profilers.remote import AgentClient
 
@@ -319,9 +321,9 @@ def test_agent_lost_mid_study_stops_it_and_the_rerun_retries_the_trial(agent, tm
     monkeypatch.setattr(AgentClient, "profile", gone_after_one)
     with pytest.raises(ProfilerUnreachable):
         run_search(cfg, progress=False)
-    first = run_search.__globals__["open_study"](cfg).get_trials()
+    first = records.read_all(load_study(cfg.study_name, results_dir=cfg.results_dir))
     assert [t.state.name for t in first] == ["COMPLETE", "FAIL", "WAITING"]  # the last slot is still queued
-    assert first[1].user_attrs["interrupted"] and "run again when the study resumes" in first[1].user_attrs["reason"]
+    assert first[1].interrupted and "run again when the study resumes" in first[1].reason
 
     monkeypatch.setattr(AgentClient, "profile", answered)
     trials = run_search(cfg, progress=False).get_trials()

@@ -51,7 +51,7 @@ def test_missing_latency_leaves_an_empty_panel_with_a_note():
 
 
 def test_hypervolume_history_grows_to_the_reported_value_and_stays_flat_on_infeasible_trials():
-    s = study([trial("dense", 0.5, 100), trial("dense", 0.9, 500, status="infeasible", constraint=1.0),
+    s = study([trial("dense", 0.5, 100), trial("dense", 0.9, 500, constraint=1.0),
                trial("moe", 0.8, 100), trial("dense", 0.4, 110)], objectives=("accuracy", "flops"))
     a = analyze(s)
     history = hypervolume_history(a)
@@ -67,7 +67,7 @@ ACC_FLOPS = ("accuracy", "flops")
     ([trial("dense", 0.7, 100, 1.0)], None),  # one trial
     ([trial("moe", 0.7, 100, 1.0), trial("moe", 0.8, 200, 2.0)], None),  # no dense
     ([trial("dense", 0.7, 100), trial("dense", 0.8, 200)], ACC_FLOPS),  # no MoE, no latency measured
-    ([trial("dense", 0.0, 100, 1.0, status="infeasible", constraint=1.0)], None),  # nothing to analyse
+    ([trial("dense", 0.0, 100, 1.0, constraint=1.0)], None),  # nothing to analyse
     ([], None),  # no trials at all
 ], ids=["one-trial", "no-dense", "no-moe-no-latency", "none-feasible", "empty"])
 def test_write_report_handles_tiny_and_lopsided_studies(tmp_path, trials, objectives):

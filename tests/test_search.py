@@ -6,8 +6,9 @@ import yaml
 from optuna.trial import TrialState
 
 import nas.trainer
+from nas import record as records
 from nas.cli import main
-from nas.search import make_storage
+from nas.storage import make_storage
 from search_spaces import ArchConfig, build_model, count_params
 
 D16 = {"depth": 2, "width": 16, "patch_size": 4, "mlp_ratio": 2.0, "num_experts": 0}
@@ -69,24 +70,25 @@ def test_study_end_to_end(tmp_path, failing_moe, capsys):
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
 
-    dense, failed, infeasible, duplicate = trials
-    arch = ArchConfig.from_yaml(dense.user_attrs["arch_yaml"])
-    assert arch.config_hash() == dense.user_attrs["config_hash"] and arch.moe is None
-    metrics = dense.user_attrs["metrics"]
-    assert metrics["params_active"] == count_params(build_model(arch))[1]
-    assert 0 < metrics["accuracy"] <= 1 and metrics["flops"] > 0
-    assert dense.values == [metrics["accuracy"], metrics["flops"]]
-    assert dense.user_attrs["train"]["steps"] == 12 and dense.user_attrs["status"] == "complete"
-    assert dense.constraints == {"max_params": pytest.approx(metrics["params_active"] / limit - 1)}
+    dense, failed, infeasible, duplicate = (records.read(t) for t in trials)
+    arch = ArchConfig.from_yaml(trials[0].user_attrs["arch_yaml"])  # the stored YAML alone rebuilds it
+    assert arch.config_hash() == dense.arch.config_hash() == trials[0].user_attrs["config_hash"] and arch.moe is None
+    metrics = dense.metrics
+    assert metrics.params_active == count_params(build_model(arch))[1]
+    assert 0 < metrics.accuracy <= 1 and metrics.flops > 0
+    assert dense.values == [metrics.accuracy, metrics.flops]
+    assert dense.train["steps"] == 12 and dense.status == "complete"
+    assert dense.rung == 12 and dense.seeds == [0]
+    assert dense.constraints == {"max_params": pytest.approx(metrics.params_active / limit - 1)}
 
-    assert infeasible.user_attrs["status"] == "infeasible" and infeasible.constraints["max_params"] > 0
-    assert "train" not in infeasible.user_attrs and infeasible.values[0] == 0.0
-    assert "max_params" in infeasible.user_attrs["reason"]
+    assert infeasible.status == "infeasible" and infeasible.constraints["max_params"] > 0
+    assert infeasible.train is None and infeasible.values[0] == 0.0
+    assert "max_params" in infeasible.reason
 
-    assert failed.user_attrs["reason"] == "RuntimeError: forced failure of an MoE"
-    assert failed.user_attrs["status"] == "failed" and failed.user_attrs["arch"]["moe"]["num_experts"] == 4
+    assert failed.reason == "RuntimeError: forced failure of an MoE"
+    assert failed.status == "failed" and failed.arch.moe.num_experts == 4
 
-    assert duplicate.user_attrs["duplicate_of"] == dense.number  # same architecture: not trained again
+    assert duplicate.duplicate_of == dense.number  # same architecture: not trained again
     assert duplicate.values == dense.values
     assert "finished: 3 complete, 1 fail" in capsys.readouterr().out
 
@@ -112,27 +114,27 @@ def test_superclasses_are_discovered_once_before_the_trials(tmp_path, monkeypatc
     assert calls == [3]  # once, before the first trial, for both MoE trials
     assert "super-classes for 3 experts: " in capsys.readouterr().err
     assert (tmp_path / "results" / "groups" / "superclasses" / "synthetic-g3-s0.json").is_file()
-    moe = [t for t in load(tmp_path, "groups").get_trials() if t.user_attrs["arch"].get("moe")]
-    assert len(moe) == 2 and all(t.user_attrs["metrics"]["router_accuracy"] is not None for t in moe)
+    moe = [r for r in records.read_all(load(tmp_path, "groups")) if r.kind == "moe"]
+    assert len(moe) == 2 and all(r.metrics.router_accuracy is not None for r in moe)
 
 
 def test_latency_is_reported_on_the_scale_of_the_study_anchor(tmp_path):
     config = write_study(tmp_path, "anchor", [D16, M16], 2, objectives=["accuracy", "latency"])
     assert main(["search", "--config", config, "--no-progress"]) == 0
     study = load(tmp_path, "anchor")
-    anchor = study.user_attrs["latency_anchor"]
+    anchor = records.read_study(study).anchor
     arch = ArchConfig.from_yaml(anchor["arch_yaml"])
     assert (arch.depth, arch.width, arch.patch_size, arch.moe) == (2, 16, 4, None)  # SPACE's smallest dense
-    for trial in study.get_trials():
-        metrics = trial.user_attrs["metrics"]
-        assert trial.user_attrs["profile"]["anchor"]["config_hash"] == arch.config_hash()
-        assert metrics["latency_ms"] == pytest.approx(metrics["latency_ratio"] * anchor["latency_ms"])
-        assert trial.values[1] == metrics["latency_ms"] and metrics["latency_ms_measured"] > 0
+    for trial in records.read_all(study):
+        metrics = trial.metrics
+        assert trial.profile["anchor"]["config_hash"] == arch.config_hash()
+        assert metrics.latency_ms == pytest.approx(metrics.latency_ratio * anchor["latency_ms"])
+        assert trial.values[1] == metrics.latency_ms and metrics.latency_ms_measured > 0
     report = (tmp_path / "results" / "anchor" / "report.md").read_text()
     assert f"timed interleaved with the anchor {arch.name}" in report
 
     assert main(["search", "--config", config, "--no-progress", "--no-report", "--n-trials", "3"]) == 0
-    assert load(tmp_path, "anchor").user_attrs["latency_anchor"] == anchor  # a resumed study keeps its scale
+    assert records.read_study(load(tmp_path, "anchor")).anchor == anchor  # a resumed study keeps its scale
 
 
 def test_interrupted_study_resumes_where_it_stopped(tmp_path, monkeypatch):
@@ -148,16 +150,16 @@ def test_interrupted_study_resumes_where_it_stopped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(nas.trainer, "train", interrupt_second)
     assert main(["search", "--config", config, "--no-progress"]) == 130
-    first = load(tmp_path, "ctrlc").get_trials()
+    first = records.read_all(load(tmp_path, "ctrlc"))
     assert [t.state for t in first] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
-    assert first[1].user_attrs["interrupted"] is True
+    assert first[1].interrupted is True
 
     assert main(["search", "--config", config, "--no-progress"]) == 0
-    trials = load(tmp_path, "ctrlc").get_trials()
+    trials = records.read_all(load(tmp_path, "ctrlc"))
     finished = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(finished) == 3  # the interrupted slot ran again; the finished one did not
-    assert sorted(t.user_attrs["slot"] for t in finished) == [0, 1, 2]
-    assert sum(1 for name in calls if name == first[0].user_attrs["name"]) == 1
+    assert sorted(t.slot for t in finished) == [0, 1, 2]
+    assert sum(1 for name in calls if name == first[0].name) == 1
 
 
 def test_two_workers_on_a_journal_complete_exactly_n_trials(tmp_path):
@@ -166,12 +168,11 @@ def test_two_workers_on_a_journal_complete_exactly_n_trials(tmp_path):
     journal = tmp_path / "results" / "workers" / "journal.log"
     assert journal.exists()
     study = optuna.load_study(study_name="workers", storage=make_storage(f"journal:{journal}"))
-    trials = study.get_trials()
+    trials = records.read_all(study)
     assert len(trials) == 5
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-    assert sorted(t.user_attrs["slot"] for t in trials) == list(range(5))
-    trained = [t.user_attrs["config_hash"] for t in trials
-               if "train" in t.user_attrs and "duplicate_of" not in t.user_attrs]
+    assert sorted(t.slot for t in trials) == list(range(5))
+    trained = [t.arch.config_hash() for t in trials if t.train is not None and t.duplicate_of is None]
     assert len(trained) == len(set(trained))  # no architecture trained twice
 
 
@@ -188,9 +189,9 @@ def test_a_trial_over_its_budget_is_stopped_and_recorded(tmp_path, budget, reaso
     data["evaluator"] = {"steps": 100_000, "batch_size": 32, "eval_every": 50_000}  # far longer than the budget
     open(config, "w").write(yaml.safe_dump(data))
     assert main(["search", "--config", config, "--no-progress"]) == 0
-    (trial,) = load(tmp_path, "budget").get_trials()
+    (trial,) = records.read_all(load(tmp_path, "budget"))
     assert trial.state == TrialState.FAIL
-    assert trial.user_attrs["reason"].startswith("BudgetExceeded: stopped: ") and reason in trial.user_attrs["reason"]
+    assert trial.reason.startswith("BudgetExceeded: stopped: ") and reason in trial.reason
 
 
 def test_unreachable_storage_is_one_clear_error(tmp_path, capsys):
@@ -200,3 +201,46 @@ def test_unreachable_storage_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot open storage postgresql://***@127.0.0.1:9/none" in err
     assert "secret" not in err and "Traceback" not in err
+
+
+def test_a_trial_within_its_memory_budget_completes(tmp_path):
+    config = write_study(tmp_path, "roomy", [D16], 1, trial_memory_mb=10**6)  # far above any worker's memory
+    assert main(["search", "--config", config, "--no-progress"]) == 0
+    (trial,) = records.read_all(load(tmp_path, "roomy"))
+    assert trial.status == "complete" and trial.reason is None
+
+
+def test_two_studies_in_one_process_log_only_into_their_own_files(tmp_path):
+    import logging
+
+    handlers = {name: set(logging.getLogger(name).handlers) for name in ("vmoe_nas", "optuna")}
+    for name in ("first", "second"):
+        assert main(["search", "--config", write_study(tmp_path, name, [D16], 1), "--no-progress", "--no-report"]) == 0
+    first, second = ((tmp_path / "results" / n / "search.log").read_text() for n in ("first", "second"))
+    assert "study first:" in first and "study second:" in second
+    assert "study second:" not in first and "study first:" not in second
+    assert {name: set(logging.getLogger(name).handlers) for name in handlers} == handlers  # all removed
+
+
+def test_describe_imports_no_search_analysis_or_export_library():
+    import subprocess
+    import sys
+
+    script = ("import sys; from nas.cli import main; main(['describe', 'vit-6x64']); "
+              "print(' '.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    loaded = set(out.splitlines()[-1].split())
+    assert not loaded & {"optuna", "pandas", "sqlalchemy", "plotly", "fvcore", "onnx", "onnxruntime", "httpx"}
+
+
+def test_importing_the_search_changes_no_process_wide_state():
+    import subprocess
+    import sys
+
+    libraries = "torch, numpy, optuna, pandas, plotly.offline, plotly.subplots, sqlalchemy, fvcore.nn, onnx, tqdm"
+    script = (f"import logging, warnings, {libraries}; "  # their own filters are theirs
+              "before = (list(warnings.filters), logging.getLogger('optuna').handlers[:]); "
+              "import nas.search, nas.report, nas.export, profilers; "
+              "print(before == (list(warnings.filters), logging.getLogger('optuna').handlers[:]))")
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    assert out.strip().splitlines()[-1] == "True"

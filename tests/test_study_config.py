@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from nas.search import should_stop_early
 from nas.study import EarlyStopping, StudyConfig, load_study_config, study_preset_names
+from nas.trial import early_stop_reason
 from search_spaces import ConfigError
 
 
@@ -79,17 +79,17 @@ RULE = EarlyStopping(min_peers=3, quantile=0.25, flops_ratio=2.0)
 
 def test_early_stopping_needs_enough_peers_of_similar_cost():
     peers = [(100, 0.8), (110, 0.82), (1000, 0.9), (1100, 0.95)]
-    assert should_stop_early(0.1, 100, peers, RULE) is None  # only 2 peers within 2x FLOPs
+    assert early_stop_reason(0.1, 100, peers, RULE) is None  # only 2 peers within 2x FLOPs
 
 
 def test_early_stopping_stops_a_trial_that_trails_its_peers():
     peers = [(100, 0.60), (150, 0.70), (190, 0.80), (60, 0.75), (5000, 0.99)]
-    reason = should_stop_early(0.50, 100, peers, RULE)
+    reason = early_stop_reason(0.50, 100, peers, RULE)
     assert "below the 0.25 quantile" in reason and "4 finished trials" in reason
-    assert should_stop_early(0.70, 100, peers, RULE) is None  # above the first quartile of its peers
+    assert early_stop_reason(0.70, 100, peers, RULE) is None  # above the first quartile of its peers
 
 
 def test_early_stopping_compares_like_with_like():
     """A cheap model is not stopped for trailing expensive ones."""
     expensive = [(1000, 0.9), (1200, 0.92), (900, 0.91)]
-    assert should_stop_early(0.5, 100, expensive, RULE) is None
+    assert early_stop_reason(0.5, 100, expensive, RULE) is None

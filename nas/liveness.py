@@ -1,0 +1,129 @@
+"""Workers that die: a lease on every running trial, and reclaiming the trials of workers that are gone.
+
+Optuna's heartbeats exist on RDB storages only; a journal file has none, so a trial whose worker was killed
+(kill -9, the OOM killer, a lost machine) would stay RUNNING for ever, holding its slot. Instead, on every
+storage, the worker that runs a trial renews a lease on it (`heartbeat_interval` seconds, held for 3
+intervals). Any worker reclaims a running trial when its worker process is gone (same host: the pid no
+longer exists) or its lease has expired (any host): the trial fails, marked interrupted, and a retry of the
+same architecture is queued in its slot, at most `max_retries` times (after that the failure is final, so a
+trial that kills its worker every time cannot loop). Exactly one worker wins a reclaim: the storage moves a
+trial out of RUNNING once. The retry carries Optuna's `failed_trial` system attribute, as Optuna's own retry
+callbacks do (`optuna.storages.RetryFailedTrialCallback.retried_trial_number`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState, create_trial
+
+from nas import record as records
+from nas.record import TrialRecord
+
+log = logging.getLogger("vmoe_nas.liveness")
+LEASE_INTERVALS = 3  # a lease lasts this many renewal intervals: two missed renewals are tolerated
+RETRY_ATTR = "failed_trial"  # Optuna's system attribute naming the trial a retry replaces
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def lease_until(interval: float) -> float:
+    return time.time() + LEASE_INTERVALS * interval
+
+
+@contextmanager
+def lease(trial: optuna.Trial, interval: float):
+    """Hold a lease on `trial` while the block runs: renewed every `interval` seconds by a thread that keeps
+    trying through storage errors (the trial itself meets a lost storage and reports it)."""
+    records.renew_lease(trial, lease_until(interval))
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(interval):
+            try:
+                records.renew_lease(trial, lease_until(interval))
+            except Exception as error:  # noqa: BLE001 - any storage failure: try again next interval
+                log.warning("trial %d: lease renewal failed: %s", trial.number, str(error).splitlines()[0])
+
+    thread = threading.Thread(target=renew, daemon=True, name=f"lease-{trial.number}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def is_dead(record: TrialRecord, *, now: float, grace_s: float) -> bool:
+    """A running trial whose worker is gone: on this host its pid does not exist; anywhere its lease (or,
+    before the worker wrote one, `grace_s` after the trial started) has passed."""
+    if record.state != TrialState.RUNNING:
+        return False
+    host, _, pid = (record.worker or "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+        return True
+    expiry = record.lease_until if record.lease_until is not None else (record.started or now) + grace_s
+    return now > expiry
+
+
+def reclaim_dead_trials(study: optuna.Study, *, max_retries: int, grace_s: float) -> list[int]:
+    """Fail every running trial whose worker is gone and queue its retry; returns the trials reclaimed."""
+    storage = study._storage  # the study's own storage (a cache around RDB storages): one view of the states
+    study_id = storage.get_study_id_from_name(study.study_name)
+    reclaimed = []
+    now = time.time()
+    running = records.read_all(study, (TrialState.RUNNING,))
+    for dead in (r for r in running if is_dead(r, now=now, grace_s=grace_s)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, dead.number)
+        retries = retry_count(study, dead.number)
+        final = retries >= max_retries
+        reason = (f"its worker {dead.worker or '(unknown)'} died or stopped renewing its lease; "
+                  + ("retries exhausted" if final else "retried in a new trial of the same slot"))
+        dead.reason, dead.interrupted = reason, not final  # interrupted: its retry holds the slot
+        try:
+            records.write_stored(storage, trial_id, dead)
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:
+            continue  # another worker reclaimed it, or it just finished
+        reclaimed.append(dead.number)
+        log.warning("trial %d: %s", dead.number, reason)
+        if not final:
+            frozen = study._storage.get_trial(trial_id)
+            study.add_trial(create_trial(
+                state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
+                user_attrs=records.enqueue_attrs(dead.slot), system_attrs={RETRY_ATTR: dead.number},
+            ))
+    return reclaimed
+
+
+def retry_count(study: optuna.Study, number: int) -> int:
+    """How many times the trial `number` is itself a retry (the chain of `failed_trial` back to the first)."""
+    trials = study.get_trials(deepcopy=False)
+    count, current = 0, trials[number]
+    while RETRY_ATTR in current.system_attrs:
+        count += 1
+        current = trials[current.system_attrs[RETRY_ATTR]]
+    return count
+
+
+__all__ = ["is_dead", "lease", "reclaim_dead_trials", "retry_count", "worker_id"]

@@ -1,0 +1,228 @@
+"""What a trial is: one typed record, read from and written to an Optuna trial in this module only.
+
+A search trial stores everything a later command needs as Optuna user attributes, so the storage alone
+rebuilds any model: the architecture (its YAML), the full profile, the training record and the flat metrics.
+`write(trial, record)` and `read(frozen_trial)` are the only places that spell those attribute names; the
+layout is versioned (`record_version`), and `read` still understands studies written before it was.
+`read_study` and `write_study` do the same for what a study stores about itself.
+
+Whether a trial finished, failed or was stopped is Optuna's state; a record's `status` is derived from
+that state, its constraints and whether it got an architecture, never stored beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from nas.objectives import Objective
+from search_spaces import ArchConfig
+
+VERSION = 2  # 1: before versioning (also stored `arch` as a dict and a `status`); 2: this layout
+VERSION_ATTR = "record_version"
+CONSTRAINED_ATTR = "constraints_set"  # the trial's constraints are stored (in Optuna's system attributes)
+
+
+@dataclass
+class Metrics:
+    """The flat numbers of a trial: what Pareto analysis, reports and export read (None: not measured)."""
+
+    accuracy: float | None = None  # validation top-1 after proxy training
+    first_eval_accuracy: float | None = None
+    router_accuracy: float | None = None  # super-class accuracy of a per-image router
+    flops: int | None = None  # per image, batch 1
+    params_total: int | None = None
+    params_active: int | None = None  # per image: k of E experts
+    size_bytes_fp32: int | None = None
+    size_mb: float | None = None
+    latency_ms: float | None = None  # on the study anchor's scale where there is one
+    latency_ms_measured: float | None = None  # the trial's own median
+    latency_ratio: float | None = None  # to the anchor, timed interleaved
+    latency_cv: float | None = None
+    latency_backend: str | None = None
+    latency_device: str | None = None
+    train_time_s: float | None = None
+    images_per_s: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Metrics:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in known})
+
+    def value(self, objective: Objective) -> float | None:
+        return getattr(self, objective.metric)
+
+
+METRIC_COLUMNS = [f.name for f in fields(Metrics)]
+TEXT_METRICS = ("latency_backend", "latency_device")
+
+
+@dataclass
+class TrialRecord:
+    """One search trial. `arch` is None until sampled (and for invalid samples)."""
+
+    number: int | None = None
+    state: TrialState = TrialState.RUNNING
+    arch: ArchConfig | None = None
+    profile: dict | None = None  # profilers.profile's full result
+    metrics: Metrics = field(default_factory=Metrics)
+    train: dict | None = None  # nas.trainer.TrainResult.to_dict()
+    reason: str | None = None  # why it failed, was stopped or is infeasible
+    duplicate_of: int | None = None  # the trial whose result this one reuses
+    rung: int | None = None  # training steps its accuracy was measured at
+    seeds: list[int] = field(default_factory=list)  # training seeds behind its accuracy
+    slot: int | None = None  # its place among the study's n_trials
+    worker: str | None = None  # host:pid that ran it
+    lease_until: float | None = None  # epoch seconds: its worker renews this while it runs (nas.liveness)
+    started: float | None = None  # epoch seconds when a worker claimed it
+    interrupted: bool = False  # stopped from outside (Ctrl-C, lost agent): its slot runs again on resume
+    constraints: dict[str, float] = field(default_factory=dict)  # Optuna's: <= 0 is feasible
+    values: list[float] | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # what the sampler chose
+
+    def to_json(self) -> dict[str, Any]:
+        """The whole record as plain JSON values (export's trial.json)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update(state=self.state.name, status=self.status, arch=self.arch.to_dict() if self.arch else None,
+                    metrics=asdict(self.metrics), record_version=VERSION)
+        return data
+
+    @property
+    def feasible(self) -> bool:
+        return all(v <= 0 for v in self.constraints.values())
+
+    @property
+    def kind(self) -> str | None:
+        return None if self.arch is None else "moe" if self.arch.is_moe else "dense"
+
+    @property
+    def name(self) -> str | None:
+        return None if self.arch is None else self.arch.name
+
+    @property
+    def status(self) -> str:
+        """complete, infeasible, early_stopped, invalid, failed, running or waiting."""
+        if self.state == TrialState.COMPLETE:
+            return "complete" if self.feasible else "infeasible"
+        if self.state == TrialState.PRUNED:
+            return "invalid" if self.arch is None else "early_stopped"
+        return {TrialState.FAIL: "failed", TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}[self.state]
+
+    def objective_values(self, objectives: list[Objective]) -> list[float]:
+        return [self.metrics.value(o) for o in objectives]
+
+
+@dataclass
+class StudyRecord:
+    """What a study stores about itself, beside its trials."""
+
+    objectives: list[str] | None = None  # the objective names, in the order of the study's directions
+    config: dict | None = None  # the StudyConfig as run (`to_dict`, storage credentials removed)
+    anchor: dict | None = None  # the latency anchor (`nas.trial.Anchor.to_attrs`)
+
+
+STUDY_ATTRS = {"objectives": "objectives", "config": "study_config", "anchor": "latency_anchor"}  # field -> attr
+
+
+def read_study(study: optuna.Study) -> StudyRecord:
+    attrs = study.user_attrs
+    return StudyRecord(**{name: attrs.get(attr) for name, attr in STUDY_ATTRS.items()})
+
+
+def write_study(study: optuna.Study, record: StudyRecord) -> None:
+    """Store the fields of `record` that are set and differ from what the study holds."""
+    stored = study.user_attrs
+    for name, attr in STUDY_ATTRS.items():
+        value = getattr(record, name)
+        if value is not None and stored.get(attr) != value:
+            study.set_user_attr(attr, value)
+
+
+def enqueue_attrs(slot: int) -> dict[str, Any]:
+    """The user attributes a queued trial starts with."""
+    return {VERSION_ATTR: VERSION, "slot": slot}
+
+
+def _attrs(record: TrialRecord) -> dict[str, Any]:
+    attrs: dict[str, Any] = {VERSION_ATTR: VERSION}
+    if record.arch is not None:
+        # The YAML is the architecture; name and hash are kept beside it for the dashboard and for lookups.
+        attrs.update(arch_yaml=record.arch.to_yaml(), name=record.arch.name, config_hash=record.arch.config_hash())
+    if record.profile is not None:
+        attrs["profile"] = record.profile
+    if record.arch is not None:
+        attrs["metrics"] = asdict(record.metrics)
+    for key in ("train", "reason", "duplicate_of", "rung", "slot", "worker", "lease_until"):
+        if getattr(record, key) is not None:
+            attrs[key] = getattr(record, key)
+    if record.seeds:
+        attrs["seeds"] = list(record.seeds)
+    if record.interrupted:
+        attrs["interrupted"] = True
+    return attrs
+
+
+def write(trial: optuna.Trial, record: TrialRecord) -> None:
+    """Store `record` on a running trial: the user attributes that changed, and, the first time it has
+    them, its constraints (Optuna keeps a trial's constraints as first set)."""
+    stored = trial.user_attrs
+    for key, value in _attrs(record).items():
+        if stored.get(key) != value:
+            trial.set_user_attr(key, value)
+    if record.constraints and not stored.get(CONSTRAINED_ATTR):
+        for name, value in record.constraints.items():
+            trial.set_constraint(name, value)
+        trial.set_user_attr(CONSTRAINED_ATTR, True)
+
+
+def write_stored(storage: optuna.storages.BaseStorage, trial_id: int, record: TrialRecord) -> None:
+    """Like `write`, for a trial another worker runs (by storage and trial id): its changed user attributes."""
+    stored = storage.get_trial(trial_id).user_attrs
+    for key, value in _attrs(record).items():
+        if stored.get(key) != value:
+            storage.set_trial_user_attr(trial_id, key, value)
+
+
+def renew_lease(trial: optuna.Trial, until: float) -> None:
+    trial.set_user_attr("lease_until", until)
+
+
+def frozen_attrs(record: TrialRecord) -> dict[str, Any]:
+    """The user attributes of `record`, for `optuna.trial.create_trial` (tests, copies of studies)."""
+    return _attrs(record)
+
+
+def read(frozen: FrozenTrial) -> TrialRecord:
+    """The record of a stored trial, of any record version."""
+    attrs = frozen.user_attrs
+    version = attrs.get(VERSION_ATTR, 1)
+    if version > VERSION:
+        raise ValueError(f"trial {frozen.number} was written by a newer vmoe-nas (record version {version})")
+    arch = ArchConfig.from_yaml(attrs["arch_yaml"]) if "arch_yaml" in attrs else None
+    return TrialRecord(
+        number=frozen.number, state=frozen.state, arch=arch, profile=attrs.get("profile"),
+        metrics=Metrics.from_dict(attrs.get("metrics")), train=attrs.get("train"), reason=attrs.get("reason"),
+        duplicate_of=attrs.get("duplicate_of"), rung=attrs.get("rung", (attrs.get("train") or {}).get("steps")),
+        seeds=list(attrs.get("seeds", [])), slot=attrs.get("slot"), worker=attrs.get("worker"),
+        interrupted=bool(attrs.get("interrupted")), constraints=dict(frozen.constraints),
+        values=list(frozen.values) if frozen.values is not None else None, params=dict(frozen.params),
+        lease_until=attrs.get("lease_until"),
+        started=frozen.datetime_start.timestamp() if frozen.datetime_start else None,
+    )
+
+
+def running(trial: optuna.Trial) -> TrialRecord:
+    """The record of a trial a worker has just claimed: its number and its slot in the queue."""
+    return TrialRecord(number=trial.number, state=TrialState.RUNNING, slot=trial.user_attrs.get("slot"))
+
+
+def read_all(study: optuna.Study, states: tuple[TrialState, ...] | None = None) -> list[TrialRecord]:
+    return [read(t) for t in study.get_trials(deepcopy=False, states=states)]
+
+
+__all__ = ["METRIC_COLUMNS", "TEXT_METRICS", "Metrics", "StudyRecord", "TrialRecord", "enqueue_attrs", "frozen_attrs",
+           "read", "read_all", "read_study", "renew_lease", "running", "write", "write_stored",
+           "write_study"]

@@ -1,0 +1,238 @@
+"""One search trial as a pipeline of named steps over a study context built once.
+
+    sample -> validate -> find reusable result -> profile -> check constraints -> train -> record
+
+Each step takes the `StudyContext` and plain values (an `ArchConfig`, `Metrics`, `TrialRecord`s) and is
+callable in a test without Optuna; `nas.search.run_trial` is the thin loop that feeds them one Optuna
+trial and stores the record (`nas.record.write`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nas.record import Metrics, TrialRecord
+from nas.study import Constraints, EarlyStopping, StudyConfig
+from search_spaces import ArchConfig
+from search_spaces.mobile_vmoe import InvalidArchitecture
+
+log = logging.getLogger("vmoe_nas.trial")
+REUSABLE = ("complete", "infeasible", "early_stopped")  # results a trial of the same architecture reuses
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The study's latency anchor: the space's smallest dense ViT, measured once when the study starts.
+    Every trial is timed interleaved with it and reported as this latency times their ratio."""
+
+    arch: ArchConfig
+    latency_ms: float  # its median when the study started
+    latency: dict  # its full LatencyStats
+    device: str
+
+    def to_attrs(self) -> dict:
+        return {"name": self.arch.name, "arch_yaml": self.arch.to_yaml(), "latency_ms": self.latency_ms,
+                "latency": self.latency, "device": self.device}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> Anchor:
+        return cls(ArchConfig.from_yaml(attrs["arch_yaml"]), attrs["latency_ms"], attrs["latency"], attrs["device"])
+
+
+@dataclass
+class StudyContext:
+    """What every trial of a study shares, built once per process."""
+
+    cfg: StudyConfig
+    dataset: Any  # nas.data.Dataset
+    recipe: Any  # nas.trainer.TrainRecipe: the proxy training of every trial
+    superclasses: dict[int, np.ndarray]  # experts -> class-to-group map of the per-image routers
+    anchor: Anchor | None = None
+
+
+def build_context(cfg: StudyConfig, *, anchor: Anchor | None = None, progress: bool = False) -> StudyContext:
+    """Load the data set and find the class groupings the space's routers need (discovered once per study
+    and cached under results/<study>/superclasses/, where every worker finds them)."""
+    from nas.data import load_dataset
+
+    spec = cfg.data
+    dataset = load_dataset(spec.name, data_dir=spec.data_dir, val_fraction=spec.val_fraction, seed=spec.seed,
+                           limit=spec.limit)
+    recipe = cfg.recipe()
+    if recipe.num_threads is None and cfg.workers > 1:  # share the cores instead of oversubscribing them
+        recipe = dataclasses.replace(recipe, num_threads=max(1, (os.cpu_count() or 1) // cfg.workers))
+    groups = [g for g in cfg.space.router_groups() if g <= dataset.num_classes]  # more: rejected as invalid
+    superclasses = {g: class_groups(dataset, g, cfg.study_dir / "superclasses", progress=progress) for g in groups}
+    return StudyContext(cfg, dataset, recipe, superclasses, anchor)
+
+
+def class_groups(dataset, groups: int, cache_dir: Path, *, progress: bool = False) -> np.ndarray:
+    """class -> super-class for `groups` experts: the data set's own, or discovered from confusion."""
+    from nas.superclasses import superclasses_for
+
+    mapping = superclasses_for(dataset, groups, cache_dir=cache_dir, progress=progress)
+    log.info("super-classes for %d experts (%s): %s", groups, mapping.source, mapping.class_to_group.tolist())
+    return np.asarray(mapping.class_to_group)
+
+
+def needs_latency(cfg: StudyConfig) -> bool:
+    return "latency" in cfg.objectives or cfg.constraints.max_latency_ms is not None
+
+
+def measure_anchor(cfg: StudyConfig, dataset) -> Anchor | None:
+    """Measure the space's smallest dense ViT alone, for 3x the usual time; None where the study needs no
+    anchor (latency not used, `profiler.anchor: false`, a remote agent measuring one model at a time on a
+    device kept for it) or the backend cannot measure here (Core ML off macOS)."""
+    from profilers import MIN_TIME_S, device_label, profile
+
+    if not (cfg.profiler.anchor and cfg.profiler.backend != "remote" and needs_latency(cfg)):
+        return None
+    arch = cfg.space.smallest_dense(image_size=dataset.image_size, in_channels=dataset.in_channels,
+                                    num_classes=dataset.num_classes)
+    result = profile(arch, **cfg.profiler.options(), min_time_s=3 * MIN_TIME_S)
+    if result["latency_ms"] is None:
+        return None
+    return Anchor(arch, result["latency_ms"]["median"], result["latency_ms"], device_label(result["device"]))
+
+
+# ---------------------------------------------------------------- the steps
+
+
+def sample(ctx: StudyContext, trial) -> ArchConfig:
+    """An architecture from the space; `trial` is anything with Optuna's `suggest_categorical` (an
+    `optuna.Trial`, or an `optuna.trial.FixedTrial` in a test). Raises InvalidArchitecture."""
+    data = ctx.dataset
+    return ctx.cfg.space.sample(trial, image_size=data.image_size, in_channels=data.in_channels,
+                                num_classes=data.num_classes)
+
+
+def validate(ctx: StudyContext, arch: ArchConfig) -> None:
+    """What the space cannot know: the data set must have enough classes for a super-class router."""
+    moe = arch.moe
+    if moe and routes_on_superclasses(arch) and moe.num_experts > ctx.dataset.num_classes:
+        raise InvalidArchitecture(
+            f"moe.num_experts={moe.num_experts} super-classes cannot be formed from {ctx.dataset.num_classes} classes"
+        )
+
+
+def routes_on_superclasses(arch: ArchConfig) -> bool:
+    moe = arch.moe
+    return bool(moe and moe.routing == "per_image" and moe.router_loss_weight > 0)
+
+
+def find_reusable(arch: ArchConfig, number: int, records: list[TrialRecord]) -> TrialRecord | None:
+    """The earliest finished trial of the same architecture whose result a new trial can reuse."""
+    key = arch.config_hash()
+    same = [r for r in records if r.number != number and r.arch is not None and r.status in REUSABLE
+            and r.arch.config_hash() == key]
+    return min(same, key=lambda r: r.number, default=None)
+
+
+def running_earlier(arch: ArchConfig, number: int, records: list[TrialRecord]) -> bool:
+    """An earlier trial is still running the same architecture: wait for it rather than train it twice
+    (only for earlier ones, so two workers never wait on each other)."""
+    key = arch.config_hash()
+    return any(r.status == "running" and r.number < number and r.arch is not None and r.arch.config_hash() == key
+               for r in records)
+
+
+def reuse(record: TrialRecord, original: TrialRecord) -> TrialRecord:
+    """`record` carrying `original`'s result (a trial of the same architecture)."""
+    return dataclasses.replace(
+        record, profile=original.profile, metrics=dataclasses.replace(original.metrics), train=original.train,
+        reason=original.reason, rung=original.rung, seeds=list(original.seeds),
+        constraints=dict(original.constraints), duplicate_of=original.number,
+    )
+
+
+def profile_arch(ctx: StudyContext, arch: ArchConfig) -> tuple[dict, Metrics]:
+    """The full profile (latency only when an objective or a constraint needs it) and the flat metrics;
+    latency on the anchor's scale where the study has one."""
+    from profilers import device_label, profile
+
+    measure = needs_latency(ctx.cfg)
+    anchor = ctx.anchor if measure else None
+    result = profile(arch, measure=measure, anchor=anchor.arch if anchor else None, **ctx.cfg.profiler.options())
+    latency = result.get("latency_ms") or {}
+    ratio = result["anchor"]["ratio"] if "anchor" in result else None
+    metrics = Metrics(
+        flops=result["flops"], params_total=result["params_total"], params_active=result["params_active"],
+        size_bytes_fp32=result["size_bytes_fp32"], size_mb=result["size_bytes_fp32"] / 1e6,
+        # On the anchor's scale where there is one: its latency at the study's start times this trial's ratio.
+        latency_ms=ratio * anchor.latency_ms if ratio else latency.get("median"),
+        latency_ms_measured=latency.get("median"), latency_ratio=ratio, latency_cv=latency.get("cv"),
+        latency_backend=result.get("backend"), latency_device=device_label(result["device"]) if latency else None,
+    )
+    return result, metrics
+
+
+def check_constraints(constraints: Constraints, metrics: Metrics) -> tuple[dict[str, float], list[str]]:
+    """Every configured constraint as Optuna takes it (<= 0 is feasible), and the broken ones, described."""
+    values, broken = {}, []
+    for name, (metric, limit) in constraints.active().items():
+        measured = getattr(metrics, metric)
+        values[name] = (measured - limit) / limit
+        if values[name] > 0:
+            broken.append(f"{metric}={measured:.4g} > {name}={limit:g}")
+    return values, broken
+
+
+def early_stop_reason(accuracy: float, flops: float, peers: list[tuple[float, float]],
+                      rule: EarlyStopping) -> str | None:
+    """The early-stopping rule (see `EarlyStopping`): `peers` are (flops, first-evaluation accuracy) of
+    finished trials. Returns the reason to stop, or None to go on."""
+    similar = [acc for peer_flops, acc in peers if max(peer_flops, flops) <= rule.flops_ratio * min(peer_flops, flops)]
+    if len(similar) < rule.min_peers:
+        return None
+    bar = float(np.quantile(similar, rule.quantile))
+    if accuracy >= bar:
+        return None
+    return (
+        f"first-evaluation accuracy {accuracy:.4f} is below the {rule.quantile:g} quantile ({bar:.4f}) "
+        f"of {len(similar)} finished trials within {rule.flops_ratio:g}x its FLOPs"
+    )
+
+
+def peers_of(records: list[TrialRecord]) -> list[tuple[float, float]]:
+    """(flops, first-evaluation accuracy) of the completed trials that trained (not reused a result)."""
+    return [(r.metrics.flops, r.metrics.first_eval_accuracy) for r in records
+            if r.status == "complete" and r.duplicate_of is None and r.metrics.first_eval_accuracy is not None]
+
+
+def train_arch(ctx: StudyContext, arch: ArchConfig, flops: float, peers: Callable[[], list[tuple[float, float]]]):
+    """Proxy-train `arch`. After the first evaluation the early-stopping rule may stop it; returns the
+    TrainResult, the first evaluation's accuracy and the reason it was stopped (None if it was not)."""
+    from nas import trainer
+
+    first: dict[str, Any] = {}
+
+    def on_eval(step: int, epoch: float, accuracy: float) -> bool:
+        if first:
+            return False
+        first["accuracy"] = accuracy
+        if ctx.cfg.early_stopping.enabled:
+            first["stop"] = early_stop_reason(accuracy, flops, peers(), ctx.cfg.early_stopping)
+        return first.get("stop") is not None
+
+    groups = ctx.superclasses.get(arch.moe.num_experts) if routes_on_superclasses(arch) else None
+    result = trainer.train(arch, ctx.dataset, ctx.recipe, superclasses=groups, on_eval=on_eval)
+    return result, first.get("accuracy"), first.get("stop")
+
+
+def trained_metrics(metrics: Metrics, result, first_eval_accuracy: float | None) -> Metrics:
+    return dataclasses.replace(metrics, accuracy=result.val_accuracy, first_eval_accuracy=first_eval_accuracy,
+                               router_accuracy=result.router_accuracy, train_time_s=result.wall_time_s,
+                               images_per_s=result.images_per_s)
+
+
+__all__ = ["Anchor", "StudyContext", "build_context", "check_constraints", "early_stop_reason", "find_reusable",
+           "measure_anchor", "needs_latency", "peers_of", "profile_arch", "reuse", "running_earlier", "sample",
+           "train_arch", "trained_metrics", "validate"]

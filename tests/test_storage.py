@@ -1,0 +1,79 @@
+"""Storage URLs, the study lock, loading a stored study, and studies written before the trial record."""
+
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+from pareto_trials import study, trial
+
+from nas import record as records
+from nas.pareto import analyze
+from nas.storage import StorageError, existing_storage, load_study, parse_storage, study_lock
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_a_storage_url_is_parsed_once_and_shown_without_its_password():
+    pg = parse_storage("postgresql://vmoe:secret@db.example:5432/nas")
+    assert (pg.kind, pg.path, pg.lock_path) == ("postgresql", None, None)
+    assert pg.sqlalchemy_url == "postgresql+psycopg://vmoe:secret@db.example:5432/nas"
+    assert pg.redacted == "postgresql://***@db.example:5432/nas" and "secret" not in str(pg)
+    journal = parse_storage("journal:/tmp/s/journal.log")
+    assert (journal.kind, journal.path) == ("journal", Path("/tmp/s/journal.log"))
+    # Not journal.log.lock: Optuna's journal lock uses (and deletes) that file.
+    assert journal.lock_path == Path("/tmp/s/journal.log.queue-lock")
+    assert parse_storage("sqlite:///x/study.db").path == Path("x/study.db")
+    with pytest.raises(StorageError, match="not a storage URL"):
+        parse_storage("results/study.db")
+
+
+def test_the_study_lock_is_not_the_journal_lock_file(tmp_path):
+    url = parse_storage(f"journal:{tmp_path / 'journal.log'}")
+    with study_lock(url, "s"):
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(url.path)))
+        optuna.create_study(study_name="s", storage=storage)  # takes Optuna's own lock: no wait, no clash
+    assert url.lock_path.exists()
+
+
+def test_a_study_folder_storage_prefers_the_journal_and_names_the_folder_when_missing(tmp_path):
+    with pytest.raises(StorageError, match=str(tmp_path / "results" / "nope")):
+        load_study("nope", results_dir=tmp_path / "results")
+    folder = tmp_path / "results" / "s"
+    folder.mkdir(parents=True)
+    (folder / "study.db").touch()
+    assert existing_storage(folder).url == f"sqlite:///{folder / 'study.db'}"
+    (folder / "journal.log").touch()
+    assert existing_storage(folder).url == f"journal:{folder / 'journal.log'}"
+
+
+def test_load_study_reads_a_stored_study_and_names_the_ones_there(tmp_path):
+    url = f"sqlite:///{tmp_path / 'results' / 'hand' / 'study.db'}"
+    (tmp_path / "results" / "hand").mkdir(parents=True)
+    study([trial("dense", 0.8, 100, 1.0)], storage=url)
+    loaded = load_study("hand", results_dir=tmp_path / "results")
+    assert len(loaded.trials) == 1 and loaded.user_attrs["objectives"] == ["accuracy", "flops", "latency"]
+    with pytest.raises(StorageError, match="it holds: hand"):
+        load_study("other", storage=url)
+    with pytest.raises(StorageError, match="no study storage at"):
+        load_study("hand", storage=f"sqlite:///{tmp_path / 'missing.db'}")
+    assert not (tmp_path / "missing.db").exists()
+
+
+@pytest.mark.parametrize("stored", ["v1-sqlite.db", "v1-journal.log"])
+def test_a_study_written_before_the_trial_record_still_opens(tmp_path, stored):
+    """Fixtures written by the search before records were versioned: a dense trial, a failed MoE, two
+    infeasible trials and a duplicate (max_params constraint, objectives accuracy, flops, latency)."""
+    shutil.copy(FIXTURES / stored, tmp_path / stored)
+    url = f"sqlite:///{tmp_path / stored}" if stored.endswith(".db") else f"journal:{tmp_path / stored}"
+    s = load_study(stored.split(".")[0], storage=url)
+    got = records.read_all(s)
+    assert [r.status for r in got] == ["complete", "failed", "infeasible", "complete", "infeasible"]
+    assert [r.kind for r in got] == ["dense", "moe", "dense", "dense", "moe"]
+    assert got[1].reason == "RuntimeError: forced failure" and got[3].duplicate_of == 0
+    assert got[0].metrics.accuracy == s.trials[0].values[0] and got[0].rung == got[0].train["steps"] == 12
+    assert got[0].arch.config_hash() == s.trials[0].user_attrs["config_hash"]
+    assert records.read_study(s).anchor["name"] == "vit-2x16h2-p4-16-r2"
+    analysis = analyze(s)
+    assert analysis.trials["eligible"].tolist() == [True, False, False, False, False]
+    assert [o.name for o in analysis.objectives] == ["accuracy", "flops", "latency"]

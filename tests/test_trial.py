@@ -1,0 +1,116 @@
+"""The steps of one trial, called without Optuna, and the trial record they fill."""
+
+import dataclasses
+
+import pytest
+from optuna.trial import FixedTrial, TrialState
+
+from nas import record as records
+from nas.objectives import OBJECTIVES
+from nas.record import Metrics, TrialRecord
+from nas.study import Constraints, StudyConfig
+from nas.trial import (
+    build_context,
+    check_constraints,
+    find_reusable,
+    peers_of,
+    profile_arch,
+    reuse,
+    running_earlier,
+    sample,
+    train_arch,
+    validate,
+)
+from search_spaces import ArchConfig, build_model, count_params
+from search_spaces.mobile_vmoe import InvalidArchitecture
+
+SPACE = {"patch_sizes": [4], "depths": [2], "widths": [16, 24], "head_width": 8, "mlp_ratios": [2.0],
+         "num_experts": [0, 4, 16], "top_k": [1], "placements": ["last1"]}
+DENSE = {"depth": 2, "width": 16, "patch_size": 4, "mlp_ratio": 2.0, "num_experts": 0}
+MOE = {**DENSE, "num_experts": 4, "top_k": 1, "moe_placement": "last1", "routing": "per_image",
+       "router_loss_weight": 0.3}
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    cfg = StudyConfig.from_dict({
+        "study_name": "steps", "data": {"name": "synthetic", "limit": 300}, "space": SPACE, "n_trials": 1,
+        "evaluator": {"steps": 6, "batch_size": 32, "eval_every": 3, "num_threads": 1},
+        "results_dir": str(tmp_path_factory.mktemp("results")),
+    })
+    return build_context(cfg)
+
+
+def test_the_steps_run_without_optuna(ctx):
+    arch = sample(ctx, FixedTrial(MOE))
+    validate(ctx, arch)
+    assert arch.moe.num_experts == 4 and (arch.image_size, arch.num_classes) == (16, 12)  # from the data set
+    assert set(ctx.superclasses) == {4}  # the space's only router size the 12 classes allow
+    profile, metrics = profile_arch(ctx, arch)
+    assert metrics.params_active == count_params(build_model(arch))[1]
+    assert metrics.flops == profile["flops"] and metrics.latency_ms is None  # no latency objective: not measured
+    values, broken = check_constraints(Constraints(max_flops=metrics.flops / 2), metrics)
+    assert values == {"max_flops": pytest.approx(1.0)} and broken == [f"flops={metrics.flops:.4g} > max_flops="
+                                                                      f"{metrics.flops / 2:g}"]
+    result, first, stopped = train_arch(ctx, arch, metrics.flops, peers=lambda: [])
+    assert result.steps == 6 and first == result.evals[0][1] and stopped is None
+
+
+def test_validate_refuses_more_super_classes_than_classes(ctx):
+    with pytest.raises(InvalidArchitecture, match="super-classes cannot be formed from 12 classes"):
+        validate(ctx, sample(ctx, FixedTrial({**MOE, "num_experts": 16})))
+
+
+def record(number, arch, state=TrialState.COMPLETE, **kw) -> TrialRecord:
+    return TrialRecord(number=number, state=state, arch=arch, **kw)
+
+
+def test_reuse_takes_the_earliest_finished_run_of_the_same_architecture(ctx):
+    arch, other = sample(ctx, FixedTrial(DENSE)), sample(ctx, FixedTrial({**DENSE, "width": 24}))
+    stored = [record(0, other), record(1, arch, TrialState.FAIL), record(2, arch, metrics=Metrics(accuracy=0.5)),
+              record(3, arch, metrics=Metrics(accuracy=0.6)), record(4, arch, TrialState.RUNNING)]
+    assert find_reusable(arch, 5, stored).number == 2  # not the failed one, not the running one
+    assert find_reusable(arch, 2, stored).number == 3  # never itself
+    assert find_reusable(arch, 1, stored[:2]) is None
+    assert running_earlier(arch, 5, stored) and not running_earlier(arch, 4, stored)  # only earlier trials
+    copy = reuse(TrialRecord(number=5, slot=5), stored[2])
+    assert (copy.duplicate_of, copy.metrics.accuracy, copy.slot) == (2, 0.5, 5)
+    copy.metrics.accuracy = 0.0
+    assert stored[2].metrics.accuracy == 0.5  # a copy, not the original's metrics
+
+
+def test_peers_are_the_completed_trials_that_trained():
+    arch = ArchConfig(image_size=16, in_channels=1, patch_size=4, num_classes=12, depth=2, width=16, num_heads=2)
+    done = Metrics(flops=100, first_eval_accuracy=0.4)
+    stored = [record(0, arch, metrics=done), record(1, arch, metrics=done, duplicate_of=0),
+              record(2, arch, metrics=done, constraints={"max_flops": 1.0}), record(3, arch, TrialState.PRUNED,
+                                                                                    metrics=done)]
+    assert peers_of(stored) == [(100, 0.4)]
+
+
+def test_status_is_derived_from_the_state_never_stored():
+    arch = ArchConfig(image_size=16, in_channels=1, patch_size=4, num_classes=12, depth=2, width=16, num_heads=2)
+    assert record(0, arch).status == "complete"
+    assert record(0, arch, constraints={"max_flops": 0.5}).status == "infeasible"
+    assert record(0, arch, TrialState.PRUNED).status == "early_stopped"
+    assert record(0, None, TrialState.PRUNED).status == "invalid"
+    assert record(0, arch, TrialState.FAIL).status == "failed"
+    assert "status" not in records.frozen_attrs(record(0, arch))
+
+
+def test_a_record_round_trips_through_optuna():
+    import optuna
+
+    arch = ArchConfig(image_size=16, in_channels=1, patch_size=4, num_classes=12, depth=2, width=16, num_heads=2,
+                      moe={"num_experts": 4, "layers": [1]})
+    original = TrialRecord(arch=arch, metrics=Metrics(accuracy=0.7, flops=123), train={"steps": 9}, rung=9, seeds=[0],
+                           reason="why", duplicate_of=None, slot=3, worker="host:1", profile={"flops": 123})
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    trial = study.ask()
+    records.write(trial, dataclasses.replace(original, constraints={"max_flops": -0.5}))
+    study.tell(trial, original.objective_values([OBJECTIVES["accuracy"], OBJECTIVES["flops"]]))
+    back = records.read(study.trials[0])
+    assert back.arch == arch and back.metrics == original.metrics and back.train == original.train
+    assert (back.rung, back.seeds, back.reason, back.slot, back.worker) == (9, [0], "why", 3, "host:1")
+    assert back.constraints == {"max_flops": -0.5} and back.values == [0.7, 123] and back.status == "complete"
+    assert back.to_json()["arch"]["moe"]["num_experts"] == 4
