@@ -1,5 +1,7 @@
 """Pareto analysis of a search study: trials as a table, non-dominated sorting, fronts, hypervolumes and
-the paper's question, does an MoE beat the dense models of no larger cost?
+the paper's question, does an MoE beat the dense models of no larger cost? With multi-fidelity rungs, only
+trials that reached the top rung are compared (their accuracies are at the same number of steps); trials
+stopped at a lower rung are rows of their own, marked with their rung, and counted.
 
 Compute only: `analyze(study)` returns a `ParetoAnalysis` of plain DataFrames and numbers; `nas.report`
 draws and writes it. Rows that take part in the analysis ("eligible") are trials that completed with
@@ -52,14 +54,16 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                "eligible": r.status == "complete" and r.duplicate_of is None,
                "config_hash": r.arch.config_hash(), **_arch_fields(r.arch), **dataclasses.asdict(r.metrics)}
         row.update({f"constraint_{name}": value for name, value in r.constraints.items()})
-        row["reason"] = r.reason
+        row.update(rung=r.rung, rung_accuracy=", ".join(f"{step}: {acc:.4f}" for step, acc in
+                                                        sorted(r.rung_accuracy.items())) or None, reason=r.reason)
         rows.append(row)
-    columns = ["trial", "name", "kind", "state", "status", "feasible", "duplicate_of", "eligible", "config_hash",
-               *ARCH_COLUMNS, *METRIC_COLUMNS]
+    columns = ["trial", "name", "kind", "state", "status", "rung", "feasible", "duplicate_of", "eligible",
+               "config_hash", *ARCH_COLUMNS, *METRIC_COLUMNS]
     frame = pd.DataFrame(rows, columns=list(dict.fromkeys(columns + [k for r in rows for k in r])))
     numeric = [c for c in METRIC_COLUMNS if c not in TEXT_METRICS]
     frame[numeric] = frame[numeric].apply(pd.to_numeric)  # None -> NaN: a metric not measured
     frame["duplicate_of"] = frame["duplicate_of"].astype("Int64")
+    frame["rung"] = frame["rung"].astype("Int64")
     return frame.astype({"eligible": bool, "feasible": bool})
 
 
@@ -87,6 +91,32 @@ def non_dominated_rank(values: np.ndarray, maximize: list[bool]) -> np.ndarray:
         remaining &= ~front
         level += 1
     return rank
+
+
+def crowding_distance(values: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """NSGA-II's crowding distance of each row within its front: the sum over objectives of the gap between
+    its neighbours, divided by the front's range; a front's extremes get infinity. Larger is lonelier."""
+    values = np.asarray(values, dtype=float).reshape(len(ranks), -1)
+    distance = np.zeros(len(values))
+    for level in np.unique(ranks):
+        members = np.flatnonzero(ranks == level)
+        if len(members) < 3:
+            distance[members] = np.inf
+            continue
+        for column in values[members].T:
+            order = np.argsort(column, kind="stable")
+            distance[members[order[[0, -1]]]] = np.inf
+            span = column[order[-1]] - column[order[0]]
+            if span > 0:
+                distance[members[order[1:-1]]] += (column[order[2:]] - column[order[:-2]]) / span
+    return distance
+
+
+def preference_order(values: np.ndarray, maximize: list[bool]) -> np.ndarray:
+    """Row indices best first: by non-dominated rank, then by crowding distance (lonelier first), then row."""
+    ranks = non_dominated_rank(values, maximize)
+    crowding = crowding_distance(_losses(values, maximize), ranks)
+    return np.lexsort((np.arange(len(ranks)), -crowding, ranks))
 
 
 def reference_point(values: np.ndarray, objectives: list[Objective]) -> np.ndarray:
@@ -227,5 +257,5 @@ def analyze_frame(frame: pd.DataFrame, objectives: list[Objective], *, study_nam
     )
 
 
-__all__ = ["FRONT_COLUMNS", "ParetoAnalysis", "analyze", "analyze_frame", "beats_dense", "hypervolume",
-           "non_dominated_rank", "reference_point", "trials_frame"]
+__all__ = ["FRONT_COLUMNS", "ParetoAnalysis", "analyze", "analyze_frame", "beats_dense", "crowding_distance",
+           "hypervolume", "non_dominated_rank", "preference_order", "reference_point", "trials_frame"]

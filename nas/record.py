@@ -72,7 +72,8 @@ class TrialRecord:
     train: dict | None = None  # nas.trainer.TrainResult.to_dict()
     reason: str | None = None  # why it failed, was stopped or is infeasible
     duplicate_of: int | None = None  # the trial whose result this one reuses
-    rung: int | None = None  # training steps its accuracy was measured at
+    rung: int | None = None  # training steps its accuracy was measured at: the highest rung it reached
+    rung_accuracy: dict[int, float] = field(default_factory=dict)  # validation accuracy at each rung reached
     seeds: list[int] = field(default_factory=list)  # training seeds behind its accuracy
     slot: int | None = None  # its place among the study's n_trials
     worker: str | None = None  # host:pid that ran it
@@ -160,6 +161,8 @@ def _attrs(record: TrialRecord) -> dict[str, Any]:
             attrs[key] = getattr(record, key)
     if record.seeds:
         attrs["seeds"] = list(record.seeds)
+    if record.rung_accuracy:  # pairs, not a mapping: JSON storages would turn the steps into strings
+        attrs["rung_accuracy"] = [[step, accuracy] for step, accuracy in sorted(record.rung_accuracy.items())]
     if record.interrupted:
         attrs["interrupted"] = True
     return attrs
@@ -206,7 +209,8 @@ def read(frozen: FrozenTrial) -> TrialRecord:
         number=frozen.number, state=frozen.state, arch=arch, profile=attrs.get("profile"),
         metrics=Metrics.from_dict(attrs.get("metrics")), train=attrs.get("train"), reason=attrs.get("reason"),
         duplicate_of=attrs.get("duplicate_of"), rung=attrs.get("rung", (attrs.get("train") or {}).get("steps")),
-        seeds=list(attrs.get("seeds", [])), slot=attrs.get("slot"), worker=attrs.get("worker"),
+        seeds=list(attrs.get("seeds", [])), rung_accuracy={int(s): a for s, a in attrs.get("rung_accuracy", [])},
+        slot=attrs.get("slot"), worker=attrs.get("worker"),
         interrupted=bool(attrs.get("interrupted")), constraints=dict(frozen.constraints),
         values=list(frozen.values) if frozen.values is not None else None, params=dict(frozen.params),
         lease_until=attrs.get("lease_until"),

@@ -285,6 +285,8 @@ def report_markdown(analysis: ParetoAnalysis, counts: dict[str, int]) -> str:
     objectives = ", ".join(f"{o.name} ({'max' if o.maximize else 'min'})" for o in analysis.objectives)
     reference = ", ".join(f"{name} {_fmt(value, 4)}" for name, value in analysis.reference.items())
     moe = len(analysis.comparisons)
+    trials = analysis.trials
+    stopped = int(((trials["kind"] == "moe") & (trials["status"] == "early_stopped")).sum())
     text = [
         f"# Pareto report: {analysis.study_name}\n",
         "Trials: " + (", ".join(f"{n} {status}" for status, n in counts.items()) or "none")
@@ -298,7 +300,9 @@ def report_markdown(analysis: ParetoAnalysis, counts: dict[str, int]) -> str:
         _table_md(tables["front"]),
         f"\n## MoE against dense (margin {analysis.margin:g})\n",
         f"{len(analysis.beats_dense)} of {moe} MoE configurations beat the best dense model of no more FLOPs "
-        "or no more latency (those that do are in beats_dense.csv). Gains are in validation accuracy of the proxy "
+        "or no more latency (those that do are in beats_dense.csv)"
+        + (f"; {stopped} more MoE trials were stopped at a lower rung and are not compared" if stopped else "")
+        + ". Gains are in validation accuracy of the proxy "
         f"training; the best {COMPARISONS_SHOWN} by gain at equal FLOPs:\n",
         _table_md(tables["against dense"]),
     ]

@@ -172,14 +172,25 @@ def evaluate(ctx: steps.StudyContext, trial: optuna.Trial, record: TrialRecord) 
     records.write(trial, record)
 
     if "accuracy" in ctx.cfg.objectives:
-        peers = lambda: steps.peers_of(records.read_all(trial.study, (TrialState.COMPLETE,)))  # noqa: E731
-        result, first_eval, stopped = steps.train_arch(ctx, record.arch, record.metrics.flops, peers)
-        record.train, record.rung, record.seeds = result.to_dict(), result.steps, [ctx.recipe.seed]
-        record.metrics = steps.trained_metrics(record.metrics, result, first_eval)
+        def decide(rung: int, result) -> str | None:
+            record.train, record.rung, record.seeds = result.to_dict(), rung, [ctx.recipe.seed]
+            record.rung_accuracy[rung] = result.val_accuracy
+            record.metrics = steps.trained_metrics(record.metrics, result)
+            if ctx.cfg.rungs is None:
+                records.write(trial, record)
+                return None
+            # Arriving at a rung and deciding is one step under the study lock: each decision ranks exactly
+            # the trials that arrived before it, however many workers there are.
+            with study_lock(storage_url(ctx.cfg), ctx.cfg.study_name):
+                records.write(trial, record)
+                reached = records.read_all(trial.study, (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED))
+                return steps.promotion(record, reached, rung, ctx.cfg.rungs, objectives)
+
+        _, stopped = steps.train_to_rungs(ctx, record.arch, decide)
         if stopped:
             record.reason = stopped
             records.write(trial, record)
-            raise optuna.TrialPruned(f"stopped early: {stopped}")
+            raise optuna.TrialPruned(stopped)
     records.write(trial, record)
     return record.objective_values(objectives)
 

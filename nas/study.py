@@ -104,24 +104,39 @@ class Constraints:
         return {name: (metric[name], limit) for name, limit in dataclasses.asdict(self).items() if limit is not None}
 
 
-@dataclass
-class EarlyStopping:
-    """Stop a trial after its first evaluation when it trails trials of similar cost: its accuracy is
-    below the `quantile` of the first-evaluation accuracies of at least `min_peers` finished trials whose
-    FLOPs are within `flops_ratio` of its own. Comparing like with like keeps cheap models in the race."""
+RUNG_FIELDS = ("min_steps", "max_steps", "reduction_factor")  # the evaluator's multi-fidelity schedule
 
-    enabled: bool = True
-    min_peers: int = 3
-    quantile: float = 0.25
-    flops_ratio: float = 2.0
 
-    def validate(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError("early_stopping.enabled", f"must be true or false, got {self.enabled!r}")
-        _check_number("early_stopping.min_peers", self.min_peers, minimum=1, integer=True, optional=False)
-        if not isinstance(self.quantile, (int, float)) or not 0 < self.quantile < 1:
-            raise ConfigError("early_stopping.quantile", f"must be in (0, 1), got {self.quantile!r}")
-        _check_number("early_stopping.flops_ratio", self.flops_ratio, minimum=1, optional=False)
+@dataclass(frozen=True)
+class Rungs:
+    """Successive halving by training steps (asynchronous, per kind: see `nas.trial.promotion`). A trial is
+    evaluated at each rung and goes on to the next only if it is among the best 1/`reduction_factor` of the
+    trials of its kind that reached the rung; the last rung is the full budget, and a trial's last
+    evaluation never stops it. One rung (a single budget) stops no trial."""
+
+    steps: tuple[int, ...]  # e.g. (150, 450, 1350): min_steps times powers of reduction_factor, then max_steps
+    reduction_factor: int = 3
+
+    @classmethod
+    def of(cls, evaluator: dict) -> Rungs | None:
+        """The rungs an evaluator describes; None for a budget in epochs or seconds (one evaluation)."""
+        if not any(name in evaluator for name in RUNG_FIELDS):
+            steps = evaluator.get("steps")
+            return cls((steps,)) if isinstance(steps, int) and not isinstance(steps, bool) else None
+        for name in ("steps", "epochs", "seconds"):
+            if evaluator.get(name) is not None:
+                raise ConfigError(f"evaluator.{name}", "give either a budget or min_steps/max_steps, not both")
+        low, high = evaluator.get("min_steps"), evaluator.get("max_steps")
+        factor = evaluator.get("reduction_factor", 3)
+        _check_number("evaluator.min_steps", low, minimum=1, integer=True, optional=False)
+        _check_number("evaluator.max_steps", high, minimum=1, integer=True, optional=False)
+        _check_number("evaluator.reduction_factor", factor, minimum=2, integer=True, optional=False)
+        if high < low:
+            raise ConfigError("evaluator.max_steps", f"must be >= min_steps ({low}), got {high}")
+        steps = [low]
+        while steps[-1] * factor < high:
+            steps.append(steps[-1] * factor)
+        return cls(tuple(steps + [high]) if steps[-1] != high else tuple(steps), factor)
 
 
 @dataclass
@@ -135,8 +150,9 @@ class StudyConfig:
     seed: int = 0
     n_trials: int | None = 20
     timeout: float | None = None  # seconds; the study stops starting trials after it
-    evaluator: dict = field(default_factory=lambda: {"epochs": 1})  # a nas.trainer.TrainRecipe, as YAML
-    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    # A nas.trainer.TrainRecipe as YAML, whose budget is `steps`, `epochs` or `seconds`, or multi-fidelity
+    # rungs: `min_steps`, `max_steps` and `reduction_factor` (see `Rungs`).
+    evaluator: dict = field(default_factory=lambda: {"epochs": 1})
     profiler: ProfilerSpec = field(default_factory=ProfilerSpec)
     storage: str | None = None  # default: a SQLite file (journal file with --workers > 1) in results/<study>/
     workers: int = 1
@@ -169,7 +185,6 @@ class StudyConfig:
         _check_number("timeout", self.timeout, minimum=1e-9)
         if self.n_trials is None and self.timeout is None:
             raise ConfigError("n_trials", "set n_trials, timeout or both, or the study never ends")
-        self.early_stopping.validate()
         self.profiler.validate()
         _check_number("workers", self.workers, minimum=1, integer=True, optional=False)
         _check_number("heartbeat_interval", self.heartbeat_interval, minimum=1, integer=True, optional=False)
@@ -190,12 +205,21 @@ class StudyConfig:
         self.enqueued_params()  # every entry resolves to parameters of the space
 
     def recipe(self):
+        """The proxy training of every trial; with rungs, its schedule spans the last rung."""
         from nas.trainer import TrainRecipe  # the trainer pulls in torch data code; only needed here
 
+        recipe = {k: v for k, v in self.evaluator.items() if k not in RUNG_FIELDS}
+        rungs = self.rungs
+        if rungs is not None and "max_steps" in self.evaluator:
+            recipe["steps"] = rungs.steps[-1]
         try:
-            return TrainRecipe.from_dict(self.evaluator)
+            return TrainRecipe.from_dict(recipe)
         except ConfigError as error:
             raise ConfigError(f"evaluator.{error.field}", error.problem) from None
+
+    @property
+    def rungs(self) -> Rungs | None:
+        return Rungs.of(self.evaluator)
 
     @property
     def study_objectives(self) -> list[Objective]:
@@ -234,10 +258,11 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, data: Any) -> StudyConfig:
+        if isinstance(data, dict) and "early_stopping" in data:  # the rule before rungs: stored studies still open
+            data = {k: v for k, v in data.items() if k != "early_stopping"}
         data = dict(check_fields(cls, data, ""))
         data["data"] = _section(DataSpec, data.get("data"), "data")
         data["constraints"] = _section(Constraints, data.get("constraints"), "constraints")
-        data["early_stopping"] = _section(EarlyStopping, data.get("early_stopping"), "early_stopping")
         data["profiler"] = _section(ProfilerSpec, data.get("profiler"), "profiler")
         data["space"] = _space_from_dict(data.get("space"))
         data["enqueue"] = data.get("enqueue") or []

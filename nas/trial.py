@@ -1,6 +1,6 @@
 """One search trial as a pipeline of named steps over a study context built once.
 
-    sample -> validate -> find reusable result -> profile -> check constraints -> train -> record
+    sample -> validate -> find reusable result -> profile -> check constraints -> train rung by rung -> record
 
 Each step takes the `StudyContext` and plain values (an `ArchConfig`, `Metrics`, `TrialRecord`s) and is
 callable in a test without Optuna; `nas.search.run_trial` is the thin loop that feeds them one Optuna
@@ -10,8 +10,11 @@ trial and stores the record (`nas.record.write`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from nas.objectives import Objective
 from nas.record import Metrics, TrialRecord
-from nas.study import Constraints, EarlyStopping, StudyConfig
+from nas.study import Constraints, Rungs, StudyConfig
 from search_spaces import ArchConfig
 from search_spaces.mobile_vmoe import InvalidArchitecture
 
@@ -185,54 +189,62 @@ def check_constraints(constraints: Constraints, metrics: Metrics) -> tuple[dict[
     return values, broken
 
 
-def early_stop_reason(accuracy: float, flops: float, peers: list[tuple[float, float]],
-                      rule: EarlyStopping) -> str | None:
-    """The early-stopping rule (see `EarlyStopping`): `peers` are (flops, first-evaluation accuracy) of
-    finished trials. Returns the reason to stop, or None to go on."""
-    similar = [acc for peer_flops, acc in peers if max(peer_flops, flops) <= rule.flops_ratio * min(peer_flops, flops)]
-    if len(similar) < rule.min_peers:
+def promotion(record: TrialRecord, reached: list[TrialRecord], rung: int, rungs: Rungs,
+              objectives: list[Objective]) -> str | None:
+    """Whether `record`, evaluated at `rung`, goes on (None) or stops (the reason): it goes on when it is
+    among the best max(1, n // reduction_factor) of the n trials of its kind (dense or MoE) that reached the
+    rung, itself included, ranked by non-dominated sorting on (accuracy at the rung, the study's costs)
+    with ties broken by crowding distance: the multi-objective ASHA of Schmucker et al. (2021). Its last
+    rung stops no trial. `reached`: every trial's record (other kinds and rungs are skipped)."""
+    if rung == rungs.steps[-1]:
         return None
-    bar = float(np.quantile(similar, rule.quantile))
-    if accuracy >= bar:
+    costs = [o for o in objectives if o.metric != "accuracy"]
+    pool = {r.number: r for r in reached if r.kind == record.kind and rung in r.rung_accuracy}
+    pool[record.number] = record
+    numbers = sorted(pool)
+    values = np.array([[pool[n].rung_accuracy[rung], *(pool[n].metrics.value(o) for o in costs)] for n in numbers],
+                      dtype=float)
+    from nas.pareto import preference_order
+
+    order = [numbers[i] for i in preference_order(values, [True] + [False] * len(costs))]
+    position, keep = order.index(record.number), max(1, len(order) // rungs.reduction_factor)
+    if position < keep:
         return None
-    return (
-        f"first-evaluation accuracy {accuracy:.4f} is below the {rule.quantile:g} quantile ({bar:.4f}) "
-        f"of {len(similar)} finished trials within {rule.flops_ratio:g}x its FLOPs"
-    )
+    return (f"stopped at rung {rung} steps: ranked {position + 1} of {len(order)} {record.kind} trials there on "
+            f"accuracy{''.join(', ' + o.name for o in costs)}; the best {keep} go on")
 
 
-def peers_of(records: list[TrialRecord]) -> list[tuple[float, float]]:
-    """(flops, first-evaluation accuracy) of the completed trials that trained (not reused a result)."""
-    return [(r.metrics.flops, r.metrics.first_eval_accuracy) for r in records
-            if r.status == "complete" and r.duplicate_of is None and r.metrics.first_eval_accuracy is not None]
-
-
-def train_arch(ctx: StudyContext, arch: ArchConfig, flops: float, peers: Callable[[], list[tuple[float, float]]]):
-    """Proxy-train `arch`. After the first evaluation the early-stopping rule may stop it; returns the
-    TrainResult, the first evaluation's accuracy and the reason it was stopped (None if it was not)."""
+def train_to_rungs(ctx: StudyContext, arch: ArchConfig, decide: Callable[[int, Any], str | None]):
+    """Proxy-train `arch` rung by rung, each continuing the last from its checkpoint (so a trial stopped
+    or interrupted at a rung costs only the steps it ran, and a retry resumes). `decide(rung, result)`
+    after each rung returns the reason to stop, or None. Returns the last TrainResult and the reason it
+    stopped (None if it ran to the end)."""
     from nas import trainer
 
-    first: dict[str, Any] = {}
-
-    def on_eval(step: int, epoch: float, accuracy: float) -> bool:
-        if first:
-            return False
-        first["accuracy"] = accuracy
-        if ctx.cfg.early_stopping.enabled:
-            first["stop"] = early_stop_reason(accuracy, flops, peers(), ctx.cfg.early_stopping)
-        return first.get("stop") is not None
-
     groups = ctx.superclasses.get(arch.moe.num_experts) if routes_on_superclasses(arch) else None
-    result = trainer.train(arch, ctx.dataset, ctx.recipe, superclasses=groups, on_eval=on_eval)
-    return result, first.get("accuracy"), first.get("stop")
+    rungs = ctx.cfg.rungs.steps if ctx.cfg.rungs else (None,)
+    # Keyed by architecture and recipe: a retry of the trial, or a resumed study, finds its run here.
+    recipe_key = hashlib.sha256(json.dumps(ctx.recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    checkpoints = ctx.cfg.study_dir / "checkpoints" / f"{arch.config_hash()}-{recipe_key}" if rungs[0] else None
+    for rung in rungs:
+        final = rung == rungs[-1]
+        result = trainer.train(arch, ctx.dataset, ctx.recipe, superclasses=groups, checkpoint_dir=checkpoints,
+                               stop_at_step=None if final else rung)
+        reason = decide(rung if rung is not None else result.steps, result)
+        if reason or final:
+            if checkpoints is not None:
+                shutil.rmtree(checkpoints, ignore_errors=True)  # the trial is over: nothing to resume
+            return result, reason
+    raise AssertionError("unreachable: the last rung returns")
 
 
-def trained_metrics(metrics: Metrics, result, first_eval_accuracy: float | None) -> Metrics:
-    return dataclasses.replace(metrics, accuracy=result.val_accuracy, first_eval_accuracy=first_eval_accuracy,
+def trained_metrics(metrics: Metrics, result) -> Metrics:
+    first = result.evals[0][1] if result.evals else result.val_accuracy
+    return dataclasses.replace(metrics, accuracy=result.val_accuracy, first_eval_accuracy=first,
                                router_accuracy=result.router_accuracy, train_time_s=result.wall_time_s,
                                images_per_s=result.images_per_s)
 
 
-__all__ = ["Anchor", "StudyContext", "build_context", "check_constraints", "early_stop_reason", "find_reusable",
-           "measure_anchor", "needs_latency", "peers_of", "profile_arch", "reuse", "running_earlier", "sample",
-           "train_arch", "trained_metrics", "validate"]
+__all__ = ["Anchor", "StudyContext", "build_context", "check_constraints", "find_reusable", "measure_anchor",
+           "needs_latency", "profile_arch", "promotion", "reuse", "running_earlier", "sample", "train_to_rungs",
+           "trained_metrics", "validate"]

@@ -42,9 +42,9 @@ SECTIONS = {
     "space": ["depths", "widths", "head_width", "num_heads", "num_experts", "top_k", "placements", "routings",
               "mlp_ratios", "patch_sizes", "router_loss_weights"],
     "constraints": ["max_latency_ms", "max_flops", "max_params", "max_size_mb"],
-    "early_stopping": ["enabled", "min_peers", "quantile", "flops_ratio"],
     "profiler": ["backend", "threads", "batch", "remote_url"],
-    "evaluator": ["epochs", "steps", "seconds", "batch_size", "lr", "eval_every"],
+    "evaluator": ["epochs", "steps", "seconds", "batch_size", "lr", "eval_every", "min_steps", "max_steps",
+                  "reduction_factor"],
 }
 TOP = ["study_name", "objectives", "sampler", "seed", "n_trials", "timeout", "workers", "storage", "enqueue",
        "heartbeat_interval", "trial_timeout"]

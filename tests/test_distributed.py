@@ -33,7 +33,6 @@ def study_file(tmp_path, name, n_trials, steps):
         "objectives": ["accuracy", "flops"],
         "n_trials": n_trials,
         "evaluator": {"steps": steps, "batch_size": 32, "eval_every": steps, "num_threads": 1},
-        "early_stopping": {"enabled": False},
         "heartbeat_interval": 1,
         "max_retries": 1,
         "results_dir": str(tmp_path / "results"),

@@ -9,7 +9,16 @@ import pytest
 from pareto_trials import study, trial
 
 from nas.objectives import objectives_for
-from nas.pareto import analyze, beats_dense, hypervolume, non_dominated_rank, reference_point, trials_frame
+from nas.pareto import (
+    analyze,
+    beats_dense,
+    crowding_distance,
+    hypervolume,
+    non_dominated_rank,
+    preference_order,
+    reference_point,
+    trials_frame,
+)
 
 ACC_FLOPS = objectives_for(["accuracy", "flops"])
 
@@ -153,3 +162,13 @@ def test_beats_dense_ignores_infeasible_and_duplicate_dense_trials():
     s = study([trial("dense", 0.9, 100, 1.0, constraint=0.1),
                trial("dense", 0.95, 100, 1.0, duplicate_of=0), trial("moe", 0.8, 100, 1.0)])
     assert analyze(s).comparisons["gain_flops"].isna().all()
+
+
+def test_crowding_distance_and_preference_order_by_hand():
+    # accuracy up, FLOPs down: rows 0-3 are the front, row 4 is dominated by row 2
+    values = np.array([[0.9, 10], [0.8, 5], [0.85, 7], [0.7, 4], [0.6, 8]])
+    ranks = non_dominated_rank(values, [True, False])
+    assert ranks.tolist() == [0, 0, 0, 0, 1]
+    # row 1: accuracy neighbours 0.85 and 0.7 over a 0.2 range, FLOPs neighbours 7 and 4 over 6: 0.75 + 0.5
+    assert crowding_distance(values, ranks) == pytest.approx([np.inf, 1.25, 0.5 + 5 / 6, np.inf, np.inf])
+    assert preference_order(values, [True, False]).tolist() == [0, 3, 2, 1, 4]  # extremes, lonelier, dominated

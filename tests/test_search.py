@@ -34,7 +34,6 @@ def write_study(tmp_path, name, enqueue, n_trials, **extra) -> str:
         "objectives": ["accuracy", "flops"],
         "n_trials": n_trials,
         "evaluator": {"steps": 12, "batch_size": 32, "eval_every": 6},
-        "early_stopping": {"enabled": False},
         "results_dir": str(tmp_path / "results"),
         "enqueue": enqueue,
         **extra,

@@ -1,8 +1,7 @@
 import pytest
 import yaml
 
-from nas.study import EarlyStopping, StudyConfig, load_study_config, study_preset_names
-from nas.trial import early_stop_reason
+from nas.study import Rungs, StudyConfig, load_study_config, study_preset_names
 from search_spaces import ConfigError
 
 
@@ -36,7 +35,9 @@ BAD = [
     ({"space": {"depths": []}}, "space.depths", "at least one"),
     ({"space": {"name": "resnet"}}, "space.name", "unknown search space"),
     ({"data": {"val_fraction": 1.5}}, "data.val_fraction", "(0, 1)"),
-    ({"early_stopping": {"quantile": 2}}, "early_stopping.quantile", "(0, 1)"),
+    ({"evaluator": {"min_steps": 10, "max_steps": 5}}, "evaluator.max_steps", ">= min_steps"),
+    ({"evaluator": {"min_steps": 10, "max_steps": 90, "reduction_factor": 1}}, "evaluator.reduction_factor", ">= 2"),
+    ({"evaluator": {"min_steps": 10, "max_steps": 90, "steps": 90}}, "evaluator.steps", "not both"),
     ({"enqueue": ["no-such-preset"]}, "enqueue", "neither a file nor a preset"),
     ({"colour": "red"}, "colour", "unknown field"),
 ]
@@ -74,22 +75,15 @@ def test_enqueued_presets_become_space_parameters():
     assert moe["num_experts"] == 4 and moe["moe_placement"] == "last2" and moe["top_k"] == 1
 
 
-RULE = EarlyStopping(min_peers=3, quantile=0.25, flops_ratio=2.0)
+def test_rungs_multiply_by_the_reduction_factor_up_to_the_full_budget():
+    assert Rungs.of({"min_steps": 150, "max_steps": 1350, "reduction_factor": 3}) == Rungs((150, 450, 1350), 3)
+    assert Rungs.of({"min_steps": 100, "max_steps": 1000, "reduction_factor": 3}).steps == (100, 300, 900, 1000)
+    assert Rungs.of({"min_steps": 50, "max_steps": 50}).steps == (50,)
+    assert Rungs.of({"steps": 300}).steps == (300,) and Rungs.of({"epochs": 1}) is None
+    cfg = StudyConfig.from_dict({"evaluator": {"min_steps": 150, "max_steps": 1350, "batch_size": 32}})
+    assert cfg.recipe().steps == 1350 and cfg.rungs.steps == (150, 450, 1350)  # one schedule across the rungs
 
 
-def test_early_stopping_needs_enough_peers_of_similar_cost():
-    peers = [(100, 0.8), (110, 0.82), (1000, 0.9), (1100, 0.95)]
-    assert early_stop_reason(0.1, 100, peers, RULE) is None  # only 2 peers within 2x FLOPs
-
-
-def test_early_stopping_stops_a_trial_that_trails_its_peers():
-    peers = [(100, 0.60), (150, 0.70), (190, 0.80), (60, 0.75), (5000, 0.99)]
-    reason = early_stop_reason(0.50, 100, peers, RULE)
-    assert "below the 0.25 quantile" in reason and "4 finished trials" in reason
-    assert early_stop_reason(0.70, 100, peers, RULE) is None  # above the first quartile of its peers
-
-
-def test_early_stopping_compares_like_with_like():
-    """A cheap model is not stopped for trailing expensive ones."""
-    expensive = [(1000, 0.9), (1200, 0.92), (900, 0.91)]
-    assert early_stop_reason(0.5, 100, expensive, RULE) is None
+def test_a_study_stored_with_the_early_stopping_rule_still_loads():
+    data = {**yaml.safe_load(load_study_config("smoke").to_yaml()), "early_stopping": {"enabled": True}}
+    assert StudyConfig.from_dict(data).study_name == "smoke"

@@ -13,12 +13,11 @@ from nas.trial import (
     build_context,
     check_constraints,
     find_reusable,
-    peers_of,
     profile_arch,
     reuse,
     running_earlier,
     sample,
-    train_arch,
+    train_to_rungs,
     validate,
 )
 from search_spaces import ArchConfig, build_model, count_params
@@ -52,8 +51,9 @@ def test_the_steps_run_without_optuna(ctx):
     values, broken = check_constraints(Constraints(max_flops=metrics.flops / 2), metrics)
     assert values == {"max_flops": pytest.approx(1.0)} and broken == [f"flops={metrics.flops:.4g} > max_flops="
                                                                       f"{metrics.flops / 2:g}"]
-    result, first, stopped = train_arch(ctx, arch, metrics.flops, peers=lambda: [])
-    assert result.steps == 6 and first == result.evals[0][1] and stopped is None
+    seen = []
+    result, stopped = train_to_rungs(ctx, arch, decide=lambda rung, result: seen.append((rung, result)) or None)
+    assert result.steps == 6 and stopped is None and seen == [(6, result)]  # one rung: the budget
 
 
 def test_validate_refuses_more_super_classes_than_classes(ctx):
@@ -77,15 +77,6 @@ def test_reuse_takes_the_earliest_finished_run_of_the_same_architecture(ctx):
     assert (copy.duplicate_of, copy.metrics.accuracy, copy.slot) == (2, 0.5, 5)
     copy.metrics.accuracy = 0.0
     assert stored[2].metrics.accuracy == 0.5  # a copy, not the original's metrics
-
-
-def test_peers_are_the_completed_trials_that_trained():
-    arch = ArchConfig(image_size=16, in_channels=1, patch_size=4, num_classes=12, depth=2, width=16, num_heads=2)
-    done = Metrics(flops=100, first_eval_accuracy=0.4)
-    stored = [record(0, arch, metrics=done), record(1, arch, metrics=done, duplicate_of=0),
-              record(2, arch, metrics=done, constraints={"max_flops": 1.0}), record(3, arch, TrialState.PRUNED,
-                                                                                    metrics=done)]
-    assert peers_of(stored) == [(100, 0.4)]
 
 
 def test_status_is_derived_from_the_state_never_stored():
