@@ -348,6 +348,24 @@ def _work(cfg: StudyConfig, study: optuna.Study, ctx: steps.StudyContext, on_tri
     return count
 
 
+@contextmanager
+def worker_env(index: int, devices: list[str]):
+    """The environment worker `index` starts in: pinned to one of `devices` (round robin) through
+    CUDA_VISIBLE_DEVICES, so that its `cuda` is that GPU; unchanged without devices."""
+    if not devices:
+        yield
+        return
+    previous = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)].partition(":")[2] or "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = previous
+
+
 def _worker_process(cfg_dict: dict, worker_index: int, log_path: str) -> None:
     cfg = StudyConfig.from_dict(cfg_dict)
     with study_logging(Path(log_path)):
@@ -431,6 +449,10 @@ def print_superclasses(ctx: steps.StudyContext) -> None:
 
 def run_search(cfg: StudyConfig, *, progress: bool = True) -> optuna.Study:
     """Run (or resume) the study in `cfg` with `cfg.workers` processes; returns the study."""
+    from nas.trainer import resolve_device
+
+    for device in cfg.devices or [cfg.recipe().device]:  # absent: one error before anything is stored
+        resolve_device(device)
     log_path = cfg.study_dir / "search.log"
     url = storage_url(cfg)
     with study_logging(log_path):
@@ -471,8 +493,9 @@ def _run_processes(cfg: StudyConfig, study: optuna.Study, bar: Progress | None, 
         context.Process(target=_worker_process, args=(cfg.to_dict(), index, str(log_path)), name=f"worker-{index}")
         for index in range(cfg.workers)
     ]
-    for worker in workers:
-        worker.start()
+    for index, worker in enumerate(workers):
+        with worker_env(index, cfg.devices):
+            worker.start()
     try:
         while any(worker.is_alive() for worker in workers):
             time.sleep(1.0)
