@@ -342,8 +342,12 @@ def load_folder(name: str, kind: str, path: str, *, val_fraction: float, seed: i
         if streams:
             return Split(torch.zeros(0, channels, size, size, dtype=torch.uint8), torch.from_numpy(part.labels),
                          stream=streamed)
-        chunks = list(streamed.chunks(256))
-        return Split(torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]))
+        images = torch.empty(len(part), channels, size, size, dtype=torch.uint8)  # filled in place: no 2x peak
+        labels, filled = torch.empty(len(part), dtype=torch.int64), 0
+        for chunk, chunk_labels in streamed.chunks(256):
+            images[filled : filled + len(chunk)], labels[filled : filled + len(chunk)] = chunk, chunk_labels
+            filled += len(chunk)
+        return Split(images[:filled].clone() if filled < len(part) else images, labels[:filled])
 
     train = split(files.take(train_index))
     mean, std = _pixel_stats(files.take(train_index), channels, size, seed, workers, options.corrupt)
