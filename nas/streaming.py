@@ -42,6 +42,7 @@ CROP_PCT = 0.875  # timm's DEFAULT_CROP_PCT: eval resizes to size / 0.875, then 
 STATS_SAMPLE = 256  # train images whose pixels give the normalisation: the same rule in memory and streaming
 INDEX_FILES = ("imagenet_class_index.json", "LOC_synset_mapping.txt", "synsets.txt")
 CORRUPT_CHOICES = ("skip", "error")
+EVAL_CHUNK = 256  # images per decoded chunk when reading a split in order: bounds what workers hold ready
 MANY_FILES = 1000  # from here on an image folder is read here whatever its options: a default ulimit is 1024
 
 
@@ -274,7 +275,7 @@ class StreamedSplit:
     def _loader(self, keys, dataset: FileImages, pin: bool):
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=keys, num_workers=self.workers, collate_fn=_collate, pin_memory=pin,
-            prefetch_factor=4 if self.workers else None)
+            prefetch_factor=2 if self.workers else None)  # batches ready per worker: 2 x 256 x 150 kB at 224 px
 
     def _checked(self, batches):
         for images, labels, bad in batches:
@@ -300,7 +301,8 @@ class StreamedSplit:
         yield from self._checked(self._loader(keys(), FileImages(self.files, self.channels, self.size, train_tf), pin))
 
     def chunks(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(uint8 images, labels) in file order, eval transform, `size` at a time."""
+        """(uint8 images, labels) in file order, eval transform, at most `size` (and EVAL_CHUNK) at a time."""
+        size = min(size, EVAL_CHUNK)
         keys = [list(range(s, min(s + size, len(self)))) for s in range(0, len(self), size)]
         yield from self._checked(self._loader(keys, FileImages(self.files, self.channels, self.size), False))
 
@@ -315,6 +317,9 @@ def load_folder(name: str, kind: str, path: str, *, val_fraction: float, seed: i
     files = list_files(train_dir, folders)
     files, chosen = subset(files, options.classes, options.per_class, seed)
     class_names = tuple(class_names[c] for c in chosen)
+    if options.classes or options.per_class:
+        log.info("%s: subset of %d classes, %s images each (data.seed %d): %s", name, len(chosen),
+                 options.per_class or "all", seed, ", ".join(folders[c] for c in chosen))
     test = list_files(test_dir, folders) if test_dir else None
     if test is not None and options.classes:
         test = subset(test, options.classes, None, seed)[0]
