@@ -8,8 +8,10 @@ import resource
 
 import pytest
 import torch
+import yaml
 
 from nas.data import DataError, DataFormatError, DataNotFoundError, load_dataset
+from nas.full_train import run_training
 from nas.search import run_search
 from nas.study import load_study_config
 from nas.trainer import Batches, TrainRecipe, train
@@ -140,3 +142,17 @@ def test_a_folder_of_many_files_opens_within_few_file_descriptors(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert len(data.train) + len(data.val) == 1000 and data.train.stream is None
     assert (data.in_channels, data.image_size) == (3, 8)
+
+
+def test_full_training_streams_an_exported_folder_config(tmp_path):
+    root = tmp_path / "data"
+    write_jpegs(root / "train", per_class=8)
+    write_jpegs(root / "test", per_class=2, seed=1)
+    (tmp_path / "arch.yaml").write_text(ARCH.to_yaml())
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({
+        "arch": "arch.yaml", "output_dir": "run",
+        "data": {"name": f"imagefolder:{root}", "image_size": 32, "stream": True, "workers": 0},
+        "recipe": {"steps": 4, "batch_size": 8, "num_threads": 1, "device": "cpu"}}))
+    metrics = run_training(tmp_path / "train.yaml", progress=False)
+    assert metrics["steps"] == 4 and metrics["train_images"] == 29 and 0 <= metrics["test_accuracy"] <= 1
+    assert (tmp_path / "run" / "model.onnx").is_file()
