@@ -7,11 +7,12 @@ STUDY ?= fashion-quick
 
 .PHONY: run test data lint benchmarks clean
 
-# torch 2.13.0 first: it is the CPU wheel on local disk; any other request would pull a CUDA build.
+# torch and torchvision first and together, pinned: a lone or unpinned request resolves to other builds and
+# pulls gigabytes; the project then installs against them (timm, optuna-dashboard, ...).
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev,coreml,postgres]'
 	touch $(STAMP)
 

@@ -50,6 +50,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     from nas.search import run_search
     from nas.study import load_study_config
 
+    if args.devices and "," not in args.devices:  # one device: no pinning, it is simply the device
+        args.device, args.devices = args.device or args.devices, None
     cfg = load_study_config(
         args.config,
         data_name=args.data,
@@ -58,12 +60,14 @@ def cmd_search(args: argparse.Namespace) -> None:
         timeout=args.timeout,
         storage=args.storage,
         study_name=args.study_name,
-        workers=args.workers,
+        workers=args.workers or (len(args.devices.split(",")) if args.devices and "," in args.devices else None),
         sampler=args.sampler,
         seed=args.seed,
         results_dir=args.results_dir,
         backend=args.backend,
         remote_url=args.remote_url,
+        device=args.device,
+        devices=args.devices.split(",") if args.devices and "," in args.devices else None,
     )
     print(f"study {cfg.study_name}: objectives {', '.join(cfg.objectives)}; log in {cfg.study_dir / 'search.log'}")
     try:
@@ -85,10 +89,12 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_superclasses(args: argparse.Namespace) -> None:
     from nas.data import load_dataset
     from nas.superclasses import cache_name, superclasses_for
+    from nas.trainer import resolve_device
 
+    resolve_device(args.device)  # before the data set is read
     dataset = load_dataset(args.data, data_dir=args.data_dir)
     found = superclasses_for(dataset, args.groups, cache_dir=args.cache_dir, seed=args.seed,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, device=args.device)
     path = found.save(args.out or Path(args.cache_dir) / cache_name(dataset.name, args.groups, args.seed))
     print(f"{dataset.name}: {args.groups} super-classes ({found.source}), written to {path}")
     for index, group in enumerate(found.groups):
@@ -141,14 +147,16 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from nas.full_train import load_train_config, run_training
-    from nas.trainer import CHECKPOINT_NAME
+    from nas.trainer import CHECKPOINT_NAME, resolve_device
 
     run = load_train_config(args.config).output_dir
+    if args.device:
+        resolve_device(args.device)
     checkpoint = run / CHECKPOINT_NAME
     if checkpoint.is_file() and not args.force and not (run / "metrics.json").is_file():
         print(f"resuming from {checkpoint}")
     try:
-        metrics = run_training(args.config, force=args.force, progress=not args.no_progress)
+        metrics = run_training(args.config, force=args.force, progress=not args.no_progress, device=args.device)
     except KeyboardInterrupt:
         print(f"interrupted: run the same command again to resume from {checkpoint}", file=sys.stderr)
         raise
@@ -206,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", help="where studies write (default results/)")
     p.add_argument("--backend", help="latency backend (overrides profiler.backend): onnxruntime, torch, coreml, remote")
     p.add_argument("--remote-url", help="profiler agent http://HOST:PORT for --backend remote")
+    p.add_argument("--device", help="training device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--devices", help="cuda:0,cuda:1,...: one worker process per GPU (pinned by CUDA_VISIBLE_DEVICES)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="skip the Pareto report at the end")
     p.add_argument("--allow-changes", action="store_true", help="resume a study whose config changed in fields that "
@@ -219,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder holding the data set files")
     p.add_argument("--cache-dir", default="results/superclasses", help="where discovered mappings are cached")
     p.add_argument("--seed", type=int, default=0, help="seed of the discovery model and the clustering")
+    p.add_argument("--device", default="auto", help="training device: auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_superclasses)
 
@@ -266,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="full training of an exported configuration (checkpoints, resume)")
     p.add_argument("config", type=Path, help="DIR/train.yaml written by vmoe-nas export")
     p.add_argument("--force", action="store_true", help="start from scratch, over a finished or interrupted run")
+    p.add_argument("--device", help="training device (default: the recipe's): auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_train)
     return parser

@@ -5,6 +5,8 @@
   `dataset-fashion-mnist` package puts them;
 - `cifar10`, `cifar100`: the python-pickle folders as distributed (cifar100 brings 20 super-classes);
 - `imagefolder:PATH`: one folder per class (or `train/` and `test/` holding such folders), PNG/JPEG;
+- `imagenet:PATH`: `train/` and `val/` with one folder per synset, streamed from disk (`nas.streaming`), as
+  is an image folder given folder options (`image_size`, `stream`, ...) or too big for `max_memory_mb`;
 - `npz:PATH`: arrays `x`, `y`, optional `superclass`, `x_test`, `y_test`, `class_names`;
 - `synthetic[:key=value,...]`: procedural images with a planted class hierarchy (see `make_synthetic`).
 
@@ -17,8 +19,10 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,11 +49,20 @@ class DataFormatError(DataError):
 
 @dataclass(frozen=True)
 class Split:
-    images: torch.Tensor  # (N, C, H, W) uint8
+    images: torch.Tensor  # (N, C, H, W) uint8; (0, C, H, W) when the split streams from disk
     labels: torch.Tensor  # (N,) int64
+    stream: Any = None  # nas.streaming.StreamedSplit: the split is read from disk batch by batch
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def chunks(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images, labels) in order, `size` at a time, from memory or from disk."""
+        if self.stream is not None:
+            yield from self.stream.chunks(size)
+            return
+        for start in range(0, len(self), size):
+            yield self.images[start : start + size], self.labels[start : start + size]
 
 
 @dataclass(frozen=True)
@@ -75,8 +88,8 @@ class Dataset:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float32, zero mean and unit variance per channel."""
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1) * 255
-        std = torch.tensor(self.std).view(1, -1, 1, 1) * 255
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1) * 255
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1) * 255
         return (images.float() - mean) / std
 
 
@@ -93,20 +106,31 @@ class _Raw:
     flip_ok: bool = False
 
 
-def load_dataset(name: str, *, data_dir=None, val_fraction: float = 0.1, seed: int = 0, limit: int | None = None
-                 ) -> Dataset:
+def load_dataset(name: str, *, data_dir=None, val_fraction: float = 0.1, seed: int = 0, limit: int | None = None,
+                 **folder_options) -> Dataset:
     """A data set by name, with a seeded train/val split of its training set; `limit` caps the train split
-    (the val split is the same whatever the limit, so accuracies of different budgets compare)."""
+    (the val split is the same whatever the limit, so accuracies of different budgets compare).
+    `folder_options` (`nas.streaming.FolderOptions`: image_size, stream, max_memory_mb, workers, classes,
+    per_class, corrupt) apply to image folders."""
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of training images, got {limit}")
     kind, _, arg = name.partition(":")
     loaders = {"fashion-mnist": _fashion_mnist, "cifar10": _cifar10, "cifar100": _cifar100,
-               "imagefolder": _imagefolder, "npz": _npz, "synthetic": _synthetic}
+               "imagefolder": _imagefolder, "imagenet": None, "npz": _npz, "synthetic": _synthetic}
     if kind not in loaders:
         raise DataError(f"unknown data set {name!r}; expected one of {', '.join(loaders)} "
-                        "(imagefolder:PATH, npz:PATH, synthetic[:key=value,...])")
+                        "(imagefolder:PATH, imagenet:PATH, npz:PATH, synthetic[:key=value,...])")
+    if kind in ("imagefolder", "imagenet"):
+        from nas import streaming
+
+        options = streaming.FolderOptions(**folder_options)
+        if kind == "imagenet" or folder_options or streaming.streams_by_default(arg, options.max_memory_mb):
+            return streaming.load_folder(name, kind, arg, val_fraction=val_fraction, seed=seed, limit=limit,
+                                         options=options)
+    elif folder_options:
+        raise DataError(f"data.{next(iter(folder_options))} applies to imagefolder:PATH and imagenet:PATH only")
     raw = loaders[kind](arg, data_dir)
     _check_raw(raw, name)
     return _assemble(name, raw, val_fraction, seed, limit)

@@ -189,7 +189,8 @@ def train_config(study_cfg: StudyConfig, *, epochs: float, superclasses: bool, s
     data = study_cfg.data
     return {
         "arch": "arch.yaml",
-        "data": {"name": data.name, "data_dir": data.data_dir, "val_fraction": data.val_fraction, "seed": data.seed},
+        "data": {"name": data.name, "data_dir": data.data_dir, "val_fraction": data.val_fraction, "seed": data.seed,
+                 **data.folder_options()},
         "recipe": recipe,
         "superclasses": "superclasses.json" if superclasses else None,
         "output_dir": "run",
@@ -208,7 +209,7 @@ def superclass_map(cfg: ArchConfig, study_cfg: StudyConfig, study_dir: Path):
 
     spec = study_cfg.data
     dataset = load_dataset(spec.name, data_dir=spec.data_dir, val_fraction=spec.val_fraction, seed=spec.seed,
-                           limit=spec.limit)
+                           limit=spec.limit, **spec.folder_options())
     return superclasses_for(dataset, moe.num_experts, cache_dir=Path(study_dir) / "superclasses")
 
 

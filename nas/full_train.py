@@ -8,6 +8,7 @@ where it stopped, and ends with the test-set accuracy in `metrics.json`, the tra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -17,12 +18,13 @@ import torch
 
 from nas.data import load_dataset
 from nas.export import export_checked_onnx, first_line, versions
+from nas.streaming import FOLDER_FIELDS
 from nas.superclasses import SuperclassMap
-from nas.trainer import CHECKPOINT_NAME, TrainRecipe, train
+from nas.trainer import CHECKPOINT_NAME, TrainRecipe, resolve_device, train
 from search_spaces import ArchConfig, ConfigError
 from search_spaces.config import read_yaml
 
-DATA_FIELDS = ("name", "data_dir", "val_fraction", "seed", "limit")  # load_dataset's arguments
+DATA_FIELDS = ("name", "data_dir", "val_fraction", "seed", "limit", *FOLDER_FIELDS)  # load_dataset's arguments
 RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "model.pt", "model.onnx")
 
 
@@ -74,10 +76,14 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(partial, path)
 
 
-def run_training(path, *, force: bool = False, progress: bool = True) -> dict:
+def run_training(path, *, force: bool = False, progress: bool = True, device: str | None = None) -> dict:
     """Train the configuration of train.yaml at `path` in full; resume its run if one was interrupted.
-    A finished run (its metrics.json exists) is kept; `force` starts over. Returns the metrics written."""
+    A finished run (its metrics.json exists) is kept; `force` starts over; `device` replaces the recipe's.
+    Returns the metrics written."""
     config = load_train_config(path)
+    if device is not None:
+        config = dataclasses.replace(config, recipe=dataclasses.replace(config.recipe, device=device))
+    resolve_device(config.recipe.device)  # before any file is touched
     out = config.output_dir
     if (out / "metrics.json").is_file() and not force:
         raise ConfigError("output_dir", f"{out} holds a finished run ({out / 'metrics.json'}); "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import sys
 import time
 import warnings
@@ -313,6 +314,24 @@ def _work(cfg: StudyConfig, study: optuna.Study, ctx: steps.StudyContext, url: S
     return count
 
 
+@contextmanager
+def worker_env(index: int, devices: list[str]):
+    """The environment worker `index` starts in: pinned to one of `devices` (round robin) through
+    CUDA_VISIBLE_DEVICES, so that its `cuda` is that GPU; unchanged without devices."""
+    if not devices:
+        yield
+        return
+    previous = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)].partition(":")[2] or "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = previous
+
+
 def _worker_process(cfg_dict: dict, worker_index: int, log_path: str) -> None:
     cfg = StudyConfig.from_dict(cfg_dict)
     with study_logging(Path(log_path)):
@@ -397,6 +416,10 @@ def print_superclasses(ctx: steps.StudyContext) -> None:
 def run_search(cfg: StudyConfig, *, progress: bool = True, allow_changes: bool = False) -> optuna.Study:
     """Run (or resume) the study in `cfg` with `cfg.workers` processes; returns the study. `allow_changes`:
     see `open_study`."""
+    from nas.trainer import resolve_device
+
+    for device in cfg.devices or [cfg.recipe().device]:  # absent: one error before anything is stored
+        resolve_device(device)
     log_path = cfg.study_dir / "search.log"
     url = storage_url(cfg)
     if url.kind == "sqlite" and cfg.workers > 1:
@@ -443,20 +466,21 @@ def _run_processes(cfg: StudyConfig, study: optuna.Study, bar: Progress | None, 
     def start(index: int):
         process = context.Process(target=_worker_process, args=(cfg.to_dict(), index, str(log_path)),
                                   name=f"worker-{index}")
-        process.start()
+        with worker_env(index, cfg.devices):  # a replacement keeps its predecessor's device
+            process.start()
         return process
 
-    workers = [start(index) for index in range(cfg.workers)]
+    workers = {index: start(index) for index in range(cfg.workers)}
     replacements = cfg.workers * (cfg.max_retries + 1)
     exit_codes = []
     try:
         while workers:
             time.sleep(1.0)
-            for index, worker in enumerate(workers):
+            for index, worker in list(workers.items()):
                 if worker.is_alive():
                     continue
                 exit_codes.append(worker.exitcode)
-                workers[index] = None
+                del workers[index]
                 if worker.exitcode not in (0, STORAGE_EXIT_CODE, PROFILER_EXIT_CODE):
                     log.warning("worker %d died (exit code %s); its trial is reclaimed", index, worker.exitcode)
                     reclaim(study, cfg)
@@ -464,11 +488,10 @@ def _run_processes(cfg: StudyConfig, study: optuna.Study, bar: Progress | None, 
                     if unfinished and replacements:
                         replacements -= 1
                         workers[index] = start(index)
-            workers = [w for w in workers if w is not None]
             if bar:
                 bar.update(study)
     finally:
-        for worker in workers:
+        for worker in workers.values():
             worker.join(timeout=30)
             if worker.is_alive():
                 worker.terminate()

@@ -46,7 +46,15 @@ class DataSpec:
     data_dir: str | None = None
     limit: int | None = None  # training images the proxy uses: the search needs a ranking, not a record
     val_fraction: float = 0.1
-    seed: int = 0
+    seed: int = 0  # the train/val split, and the classes and images a subset draws
+    # Image folders (imagefolder:PATH, imagenet:PATH; see nas.streaming.FolderOptions); None: the default.
+    image_size: int | None = None
+    stream: str | bool | None = None  # auto | true | false
+    max_memory_mb: float | None = None
+    workers: int | None = None
+    classes: int | None = None
+    per_class: int | None = None
+    corrupt: str | None = None  # skip | error
 
     def validate(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -54,6 +62,15 @@ class DataSpec:
         _check_number("data.limit", self.limit, minimum=1, integer=True)
         if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
             raise ConfigError("data.val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
+        from nas.streaming import FolderOptions
+
+        FolderOptions(**self.folder_options())
+
+    def folder_options(self) -> dict[str, Any]:
+        """The image-folder options that are set, as `nas.data.load_dataset` takes them."""
+        from nas.streaming import FOLDER_FIELDS
+
+        return {name: getattr(self, name) for name in FOLDER_FIELDS if getattr(self, name) is not None}
 
 
 @dataclass
@@ -156,6 +173,7 @@ class StudyConfig:
     profiler: ProfilerSpec = field(default_factory=ProfilerSpec)
     storage: str | None = None  # default: a SQLite file (journal file with --workers > 1) in results/<study>/
     workers: int = 1
+    devices: list = field(default_factory=list)  # cuda:N per worker process (round robin), pinned in each as `cuda`
     heartbeat_interval: int = 10  # seconds; RDB storages mark a trial whose worker went silent as failed
     max_retries: int = 1  # times a trial whose worker died is re-queued for another worker
     trial_timeout: float | None = None  # seconds a trial may run before it is stopped and recorded as failed
@@ -187,6 +205,7 @@ class StudyConfig:
             raise ConfigError("n_trials", "set n_trials, timeout or both, or the study never ends")
         self.profiler.validate()
         _check_number("workers", self.workers, minimum=1, integer=True, optional=False)
+        self.check_devices()
         _check_number("heartbeat_interval", self.heartbeat_interval, minimum=1, integer=True, optional=False)
         _check_number("max_retries", self.max_retries, integer=True, optional=False)
         _check_number("trial_timeout", self.trial_timeout, minimum=1e-9)
@@ -203,6 +222,18 @@ class StudyConfig:
         if self.n_trials is not None and len(self.enqueue) > self.n_trials:
             raise ConfigError("enqueue", f"{len(self.enqueue)} architectures to enqueue but n_trials={self.n_trials}")
         self.enqueued_params()  # every entry resolves to parameters of the space
+
+    def check_devices(self) -> None:
+        from nas.trainer import parse_device
+
+        if not isinstance(self.devices, list) or not all(isinstance(d, str) for d in self.devices):
+            raise ConfigError("devices", f"must list devices such as cuda:0, cuda:1, got {self.devices!r}")
+        for device in self.devices:
+            if parse_device(device)[0] != "cuda":
+                raise ConfigError("devices", f"pins worker processes to GPUs (cuda:N), got {device!r}")
+        if self.devices and self.evaluator.get("device", "auto") not in ("auto", "cuda"):
+            raise ConfigError("devices", f"each worker trains on its own GPU, seen there as cuda; drop "
+                                         f"evaluator.device ({self.evaluator['device']}) or the devices")
 
     def recipe(self):
         """The proxy training of every trial; with rungs, its schedule spans the last rung."""
@@ -333,7 +364,8 @@ def load_study_config(path_or_preset: str | Path, **overrides: Any) -> StudyConf
     data.update({key: value for key, value in overrides.items() if value is not None})
     # Flags that override one field of a section: --data, --data-dir, --backend, --remote-url.
     for section, flags in (("data", {"data_name": "name", "data_dir": "data_dir"}),
-                           ("profiler", {"backend": "backend", "remote_url": "remote_url"})):
+                           ("profiler", {"backend": "backend", "remote_url": "remote_url"}),
+                           ("evaluator", {"device": "device"})):
         section_overrides = {flags[k]: data.pop(k) for k in flags if k in data}
         if section_overrides:
             data[section] = {**(data.get(section) or {}), **section_overrides}

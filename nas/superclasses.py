@@ -122,12 +122,13 @@ def cluster_confusion(confusion: np.ndarray, groups: int, seed: int = 0) -> np.n
 def confusion_matrix(model: torch.nn.Module, dataset: Dataset) -> np.ndarray:
     """(K, K) counts of (true class, predicted class) on the val split."""
     model.eval()
-    predictions = []
+    predictions, labels = [], []
     with torch.inference_mode():
-        for start in range(0, len(dataset.val), 1024):
-            predictions.append(model(dataset.normalize(dataset.val.images[start : start + 1024])).argmax(-1))
+        for images, chunk_labels in dataset.val.chunks(1024):  # in memory or streamed from disk
+            predictions.append(model(dataset.normalize(images)).argmax(-1))
+            labels.append(chunk_labels)
     k = dataset.num_classes
-    pairs = dataset.val.labels * k + torch.cat(predictions)
+    pairs = torch.cat(labels) * k + torch.cat(predictions)
     return torch.bincount(pairs, minlength=k * k).reshape(k, k).numpy()
 
 
@@ -141,7 +142,8 @@ def discovery_arch(dataset: Dataset) -> ArchConfig:
 
 
 def superclasses_for(dataset: Dataset, groups: int, *, cache_dir=None, seed: int = 0, arch: ArchConfig | None = None,
-                     recipe: TrainRecipe | None = None, progress: bool = False) -> SuperclassMap:
+                     recipe: TrainRecipe | None = None, progress: bool = False, device: str | None = None
+                     ) -> SuperclassMap:
     """The data set's own super-classes when it has `groups` of them, else discovered from the confusion of a
     small dense model (`arch`, default `discovery_arch`) trained with `recipe` (default DISCOVERY_RECIPE).
     With `cache_dir`, a discovered mapping is stored as `<dataset>-g<groups>-s<seed>.json` and reused."""
@@ -155,7 +157,8 @@ def superclasses_for(dataset: Dataset, groups: int, *, cache_dir=None, seed: int
     source = f"confusion:{arch.name}"
     confusion = _cached_confusion(Path(cache_dir), dataset.name, seed, source) if cache else None
     if confusion is None:
-        recipe = TrainRecipe.from_dict({**(recipe or DISCOVERY_RECIPE).to_dict(), "seed": seed})
+        recipe = TrainRecipe.from_dict({**(recipe or DISCOVERY_RECIPE).to_dict(), "seed": seed,
+                                        **({"device": device} if device else {})})
         confusion = confusion_matrix(train(arch, dataset, recipe, progress=progress).model, dataset)
     found = SuperclassMap(cluster_confusion(confusion, groups, seed), groups, confusion, source)
     if cache:

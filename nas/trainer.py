@@ -1,10 +1,15 @@
 """Proxy training: one `ArchConfig` on one data set for a fixed budget, the accuracy signal of a trial.
 
-AdamW with warm-up plus cosine decay, label smoothing, batched crop/flip augmentation on uint8 tensors. MoE
-models add their routing losses: per-image routing the super-class router loss (Mobile V-MoE), per-token
-routing the load-balancing loss (V-MoE). Every random choice of the data derives from (data seed, step), so
-a run resumed from a checkpoint takes the same steps as one that never stopped, and two models trained with
-one data seed see the same batches.
+AdamW with warm-up plus cosine decay, label smoothing, batched crop/flip augmentation on uint8 tensors (or,
+for a data set streamed from disk, the standard ImageNet transforms in its loader's workers), optional
+mixup/cutmix. MoE models add their routing losses: per-image routing the super-class router loss (Mobile
+V-MoE), per-token routing the load-balancing loss (V-MoE). Every random choice of the data derives from (data
+seed, step), so a run resumed from a checkpoint takes the same steps as one that never stopped, and two models
+trained with one data seed see the same batches.
+
+It runs on the recipe's `device` (auto: CUDA, then MPS, then the CPU) in its `precision` (auto: bf16 autocast
+on CUDA where supported, fp16 with a gradient scaler on other accelerators, fp32 on the CPU). A data set held
+in memory moves to the device once, as uint8, and is augmented there.
 
 A run is small pieces wired by `_Run`, each usable alone: `param_groups`, `Schedule`, `Batches`, `Loss`,
 `evaluate` and `Checkpoint`.
@@ -16,6 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,8 @@ from search_spaces.config import from_mapping
 from search_spaces.model import ModelOutput, PerTokenExperts
 
 CHECKPOINT_NAME = "checkpoint.pt"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RUN_ONLY = ("device", "compile", "num_threads")  # where and how fast a run goes, not what it computes: resumable
 LOG_EVERY = 10  # steps per loss-curve point: the curve stays small enough to store on every trial
 EVAL_BATCH = 1024
 
@@ -58,6 +66,11 @@ class TrainRecipe:
     data_seed: int | None = None  # batch order and augmentation: one data_seed, same batches whatever the model
     eval_every: int | str = "epoch"  # steps between validations, or "epoch"
     num_threads: int | None = None  # None: all cores this process may use
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps; auto: CUDA, then MPS, then the CPU
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 on CUDA where supported, fp32 on the CPU
+    compile: bool = False  # torch.compile: pays off over long runs, not over a search's short proxies
+    mixup: float = 0.0  # mixup alpha (timm's Mixup); 0 = off. DeiT uses 0.8 over 300 epochs
+    cutmix: float = 0.0  # cutmix alpha; 0 = off. DeiT: 1.0
 
     def __post_init__(self):
         if all(getattr(self, name) is None for name in ("epochs", "steps", "seconds")):
@@ -75,8 +88,14 @@ class TrainRecipe:
             raise ConfigError("warmup_fraction" if self.warmup_fraction >= 1 else "label_smoothing", "must be < 1")
         if self.eval_every != "epoch":
             _check_number("eval_every", self.eval_every, positive=True, integer=True)
-        if not isinstance(self.augment, bool):
-            raise ConfigError("augment", f"must be true or false, got {self.augment!r}")
+        for name in ("augment", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
+        parse_device(self.device)
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("mixup", "cutmix"):
+            _check_number(name, getattr(self, name))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +117,46 @@ def _check_number(name, value, *, optional=False, positive=False, integer=False)
         raise ConfigError(name, f"must be {'> 0' if positive else '>= 0'}, got {value}")
 
 
+def parse_device(name: Any) -> tuple[str, int | None]:
+    """(kind, index) of a device name, checked for form only: auto, cpu, cuda, cuda:N or mps."""
+    kind, _, index = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+        raise ConfigError("device", f"must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    return kind, int(index) if index else None
+
+
+def available_devices() -> list[str]:
+    """The devices this process can train on, e.g. ['cuda:0 (NVIDIA H200)', 'cpu']."""
+    found = [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    return found + (["mps"] if torch.backends.mps.is_available() else []) + ["cpu"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device `name` asks for, checked to be present (one ConfigError naming it and what was found);
+    auto: CUDA, then MPS, then the CPU."""
+    kind, index = parse_device(name)
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    present = {"cpu": True, "mps": torch.backends.mps.is_available(),
+               "cuda": torch.cuda.is_available() and (index or 0) < torch.cuda.device_count()}
+    if not present[kind]:
+        build = f"torch {torch.__version__}, CUDA {torch.version.cuda or 'not built in'}"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        build += "" if visible is None else f", CUDA_VISIBLE_DEVICES={visible!r}"
+        raise ConfigError("device", f"{name} is not available here; found {', '.join(available_devices())} "
+                                    f"({build})")
+    return torch.device(kind if index is None else f"{kind}:{index}")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `precision` on `device`; None runs in fp32."""
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return None
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
 @dataclass
 class TrainResult:
     val_accuracy: float  # top-1 of the final model on the val split
@@ -111,7 +170,7 @@ class TrainResult:
     stopped_early: bool
     test_accuracy: float | None = None
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, val accuracy) at each evaluation
-    model: nn.Module | None = field(default=None, repr=False, compare=False)  # the trained model, not serialised
+    model: nn.Module | None = field(default=None, repr=False, compare=False)  # the trained model (on the CPU)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
@@ -175,25 +234,54 @@ class Schedule:
 
 
 class Batches:
-    """The train split's batches by step, normalised, augmented when asked. Epoch e is a permutation seeded by
-    (seed, e), step s's crops and flips by (seed, s): batch s depends on (seed, s) only, never on the model
-    (two models trained with one seed see the same batches) nor on where a run resumed."""
+    """The train split's batches by step on `device`, normalised, augmented when asked. Epoch e is a
+    permutation seeded by (seed, e), step s's crops and flips by (seed, s): batch s depends on (seed, s) only,
+    never on the model (two models trained with one seed see the same batches), the device, nor on where a
+    run resumed. A split in memory moves to the device once, as uint8; a streamed one is decoded and
+    augmented by its loader's workers, ahead of the steps."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, augment: bool):
-        self.data, self.seed, self.augment = dataset, seed, augment
+    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, augment: bool, device="cpu"):
+        self.data, self.seed, self.augment, self.device = dataset, seed, augment, torch.device(device)
         self.size = min(batch_size, len(dataset.train))
         self.per_epoch = len(dataset.train) // self.size  # full batches only: every step has the same shape
         self._order = (-1, None)  # (epoch, its permutation): computed once per epoch
+        self.stream = dataset.train.stream
+        if self.stream is None:
+            self.images, self.labels = dataset.train.images.to(self.device), dataset.train.labels.to(self.device)
+        self._streamed = (None, None)  # (the step it yields next, the stream's batch iterator)
 
-    def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def indices(self, step: int) -> torch.Tensor:
+        """Positions in the train split of step `step`'s images."""
         epoch, index = divmod(step, self.per_epoch)
         if self._order[0] != epoch:
             self._order = (epoch, torch.randperm(len(self.data.train), generator=_generator(self.seed, epoch)))
-        take = self._order[1][index * self.size : (index + 1) * self.size]
-        images, labels = self.data.train.images[take], self.data.train.labels[take]
-        if self.augment:
-            images = augment(images, flip=self.data.flip_ok, generator=_generator(self.seed, step, 1))
+        return self._order[1][index * self.size : (index + 1) * self.size]
+
+    def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stream is not None:
+            images, labels = self._streamed_at(step)
+        else:
+            take = self.indices(step).to(self.device)
+            images, labels = self.images[take], self.labels[take]
+            if self.augment:
+                images = augment(images, flip=self.data.flip_ok, generator=_generator(self.seed, step, 1))
         return self.data.normalize(images), labels
+
+    def _streamed_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        upcoming, batches = self._streamed
+        if upcoming != step:  # the first step, or a jump: (re)start the loader there
+            self.close()
+            batches = self.stream.batches(self.indices, step, seed=self.seed, augment=self.augment,
+                                          pin=self.device.type == "cuda")
+        self._streamed = (step + 1, batches)
+        images, labels = next(batches)
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop a streamed split's worker processes."""
+        if self._streamed[1] is not None:
+            self._streamed[1].close()
+        self._streamed = (None, None)
 
 
 @dataclass(frozen=True)
@@ -211,8 +299,12 @@ class Loss:
         return cls(recipe.label_smoothing, groups, cfg.moe.router_loss_weight if cfg.is_moe else 0.0,
                    recipe.aux_loss_weight)
 
-    def __call__(self, out: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(out.logits, labels, label_smoothing=self.label_smoothing)
+    def __call__(self, out: ModelOutput, labels: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """`targets`: mixed soft targets (mixup/cutmix, already smoothed); the router learns `labels`' groups."""
+        if targets is None:
+            loss = F.cross_entropy(out.logits, labels, label_smoothing=self.label_smoothing)
+        else:
+            loss = F.cross_entropy(out.logits, targets)
         if out.router_logits is not None and self.groups is not None and self.router_weight:
             loss = loss + self.router_weight * F.cross_entropy(out.router_logits, self.groups[labels])
         if out.aux_loss is not None:
@@ -226,14 +318,16 @@ def evaluate(model: nn.Module, split: Split, normalize: Callable[[torch.Tensor],
     """Top-1 accuracy on `split`, the per-image router's super-class accuracy (against `groups`) and the
     expert load (per-image: images per expert; per-token: share of token slots)."""
     model.eval()
+    device = next(model.parameters()).device
+    groups = None if groups is None else groups.to(device)
     moe = model.cfg.moe if model.cfg.is_moe else None
     per_image = moe is not None and moe.routing == "per_image"
-    correct, router_correct = 0, 0
-    image_load = torch.zeros(moe.num_experts if per_image else 0, dtype=torch.int64)
+    correct, router_correct, seen = 0, 0, 0
+    image_load = torch.zeros(moe.num_experts if per_image else 0, dtype=torch.int64, device=device)
     hooks = _token_load_hooks(model)
-    for start in range(0, len(split), EVAL_BATCH):
-        images = normalize(split.images[start : start + EVAL_BATCH])
-        labels = split.labels[start : start + EVAL_BATCH]
+    for images, labels in split.chunks(EVAL_BATCH):
+        images, labels = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+        seen += len(labels)
         out = model(images, with_aux=True)
         correct += (out.logits.argmax(-1) == labels).sum().item()
         if out.router_logits is not None:
@@ -243,12 +337,12 @@ def evaluate(model: nn.Module, split: Split, normalize: Callable[[torch.Tensor],
                 router_correct += (out.router_logits.argmax(-1) == groups[labels]).sum().item()
     for hook in hooks:
         hook.handle.remove()
-    n = max(len(split), 1)
+    n = max(seen, 1)  # a streamed split may have skipped unreadable images
     if hooks:
         token_load = sum(hook.counts for hook in hooks)
-        load = (token_load / token_load.sum()).tolist()
+        load = (token_load / token_load.sum()).cpu().tolist()
     else:
-        load = image_load.tolist() if per_image else None
+        load = image_load.cpu().tolist() if per_image else None
     return {"accuracy": correct / n, "router_accuracy": router_correct / n if groups is not None else None,
             "expert_load": load}
 
@@ -261,22 +355,24 @@ class Checkpoint:
 
     def __init__(self, path, cfg: ArchConfig, recipe: TrainRecipe, dataset_name: str):
         self.path = Path(path)
-        self.identity = {"arch": cfg.to_dict(), "recipe": recipe.to_dict(), "dataset": dataset_name}
+        self.identity = {"arch": cfg.to_dict(), "recipe": _recipe_dict(recipe.to_dict()), "dataset": dataset_name}
 
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, scaler=None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {**self.identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "state": asdict(state), "rng": torch.get_rng_state()}
+                   "state": asdict(state), "rng": torch.get_rng_state(),
+                   "scaler": scaler.state_dict() if scaler is not None else {}}
         partial = self.path.with_suffix(".tmp")
         torch.save(payload, partial)
         partial.replace(self.path)  # atomic: a crash mid-save leaves the previous checkpoint
 
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> RunState | None:
-        """Load the checkpoint into model and optimizer and return its state; None when there is none."""
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler=None) -> RunState | None:
+        """Load the checkpoint into model and optimizer (on whatever device they are: a run started on a GPU
+        resumes on the CPU) and return its state; None when there is none."""
         if not self.path.is_file():
             return None
         try:
-            payload = torch.load(self.path, weights_only=True)
+            payload = torch.load(self.path, weights_only=True, map_location="cpu")
         except Exception as error:  # torn, foreign or planted: say which file, not a pickle traceback
             lines = str(error).splitlines() or [type(error).__name__]
             why = next((line for line in lines if "GLOBAL" in line), lines[0])  # what a planted file pickles
@@ -289,16 +385,20 @@ class Checkpoint:
                                     f"use another checkpoint_dir or delete it")
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
+        if scaler is not None and payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])
         torch.set_rng_state(payload["rng"])
         return RunState(**payload["state"])
 
 
 def _recipe_dict(data: Any) -> dict | None:
-    """A stored recipe read back as a recipe, so that fields added since it was written take their defaults."""
+    """A stored recipe read back as a recipe, so that fields added since it was written take their defaults,
+    without the fields that only say where and how fast it ran (RUN_ONLY)."""
     try:
-        return TrainRecipe.from_dict(data).to_dict()
+        recipe = TrainRecipe.from_dict(data).to_dict()
     except ConfigError:
         return None
+    return {name: value for name, value in recipe.items() if name not in RUN_ONLY}
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -319,13 +419,17 @@ def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasse
     if stop_at_step is not None:
         _check_number("stop_at_step", stop_at_step, positive=True, integer=True)
     groups = _router_targets(cfg, dataset, superclasses)
-    previous_threads = torch.get_num_threads()
+    device = resolve_device(recipe.device)
+    previous = torch.get_num_threads(), torch.get_float32_matmul_precision()
     torch.set_num_threads(recipe.num_threads or available_cores())
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: what fp32 parts of a step run in on CUDA
     try:
-        run = _Run(cfg, dataset, recipe, groups, checkpoint_dir)
+        run = _Run(cfg, dataset, recipe, groups, checkpoint_dir, device)
         return run.loop(on_eval, math.inf if stop_at_step is None else stop_at_step, progress, evaluate_test)
     finally:
-        torch.set_num_threads(previous_threads)
+        torch.set_num_threads(previous[0])
+        torch.set_float32_matmul_precision(previous[1])
 
 
 def available_cores() -> int:
@@ -364,23 +468,28 @@ def _router_targets(cfg: ArchConfig, dataset: Dataset, superclasses) -> torch.Te
 class _Run:
     """One training run: the pieces above, wired together, and the loop over them."""
 
-    def __init__(self, cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, groups, checkpoint_dir):
-        self.cfg, self.data, self.groups = cfg, dataset, groups
+    def __init__(self, cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, groups, checkpoint_dir,
+                 device: torch.device):
+        self.cfg, self.data, self.groups, self.device = cfg, dataset, groups, device
         torch.manual_seed(recipe.seed)
-        self.model = build_model(cfg)
+        self.model = build_model(cfg).to(device)  # initialised on the CPU: the same weights on every device
+        self.forward = torch.compile(self.model) if recipe.compile else self.model
         self.optimizer = torch.optim.AdamW(param_groups(self.model, recipe.weight_decay), lr=recipe.lr,
                                            foreach=True)  # one kernel per op, not per tensor: small models
-        data_seed = recipe.seed if recipe.data_seed is None else recipe.data_seed
-        self.batches = Batches(dataset, recipe.batch_size, seed=data_seed, augment=recipe.augment)
+        self.amp = autocast_dtype(recipe.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None  # fp16 underflows
+        self.data_seed = recipe.seed if recipe.data_seed is None else recipe.data_seed
+        self.batches = Batches(dataset, recipe.batch_size, seed=self.data_seed, augment=recipe.augment, device=device)
+        self.mix = _mixer(recipe, dataset.num_classes)
         self.schedule = Schedule.of(recipe, self.batches.per_epoch)
-        self.loss = Loss.of(cfg, recipe, groups)
+        self.loss = Loss.of(cfg, recipe, None if groups is None else groups.to(device))
         self.grad_clip = recipe.grad_clip
         self.eval_every = self.batches.per_epoch if recipe.eval_every == "epoch" else recipe.eval_every
         self.checkpoint = None
         self.state = RunState()
         if checkpoint_dir:
             self.checkpoint = Checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME, cfg, recipe, dataset.name)
-            self.state = self.checkpoint.restore(self.model, self.optimizer) or self.state
+            self.state = self.checkpoint.restore(self.model, self.optimizer, self.scaler) or self.state
 
     def step(self) -> float:
         """One optimizer step on the current step's batch; returns its loss."""
@@ -388,20 +497,39 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         images, labels = self.batches.at(self.state.step)
+        targets = None
+        if self.mix is not None and len(labels) % 2 == 0:  # timm's Mixup pairs each image with its mirror
+            with _numpy_seeded(self.data_seed, self.state.step, 2):
+                images, targets = self.mix(images, labels)
         self.model.train()
-        loss = self.loss(self.model(images, with_aux=True), labels)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            loss = self.loss(self.forward(images, with_aux=True), labels, targets)
         if not torch.isfinite(loss):
             raise TrainingError(f"{self.cfg.name}: loss became {loss.item()} at step {self.state.step} "
                                 f"(lr {lr:.2e}); try a lower lr or a grad_clip")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
+        else:
+            loss.backward()
         if self.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.state.step += 1
         return loss.item()
 
     def loop(self, on_eval, stop_at: float, progress: bool, evaluate_test: bool) -> TrainResult:
+        try:
+            return self._loop(on_eval, stop_at, progress, evaluate_test)
+        finally:
+            self.batches.close()
+
+    def _loop(self, on_eval, stop_at: float, progress: bool, evaluate_test: bool) -> TrainResult:
         s = self.state
         bar = _progress_bar(progress, self.schedule.steps, s.step)
         start, losses = time.perf_counter(), []
@@ -424,7 +552,7 @@ class _Run:
                 s.wall_time += time.perf_counter() - start
                 start = time.perf_counter()
                 if self.checkpoint:
-                    self.checkpoint.save(self.model, self.optimizer, s)
+                    self.checkpoint.save(self.model, self.optimizer, s, self.scaler)
         bar.close()
         return self.result(evaluate_test)
 
@@ -443,7 +571,7 @@ class _Run:
             expert_load=s.metrics["expert_load"], loss_curve=s.loss_curve, steps=s.step,
             epochs=round(self.epochs(), 4), wall_time_s=round(s.wall_time, 3),
             images_per_s=round(s.step * self.batches.size / max(s.train_time, 1e-9), 1),
-            stopped_early=s.stopped_early, test_accuracy=test, evals=s.evals, model=self.model,
+            stopped_early=s.stopped_early, test_accuracy=test, evals=s.evals, model=self.model.cpu(),
         )
 
 
@@ -454,6 +582,7 @@ def augment(images: torch.Tensor, *, flip: bool, generator: torch.Generator) -> 
     B, C, H, W = images.shape
     pad = max(1, H // 14)
     padded = F.pad(images, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p)
+    # Drawn on the CPU (`generator` is a CPU generator), applied on the images' device: the same crops anywhere.
     dy, dx = torch.randint(0, 2 * pad + 1, (2, B, 1), generator=generator)
     rows = (dy + torch.arange(H))[:, None, :, None]  # (B, 1, H, 1)
     cols = dx + torch.arange(W)
@@ -461,7 +590,8 @@ def augment(images: torch.Tensor, *, flip: bool, generator: torch.Generator) -> 
         mirrored = torch.rand(B, 1, generator=generator) < 0.5
         cols = torch.where(mirrored, cols.flip(-1), cols)
     cols = cols[:, None, None, :]  # (B, 1, 1, W)
-    return padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
+    index = [torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
+    return padded[tuple(i.to(images.device) for i in index)]
 
 
 def _generator(seed: int, *key: int) -> torch.Generator:
@@ -469,11 +599,32 @@ def _generator(seed: int, *key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *key]).generate_state(1)[0]))
 
 
+def _mixer(recipe: TrainRecipe, num_classes: int):
+    """timm's Mixup (mixup and/or cutmix, one mix per batch, labels smoothed) when the recipe asks for it."""
+    if not (recipe.mixup or recipe.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.label_smoothing,
+                 num_classes=num_classes)
+
+
+@contextmanager
+def _numpy_seeded(seed: int, *key: int):
+    """numpy's global RNG (which timm's Mixup draws from) seeded from (seed, *key), restored afterwards."""
+    state = np.random.get_state()
+    np.random.seed(np.random.SeedSequence([seed, *key]).generate_state(1)[0])
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 class _TokenLoadHook:
     """Counts, on a per-token MoE block, how many token slots its router sends to each expert."""
 
     def __init__(self, module: PerTokenExperts):
-        self.counts = torch.zeros(module.fc1_weight.shape[0])
+        self.counts = torch.zeros(module.fc1_weight.shape[0], device=module.fc1_weight.device)
         self.handle = module.register_forward_pre_hook(self)
 
     def __call__(self, module: PerTokenExperts, inputs) -> None:
@@ -494,5 +645,6 @@ def _progress_bar(enabled: bool, total: int | None, initial: int):
 
 __all__ = [
     "CHECKPOINT_NAME", "Batches", "Checkpoint", "Loss", "RunState", "Schedule", "TrainRecipe", "TrainResult",
-    "TrainingError", "augment", "available_cores", "evaluate", "param_groups", "train",
+    "TrainingError", "augment", "autocast_dtype", "available_cores", "available_devices", "evaluate",
+    "param_groups", "parse_device", "resolve_device", "train",
 ]

@@ -69,20 +69,22 @@ def build_context(cfg: StudyConfig, *, anchor: Anchor | None = None, progress: b
 
     spec = cfg.data
     dataset = load_dataset(spec.name, data_dir=spec.data_dir, val_fraction=spec.val_fraction, seed=spec.seed,
-                           limit=spec.limit)
+                           limit=spec.limit, **spec.folder_options())
     recipe = cfg.recipe()
     if recipe.num_threads is None and cfg.workers > 1:  # share the cores instead of oversubscribing them
         recipe = dataclasses.replace(recipe, num_threads=max(1, (os.cpu_count() or 1) // cfg.workers))
     groups = [g for g in cfg.space.router_groups() if g <= dataset.num_classes]  # more: rejected as invalid
-    superclasses = {g: class_groups(dataset, g, cfg.study_dir / "superclasses", progress=progress) for g in groups}
+    superclasses = {g: class_groups(dataset, g, cfg.study_dir / "superclasses", progress=progress,
+                                    device=recipe.device) for g in groups}
     return StudyContext(cfg, dataset, recipe, superclasses, anchor)
 
 
-def class_groups(dataset, groups: int, cache_dir: Path, *, progress: bool = False) -> np.ndarray:
-    """class -> super-class for `groups` experts: the data set's own, or discovered from confusion."""
+def class_groups(dataset, groups: int, cache_dir: Path, *, progress: bool = False, device: str | None = None
+                 ) -> np.ndarray:
+    """class -> super-class for `groups` experts: the data set's own, or discovered from confusion (on `device`)."""
     from nas.superclasses import superclasses_for
 
-    mapping = superclasses_for(dataset, groups, cache_dir=cache_dir, progress=progress)
+    mapping = superclasses_for(dataset, groups, cache_dir=cache_dir, progress=progress, device=device)
     log.info("super-classes for %d experts (%s): %s", groups, mapping.source, mapping.class_to_group.tolist())
     return np.asarray(mapping.class_to_group)
 

@@ -10,11 +10,15 @@ instead of vanishing.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 from torch import nn
+
+with warnings.catch_warnings():  # fvcore scripts its focal loss on import, which torch >= 2.14 calls deprecated
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 from profilers._export import as_model, eval_mode, example_images
 from search_spaces import ArchConfig, VisionMoE

@@ -367,3 +367,24 @@ def test_available_cores_without_sched_getaffinity(data, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert available_cores() == 1
     assert train(tiny(num_classes=CLASSES), data, quick(steps=2, num_threads=None)).steps == 2
+
+
+def test_a_run_resumes_on_another_device_and_thread_count(data, tmp_path):
+    """Where a run goes (device, threads, compile) is not what it computes: its checkpoint resumes anywhere."""
+    cfg = tiny(num_classes=CLASSES)
+    train(cfg, data, quick(steps=10, device="cpu"), checkpoint_dir=tmp_path, stop_at_step=5)
+    resumed = train(cfg, data, quick(steps=10, device="auto", num_threads=2), checkpoint_dir=tmp_path)
+    assert resumed.steps == 10 and resumed.evals[0][0] == 5
+    with pytest.raises(TrainingError, match="its recipe differs"):
+        train(cfg, data, quick(steps=10, precision="bf16"), checkpoint_dir=tmp_path)
+
+
+def test_mixup_and_cutmix_are_seeded_by_step(data):
+    recipe = quick(steps=6, eval_every=6, mixup=0.8, cutmix=1.0)
+    a, b = (train(tiny_moe(num_classes=CLASSES), data, recipe) for _ in range(2))
+    assert a.loss_curve == b.loss_curve
+    plain = train(tiny_moe(num_classes=CLASSES), data, quick(steps=6, eval_every=6))
+    assert a.loss_curve != plain.loss_curve
+    for field, value in (("mixup", -1.0), ("device", "tpu"), ("precision", "fp8"), ("compile", "yes")):
+        with pytest.raises(ConfigError, match=field):
+            TrainRecipe.from_dict({"steps": 5, field: value})

@@ -1,0 +1,55 @@
+"""A found architecture in the user's own training: a timm model name and the paper's loss as a function.
+
+    import search_spaces.timm_entry  # registers "mobile_vmoe" with timm
+    model = timm.create_model("mobile_vmoe", arch="exports/best-moe/arch.yaml", num_classes=1000)
+    out = model(images, with_aux=True)  # ModelOutput: logits, router_logits, aux_loss
+    loss = mobile_vmoe_loss(out.logits, out.router_logits, labels, superclasses, router_weight=0.3)
+
+`arch` is an architecture YAML (what `vmoe-nas export` writes), a preset name or an `ArchConfig`; timm's
+`num_classes`, `in_chans` and `img_size` replace its fields. Importing this module imports timm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from timm.models import register_model
+
+from search_spaces.config import ArchConfig
+from search_spaces.model import VisionMoE, build_model
+from search_spaces.presets import load_arch
+
+TIMM_FIELDS = {"num_classes": "num_classes", "in_chans": "in_channels", "img_size": "image_size"}
+
+
+@register_model
+def mobile_vmoe(pretrained: bool = False, arch: str | ArchConfig = "vmoe-12x192", **kwargs) -> VisionMoE:
+    """A freshly initialised model of `arch` (no pretrained weights: the search fixes graph and cost)."""
+    if pretrained:
+        raise ValueError("mobile_vmoe has no pretrained weights; train it (vmoe-nas train, or your own loop)")
+    cfg = arch if isinstance(arch, ArchConfig) else load_arch(arch)
+    overrides = {field: kwargs[name] for name, field in TIMM_FIELDS.items() if kwargs.get(name) is not None}
+    return build_model(dataclasses.replace(cfg, **overrides) if overrides else cfg)
+
+
+def router_loss(router_logits: torch.Tensor, labels: torch.Tensor, superclasses: torch.Tensor) -> torch.Tensor:
+    """Mobile V-MoE's super-class router loss: cross-entropy of the per-image router's logits (B, E) against
+    each label's super-class (`superclasses`: class -> group, one per class, as `superclasses.json` holds)."""
+    return F.cross_entropy(router_logits, superclasses.to(labels.device)[labels])
+
+
+def mobile_vmoe_loss(logits: torch.Tensor, router_logits: torch.Tensor | None, labels: torch.Tensor,
+                     superclasses: torch.Tensor | None, *, router_weight: float = 0.3,
+                     label_smoothing: float = 0.0) -> torch.Tensor:
+    """The paper's training loss for any loop: classification cross-entropy plus `router_weight` (the
+    architecture's `moe.router_loss_weight`) times the router loss; a dense model or per-token routing has
+    no router logits, and its loss is the cross-entropy alone."""
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if router_logits is not None and superclasses is not None and router_weight:
+        loss = loss + router_weight * router_loss(router_logits, labels, superclasses)
+    return loss
+
+
+__all__ = ["mobile_vmoe", "mobile_vmoe_loss", "router_loss"]
