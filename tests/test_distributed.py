@@ -49,6 +49,7 @@ def load(name, url=POSTGRES):
     return optuna.load_study(study_name=name, storage=make_storage(url))
 
 
+@pytest.mark.slow
 def test_three_workers_finish_exactly_n_trials_when_one_is_killed(tmp_path):
     name, n_trials = f"dist-{uuid.uuid4().hex[:8]}", 6
     config = study_file(tmp_path, name, n_trials, steps=150)

@@ -298,6 +298,7 @@ def test_study_with_an_absent_agent_is_one_clear_error(tmp_path, capsys):
     assert not list(tmp_path.rglob("study.db"))  # checked before any storage or trial is made
 
 
+@pytest.mark.slow
 def test_agent_lost_mid_study_stops_it_and_the_rerun_retries_the_trial(agent, tmp_path, monkeypatch):
     from nas import record as records
     from nas.search import run_search

@@ -117,6 +117,7 @@ def test_superclasses_are_discovered_once_before_the_trials(tmp_path, monkeypatc
     assert len(moe) == 2 and all(r.metrics.router_accuracy is not None for r in moe)
 
 
+@pytest.mark.slow
 def test_latency_is_reported_on_the_scale_of_the_study_anchor(tmp_path):
     config = write_study(tmp_path, "anchor", [D16, M16], 2, objectives=["accuracy", "latency"])
     assert main(["search", "--config", config, "--no-progress"]) == 0
@@ -136,6 +137,7 @@ def test_latency_is_reported_on_the_scale_of_the_study_anchor(tmp_path):
     assert records.read_study(load(tmp_path, "anchor")).anchor == anchor  # a resumed study keeps its scale
 
 
+@pytest.mark.slow
 def test_interrupted_study_resumes_where_it_stopped(tmp_path, monkeypatch):
     config = write_study(tmp_path, "ctrlc", [D16, M16, D24], 3)
     real_train = nas.trainer.train
@@ -161,6 +163,7 @@ def test_interrupted_study_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert sum(1 for name in calls if name == first[0].name) == 1
 
 
+@pytest.mark.slow
 def test_two_workers_on_a_journal_complete_exactly_n_trials(tmp_path):
     config = write_study(tmp_path, "workers", [], 5)
     assert main(["search", "--config", config, "--no-progress", "--workers", "2"]) == 0
@@ -202,6 +205,7 @@ def test_unreachable_storage_is_one_clear_error(tmp_path, capsys):
     assert "secret" not in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_trial_within_its_memory_budget_completes(tmp_path):
     config = write_study(tmp_path, "roomy", [D16], 1, trial_memory_mb=10**6)  # far above any worker's memory
     assert main(["search", "--config", config, "--no-progress"]) == 0
