@@ -173,27 +173,30 @@ def evaluate(ctx: steps.StudyContext, trial: optuna.Trial, record: TrialRecord) 
     records.write(trial, record)
 
     if "accuracy" in ctx.cfg.objectives:
-        def decide(rung: int, result) -> str | None:
-            record.train, record.rung, record.seeds = result.to_dict(), rung, [ctx.recipe.seed]
-            record.rung_accuracy[rung] = result.val_accuracy
-            record.metrics = steps.trained_metrics(record.metrics, result)
-            if ctx.cfg.rungs is None:
-                records.write(trial, record)
-                return None
-            # Arriving at a rung and deciding is one step under the study lock: each decision ranks exactly
-            # the trials that arrived before it, however many workers there are.
-            with study_lock(storage_url(ctx.cfg), ctx.cfg.study_name):
-                records.write(trial, record)
-                reached = records.read_all(trial.study, (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED))
-                return steps.promotion(record, reached, rung, ctx.cfg.rungs, objectives)
-
-        _, stopped = steps.train_to_rungs(ctx, record.arch, decide)
+        _, stopped = steps.train_to_rungs(ctx, record.arch,
+                                          lambda rung, result: arrive(ctx, trial, record, rung, result))
         if stopped:
             record.reason = stopped
             records.write(trial, record)
             raise optuna.TrialPruned(stopped)
     records.write(trial, record)
     return record.objective_values(objectives)
+
+
+def arrive(ctx: steps.StudyContext, trial: optuna.Trial, record: TrialRecord, rung: int, result) -> str | None:
+    """Record a trial's result at a rung and decide whether it goes on (None) or stops (the reason). Arriving
+    and deciding are one step under the study lock: each decision ranks exactly the trials that arrived
+    before it, however many workers there are."""
+    record.train, record.rung, record.seeds = result.to_dict(), rung, [ctx.recipe.seed]
+    record.rung_accuracy[rung] = result.val_accuracy
+    record.metrics = steps.trained_metrics(record.metrics, result)
+    if ctx.cfg.rungs is None:
+        records.write(trial, record)
+        return None
+    with study_lock(storage_url(ctx.cfg), ctx.cfg.study_name):
+        records.write(trial, record)
+        reached = records.read_all(trial.study, (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED))
+        return steps.promotion(record, reached, rung, ctx.cfg.rungs, ctx.cfg.study_objectives)
 
 
 def wait_for_reusable(study: optuna.Study, record: TrialRecord, cfg: StudyConfig) -> TrialRecord | None:
