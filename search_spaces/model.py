@@ -182,10 +182,11 @@ class PerImageRouter(nn.Module):
             routing.aux_losses.append(load_balancing_loss(probs, experts))
         routing.router_logits = logits
         routing.experts = experts
-        # Renormalised in value (at k=1 the one gate is exactly 1), but the sum is detached, so the gradient is
-        # that of the raw softmax probabilities (as in V-MoE and Switch), divided by their sum. Renormalised
-        # through the sum, the k=1 gate would be the constant 1 and the router would get no gradient from the
-        # task: a router without a super-class loss would stay as it was initialised.
+        # Straight-through: renormalised in value (at k=1 the one gate is exactly 1), but the sum is detached, so
+        # the gradient is that of the raw softmax probabilities (as in V-MoE and Switch), over their sum.
+        # Renormalised through the sum, the k=1 gate would be the constant 1 and the task would give the router
+        # no gradient. Scaling by the raw probabilities instead would change the model itself: each expert's
+        # output shrunk to ~1/E at initialisation, and a k=1 export that must apply its gate.
         routing.gates = top / top.sum(-1, keepdim=True).detach()
 
 
