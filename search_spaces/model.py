@@ -26,14 +26,14 @@ class Routing:
     experts: torch.Tensor | None = None  # (B, k) expert indices, per_image only
     gates: torch.Tensor | None = None  # (B, k) weights summing to 1, per_image only
     router_logits: torch.Tensor | None = None  # (B, E), per_image only: trained on super-classes
-    aux_losses: list[torch.Tensor] = field(default_factory=list)  # per_token load-balancing losses
+    aux_losses: list[torch.Tensor] = field(default_factory=list)  # load balancing: per_token, end-to-end per_image
 
 
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, num_classes)
     router_logits: torch.Tensor | None  # (B, E) for per_image routing, else None
-    aux_loss: torch.Tensor | None  # summed per_token load-balancing loss, else None
+    aux_loss: torch.Tensor | None  # summed load-balancing losses (per_token; per_image with loss weight 0)
 
 
 class Attention(nn.Module):
@@ -91,8 +91,10 @@ class PerImageExperts(Experts):
             return self._forward_grouped(x, routing)
         if routing.experts.shape[1] == 1:
             # k=1: the one renormalised gate is exactly 1, so there is nothing to mix. Skipping the mixing
-            # (and the k axis) keeps the exported graph to one Gather per expert tensor and the matmuls.
-            return self._gathered_mlp(x, routing.experts.squeeze(1))  # (B, N, C)
+            # (and the k axis) keeps the exported graph to one Gather per expert tensor and the matmuls;
+            # the gate is applied only where a gradient is wanted, as the router's one path from the task.
+            out = self._gathered_mlp(x, routing.experts.squeeze(1))  # (B, N, C)
+            return out * routing.gates[:, :, None] if routing.gates.requires_grad else out
         out = self._gathered_mlp(x.unsqueeze(1), routing.experts)  # (B, k, N, C)
         return (out * routing.gates[:, :, None, None]).sum(1)  # (B, N, C)
 
@@ -161,19 +163,30 @@ class Block(nn.Module):
 
 
 class PerImageRouter(nn.Module):
-    """Mobile V-MoE's single router: class token -> E logits -> top-k experts, gates renormalised."""
+    """Mobile V-MoE's single router: class token -> E logits -> top-k experts, gates renormalised. With
+    `balance` (no super-class loss: routing learned end-to-end) it adds the Switch load-balancing loss over
+    the batch's images, as a per-token router does: trained on the task alone, a top-k router otherwise
+    favours the experts it already picks (on `synthetic`, after 1000 steps, 1 of 4 experts got no image)."""
 
-    def __init__(self, width: int, num_experts: int, top_k: int):
+    def __init__(self, width: int, num_experts: int, top_k: int, *, balance: bool = False):
         super().__init__()
         self.top_k = top_k
+        self.balance = balance
         self.linear = nn.Linear(width, num_experts, bias=False)
 
     def forward(self, class_token: torch.Tensor, routing: Routing) -> None:
         logits = self.linear(class_token)  # (B, E)
-        gates, experts = logits.softmax(-1).topk(self.top_k, dim=-1)  # (B, k)
+        probs = logits.softmax(-1)
+        top, experts = probs.topk(self.top_k, dim=-1)  # (B, k)
+        if self.balance and self.training:  # a training loss: the exported and profiled graphs stay as they were
+            routing.aux_losses.append(load_balancing_loss(probs, experts))
         routing.router_logits = logits
         routing.experts = experts
-        routing.gates = gates / gates.sum(-1, keepdim=True)
+        # Renormalised in value (at k=1 the one gate is exactly 1), but the sum is detached, so the gradient is
+        # that of the raw softmax probabilities (as in V-MoE and Switch), divided by their sum. Renormalised
+        # through the sum, the k=1 gate would be the constant 1 and the router would get no gradient from the
+        # task: a router without a super-class loss would stay as it was initialised.
+        routing.gates = top / top.sum(-1, keepdim=True).detach()
 
 
 def _make_mlp(cfg: ArchConfig, index: int) -> nn.Module:
@@ -193,7 +206,8 @@ class VisionMoE(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.width) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg, _make_mlp(cfg, i)) for i in range(cfg.depth))
         per_image = cfg.is_moe and cfg.moe.routing == "per_image"
-        self.router = PerImageRouter(cfg.width, cfg.moe.num_experts, cfg.moe.top_k) if per_image else None
+        self.router = (PerImageRouter(cfg.width, cfg.moe.num_experts, cfg.moe.top_k,
+                                      balance=cfg.moe.router_loss_weight == 0) if per_image else None)
         self.router_block = cfg.moe_layers[0] if per_image else None  # the router runs before this block
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.num_classes)
