@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import math
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,8 +158,9 @@ class Settings:
 
 
 def settings_for(cfg: StudyConfig, rs: list[TrialRecord], *, seeds: int | None = None, steps: int | None = None,
-                 margin: float | None = None) -> Settings:
-    """The confirm section of `cfg` with any given override; seeds start at the search's recipe seed."""
+                 margin: float | None = None, first_seed: int | None = None) -> Settings:
+    """The confirm section of `cfg` with any given override; seeds start at `first_seed`, by default the
+    search's recipe seed."""
     spec = cfg.confirm
     n = spec.seeds if seeds is None else seeds
     steps = steps or spec.steps or (cfg.rungs.steps[-1] if cfg.rungs else cfg.recipe().steps)
@@ -167,7 +168,7 @@ def settings_for(cfg: StudyConfig, rs: list[TrialRecord], *, seeds: int | None =
         raise ConfigError("confirm.steps", "is needed when the evaluator's budget is not in steps")
     if n < 1:
         raise ConfigError("--seeds", f"must be >= 1, got {n}")
-    first = cfg.recipe().seed
+    first = cfg.recipe().seed if first_seed is None else first_seed
     return Settings(tuple(range(first, first + n)), steps, spec.margin if margin is None else margin,
                     latency_band(rs))
 
@@ -236,8 +237,13 @@ def _run_in_worker(arch_yaml: str, seed: int, steps: int) -> ConfirmRun:
 
 def companion(study: optuna.Study) -> optuna.Study:
     """The confirm study of `study`, in the same storage, created on first use."""
-    return optuna.create_study(study_name=records.confirm_study_name(study.study_name), storage=study._storage,
-                               direction="maximize", load_if_exists=True)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "created" / "using an existing study" each time
+    try:
+        return optuna.create_study(study_name=records.confirm_study_name(study.study_name), storage=study._storage,
+                                   direction="maximize", load_if_exists=True)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def stored_runs(confirm_study: optuna.Study) -> dict[str, ConfirmRun]:
@@ -259,46 +265,53 @@ def compare(pairs: list[Pair], runs: dict[str, ConfirmRun], settings: Settings) 
     return stats.study(results)
 
 
-def confirm(study: optuna.Study, cfg: StudyConfig, *, seeds: int | None = None, pairs: int | None = None,
-            steps: int | None = None, margin: float | None = None, workers: int = 1,
-            progress: bool = False) -> ConfirmRecord:
-    """Confirm the top MoEs of `study` (run with `cfg`) against dense; stores and returns the record."""
+def run_missing(study: optuna.Study, cfg: StudyConfig, pairs: list[Pair], settings: Settings, *, workers: int = 1,
+                progress: bool = False) -> dict[str, ConfirmRun]:
+    """Every run `pairs` need with `settings`, by key: those the companion study holds, and the missing ones,
+    trained (in a pool of `workers` processes when > 1) and stored one by one as they finish."""
     from tqdm.auto import tqdm
 
     from nas.trial import build_context
 
-    rs = records.read_all(study)
-    chosen = select_pairs(rs, cfg.confirm.pairs if pairs is None else pairs, cfg.objectives)
-    settings = settings_for(cfg, rs, seeds=seeds, steps=steps, margin=margin)
     target = companion(study)
     runs = stored_runs(target)
-    missing = [(a, s) for a, s in runs_needed(chosen, settings.seeds)
-               if records.run_key(a, s, settings.steps) not in runs]
-    log.info("confirm %s: %d pairs, %d runs (%d stored)", study.study_name, len(chosen),
-             len(missing) + len(runs), len(runs))
+    needed = runs_needed(pairs, settings.seeds)
+    missing = [(a, s) for a, s in needed if records.run_key(a, s, settings.steps) not in runs]
+    log.info("confirm %s: %d pairs, %d runs (%d stored)", study.study_name, len(pairs), len(missing) + len(runs),
+             len(runs))
+
+    def keep(run: ConfirmRun) -> None:
+        store_run(target, run)
+        runs[run.key] = run
+        bar.update(1)
+
     bar = tqdm(total=len(missing), desc=f"{study.study_name} confirm", unit="run", disable=not progress)
     if missing and workers <= 1:
         ctx = build_context(cfg)
         for arch, seed in missing:
-            run = train_arm(ctx, arch, seed, settings.steps)
-            store_run(target, run)
-            runs[run.key] = run
-            bar.update(1)
+            keep(train_arm(ctx, arch, seed, settings.steps))
     elif missing:
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(cfg.to_dict(), workers))
-        with pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(cfg.to_dict(), workers)) as pool:
             futures = [pool.submit(_run_in_worker, a.to_yaml(), s, settings.steps) for a, s in missing]
-            for future in futures:  # stored in order as they finish: a kill keeps every run before it
-                run = future.result()
-                store_run(target, run)
-                runs[run.key] = run
-                bar.update(1)
+            for future in as_completed(futures):
+                keep(future.result())
     bar.close()
+    return runs
+
+
+def confirm(study: optuna.Study, cfg: StudyConfig, *, seeds: int | None = None, pairs: int | None = None,
+            steps: int | None = None, margin: float | None = None, workers: int = 1,
+            progress: bool = False) -> ConfirmRecord:
+    """Confirm the top MoEs of `study` (run with `cfg`) against dense; stores and returns the record."""
+    rs = records.read_all(study)
+    chosen = select_pairs(rs, cfg.confirm.pairs if pairs is None else pairs, cfg.objectives)
+    settings = settings_for(cfg, rs, seeds=seeds, steps=steps, margin=margin)
+    runs = run_missing(study, cfg, chosen, settings, workers=workers, progress=progress)
     results = compare(chosen, runs, settings)
     record = ConfirmRecord(settings.to_dict(), [_with_accuracies(p, runs, settings) for p in chosen],
                            [r.to_dict() for r in results])
-    records.write_confirm(target, record)
+    records.write_confirm(companion(study), record)
     return record
 
 
@@ -316,5 +329,5 @@ def arm_interval(accuracies: list[float]) -> tuple[float, float]:
 
 
 __all__ = ["COSTS", "INTERDECILE_SDS", "Pair", "Settings", "arm_interval", "arm_recipe", "best_dense", "companion",
-           "compare", "confirm", "eligible", "latency_band", "per_image_correct", "runs_needed", "select_pairs",
-           "settings_for", "stored_runs", "top_moes", "train_arm", "twin_init"]
+           "compare", "confirm", "eligible", "latency_band", "per_image_correct", "run_missing", "runs_needed",
+           "select_pairs", "settings_for", "stored_runs", "top_moes", "train_arm", "twin_init"]
