@@ -104,14 +104,16 @@ def cmd_confirm(args: argparse.Namespace) -> None:
     from nas.storage import load_study
     from nas.study import StudyConfig
 
-    study = load_study(args.study, storage=args.storage, results_dir=args.results_dir)
-    stored = records.read_study(study).config
-    if stored is None:
-        raise ConfigError("--study", f"study {args.study!r} stores no config: it was not run by vmoe-nas search")
     for name, value in (("--seeds", args.seeds), ("--pairs", args.pairs), ("--steps", args.steps),
                         ("--workers", args.workers)):
         if value is not None:
             check_int(name, value, 1)
+    if args.margin is not None and not math.isfinite(args.margin):
+        raise ConfigError("--margin", f"must be a finite number, got {args.margin}")
+    study = load_study(args.study, storage=args.storage, results_dir=args.results_dir)
+    stored = records.read_study(study).config
+    if stored is None:
+        raise ConfigError("--study", f"study {args.study!r} stores no config: it was not run by vmoe-nas search")
     # The study's own settings, here: its storage is the one just opened, its files under --results-dir.
     cfg = StudyConfig.from_dict({**stored, "storage": None, "results_dir": args.results_dir})
     record = confirm(study, cfg, seeds=args.seeds, pairs=args.pairs, steps=args.steps, margin=args.margin,

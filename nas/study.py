@@ -109,7 +109,9 @@ class ConfirmSpec:
     """The confirmation stage after the search (`nas.confirm`): the top `pairs` MoEs of the MoE front, each
     retrained with `seeds` seeds beside its dense comparators; `vmoe-nas confirm` flags override these."""
 
-    enabled: bool = True
+    # Off unless the study asks (the shipped presets do): a study written without this section searches as it
+    # did, and `vmoe-nas confirm` confirms any study whatever this says.
+    enabled: bool = False
     seeds: int = 3  # the fewest that give a t-interval with a finite width worth reading
     pairs: int = 2  # MoEs from the top of the MoE front (by accuracy), each with up to 3 comparators
     steps: int | None = None  # training steps per run; None: the search's top rung (its full budget)

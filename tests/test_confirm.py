@@ -136,10 +136,10 @@ def test_confirm_resumes_after_a_kill_and_reruns_only_the_missing_runs(tmp_path,
 @pytest.mark.slow
 def test_smoke_search_then_confirm_from_an_empty_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["search", "--config", "smoke", "--n-trials", "3", "--no-progress", "--no-confirm"]) == 0
-    assert main(["confirm", "--study", "smoke", "--seeds", "3", "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    assert "confirmed" in out and "pairs with 3 seeds at 60 steps" in out
+    assert main(["search", "--config", "smoke", "--n-trials", "3", "--no-progress"]) == 0  # confirms at the end
+    assert "pairs with 3 seeds at 60 steps" in capsys.readouterr().out
+    assert main(["confirm", "--study", "smoke", "--seeds", "3", "--no-progress"]) == 0  # all stored: trains nothing
+    assert "pairs with 3 seeds at 60 steps" in capsys.readouterr().out
     beats = pd.read_csv(tmp_path / "results" / "smoke" / "beats_dense.csv")
     assert {"gain_mean", "ci_low", "ci_high", "p_holm", "n_seeds", "steps", "verdict", "comparator", "cost"} <= set(
         beats.columns)
@@ -149,3 +149,30 @@ def test_smoke_search_then_confirm_from_an_empty_directory(tmp_path, monkeypatch
     md = (tmp_path / "results" / "smoke" / "report.md").read_text()
     assert "MoE against dense, confirmed (3 seeds, 60 steps" in md
     assert "confirmed pairs" in (tmp_path / "results" / "smoke" / "pareto.html").read_text()
+
+
+@pytest.mark.parametrize("enabled, flags, runs", [(True, [], 1), (False, [], 0), (True, ["--no-confirm"], 0)])
+def test_search_confirms_at_the_end_unless_the_study_or_the_flag_says_not(tmp_path, monkeypatch, enabled, flags, runs):
+    import yaml
+
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load(load_study_config("smoke").to_yaml()),
+                                      "confirm": {"enabled": enabled, "seeds": 2}}))
+    calls = []
+    monkeypatch.setattr("nas.search.run_search", lambda cfg, **kw: study([trial("dense", 0.7, 100, 1.0)]))
+    monkeypatch.setattr(stage, "confirm", lambda s, cfg, **kw: calls.append(cfg.confirm.seeds) or records.ConfirmRecord(
+        {"seeds": [0, 1], "steps": 60, "margin": 0.0, "latency_band": 0.1}))
+    assert main(["search", "--config", str(config), "--no-progress", "--no-report", *flags]) == 0
+    assert calls == [2] * runs
+
+
+def test_confirm_command_refuses_bad_flags_and_names_a_missing_study(tmp_path, capsys):
+    assert main(["confirm", "--study", "gone", "--results-dir", str(tmp_path), "--seeds", "0"]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert main(["confirm", "--study", "gone", "--results-dir", str(tmp_path)]) == 2
+    assert str(tmp_path / "gone" / "study.db") in capsys.readouterr().err
+    folder = tmp_path / "hand"
+    folder.mkdir()
+    study([trial("moe", 0.8, 100, 1.0)], storage=f"sqlite:///{folder / 'study.db'}")
+    assert main(["confirm", "--study", "hand", "--results-dir", str(tmp_path)]) == 2
+    assert "stores no config" in capsys.readouterr().err
