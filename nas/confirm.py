@@ -74,8 +74,8 @@ class Pair:
                 "dense_costs": self.dense_costs}
 
 
-def _costs(r: TrialRecord | None) -> dict:
-    return {"flops": r.metrics.flops if r else None, "latency_ms": r.metrics.latency_ms if r else None}
+def _costs(r: TrialRecord) -> dict:
+    return {"flops": r.metrics.flops, "latency_ms": r.metrics.latency_ms}
 
 
 INTERDECILE_SDS = 2 * 1.2816  # p90 - p10 of a normal distribution, in standard deviations
