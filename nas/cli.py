@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -79,11 +80,51 @@ def cmd_search(args: argparse.Namespace) -> None:
     for trial in study.get_trials(deepcopy=False):
         states[trial.state.name.lower()] = states.get(trial.state.name.lower(), 0) + 1
     print(f"study {cfg.study_name} finished: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
+    if cfg.confirm.enabled and not args.no_confirm:
+        from nas.confirm import confirm
+
+        _print_confirmed(confirm(study, cfg, workers=cfg.workers, progress=not args.no_progress))
     if not args.no_report:
         from nas.report import write_report
 
         written = write_report(study, cfg.study_dir)
         print(f"Pareto report: {written['report.md']}, plots: {written['pareto.html']}")
+
+
+def _print_confirmed(record) -> None:
+    settings = record.settings
+    print(f"confirmed {len(record.pairs)} pairs with {len(settings['seeds'])} seeds at {settings['steps']} steps "
+          f"(margin {settings['margin']:g}, latency tie band {settings['latency_band']:.1%}):")
+    for pair, result in zip(record.pairs, record.results):
+        low, high = (math.nan if v is None else v for v in (result["ci_low"], result["ci_high"]))
+        print(f"  {result['verdict']:>5} at equal {pair['cost']}: {result['name']}: gain {result['gain_mean']:+.4f} "
+              f"[{low:+.4f}, {high:+.4f}], p_holm {result['p_holm']:.3g}")
+
+
+def cmd_confirm(args: argparse.Namespace) -> None:
+    from nas import record as records
+    from nas.confirm import confirm
+    from nas.report import write_report
+    from nas.storage import load_study
+    from nas.study import StudyConfig
+
+    for name, value in (("--seeds", args.seeds), ("--pairs", args.pairs), ("--steps", args.steps),
+                        ("--workers", args.workers)):
+        if value is not None:
+            check_int(name, value, 1)
+    if args.margin is not None and not math.isfinite(args.margin):
+        raise ConfigError("--margin", f"must be a finite number, got {args.margin}")
+    study = load_study(args.study, storage=args.storage, results_dir=args.results_dir)
+    stored = records.read_study(study).config
+    if stored is None:
+        raise ConfigError("--study", f"study {args.study!r} stores no config: it was not run by vmoe-nas search")
+    # The study's own settings, here: its storage is the one just opened, its files under --results-dir.
+    cfg = StudyConfig.from_dict({**stored, "storage": None, "results_dir": args.results_dir})
+    record = confirm(study, cfg, seeds=args.seeds, pairs=args.pairs, steps=args.steps, margin=args.margin,
+                     workers=args.workers or 1, progress=not args.no_progress)
+    _print_confirmed(record)
+    paths = write_report(study, Path(args.results_dir) / args.study)
+    print(f"wrote {paths['beats_dense.csv']}, {paths['report.md']}, {paths['pareto.html']}")
 
 
 def cmd_superclasses(args: argparse.Namespace) -> None:
@@ -220,7 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip the Pareto report at the end")
     p.add_argument("--allow-changes", action="store_true", help="resume a study whose config changed in fields that "
                    "change what a trial means (data, space, evaluator, constraints, profiler); refused otherwise")
+    p.add_argument("--no-confirm", action="store_true", help="skip the confirmation stage at the end (see confirm)")
     p.set_defaults(run=cmd_search)
+
+    p = commands.add_parser("confirm", help="retrain the top MoEs and their dense comparators with paired seeds: "
+                            "does an MoE beat dense beyond noise?")
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--storage", help="Optuna storage URL (default: journal.log or study.db in RESULTS_DIR/STUDY/)")
+    p.add_argument("--results-dir", default="results", help="where studies write (default results/)")
+    p.add_argument("--seeds", type=int, help="seeds per arm (default: the study's confirm.seeds)")
+    p.add_argument("--steps", type=int, help="training steps per run (default: the study's top rung)")
+    p.add_argument("--pairs", type=int, help="MoEs from the top of the MoE front (default: confirm.pairs)")
+    p.add_argument("--margin", type=float, help="accuracy gain the interval must clear for 'beats' (a fraction)")
+    p.add_argument("--workers", type=int, help="processes training runs in parallel (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_confirm)
 
     p = commands.add_parser("superclasses", help="super-classes of a data set (its own, or from confusion)")
     p.add_argument("--data", required=True, help="data set name (fashion-mnist, cifar100, npz:PATH, ...)")

@@ -3,6 +3,10 @@ the paper's question, does an MoE beat the dense models of no larger cost? With 
 trials that reached the top rung are compared (their accuracies are at the same number of steps); trials
 stopped at a lower rung are rows of their own, marked with their rung, and counted.
 
+Where the study was confirmed (`nas.confirm`: paired seeds, intervals, Holm-adjusted tests), its verdicts
+are the answer and the single-seed table above is kept as "unconfirmed"; FLOPs and latency are separate
+questions with separate verdicts, never OR-ed.
+
 Compute only: `analyze(study)` returns a `ParetoAnalysis` of plain DataFrames and numbers; `nas.report`
 draws and writes it. Rows that take part in the analysis ("eligible") are trials that completed with
 status `complete`, met every constraint and are not a re-run of an architecture already evaluated.
@@ -182,6 +186,57 @@ def beats_dense(frame: pd.DataFrame, *, margin: float = 0.0) -> pd.DataFrame:
                          "dense_flops_trial": "Int64", "dense_latency_trial": "Int64"})
 
 
+# ---------------------------------------------------------------- confirmed pairs
+
+CONFIRMED_COLUMNS = ["moe_trial", "moe_name", "comparator", "cost", "dense_trial", "dense_name", "moe_flops",
+                     "moe_latency_ms", "dense_flops", "dense_latency_ms", "moe_accuracy", "moe_half_width",
+                     "dense_accuracy", "dense_half_width", "gain_mean", "ci_low", "ci_high", "p_value", "p_holm",
+                     "n_seeds", "steps", "verdict"]
+
+
+def confirmed_frame(confirmed: records.ConfirmRecord | None) -> pd.DataFrame:
+    """One row per confirmed pair (MoE, comparator, cost): each arm's mean accuracy over seeds and the half
+    width of its 95% interval, the paired gain with its interval, the Holm-adjusted p and the verdict."""
+    from nas.confirm import arm_interval
+
+    rows = []
+    for pair, result in zip(confirmed.pairs if confirmed else [], confirmed.results if confirmed else []):
+        (moe_acc, moe_hw), (dense_acc, dense_hw) = (arm_interval(pair[f"{arm}_accuracies"]) for arm in ("moe", "dense"))
+        rows.append({
+            "moe_trial": pair["moe_trial"], "moe_name": pair["moe_name"], "comparator": pair["comparator"],
+            "cost": pair["cost"], "dense_trial": pair["dense_trial"], "dense_name": pair["dense_name"],
+            **{f"{arm}_{c}": pair[f"{arm}_costs"][c] for arm in ("moe", "dense") for c in ("flops", "latency_ms")},
+            "moe_accuracy": moe_acc, "moe_half_width": moe_hw, "dense_accuracy": dense_acc,
+            "dense_half_width": dense_hw, "steps": confirmed.settings["steps"],
+            **{k: result[k] for k in ("gain_mean", "ci_low", "ci_high", "p_value", "p_holm", "n_seeds", "verdict")},
+        })
+    frame = pd.DataFrame(rows, columns=CONFIRMED_COLUMNS)
+    for column in ("ci_low", "ci_high"):  # one seed: stored as None (JSON has no infinity), an unbounded interval
+        frame[column] = pd.to_numeric(frame[column]).fillna(-np.inf if column == "ci_low" else np.inf)
+    return frame.astype({"moe_trial": int, "dense_trial": "Int64"})
+
+
+def confirmed_summary(confirmed: pd.DataFrame) -> pd.DataFrame:
+    """Per confirmed MoE, its verdict against each comparator in a column of its own: twin (equal FLOPs),
+    best dense of no more FLOPs, best dense of no more latency ('-': no such comparator)."""
+    out = []
+    for (trial, name), rows in confirmed.groupby(["moe_trial", "moe_name"], sort=False):
+        verdicts = dict(zip(rows["comparator"], rows["verdict"]))
+        out.append({"moe_trial": trial, "moe_name": name,
+                    **{f"vs_{c}": verdicts.get(c, "-") for c in ("twin", "flops", "latency")}})
+    return pd.DataFrame(out, columns=["moe_trial", "moe_name", "vs_twin", "vs_flops", "vs_latency"])
+
+
+def load_confirmed(study: optuna.Study) -> records.ConfirmRecord | None:
+    """The confirmation stored beside `study` (its companion study in the same storage), if any."""
+    try:
+        companion = optuna.load_study(study_name=records.confirm_study_name(study.study_name), storage=study._storage)
+    except KeyError:
+        return None
+    confirmed = records.read_confirm(companion)
+    return confirmed if confirmed.settings else None
+
+
 # ---------------------------------------------------------------- the whole analysis
 
 
@@ -196,6 +251,8 @@ class ParetoAnalysis:
     comparisons: pd.DataFrame  # every eligible MoE against dense, beating or not
     margin: float = 0.0
     notes: list[str] = field(default_factory=list)
+    confirmed: pd.DataFrame = field(default_factory=lambda: confirmed_frame(None))  # see `confirmed_frame`
+    confirm_settings: dict | None = None  # seeds, steps, margin and latency band of the confirmation
 
     def front(self, which: str = "overall") -> pd.DataFrame:
         first = self.objectives[0]
@@ -214,6 +271,9 @@ def analyze(study: optuna.Study, *, objectives: list[str] | None = None, margin:
     objectives = objectives_for(objectives or stored.objectives or ["accuracy", "flops"])
     frame = trials_frame(study)
     analysis = analyze_frame(frame, objectives, study_name=study.study_name, margin=margin)
+    confirmed = load_confirmed(study)
+    if confirmed is not None:
+        analysis.confirmed, analysis.confirm_settings = confirmed_frame(confirmed), confirmed.settings
     anchor = stored.anchor
     if anchor and frame["latency_ratio"].notna().any():
         analysis.notes.append(
@@ -257,5 +317,6 @@ def analyze_frame(frame: pd.DataFrame, objectives: list[Objective], *, study_nam
     )
 
 
-__all__ = ["FRONT_COLUMNS", "ParetoAnalysis", "analyze", "analyze_frame", "beats_dense", "crowding_distance",
-           "hypervolume", "non_dominated_rank", "preference_order", "reference_point", "trials_frame"]
+__all__ = ["CONFIRMED_COLUMNS", "FRONT_COLUMNS", "ParetoAnalysis", "analyze", "analyze_frame", "beats_dense",
+           "confirmed_frame", "confirmed_summary", "crowding_distance", "hypervolume", "load_confirmed",
+           "non_dominated_rank", "preference_order", "reference_point", "trials_frame"]

@@ -12,9 +12,11 @@ that state, its constraints and whether it got an architecture, never stored bes
 
 from __future__ import annotations
 
+import base64
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
@@ -142,6 +144,74 @@ def write_study(study: optuna.Study, record: StudyRecord) -> None:
             study.set_user_attr(attr, value)
 
 
+# ---------------------------------------------------------------- the confirmation stage (nas.confirm)
+
+
+@dataclass
+class ConfirmRun:
+    """One retraining of one arm with one seed: a COMPLETE trial of the companion study `<study>-confirm`."""
+
+    arch: ArchConfig
+    seed: int
+    steps: int
+    accuracy: float  # validation top-1
+    correct: np.ndarray  # (n_val,) bool: which validation images it got right, for paired tests over images
+    train_time_s: float | None = None
+
+    @property
+    def key(self) -> str:
+        return run_key(self.arch, self.seed, self.steps)
+
+
+def run_key(arch: ArchConfig, seed: int, steps: int) -> str:
+    """What identifies a confirmation run: a resumed confirm skips the keys its study holds."""
+    return f"{arch.config_hash()}-s{seed}-n{steps}"
+
+
+def confirm_run_attrs(run: ConfirmRun) -> dict[str, Any]:
+    """The user attributes of a confirmation run's trial (`optuna.trial.create_trial`)."""
+    bits = base64.b64encode(np.packbits(np.asarray(run.correct, dtype=bool)).tobytes()).decode()
+    return {VERSION_ATTR: VERSION, "run_key": run.key, "arch_yaml": run.arch.to_yaml(), "name": run.arch.name,
+            "seed": run.seed, "steps": run.steps, "accuracy": run.accuracy, "n_images": len(run.correct),
+            "correct_bits": bits, "train_time_s": run.train_time_s}
+
+
+def read_confirm_run(frozen: FrozenTrial) -> ConfirmRun:
+    attrs = frozen.user_attrs
+    bits = np.frombuffer(base64.b64decode(attrs["correct_bits"]), dtype=np.uint8)
+    return ConfirmRun(ArchConfig.from_yaml(attrs["arch_yaml"]), attrs["seed"], attrs["steps"], attrs["accuracy"],
+                      np.unpackbits(bits, count=attrs["n_images"]).astype(bool), attrs.get("train_time_s"))
+
+
+@dataclass
+class ConfirmRecord:
+    """What a companion confirm study stores about itself: its settings, the pairs (`nas.confirm.Pair.to_dict`)
+    and each pair's `nas.stats.PairedResult.to_dict()`, Holm-adjusted over the pairs, in the same order."""
+
+    settings: dict | None = None  # seeds, steps, margin, latency band
+    pairs: list[dict] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)
+
+
+def confirm_study_name(study_name: str) -> str:
+    """The companion study that holds a study's confirmation, in the same storage."""
+    return f"{study_name}-confirm"
+
+
+CONFIRM_ATTRS = {"settings": "confirm_settings", "pairs": "confirm_pairs", "results": "confirm_results"}
+
+
+def read_confirm(study: optuna.Study) -> ConfirmRecord:
+    attrs = study.user_attrs
+    return ConfirmRecord(attrs.get(CONFIRM_ATTRS["settings"]), list(attrs.get(CONFIRM_ATTRS["pairs"], [])),
+                         list(attrs.get(CONFIRM_ATTRS["results"], [])))
+
+
+def write_confirm(study: optuna.Study, record: ConfirmRecord) -> None:
+    for name, attr in CONFIRM_ATTRS.items():
+        study.set_user_attr(attr, getattr(record, name))
+
+
 def enqueue_attrs(slot: int) -> dict[str, Any]:
     """The user attributes a queued trial starts with."""
     return {VERSION_ATTR: VERSION, "slot": slot}
@@ -227,6 +297,7 @@ def read_all(study: optuna.Study, states: tuple[TrialState, ...] | None = None) 
     return [read(t) for t in study.get_trials(deepcopy=False, states=states)]
 
 
-__all__ = ["METRIC_COLUMNS", "TEXT_METRICS", "Metrics", "StudyRecord", "TrialRecord", "enqueue_attrs", "frozen_attrs",
-           "read", "read_all", "read_study", "renew_lease", "running", "write", "write_stored",
-           "write_study"]
+__all__ = ["METRIC_COLUMNS", "TEXT_METRICS", "ConfirmRecord", "ConfirmRun", "Metrics", "StudyRecord", "TrialRecord",
+           "confirm_run_attrs", "confirm_study_name", "enqueue_attrs", "frozen_attrs", "read", "read_all",
+           "read_confirm", "read_confirm_run", "read_study", "renew_lease", "run_key", "running", "write",
+           "write_confirm", "write_stored", "write_study"]

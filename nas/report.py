@@ -3,6 +3,8 @@
 Compute first, render second: `pareto_plot_info` and `hypervolume_history` build small info objects
 (what each plot shows, as numbers) that tests check; `pareto_figure` and friends only draw them.
 `write_report` writes pareto.html, report.html, trials.csv, pareto.csv, beats_dense.csv and report.md.
+beats_dense.csv holds the confirmed pairs (`nas.pareto.confirmed_frame`) where the study was confirmed, else
+the single-seed, unconfirmed comparison.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from nas.pareto import FRONT_COLUMNS, ParetoAnalysis, analyze, hypervolume, non_dominated_rank
+from nas.pareto import FRONT_COLUMNS, ParetoAnalysis, analyze, confirmed_summary, hypervolume, non_dominated_rank
 
 KINDS = {"dense": ("dense ViT", "#1f77b4"), "moe": ("Mobile V-MoE", "#d62728")}  # kind -> (label, colour)
 PANELS = (("flops", "FLOPs per image"), ("latency_ms", "latency (ms)"))  # x axes, accuracy on y
@@ -53,6 +55,17 @@ class FrontLine:
 
 
 @dataclass(frozen=True)
+class ConfirmedPoints:
+    """The arms of confirmed pairs: mean accuracy over the confirmation's seeds, with its 95% interval."""
+
+    kind: str
+    x: list[float]
+    y: list[float]
+    half_width: list[float]  # NaN: one seed, no interval
+    hover: list[str]
+
+
+@dataclass(frozen=True)
 class Panel:
     x_column: str
     x_label: str
@@ -60,12 +73,25 @@ class Panel:
     fronts: list[FrontLine]
     log_x: bool
     note: str | None  # why the panel is empty, when it is
+    confirmed: list[ConfirmedPoints] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Dumbbell:
+    """One confirmed pair: dense and MoE accuracy (with intervals) at their costs, joined by a line."""
+
+    label: str  # the MoE, its comparator and the cost they are matched on
+    verdict: str
+    dense: tuple[float, float]  # (mean accuracy, 95% half-width)
+    moe: tuple[float, float]
+    hover: str
 
 
 @dataclass(frozen=True)
 class ParetoPlotInfo:
     title: str
     panels: list[Panel]
+    dumbbells: list[Dumbbell] = field(default_factory=list)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -84,8 +110,9 @@ def _fmt(value, digits: int = 3) -> str:
 
 def hover_text(row: pd.Series) -> str:
     """The full architecture and metrics of one trial, for a plot's hover box."""
+    rung = "" if pd.isna(row.get("rung", pd.NA)) else f" at rung {row['rung']} steps"
     lines = [f"<b>{html.escape(str(row['name']))}</b>", f"trial {row['trial']} ({row['kind']})",
-             f"accuracy {_fmt(row['accuracy'], 4)}", f"FLOPs {_fmt(row['flops'])}",
+             f"accuracy {_fmt(row['accuracy'], 4)}{rung}", f"FLOPs {_fmt(row['flops'])}",
              f"latency {_fmt(row['latency_ms'])} ms (cv {_fmt(row['latency_cv'], 2)}, "
              f"{html.escape(str(row['latency_backend'] or '-'))})",
              f"params {_fmt(row['params_active'])} active / {_fmt(row['params_total'])} total",
@@ -125,12 +152,44 @@ def pareto_plot_info(analysis: ParetoAnalysis) -> ParetoPlotInfo:
         costs = shown[column].to_numpy(float)
         log_x = bool(len(costs) and costs.min() > 0 and costs.max() / costs.min() > LOG_SPREAD)
         note = None if series else f"no completed trial has both accuracy and {label}"
-        panels.append(Panel(column, label, series, fronts, log_x, note))
+        panels.append(Panel(column, label, series, fronts, log_x, note, _confirmed_points(analysis, column)))
     counts = rows["kind"].value_counts()
     names = ", ".join(o.name for o in analysis.objectives)
     title = (f"{analysis.study_name}: accuracy against cost, {counts.get('dense', 0)} dense and "
              f"{counts.get('moe', 0)} MoE trials (outlined: on the front of {names})")
-    return ParetoPlotInfo(title, panels)
+    return ParetoPlotInfo(title, panels, _dumbbells(analysis))
+
+
+def _confirmed_points(analysis: ParetoAnalysis, column: str) -> list[ConfirmedPoints]:
+    """Each confirmed arm once, at its cost in `column`, with its mean accuracy over seeds and interval."""
+    seeds = (analysis.confirm_settings or {}).get("seeds", [])
+    points = []
+    for kind in KINDS:
+        arms = {}
+        for _, row in analysis.confirmed.iterrows():
+            x = row[f"{kind}_{column}"]
+            if x is not None and not pd.isna(x):
+                arms[row[f"{kind}_name"]] = (float(x), row[f"{kind}_accuracy"], row[f"{kind}_half_width"])
+        if arms:
+            x, y, half = (list(v) for v in zip(*arms.values()))
+            hover = [f"<b>{html.escape(name)}</b><br>confirmed: {_fmt(acc, 4)} ± {_fmt(hw, 2)} over {len(seeds)} seeds"
+                     for name, (_, acc, hw) in arms.items()]
+            points.append(ConfirmedPoints(kind, x, y, half, hover))
+    return points
+
+
+def _dumbbells(analysis: ParetoAnalysis) -> list[Dumbbell]:
+    out = []
+    for _, row in analysis.confirmed.iterrows():
+        label = f"{row['moe_name']} vs {row['comparator']} ({row['cost']})"
+        hover = (f"<b>{html.escape(label)}</b><br>{row['verdict']}: gain {row['gain_mean']:+.4f} "
+                 f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}], p_holm {row['p_holm']:.3g}<br>dense "
+                 f"{html.escape(str(row['dense_name']))}: FLOPs {_fmt(row['dense_flops'])}, latency "
+                 f"{_fmt(row['dense_latency_ms'])} ms<br>MoE: FLOPs {_fmt(row['moe_flops'])}, latency "
+                 f"{_fmt(row['moe_latency_ms'])} ms")
+        out.append(Dumbbell(label, row["verdict"], (row["dense_accuracy"], row["dense_half_width"]),
+                            (row["moe_accuracy"], row["moe_half_width"]), hover))
+    return out
 
 
 @dataclass(frozen=True)
@@ -173,6 +232,15 @@ def pareto_figure(info: ParetoPlotInfo) -> go.Figure:
                         "symbol": "circle" if s.kind == "dense" else "diamond",
                         "line": {"color": "black", "width": [2 if f else 0 for f in s.on_front]}},
                 hovertext=s.hover, hoverinfo="text"), row=1, col=col)
+        for c in panel.confirmed:
+            label, colour = KINDS[c.kind]
+            figure.add_trace(go.Scatter(
+                x=c.x, y=c.y, mode="markers", name=f"{label}, confirmed (95% interval)",
+                legendgroup=f"{c.kind}-confirmed", showlegend=first,
+                marker={"color": "white", "size": 10, "symbol": "x-thin-open" if c.kind == "dense" else "star-open",
+                        "line": {"color": colour, "width": 2}},
+                error_y={"type": "data", "array": [0 if math.isnan(h) else h for h in c.half_width],
+                         "color": colour}, hovertext=c.hover, hoverinfo="text"), row=1, col=col)
         figure.update_xaxes(title_text=panel.x_label, type="log" if panel.log_x else "linear", row=1, col=col,
                             tickformat=TICK_FORMATS[panel.x_column], dtick="D2" if panel.log_x else None)
         if panel.note:
@@ -185,6 +253,32 @@ def pareto_figure(info: ParetoPlotInfo) -> go.Figure:
         figure.update_yaxes(visible=False)
     figure.update_layout(title={"text": info.title, "font": {"size": 15}}, template="plotly_white",
                          height=560, hoverlabel={"align": "left"}, legend={"orientation": "h", "y": -0.15})
+    return figure
+
+
+VERDICT_COLOURS = {"beats": "#2ca02c", "ties": "#7f7f7f", "loses": "#d62728"}
+
+
+def dumbbell_figure(dumbbells: list[Dumbbell]) -> go.Figure:
+    """Each confirmed pair on a row: dense and MoE accuracy with their intervals, joined by a line
+    coloured by the verdict."""
+    figure = go.Figure()
+    labels = [d.label for d in dumbbells]
+    for d in dumbbells:
+        figure.add_trace(go.Scatter(x=[d.dense[0], d.moe[0]], y=[d.label, d.label], mode="lines",
+                                    line={"color": VERDICT_COLOURS[d.verdict], "width": 3}, showlegend=False,
+                                    hovertext=d.hover, hoverinfo="text"))
+    for kind, index in (("dense", 0), ("moe", 1)):
+        label, colour = KINDS[kind]
+        arms = [(d.dense, d.moe)[index] for d in dumbbells]
+        figure.add_trace(go.Scatter(
+            x=[a[0] for a in arms], y=labels, mode="markers", name=label, marker={"color": colour, "size": 11},
+            error_x={"type": "data", "array": [0 if math.isnan(a[1]) else a[1] for a in arms]},
+            hovertext=[d.hover for d in dumbbells], hoverinfo="text"))
+    figure.update_layout(title="confirmed pairs: dense and MoE accuracy over seeds (95% intervals); line colour: "
+                         "beats green, ties grey, loses red", template="plotly_white", height=200 + 40 * len(labels),
+                         xaxis_title="validation accuracy (mean over seeds)", hoverlabel={"align": "left"},
+                         yaxis={"automargin": True})
     return figure
 
 
@@ -284,9 +378,6 @@ def report_markdown(analysis: ParetoAnalysis, counts: dict[str, int]) -> str:
     tables = summary_tables(analysis)
     objectives = ", ".join(f"{o.name} ({'max' if o.maximize else 'min'})" for o in analysis.objectives)
     reference = ", ".join(f"{name} {_fmt(value, 4)}" for name, value in analysis.reference.items())
-    moe = len(analysis.comparisons)
-    trials = analysis.trials
-    stopped = int(((trials["kind"] == "moe") & (trials["status"] == "early_stopped")).sum())
     text = [
         f"# Pareto report: {analysis.study_name}\n",
         "Trials: " + (", ".join(f"{n} {status}" for status, n in counts.items()) or "none")
@@ -298,12 +389,10 @@ def report_markdown(analysis: ParetoAnalysis, counts: dict[str, int]) -> str:
         _table_md(tables["hypervolume"]),
         "\n## Overall Pareto front\n",
         _table_md(tables["front"]),
-        f"\n## MoE against dense (margin {analysis.margin:g})\n",
-        f"{len(analysis.beats_dense)} of {moe} MoE configurations beat the best dense model of no more FLOPs "
-        "or no more latency (those that do are in beats_dense.csv)"
-        + (f"; {stopped} more MoE trials were stopped at a lower rung and are not compared" if stopped else "")
-        + ". Gains are in validation accuracy of the proxy "
-        f"training; the best {COMPARISONS_SHOWN} by gain at equal FLOPs:\n",
+        *confirmed_markdown(analysis),
+        f"\n## MoE against dense, unconfirmed (one seed, margin {analysis.margin:g})\n",
+        f"{unconfirmed_sentence(analysis)} Gains are in validation accuracy of the proxy training, one seed each; "
+        f"the best {COMPARISONS_SHOWN} by gain at equal FLOPs:\n",
         _table_md(tables["against dense"]),
     ]
     if analysis.notes:
@@ -311,10 +400,62 @@ def report_markdown(analysis: ParetoAnalysis, counts: dict[str, int]) -> str:
     return "\n".join(text)
 
 
+def moe_counts(analysis: ParetoAnalysis) -> tuple[int, int]:
+    """(MoE trials evaluated, of which stopped at a lower rung): the denominator of every summary sentence
+    counts the stopped ones, so a study that stops most MoEs early cannot claim most MoEs win."""
+    trials = analysis.trials
+    moe = (trials["kind"] == "moe") & trials["duplicate_of"].isna()
+    stopped = int((moe & (trials["status"] == "early_stopped")).sum())
+    return int((moe & (trials["status"] == "complete")).sum()) + stopped, stopped
+
+
+def unconfirmed_sentence(analysis: ParetoAnalysis) -> str:
+    total, stopped = moe_counts(analysis)
+    table = analysis.comparisons
+    return (f"{int(table['beats_flops'].sum())} of {total} MoE configurations beat the best dense model of no more "
+            f"FLOPs; {int(table['beats_latency'].sum())} of {total} that of no more latency"
+            + (f" ({stopped} of the {total} were stopped at a lower rung and are not compared)." if stopped else "."))
+
+
+def confirmed_markdown(analysis: ParetoAnalysis) -> list[str]:
+    """The confirmed verdicts: one sentence per comparator, each MoE's verdicts side by side, every pair."""
+    settings, confirmed = analysis.confirm_settings, analysis.confirmed
+    if not settings:
+        return ["\n## MoE against dense, confirmed\n", "Not confirmed yet: run `vmoe-nas confirm --study "
+                f"{analysis.study_name}` to retrain the top MoEs and their dense comparators with paired seeds.\n"]
+    total, stopped = moe_counts(analysis)
+    confirmed_moes = confirmed["moe_trial"].nunique()
+    wins = {c: int(((confirmed["comparator"] == c) & (confirmed["verdict"] == "beats")).sum())
+            for c in ("twin", "flops", "latency")}
+    return [
+        f"\n## MoE against dense, confirmed ({len(settings['seeds'])} seeds, {settings['steps']} steps, "
+        f"margin {settings['margin']:g})\n",
+        f"{wins['twin']} of {total} MoE trials beat their FLOPs twin (E=0), {wins['flops']} of {total} the best "
+        f"dense trial of no more FLOPs, {wins['latency']} of {total} the best dense trial of no more latency "
+        f"(tie band {settings['latency_band']:.1%}, a timing's median relative spread in the study). Of the {total}, "
+        f"{confirmed_moes} were confirmed (the top of the MoE front), {stopped} stopped at a lower rung. `beats`: "
+        "the 95% t-interval of the paired gain over seeds lies above the margin and the McNemar test over "
+        "validation images, Holm-adjusted over all pairs, is below 0.05.\n",
+        _table_md(confirmed_summary(confirmed)),
+        "\nEvery pair (beats_dense.csv):\n",
+        _table_md(confirmed[["moe_trial", "moe_name", "comparator", "cost", "dense_name", "moe_accuracy",
+                             "dense_accuracy", "gain_mean", "ci_low", "ci_high", "p_holm", "n_seeds", "verdict"]]),
+    ]
+
+
 def _status_counts(frame: pd.DataFrame) -> dict[str, int]:
     """Trials by status; re-runs of an architecture already evaluated count as "duplicate"."""
     status = frame["status"].fillna(frame["state"]).where(frame["duplicate_of"].isna(), "duplicate")
     return {str(k): int(v) for k, v in status.value_counts().items()}
+
+
+def _confirmed_html(analysis: ParetoAnalysis) -> list[str]:
+    text = confirmed_markdown(analysis)
+    body = [f"<h2>{html.escape(text[0].strip().lstrip('# '))}</h2>", f"<p>{html.escape(text[1].strip())}</p>"]
+    if analysis.confirm_settings:
+        body += [confirmed_summary(analysis.confirmed).to_html(index=False),
+                 analysis.confirmed.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")]
+    return body
 
 
 def report_html(analysis: ParetoAnalysis, figures: dict[str, go.Figure], notes: list[str], counts) -> str:
@@ -328,9 +469,9 @@ def report_html(analysis: ParetoAnalysis, figures: dict[str, go.Figure], notes: 
             f"<h2>Hypervolume</h2><p>Reference point: {html.escape(reference)} (costs normalised by it; "
             "the hypervolume is a share of the box, in [0, 1]).</p>",
             tables["hypervolume"].to_html(index=False, float_format=lambda v: f"{v:.4g}"),
-            f"<h2>MoE against dense (margin {analysis.margin:g})</h2><p>{len(analysis.beats_dense)} of "
-            f"{len(analysis.comparisons)} MoE configurations beat the best dense model of no more FLOPs or no "
-            f"more latency; the best {COMPARISONS_SHOWN} by gain at equal FLOPs:</p>",
+            *_confirmed_html(analysis),
+            f"<h2>MoE against dense, unconfirmed (one seed, margin {analysis.margin:g})</h2><p>"
+            f"{html.escape(unconfirmed_sentence(analysis))} The best {COMPARISONS_SHOWN} by gain at equal FLOPs:</p>",
             tables["against dense"].to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-", formatters={
                 gain: lambda v: "-" if pd.isna(v) else f"{v:+.4f}" for gain in ("gain_flops", "gain_latency")}),
             "<h2>Overall Pareto front</h2>",
@@ -352,22 +493,29 @@ def write_report(study: optuna.Study, out_dir, *, objectives: list[str] | None =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = _status_counts(analysis.trials)
-    pareto = pareto_figure(pareto_plot_info(analysis))
+    info = pareto_plot_info(analysis)
+    pareto = pareto_figure(info)
     extra, notes = optuna_figures(study, analysis)
     figures = {"accuracy against cost": pareto,
                "hypervolume history": hypervolume_figure(hypervolume_history(analysis)), **extra}
     on_any = analysis.trials[list(FRONT_COLUMNS.values())].any(axis=1)
+    beats = analysis.confirmed if analysis.confirm_settings else analysis.beats_dense
+    page = pareto.to_html(include_plotlyjs=True, full_html=True).replace(
+        "<head>", f"<head><title>{html.escape(analysis.study_name)}: Pareto fronts</title>", 1)
+    if info.dumbbells:  # the confirmed pairs, below the fronts
+        page = page.replace("</body>", dumbbell_figure(info.dumbbells).to_html(full_html=False,
+                                                                              include_plotlyjs=False) + "</body>", 1)
     return {
         "trials.csv": _write(out / "trials.csv", analysis.trials.to_csv(index=False)),
         "pareto.csv": _write(out / "pareto.csv", analysis.trials[on_any].to_csv(index=False)),
-        "beats_dense.csv": _write(out / "beats_dense.csv", analysis.beats_dense.to_csv(index=False)),
-        "pareto.html": _write(out / "pareto.html", pareto.to_html(include_plotlyjs=True, full_html=True).replace(
-            "<head>", f"<head><title>{html.escape(analysis.study_name)}: Pareto fronts</title>", 1)),
+        "beats_dense.csv": _write(out / "beats_dense.csv", beats.to_csv(index=False)),
+        "pareto.html": _write(out / "pareto.html", page),
         "report.html": _write(out / "report.html", report_html(analysis, figures, analysis.notes + notes, counts)),
         "report.md": _write(out / "report.md", report_markdown(analysis, counts)),
     }
 
 
-__all__ = ["FrontLine", "HypervolumeHistory", "Panel", "ParetoPlotInfo", "Series", "hover_text",
-           "hypervolume_figure", "hypervolume_history", "optuna_figures", "pareto_figure", "pareto_plot_info",
-           "report_html", "report_markdown", "summary_tables", "write_report"]
+__all__ = ["ConfirmedPoints", "Dumbbell", "FrontLine", "HypervolumeHistory", "Panel", "ParetoPlotInfo", "Series",
+           "confirmed_markdown", "dumbbell_figure", "hover_text", "hypervolume_figure", "hypervolume_history",
+           "moe_counts", "optuna_figures", "pareto_figure", "pareto_plot_info", "report_html", "report_markdown",
+           "summary_tables", "unconfirmed_sentence", "write_report"]

@@ -121,6 +121,28 @@ class Constraints:
         return {name: (metric[name], limit) for name, limit in dataclasses.asdict(self).items() if limit is not None}
 
 
+@dataclass
+class ConfirmSpec:
+    """The confirmation stage after the search (`nas.confirm`): the top `pairs` MoEs of the MoE front, each
+    retrained with `seeds` seeds beside its dense comparators; `vmoe-nas confirm` flags override these."""
+
+    # Off unless the study asks (the shipped presets do): a study written without this section searches as it
+    # did, and `vmoe-nas confirm` confirms any study whatever this says.
+    enabled: bool = False
+    seeds: int = 3  # the fewest that give a t-interval with a finite width worth reading
+    pairs: int = 2  # MoEs from the top of the MoE front (by accuracy), each with up to 3 comparators
+    steps: int | None = None  # training steps per run; None: the search's top rung (its full budget)
+    margin: float = 0.0  # accuracy gain (fraction) the interval's lower bound must clear for `beats`
+
+    def validate(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError("confirm.enabled", f"must be true or false, got {self.enabled!r}")
+        _check_number("confirm.seeds", self.seeds, minimum=1, integer=True, optional=False)
+        _check_number("confirm.pairs", self.pairs, minimum=1, integer=True, optional=False)
+        _check_number("confirm.steps", self.steps, minimum=1, integer=True)
+        _check_number("confirm.margin", self.margin, optional=False)
+
+
 RUNG_FIELDS = ("min_steps", "max_steps", "reduction_factor")  # the evaluator's multi-fidelity schedule
 
 
@@ -180,6 +202,7 @@ class StudyConfig:
     trial_memory_mb: float | None = None  # resident memory of the worker a trial may reach, likewise
     results_dir: str = "results"
     enqueue: list = field(default_factory=list)  # preset names, YAML paths or param dicts, run first
+    confirm: ConfirmSpec = field(default_factory=ConfirmSpec)
 
     def __post_init__(self):
         self.validate()
@@ -204,6 +227,7 @@ class StudyConfig:
         if self.n_trials is None and self.timeout is None:
             raise ConfigError("n_trials", "set n_trials, timeout or both, or the study never ends")
         self.profiler.validate()
+        self.confirm.validate()
         _check_number("workers", self.workers, minimum=1, integer=True, optional=False)
         self.check_devices()
         _check_number("heartbeat_interval", self.heartbeat_interval, minimum=1, integer=True, optional=False)
@@ -295,6 +319,7 @@ class StudyConfig:
         data["data"] = _section(DataSpec, data.get("data"), "data")
         data["constraints"] = _section(Constraints, data.get("constraints"), "constraints")
         data["profiler"] = _section(ProfilerSpec, data.get("profiler"), "profiler")
+        data["confirm"] = _section(ConfirmSpec, data.get("confirm"), "confirm")
         data["space"] = _space_from_dict(data.get("space"))
         data["enqueue"] = data.get("enqueue") or []
         return cls(**data)
@@ -303,7 +328,7 @@ class StudyConfig:
 # What may differ when a study resumes: how it runs, not what its trials mean. Everything else (data, space,
 # objectives, constraints, evaluator, early stopping, profiler) changed mid-study would mix incomparable results.
 RUN_SETTINGS = ("n_trials", "timeout", "workers", "storage", "results_dir", "heartbeat_interval", "max_retries",
-                "trial_timeout", "trial_memory_mb", "sampler", "seed", "enqueue", "data.data_dir")
+                "trial_timeout", "trial_memory_mb", "sampler", "seed", "enqueue", "data.data_dir", "confirm")
 
 
 def config_changes(stored: dict, current: StudyConfig) -> list[str]:

@@ -406,7 +406,7 @@ def _recipe_dict(data: Any) -> dict | None:
 
 def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasses: np.ndarray | None = None,
           on_eval: Callable[[int, float, float], bool] | None = None, checkpoint_dir=None, progress: bool = False,
-          evaluate_test: bool = False, stop_at_step: int | None = None) -> TrainResult:
+          evaluate_test: bool = False, stop_at_step: int | None = None, init_from: dict | None = None) -> TrainResult:
     """Train `cfg` on `dataset.train` for the recipe's budget; validate on `dataset.val`.
 
     `on_eval(step, epoch, val_accuracy)` runs at each evaluation; True stops training (early stopping lives in
@@ -414,6 +414,8 @@ def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasse
     there. `superclasses` (class -> group) trains a per-image router; the data set's own are used otherwise.
     `stop_at_step` pauses the run at that step (evaluated and checkpointed) without shortening its schedule:
     a later call with a larger `stop_at_step` (or none) continues it to where an unpaused run would be.
+    `init_from` (a state dict): its entries that match a parameter by name and shape replace the seeded initial
+    weights, so two models of one comparison start alike in what they share (a resumed run keeps its checkpoint).
     """
     _check_fits(cfg, dataset)
     if stop_at_step is not None:
@@ -425,7 +427,7 @@ def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasse
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: what fp32 parts of a step run in on CUDA
     try:
-        run = _Run(cfg, dataset, recipe, groups, checkpoint_dir, device)
+        run = _Run(cfg, dataset, recipe, groups, checkpoint_dir, device, init_from)
         return run.loop(on_eval, math.inf if stop_at_step is None else stop_at_step, progress, evaluate_test)
     finally:
         torch.set_num_threads(previous[0])
@@ -469,10 +471,15 @@ class _Run:
     """One training run: the pieces above, wired together, and the loop over them."""
 
     def __init__(self, cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, groups, checkpoint_dir,
-                 device: torch.device):
+                 device: torch.device, init_from: dict | None = None):
         self.cfg, self.data, self.groups, self.device = cfg, dataset, groups, device
         torch.manual_seed(recipe.seed)
-        self.model = build_model(cfg).to(device)  # initialised on the CPU: the same weights on every device
+        self.model = build_model(cfg)  # initialised on the CPU: the same weights on every device
+        if init_from:  # shared weights from another model (a pair's common random numbers): name and shape match
+            own = self.model.state_dict()
+            self.model.load_state_dict({k: v for k, v in init_from.items() if k in own and own[k].shape == v.shape},
+                                       strict=False)
+        self.model.to(device)
         self.forward = torch.compile(self.model) if recipe.compile else self.model
         self.optimizer = torch.optim.AdamW(param_groups(self.model, recipe.weight_decay), lr=recipe.lr,
                                            foreach=True)  # one kernel per op, not per tensor: small models

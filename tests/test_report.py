@@ -9,7 +9,14 @@ from pareto_trials import study, trial
 
 from nas.cli import main
 from nas.pareto import analyze
-from nas.report import hover_text, hypervolume_history, pareto_figure, pareto_plot_info, write_report
+from nas.report import (
+    hover_text,
+    hypervolume_history,
+    pareto_figure,
+    pareto_plot_info,
+    report_markdown,
+    write_report,
+)
 
 REPORT_FILES = {"trials.csv", "pareto.csv", "beats_dense.csv", "pareto.html", "report.html", "report.md"}
 
@@ -126,3 +133,44 @@ def test_pareto_command_writes_the_report_beside_the_study(tmp_path, capsys):
 def test_pareto_command_names_the_missing_storage(tmp_path, capsys):
     assert main(["pareto", "--study", "gone", "--results-dir", str(tmp_path)]) == 2
     assert str(tmp_path / "gone" / "study.db") in capsys.readouterr().err
+
+
+def test_hover_shows_the_rung_a_trial_reached():
+    row = analyze(study([trial("moe", 0.78, 120, 2.0)])).trials.iloc[0].copy()
+    row["rung"] = 300
+    assert "accuracy 0.78 at rung 300 steps" in hover_text(row)
+
+
+def test_summary_denominators_count_moes_stopped_at_a_lower_rung():
+    s = study([trial("dense", 0.70, 100, 1.0), trial("moe", 0.78, 100, 1.2), trial("moe", 0.60, 300, 4.0)])
+    stopped = trial("moe", 0.65, 100, 1.0, width=24)
+    s.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs=stopped["user_attrs"]))
+    md = report_markdown(analyze(s), {})
+    assert ("1 of 3 MoE configurations beat the best dense model of no more FLOPs; 1 of 3 that of no more latency (1 "
+            "of the 3 were stopped at a lower rung") in md
+    assert "Not confirmed yet" in md
+
+
+def test_confirmed_pairs_replace_the_single_seed_table_with_intervals_and_dumbbells(tmp_path, monkeypatch):
+    from test_confirm import fake_run
+
+    from nas import confirm as stage
+    from nas.study import load_study_config
+
+    s = study([trial("moe", 0.80, 100, 1.0), trial("dense", 0.70, 100, 0.95), trial("dense", 0.75, 90, 1.08, width=24)])
+    monkeypatch.setattr("nas.trial.build_context", lambda cfg: None)
+    monkeypatch.setattr(stage, "train_arm", fake_run({True: 0.7, False: 0.7})[0])
+    stage.confirm(s, load_study_config("smoke"), seeds=3)
+    analysis = analyze(s)
+    info = pareto_plot_info(analysis)
+    assert [d.label.split(" vs ")[1] for d in info.dumbbells] == ["twin (flops)", "flops (flops)", "latency (latency)"]
+    flops = info.panels[0].confirmed
+    assert [c.kind for c in flops] == ["dense", "moe"] and len(flops[0].x) == 2 and len(flops[1].x) == 1
+    assert all(h > 0 for c in flops for h in c.half_width)  # 3 seeds: a finite 95% interval on every arm
+    paths = write_report(s, tmp_path)
+    beats = pd.read_csv(paths["beats_dense.csv"])
+    assert beats["comparator"].tolist() == ["twin", "flops", "latency"] and set(beats["verdict"]) <= {"ties", "loses"}
+    md = paths["report.md"].read_text()
+    assert "| moe_trial | moe_name | vs_twin | vs_flops | vs_latency |" in md  # verdicts per cost, never OR-ed
+    assert "0 of 1 MoE trials beat their FLOPs twin" in md and "MoE against dense, unconfirmed (one seed" in md
+    assert "confirmed pairs" in paths["pareto.html"].read_text()
