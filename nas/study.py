@@ -126,9 +126,9 @@ class ConfirmSpec:
     """The confirmation stage after the search (`nas.confirm`): the top `pairs` MoEs of the MoE front, each
     retrained with `seeds` seeds beside its dense comparators; `vmoe-nas confirm` flags override these."""
 
-    # Off unless the study asks (the shipped presets do): a study written without this section searches as it
-    # did, and `vmoe-nas confirm` confirms any study whatever this says.
-    enabled: bool = False
+    # On: a search ends with its verdict confirmed, unless the study says `confirm: {enabled: false}` (or the
+    # command line `--no-confirm`); `vmoe-nas confirm` confirms any study whatever this says.
+    enabled: bool = True
     seeds: int = 3  # the fewest that give a t-interval with a finite width worth reading
     pairs: int = 2  # MoEs from the top of the MoE front (by accuracy), each with up to 3 comparators
     steps: int | None = None  # training steps per run; None: the search's top rung (its full budget)

@@ -36,6 +36,7 @@ def study_file(tmp_path, name, n_trials, steps):
         "heartbeat_interval": 1,
         "max_retries": 1,
         "results_dir": str(tmp_path / "results"),
+        "confirm": {"enabled": False},
     }))
     return str(path)
 

@@ -37,7 +37,7 @@ def study_yaml(tmp_path, name, n_trials=4, steps=400, **extra) -> str:
         "study_name": name, "data": {"name": "synthetic", "limit": 600}, "space": SPACE,
         "objectives": ["accuracy", "flops"], "n_trials": n_trials, "sampler": "random",
         "evaluator": {"steps": steps, "batch_size": 32, "eval_every": steps, "num_threads": 1},
-        "heartbeat_interval": 1, "results_dir": str(tmp_path / "results"),
+        "heartbeat_interval": 1, "results_dir": str(tmp_path / "results"), "confirm": {"enabled": False},
         **extra,
     }))
     return str(path)

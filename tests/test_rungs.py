@@ -56,6 +56,7 @@ def write_study(tmp_path, name, objectives, evaluator, order=ORDER) -> str:
     path.write_text(yaml.safe_dump({
         "study_name": name, "data": {"name": "synthetic", "limit": 300}, "space": SPACE, "objectives": objectives,
         "n_trials": len(order), "evaluator": {**evaluator, "batch_size": 32}, "results_dir": str(tmp_path / "r"),
+        "confirm": {"enabled": False},
         "enqueue": [arch_params(*a) for a in order],
     }))
     return str(path)

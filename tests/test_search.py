@@ -35,6 +35,7 @@ def write_study(tmp_path, name, enqueue, n_trials, **extra) -> str:
         "n_trials": n_trials,
         "evaluator": {"steps": 12, "batch_size": 32, "eval_every": 6},
         "results_dir": str(tmp_path / "results"),
+        "confirm": {"enabled": False},  # the search alone: confirmation has tests of its own
         "enqueue": enqueue,
         **extra,
     }
