@@ -293,7 +293,15 @@ def run_worker(cfg: StudyConfig, worker_index: int = 0, *, study: optuna.Study |
 
 
 def reclaim(study: optuna.Study, cfg: StudyConfig) -> list[int]:
-    return liveness.reclaim_dead_trials(study, max_retries=cfg.max_retries, grace_s=3 * cfg.heartbeat_interval)
+    """Reclaim the trials of dead workers (see nas.liveness). Under the study lock, as filling slots is: a
+    reclaimed trial's slot is free between failing it and queueing its retry, and a launcher filling slots
+    in that moment would queue a second trial for it."""
+    grace_s = 3 * cfg.heartbeat_interval
+    now = time.time()
+    if not any(liveness.is_dead(r, now=now, grace_s=grace_s) for r in records.read_all(study, (TrialState.RUNNING,))):
+        return []  # the common case, without taking the lock
+    with study_lock(storage_url(cfg), cfg.study_name):
+        return liveness.reclaim_dead_trials(study, max_retries=cfg.max_retries, grace_s=grace_s)
 
 
 def _work(cfg: StudyConfig, study: optuna.Study, ctx: steps.StudyContext, url: StorageURL, on_trial) -> int:

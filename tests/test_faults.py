@@ -209,3 +209,36 @@ def test_several_workers_on_a_sqlite_study_are_refused(tmp_path, capsys):
     assert main(["search", "--config", config, "--no-progress", "--no-report"]) == 0
     assert main(["search", "--config", config, "--no-progress", "--no-report", "--workers", "2"]) == 2
     assert "SQLite file, which takes one writer at a time" in capsys.readouterr().err
+
+
+def test_filling_slots_while_a_trial_is_reclaimed_queues_no_second_trial_for_its_slot(tmp_path):
+    """The race CI met on PostgreSQL (7 trials for 6 slots): a launcher filled the slots in the moment between
+    a reclaimed trial's failure and its retry. Reclaiming takes the study lock, as filling slots does."""
+    from nas.search import fill_slots, open_study, reclaim, storage_url
+    from nas.storage import study_lock
+
+    cfg = StudyConfig.from_dict({"study_name": "race", "results_dir": str(tmp_path), "n_trials": 2, "workers": 2,
+                                 "data": {"name": "synthetic"}, "heartbeat_interval": 1})
+    url = storage_url(cfg)
+    study = open_study(cfg, url)
+    fill_slots(study, cfg)
+    trial = study.ask()  # slot 0, claimed by a worker that then dies
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{dead_pid()}")
+    failed = threading.Event()
+    real_add = study.add_trial
+
+    def slow_retry(frozen):  # the retry is queued a moment after the dead trial failed
+        failed.set()
+        time.sleep(1.0)
+        real_add(frozen)
+
+    study.add_trial = slow_retry
+    reclaimer = threading.Thread(target=reclaim, args=(study, cfg))
+    reclaimer.start()
+    assert failed.wait(10)
+    other = open_study(cfg, url)  # another launcher, joining the study
+    with study_lock(url, cfg.study_name):
+        fill_slots(other, cfg)
+    reclaimer.join()
+    slots = [records.read(t).slot for t in other.get_trials() if t.state != TrialState.FAIL]
+    assert sorted(slots) == [0, 1]  # the retry holds slot 0, and nothing else does
