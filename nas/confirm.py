@@ -12,8 +12,9 @@ left out where it is the twin. Every arm is retrained with the same n seeds at t
 Common random numbers: seed i of every arm is recipe seed i, so the same batches in the same order (the
 trainer derives them from (data seed, step) only), and an MoE starts from its twin's initial weights of that
 seed in every parameter they share by name and shape (all but experts and router): against its twin, a
-pair differs at step 0 only in what makes it an MoE. The search's own runs are not reused as seed 0: it
-keeps no per-image correctness and its MoEs did not start from their twins.
+pair differs at step 0 only in what makes it an MoE. The search's own top-rung run of a dense arm is that
+arm's run of the recipe seed (the search keeps its per-image correctness; pausing at rungs changes no
+weight), so it is not trained again; an MoE's is not reused, since it did not start from its twin.
 
 Storage: a companion study `<study>-confirm` in the study's storage, one COMPLETE trial per (arm, seed,
 steps) run (`nas.record.ConfirmRun`), the pairs and their `nas.stats.PairedResult`s as its user attributes.
@@ -40,11 +41,11 @@ from nas import stats
 from nas.objectives import objectives_for
 from nas.record import ConfirmRecord, ConfirmRun, TrialRecord
 from nas.study import StudyConfig
+from nas.trial import per_image_correct
 from search_spaces import ArchConfig, ConfigError, build_model
 
 log = logging.getLogger("vmoe_nas.confirm")
 COSTS = {"twin": "flops", "flops": "flops", "latency": "latency"}  # comparator -> the cost its arms are matched on
-EVAL_BATCH = 1024
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,18 @@ def runs_needed(pairs: list[Pair], seeds) -> list[tuple[ArchConfig, int]]:
     return [(arch, seed) for seed in seeds for arch in arms]
 
 
+def search_runs(rs: list[TrialRecord], cfg: StudyConfig, settings: Settings) -> list[ConfirmRun]:
+    """The search's own runs that are confirmation runs already: a dense trial trained to the top rung with the
+    study's recipe is seed `recipe.seed` of its arm at those steps (pausing at rungs changes no weight, and a
+    dense arm starts from its seed's weights as the search's did). An MoE's is not: its confirmation run
+    starts from its twin's weights."""
+    top = cfg.rungs.steps[-1] if cfg.rungs else None
+    seed = cfg.recipe().seed
+    return [ConfirmRun(r.arch, seed, settings.steps, r.metrics.accuracy, r.val_correct, r.metrics.train_time_s)
+            for r in rs if r.status == "complete" and r.duplicate_of is None and r.kind == "dense"
+            and r.val_correct is not None and r.rung == settings.steps == top and seed in settings.seeds]
+
+
 def twin_init(arch: ArchConfig, seed: int) -> dict | None:
     """An MoE's initial weights where it shares them with its twin: the twin built with the same seed."""
     if not arch.is_moe:
@@ -192,17 +205,6 @@ def arm_recipe(recipe, seed: int, steps: int):
     evaluation at the end."""
     return dataclasses.replace(recipe, seed=seed, data_seed=None, steps=steps, epochs=None, seconds=None,
                                eval_every=steps)
-
-
-@torch.inference_mode()
-def per_image_correct(model: torch.nn.Module, dataset) -> np.ndarray:
-    """(n_val,) bool: which validation images `model` classifies right."""
-    model.eval()
-    val, hits = dataset.val, []
-    for start in range(0, len(val), EVAL_BATCH):
-        logits = model(dataset.normalize(val.images[start : start + EVAL_BATCH]))
-        hits.append((logits.argmax(-1) == val.labels[start : start + EVAL_BATCH]).numpy())
-    return np.concatenate(hits) if hits else np.zeros(0, dtype=bool)
 
 
 def train_arm(ctx, arch: ArchConfig, seed: int, steps: int) -> ConfirmRun:
@@ -276,6 +278,11 @@ def run_missing(study: optuna.Study, cfg: StudyConfig, pairs: list[Pair], settin
     target = companion(study)
     runs = stored_runs(target)
     needed = runs_needed(pairs, settings.seeds)
+    wanted = {records.run_key(a, s, settings.steps) for a, s in needed}
+    for run in search_runs(records.read_all(study), cfg, settings):  # seed 0 of dense arms, trained already
+        if run.key in wanted and run.key not in runs:
+            store_run(target, run)
+            runs[run.key] = run
     missing = [(a, s) for a, s in needed if records.run_key(a, s, settings.steps) not in runs]
     log.info("confirm %s: %d pairs, %d runs (%d stored)", study.study_name, len(pairs), len(missing) + len(runs),
              len(runs))
@@ -329,5 +336,5 @@ def arm_interval(accuracies: list[float]) -> tuple[float, float]:
 
 
 __all__ = ["COSTS", "INTERDECILE_SDS", "Pair", "Settings", "arm_interval", "arm_recipe", "best_dense", "companion",
-           "compare", "confirm", "eligible", "latency_band", "per_image_correct", "run_missing", "runs_needed",
+           "compare", "confirm", "eligible", "latency_band", "run_missing", "runs_needed",
            "select_pairs", "settings_for", "stored_runs", "top_moes", "train_arm", "twin_init"]

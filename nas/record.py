@@ -76,6 +76,9 @@ class TrialRecord:
     duplicate_of: int | None = None  # the trial whose result this one reuses
     rung: int | None = None  # training steps its accuracy was measured at: the highest rung it reached
     rung_accuracy: dict[int, float] = field(default_factory=dict)  # validation accuracy at each rung reached
+    # (n_val,) bool at its last rung: which validation images it got right (the confirmation reuses a dense
+    # trial's run as its seed 0, and pairs need per-image results)
+    val_correct: np.ndarray | None = field(default=None, repr=False)
     seeds: list[int] = field(default_factory=list)  # training seeds behind its accuracy
     slot: int | None = None  # its place among the study's n_trials
     worker: str | None = None  # host:pid that ran it
@@ -90,7 +93,8 @@ class TrialRecord:
         """The whole record as plain JSON values (export's trial.json)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data.update(state=self.state.name, status=self.status, arch=self.arch.to_dict() if self.arch else None,
-                    metrics=asdict(self.metrics), record_version=VERSION)
+                    metrics=asdict(self.metrics), record_version=VERSION,
+                    val_correct=None if self.val_correct is None else pack_bits(self.val_correct))
         return data
 
     @property
@@ -168,9 +172,18 @@ def run_key(arch: ArchConfig, seed: int, steps: int) -> str:
     return f"{arch.config_hash()}-s{seed}-n{steps}"
 
 
+def pack_bits(correct: np.ndarray) -> str:
+    """Per-image booleans as text a storage holds: packed bits, base64 (6,000 images: 1,000 characters)."""
+    return base64.b64encode(np.packbits(np.asarray(correct, dtype=bool)).tobytes()).decode()
+
+
+def unpack_bits(bits: str, count: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(bits), dtype=np.uint8), count=count).astype(bool)
+
+
 def confirm_run_attrs(run: ConfirmRun) -> dict[str, Any]:
     """The user attributes of a confirmation run's trial (`optuna.trial.create_trial`)."""
-    bits = base64.b64encode(np.packbits(np.asarray(run.correct, dtype=bool)).tobytes()).decode()
+    bits = pack_bits(run.correct)
     return {VERSION_ATTR: VERSION, "run_key": run.key, "arch_yaml": run.arch.to_yaml(), "name": run.arch.name,
             "seed": run.seed, "steps": run.steps, "accuracy": run.accuracy, "n_images": len(run.correct),
             "correct_bits": bits, "train_time_s": run.train_time_s}
@@ -178,9 +191,8 @@ def confirm_run_attrs(run: ConfirmRun) -> dict[str, Any]:
 
 def read_confirm_run(frozen: FrozenTrial) -> ConfirmRun:
     attrs = frozen.user_attrs
-    bits = np.frombuffer(base64.b64decode(attrs["correct_bits"]), dtype=np.uint8)
     return ConfirmRun(ArchConfig.from_yaml(attrs["arch_yaml"]), attrs["seed"], attrs["steps"], attrs["accuracy"],
-                      np.unpackbits(bits, count=attrs["n_images"]).astype(bool), attrs.get("train_time_s"))
+                      unpack_bits(attrs["correct_bits"], attrs["n_images"]), attrs.get("train_time_s"))
 
 
 @dataclass
@@ -231,6 +243,8 @@ def _attrs(record: TrialRecord) -> dict[str, Any]:
             attrs[key] = getattr(record, key)
     if record.seeds:
         attrs["seeds"] = list(record.seeds)
+    if record.val_correct is not None:
+        attrs.update(val_correct_bits=pack_bits(record.val_correct), n_val=len(record.val_correct))
     if record.rung_accuracy:  # pairs, not a mapping: JSON storages would turn the steps into strings
         attrs["rung_accuracy"] = [[step, accuracy] for step, accuracy in sorted(record.rung_accuracy.items())]
     if record.interrupted:
@@ -284,6 +298,7 @@ def read(frozen: FrozenTrial) -> TrialRecord:
         interrupted=bool(attrs.get("interrupted")), constraints=dict(frozen.constraints),
         values=list(frozen.values) if frozen.values is not None else None, params=dict(frozen.params),
         lease_until=attrs.get("lease_until"),
+        val_correct=unpack_bits(attrs["val_correct_bits"], attrs["n_val"]) if "val_correct_bits" in attrs else None,
         started=frozen.datetime_start.timestamp() if frozen.datetime_start else None,
     )
 

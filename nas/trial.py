@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from nas.objectives import Objective
 from nas.record import Metrics, TrialRecord
@@ -155,6 +156,7 @@ def reuse(record: TrialRecord, original: TrialRecord) -> TrialRecord:
     return dataclasses.replace(
         record, profile=original.profile, metrics=dataclasses.replace(original.metrics), train=original.train,
         reason=original.reason, rung=original.rung, seeds=list(original.seeds),
+        val_correct=original.val_correct,
         constraints=dict(original.constraints), duplicate_of=original.number,
     )
 
@@ -240,6 +242,19 @@ def train_to_rungs(ctx: StudyContext, arch: ArchConfig, decide: Callable[[int, A
     raise AssertionError("unreachable: the last rung returns")
 
 
+@torch.inference_mode()
+def per_image_correct(model: torch.nn.Module, dataset) -> np.ndarray:
+    """(n_val,) bool: which validation images `model` classifies right."""
+    model.eval()
+    from nas.trainer import EVAL_BATCH
+
+    val, hits = dataset.val, []
+    for start in range(0, len(val), EVAL_BATCH):
+        logits = model(dataset.normalize(val.images[start : start + EVAL_BATCH]))
+        hits.append((logits.argmax(-1) == val.labels[start : start + EVAL_BATCH]).numpy())
+    return np.concatenate(hits) if hits else np.zeros(0, dtype=bool)
+
+
 def trained_metrics(metrics: Metrics, result) -> Metrics:
     first = result.evals[0][1] if result.evals else result.val_accuracy
     return dataclasses.replace(metrics, accuracy=result.val_accuracy, first_eval_accuracy=first,
@@ -248,5 +263,5 @@ def trained_metrics(metrics: Metrics, result) -> Metrics:
 
 
 __all__ = ["Anchor", "StudyContext", "build_context", "check_constraints", "find_reusable", "measure_anchor",
-           "needs_latency", "profile_arch", "promotion", "reuse", "running_earlier", "sample", "train_to_rungs",
-           "trained_metrics", "validate"]
+           "needs_latency", "per_image_correct", "profile_arch", "promotion", "reuse", "running_earlier", "sample",
+           "train_to_rungs", "trained_metrics", "validate"]

@@ -176,3 +176,36 @@ def test_confirm_command_refuses_bad_flags_and_names_a_missing_study(tmp_path, c
     study([trial("moe", 0.8, 100, 1.0)], storage=f"sqlite:///{folder / 'study.db'}")
     assert main(["confirm", "--study", "hand", "--results-dir", str(tmp_path)]) == 2
     assert "stores no config" in capsys.readouterr().err
+
+
+def test_a_dense_trials_search_run_is_its_seed_0_and_is_not_trained_again(tmp_path, monkeypatch):
+    import yaml
+
+    from nas.storage import load_study
+    from nas.study import StudyConfig
+    from nas.trial import build_context
+
+    dense = {"depth": 2, "width": 16, "patch_size": 4, "mlp_ratio": 2.0, "num_experts": 0}
+    moe = {**dense, "num_experts": 4, "top_k": 1, "moe_placement": "last1", "routing": "per_image",
+           "router_loss_weight": 0.3}
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump({
+        "study_name": "reuse", "data": {"name": "synthetic", "limit": 300}, "objectives": ["accuracy", "flops"],
+        "space": {"patch_sizes": [4], "depths": [2], "widths": [16], "head_width": 8, "mlp_ratios": [2.0],
+                  "num_experts": [0, 4], "top_k": [1], "placements": ["last1"]},
+        "n_trials": 2, "enqueue": [dense, moe], "results_dir": str(tmp_path / "r"), "confirm": {"enabled": False},
+        "evaluator": {"min_steps": 6, "max_steps": 18, "batch_size": 32, "num_threads": 1},
+    }))
+    assert main(["search", "--config", str(config), "--no-progress", "--no-report"]) == 0
+    s = load_study("reuse", results_dir=tmp_path / "r")
+    searched = next(r for r in records.read_all(s) if r.kind == "dense")
+    cfg = StudyConfig.from_dict(records.read_study(s).config)
+    retrained = stage.train_arm(build_context(cfg), searched.arch, cfg.recipe().seed, 18)
+    assert (retrained.correct == searched.val_correct).all()  # the same run, image for image
+    assert retrained.accuracy == searched.metrics.accuracy
+
+    calls = []
+    monkeypatch.setattr(stage, "train_arm", lambda ctx, a, seed, steps: calls.append((a.is_moe, seed)) or
+                        records.ConfirmRun(a, seed, steps, 0.5, np.ones(len(searched.val_correct), bool)))
+    stage.confirm(s, cfg, seeds=2)
+    assert sorted(calls) == [(False, 1), (True, 0), (True, 1)]  # the twin's seed 0 came from the search
