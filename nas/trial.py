@@ -198,8 +198,10 @@ def promotion(record: TrialRecord, reached: list[TrialRecord], rung: int, rungs:
     """Whether `record`, evaluated at `rung`, goes on (None) or stops (the reason): it goes on when it is
     among the best max(1, n // reduction_factor) of the n trials of its kind (dense or MoE) that reached the
     rung, itself included, ranked by non-dominated sorting on (accuracy at the rung, the study's costs)
-    with ties broken by crowding distance: the multi-objective ASHA of Schmucker et al. (2021). Its last
-    rung stops no trial. `reached`: every trial's record (other kinds and rungs are skipped)."""
+    with ties broken by crowding distance: the multi-objective ASHA of Schmucker et al. (2021). While fewer
+    than reduction_factor trials have reached the rung, it goes on when no other dominates it (single-
+    objective ASHA's bootstrap, "the best so far", is this for one objective). Its last rung stops no trial.
+    `reached`: every trial's record (other kinds and rungs are skipped)."""
     if rung == rungs.steps[-1]:
         return None
     costs = [o for o in objectives if o.metric != "accuracy"]
@@ -208,11 +210,13 @@ def promotion(record: TrialRecord, reached: list[TrialRecord], rung: int, rungs:
     numbers = sorted(pool)
     values = np.array([[pool[n].rung_accuracy[rung], *(pool[n].metrics.value(o) for o in costs)] for n in numbers],
                       dtype=float)
-    from nas.pareto import preference_order
+    from nas.pareto import non_dominated_rank, preference_order
 
-    order = [numbers[i] for i in preference_order(values, [True] + [False] * len(costs))]
+    maximize = [True] + [False] * len(costs)
+    order = [numbers[i] for i in preference_order(values, maximize)]
     position, keep = order.index(record.number), max(1, len(order) // rungs.reduction_factor)
-    if position < keep:
+    bootstrap = len(order) < rungs.reduction_factor
+    if position < keep or bootstrap and non_dominated_rank(values, maximize)[numbers.index(record.number)] == 0:
         return None
     return (f"stopped at rung {rung} steps: ranked {position + 1} of {len(order)} {record.kind} trials there on "
             f"accuracy{''.join(', ' + o.name for o in costs)}; the best {keep} go on")
