@@ -98,7 +98,9 @@ def eligible(rs: list[TrialRecord]) -> list[TrialRecord]:
 
 
 def top_moes(rs: list[TrialRecord], k: int, objectives: list[str]) -> list[TrialRecord]:
-    """The `k` most accurate MoEs on the MoE front of the study's objectives."""
+    """The top `k` MoEs by the MoE fronts of the study's objectives: the front's, most accurate first, then
+    (where the front holds fewer than `k`) the next front's, so a study whose best MoE dominates the others
+    still confirms `k`."""
     from nas.pareto import non_dominated_rank
 
     objs = objectives_for(objectives)
@@ -106,8 +108,9 @@ def top_moes(rs: list[TrialRecord], k: int, objectives: list[str]) -> list[Trial
     if not moes:
         return []
     values = np.array([[r.metrics.value(o) for o in objs] for r in moes], dtype=float)
-    front = [r for r, rank in zip(moes, non_dominated_rank(values, [o.maximize for o in objs])) if rank == 0]
-    return sorted(front, key=lambda r: (-r.metrics.accuracy, r.number))[:k]
+    ranks = non_dominated_rank(values, [o.maximize for o in objs])
+    order = sorted(range(len(moes)), key=lambda i: (ranks[i], -moes[i].metrics.accuracy, moes[i].number))
+    return [moes[i] for i in order[:k]]
 
 
 def best_dense(dense: list[TrialRecord], metric: str, limit: float | None) -> TrialRecord | None:

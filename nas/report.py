@@ -292,10 +292,14 @@ def hypervolume_figure(history: HypervolumeHistory) -> go.Figure:
 
 @contextmanager
 def _quiet_optuna():
+    """Optuna's in-memory view of the analysis: neither its "study created" logs nor its experimental-feature
+    warnings (metric names) belong on the console of a report."""
     previous = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
     finally:
         optuna.logging.set_verbosity(previous)
 

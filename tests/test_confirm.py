@@ -40,6 +40,14 @@ def test_pairs_are_the_twin_and_the_best_dense_of_no_more_flops_and_of_no_more_l
     assert [(p.comparator, p.dense_trial) for p in tight][-1] == ("latency", 1)  # only the twin is as fast
 
 
+def test_the_top_moes_come_from_the_next_front_when_the_first_is_short():
+    rs = records.read_all(study([trial("moe", 0.80, 100, 1.0), trial("moe", 0.70, 200, 2.0, width=24),
+                                 trial("moe", 0.75, 300, 3.0, width=32), trial("dense", 0.7, 100, 1.0)]))
+    # the 16-wide MoE dominates both others; of those, the 32-wide is more accurate
+    assert [r.arch.width for r in stage.top_moes(rs, 2, ["accuracy", "flops"])] == [16, 32]
+    assert [r.arch.width for r in stage.top_moes(rs, 5, ["accuracy", "flops"])] == [16, 32, 24]
+
+
 def test_the_best_dense_of_no_more_flops_is_left_out_when_it_is_the_twin():
     s = study([trial("moe", 0.80, 100, 1.0), trial("dense", 0.70, 100, 0.95)])
     pairs = stage.select_pairs(records.read_all(s), 2, ["accuracy", "flops", "latency"])
