@@ -252,10 +252,9 @@ def per_image_correct(model: torch.nn.Module, dataset) -> np.ndarray:
     model.eval()
     from nas.trainer import EVAL_BATCH
 
-    val, hits = dataset.val, []
-    for start in range(0, len(val), EVAL_BATCH):
-        logits = model(dataset.normalize(val.images[start : start + EVAL_BATCH]))
-        hits.append((logits.argmax(-1) == val.labels[start : start + EVAL_BATCH]).numpy())
+    hits = []
+    for images, labels in dataset.val.chunks(EVAL_BATCH):  # held in memory or streamed from disk alike
+        hits.append((model(dataset.normalize(images)).argmax(-1) == labels).numpy())
     return np.concatenate(hits) if hits else np.zeros(0, dtype=bool)
 
 
