@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -29,6 +31,7 @@ from nas.record import TrialRecord
 
 log = logging.getLogger("vmoe_nas.liveness")
 LEASE_INTERVALS = 3  # a lease lasts this many renewal intervals: two missed renewals are tolerated
+UNNAMED_GRACE_S = 60.0  # a claimed trial without its worker's name yet: how long before it counts as dead
 RETRY_ATTR = "failed_trial"  # Optuna's system attribute naming the trial a retry replaces
 
 
@@ -64,25 +67,33 @@ def lease(trial: optuna.Trial, interval: float):
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs: it exists and is not a zombie (killed, not yet reaped by its parent)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
+    except PermissionError:  # someone else's process: it exists
+        pass
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.exists():  # Linux
+        return stat.read_text().rpartition(")")[2].split()[0] != "Z"
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout
+    return not state.strip().startswith("Z")
 
 
 def is_dead(record: TrialRecord, *, now: float, grace_s: float) -> bool:
-    """A running trial whose worker is gone: on this host its pid does not exist; anywhere its lease (or,
-    before the worker wrote one, `grace_s` after the trial started) has passed."""
+    """A running trial whose worker is gone: on this host, its pid does not exist (and a live pid is never
+    dead, however late its lease: a loaded machine can starve the renewing thread); on another host, its
+    lease has passed, or, where no worker has put its name on the trial yet, a minute since it was claimed
+    (claiming and naming are two storage writes, which a loaded machine can space out)."""
     if record.state != TrialState.RUNNING:
         return False
     host, _, pid = (record.worker or "").rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
-        return True
-    expiry = record.lease_until if record.lease_until is not None else (record.started or now) + grace_s
-    return now > expiry
+    if host == socket.gethostname() and pid.isdigit():
+        return not pid_alive(int(pid))
+    if record.lease_until is None:
+        return now > (record.started or now) + max(grace_s, UNNAMED_GRACE_S)
+    return now > record.lease_until
 
 
 def reclaim_dead_trials(study: optuna.Study, *, max_retries: int, grace_s: float) -> list[int]:

@@ -119,7 +119,8 @@ def test_reclaiming_fails_dead_workers_trials_and_queues_one_retry_each():
     host = socket.gethostname()
     dead = add_running(study, f"{host}:{dead_pid()}")  # same host, process gone
     lapsed = add_running(study, "elsewhere:1", lease_until=time.time() - 1)  # another host, lease over
-    alive = add_running(study, f"{host}:{os.getpid()}", lease_until=time.time() + 60)
+    # Same host, process alive, lease late (a loaded machine starved its renewing thread): alive.
+    alive = add_running(study, f"{host}:{os.getpid()}", lease_until=time.time() - 60)
     remote = add_running(study, "elsewhere:2", lease_until=time.time() + 60)
     assert sorted(liveness.reclaim_dead_trials(study, max_retries=1, grace_s=30)) == [dead, lapsed]
     assert liveness.reclaim_dead_trials(study, max_retries=1, grace_s=30) == []  # once only
