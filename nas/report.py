@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -349,7 +350,8 @@ def optuna_figures(study: optuna.Study, analysis: ParetoAnalysis) -> tuple[dict[
 
 def _write(path: Path, text: str) -> Path:
     """Write whole or not at all: a report being rewritten is never seen half-written."""
-    partial = path.with_name(f".{path.name}.partial")
+    # A name of its own: launchers sharing a study each write the report when they finish, at the same moment.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     partial.write_text(text)
     os.replace(partial, path)
     return path
