@@ -1,7 +1,8 @@
 """Shared by the paired benchmarks: train arms over seeds with common random numbers, compare each with a baseline.
 
 Seed i of every arm uses recipe seed i, so the arms of one seed see the same batches in the same order (and
-start from the same random stream); what differs between them is the architecture alone.
+start from the same random stream); with `shared_init`, as in `vmoe-nas confirm`, an MoE also starts from its
+dense twin's initial weights of that seed in every parameter they share (`nas.confirm.twin_init`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from nas import stats
+from nas.confirm import twin_init
 from nas.data import Dataset
 from nas.trainer import TrainRecipe, train
 from profilers import analytic_flops
@@ -28,7 +30,7 @@ def val_correct(model: torch.nn.Module, data: Dataset) -> np.ndarray:
 
 
 def run_arms(arms: dict[str, ArchConfig], data: Dataset, recipe: TrainRecipe, seeds: int, *, superclasses=None,
-             log=print) -> dict[str, dict]:
+             shared_init: bool = False, log=print) -> dict[str, dict]:
     """Every arm trained with seeds 0..seeds-1 (all arms of a seed before the next seed). Per arm: its
     architecture, FLOPs, parameters, per-seed runs and (n_seeds, n_val) correctness."""
     groups = data.superclasses[data.val.labels.numpy()] if data.superclasses is not None else None
@@ -38,7 +40,8 @@ def run_arms(arms: dict[str, ArchConfig], data: Dataset, recipe: TrainRecipe, se
     for seed in range(seeds):
         for name, cfg in arms.items():
             tick = time.perf_counter()
-            result = train(cfg, data, replace(recipe, seed=seed), superclasses=superclasses)
+            result = train(cfg, data, replace(recipe, seed=seed), superclasses=superclasses,
+                           init_from=twin_init(cfg, seed) if shared_init else None)
             correct = val_correct(result.model, data)
             run = {"seed": seed, "val_accuracy": result.val_accuracy, "router_accuracy": result.router_accuracy,
                    "expert_load": result.expert_load, "wall_time_s": round(time.perf_counter() - tick, 1)}

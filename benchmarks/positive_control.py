@@ -1,17 +1,21 @@
 """Positive control for the MoE-vs-dense verdict: a data set built so that the per-image MoE must win.
 
-`synthetic:mode=specialised` tells its super-classes apart by a coarse pattern and, within each, its
-classes by a cue of that super-class's own kind (grating frequency, grating orientation, blob position, blob
-size). A dense MLP of fixed width must hold features for every cue; an expert of a per-image MoE routed by
-super-class holds one. The MoE (E = groups, k=1, MoE in the last 2 blocks, super-class router loss 0.3) and
-its FLOPs twin (the same architecture with E=0) train over n seeds, seed i of both with the same recipe seed
-(same batches, same order), and `nas.stats` gives the paired gain, its t-interval and the verdict. A verdict
-machine that has only ever said `ties` is untested on `beats`: this is where it should say `beats`. With
-the settings tried so far it says `ties` (benchmarks/README.md has the figures).
+`synthetic:mode=lookup` shows each image's super-class as a coarse pattern and a grey level in one corner;
+the class is a random table of the level, one table per super-class with bin boundaries of its own. A dense
+MLP must hold all the tables; an expert of a per-image MoE routed by super-class holds one. With 8
+super-classes and MLPs narrow enough that the dense twin runs out of room (MLP ratio 0.25), the MoE (E = 8,
+k=1, MoE in the last 2 blocks, super-class router loss 0.3) has room for its table. The pair and recipe of
+the study `positive-control` (`vmoe-nas search --config positive-control`), without the search around them. The MoE and its FLOPs twin (the same
+architecture with E=0) train over n seeds as `vmoe-nas confirm` trains a pair: seed i of both with recipe
+seed i (same batches in the same order), the MoE from its twin's initial weights in every shared parameter;
+`nas.stats` gives the paired gain, its t-interval, McNemar's p and the verdict. A verdict machine that has
+only ever said `ties` is untested on `beats`: this is where it should say `beats`
+(`synthetic:mode=specialised`, cues of a different kind per super-class, never made the MoE win:
+benchmarks/README.md has both).
 
 Writes results/benchmarks/positive_control.json.
 
-    .venv/bin/python benchmarks/positive_control.py [--seeds 3] [--steps 3000] [--width 32] [--mlp-ratio 1]
+    .venv/bin/python benchmarks/positive_control.py [--seeds 3] [--steps 10000] [--mlp-ratio 0.25]
 """
 
 from __future__ import annotations
@@ -31,12 +35,12 @@ OUT = Path("results/benchmarks/positive_control.json")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="synthetic:mode=specialised,classes=32,train=20000,test=10")
+    parser.add_argument("--data", default="synthetic:mode=lookup,size=8,classes=32,groups=8,bins=48,train=60000,test=10")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3000, help="per model (~1-1.5 min each on one thread)")
+    parser.add_argument("--steps", type=int, default=10000, help="per model (~2.5-4 min each on one thread)")
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--mlp-ratio", type=float, default=1.0, help="narrow, so the dense MLP's width binds")
+    parser.add_argument("--mlp-ratio", type=float, default=0.25, help="narrow, so the dense MLP's width binds")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--margin", type=float, default=0.0, help="gain (fraction) the interval must clear")
     parser.add_argument("--threads", type=int, default=1)
@@ -52,7 +56,7 @@ def main() -> None:
                                    router_loss_weight=0.3))
     recipe = TrainRecipe(steps=args.steps, batch_size=128, lr=args.lr, augment=False, eval_every=10**9,
                          num_threads=args.threads)
-    results = run_arms({"dense": moe.dense(), "per_image_moe": moe}, data, recipe, args.seeds)
+    results = run_arms({"dense": moe.dense(), "per_image_moe": moe}, data, recipe, args.seeds, shared_init=True)
     pairs = compare(results, "dense", margin=args.margin)
     print(table(results, pairs, "dense"))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -363,13 +363,14 @@ def _nchw(x: np.ndarray, path: Path) -> np.ndarray:
 
 # --- synthetic ------------------------------------------------------------------------------------------
 
-SYNTHETIC_DEFAULTS = dict(size=16, channels=1, classes=12, groups=4, train=6000, test=1000, seed=0, mode="hierarchy")
-SYNTHETIC_MODES = ("hierarchy", "specialised")
+SYNTHETIC_DEFAULTS = dict(size=16, channels=1, classes=12, groups=4, train=6000, test=1000, seed=0, mode="hierarchy",
+                          bins=96)
+SYNTHETIC_MODES = ("hierarchy", "specialised", "lookup")
 CUE_KINDS = ("frequency", "orientation", "position", "size")  # mode=specialised: group g's classes differ by kind g
 
 
 def make_synthetic(*, size=16, channels=1, classes=12, groups=4, train=6000, test=1000, seed=0,
-                   mode="hierarchy") -> _Raw:
+                   mode="hierarchy", bins=96) -> _Raw:
     """Images with a planted two-level hierarchy: each super-class has a smooth coarse pattern that all its
     classes share, and each class adds a fainter pattern of its own; per-image smooth noise of the fine
     pattern's strength, pixel noise and contrast jitter on top. The super-class is easy to see (a router
@@ -381,9 +382,17 @@ def make_synthetic(*, size=16, channels=1, classes=12, groups=4, train=6000, tes
     a grating at a random orientation and phase, the orientation of a grating of random frequency and phase,
     the position of a blob, or the size of a blob at a random place. Each cue needs its own invariant
     features, so a dense MLP of fixed width must hold all of them where each expert of a per-image MoE
-    routed by super-class holds one."""
+    routed by super-class holds one.
+
+    `mode="lookup"` plants a demand for capacity that each super-class makes on its own: the image shows its
+    super-class's coarse pattern and, in its top-left quarter, a grey level v in [0, 1); the class is
+    `table[g][floor(bins * v + g / groups)]`, a random table per super-class, its bins shifted by 1/groups of
+    a bin from one super-class to the next, so no two super-classes share a bin boundary. A dense MLP must
+    hold every super-class's table (groups x bins boundaries), an expert routed by super-class one table."""
     if mode == "specialised":
         return _specialised(size, channels, classes, groups, train, test, np.random.default_rng(seed))
+    if mode == "lookup":
+        return _lookup(size, channels, classes, groups, train, test, bins, np.random.default_rng(seed))
     rng = np.random.default_rng(seed)
     group_of = rng.permutation(np.arange(classes) * groups // classes)  # shuffled: groups are not index blocks
     templates = _group_patterns(rng, groups, channels, size)[group_of]  # (classes, C, S, S)
@@ -453,6 +462,29 @@ def _specialised(size: int, channels: int, classes: int, groups: int, train: int
     return _Raw(x, y, x_test, y_test, names, superclasses=group_of.astype(np.int64), flip_ok=False)
 
 
+def _lookup(size: int, channels: int, classes: int, groups: int, train: int, test: int, bins: int,
+            rng: np.random.Generator) -> _Raw:
+    group_of = np.arange(classes) * groups // classes  # classes of a group are consecutive: tables index them
+    first = np.searchsorted(group_of, np.arange(groups))
+    per_group = np.bincount(group_of, minlength=groups)
+    patterns = _group_patterns(rng, groups, channels, size)
+    table = first[:, None] + rng.integers(0, per_group[:, None], (groups, bins + 1))  # (groups, bins + 1) -> class
+    half = size // 2
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        g = rng.integers(0, groups, n)
+        level = rng.uniform(0, 1, n)
+        x = patterns[g]
+        x[:, :, :half, :half] = 2.5 * (2 * level - 1)[:, None, None, None]  # 28 to 228 in pixels, ~2 per bin
+        x = x + 0.05 * rng.normal(size=x.shape)
+        return np.clip(128 + 40 * x, 0, 255).astype(np.uint8), table[g, np.floor(bins * level + g / groups).astype(int)]
+
+    x, y = sample(train)
+    x_test, y_test = sample(test)
+    names = tuple(f"g{group_of[c]}-lookup{c - first[group_of[c]]}" for c in range(classes))
+    return _Raw(x, y, x_test, y_test, names, superclasses=group_of.astype(np.int64), flip_ok=False)
+
+
 def _smooth(noise: np.ndarray, size: int) -> np.ndarray:
     """(n, C, h, w) noise -> (n, C, size, size), bilinearly upsampled, unit std per pattern."""
     up = torch.nn.functional.interpolate(torch.from_numpy(noise).float(), size=(size, size), mode="bilinear")
@@ -471,11 +503,13 @@ def _synthetic(arg: str, data_dir) -> _Raw:
         else:
             raise DataError(f"synthetic: bad option {item!r}; expected key=integer with key in "
                             f"{', '.join(k for k in options if k != 'mode')}, or mode={'|'.join(SYNTHETIC_MODES)}")
-    if not 1 <= options["groups"] <= options["classes"] or options["size"] < 4:
-        raise DataError(f"synthetic: need 1 <= groups <= classes and size >= 4, got {options}")
+    if not 1 <= options["groups"] <= options["classes"] or options["size"] < 4 or options["bins"] < 1:
+        raise DataError(f"synthetic: need 1 <= groups <= classes, size >= 4 and bins >= 1, got {options}")
     if options["mode"] == "specialised" and options["groups"] > len(CUE_KINDS):
         raise DataError(f"synthetic: mode=specialised has {len(CUE_KINDS)} cue kinds ({', '.join(CUE_KINDS)}), "
                         f"one per group, so groups must be <= {len(CUE_KINDS)}, got {options['groups']}")
+    if options["mode"] != "lookup" and "bins=" in arg:
+        raise DataError(f"synthetic: bins is an option of mode=lookup, not of mode={options['mode']}")
     return make_synthetic(**options)
 
 

@@ -1,7 +1,7 @@
 """The study config: everything one search needs, from one validated YAML file.
 
-Shipped presets (`nas/studies/*.yaml`) are picked by bare name (`smoke`, `fashion-quick`); command-line
-flags override fields. Every bad field gets one `ConfigError` naming it.
+Shipped presets (`nas/studies/*.yaml`) are picked by bare name (`smoke`, `fashion-quick`,
+`positive-control`); command-line flags override fields. Every bad field gets one `ConfigError` naming it.
 """
 
 from __future__ import annotations

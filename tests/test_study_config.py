@@ -1,3 +1,4 @@
+import optuna
 import pytest
 import yaml
 
@@ -6,12 +7,21 @@ from search_spaces import ConfigError
 
 
 def test_presets_load_and_round_trip(tmp_path):
-    assert {"smoke", "fashion-quick"} <= set(study_preset_names())
+    assert {"smoke", "fashion-quick", "positive-control"} <= set(study_preset_names())
     for name in study_preset_names():
         cfg = load_study_config(name)
         path = tmp_path / f"{name}.yaml"
         path.write_text(cfg.to_yaml())
         assert load_study_config(path) == cfg
+
+
+def test_the_positive_control_enqueues_an_moe_and_its_flops_twin():
+    cfg = load_study_config("positive-control")
+    dense, moe = (cfg.space.sample(optuna.trial.FixedTrial(params), image_size=8, in_channels=1, num_classes=32)
+                  for params in cfg.enqueued_params())
+    assert (dense.is_moe, moe.moe.num_experts, moe.moe.top_k, moe.moe.routing) == (False, 8, 1, "per_image")
+    assert moe.dense() == dense  # the pair the confirmation compares: the same architecture with E=0
+    assert cfg.data.name.startswith("synthetic:mode=lookup") and "groups=8" in cfg.data.name
 
 
 def test_flags_override_the_config():

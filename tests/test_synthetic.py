@@ -59,3 +59,39 @@ def test_specialised_by_name_and_its_errors():
     with pytest.raises(DataError, match=re.escape("4 cue kinds (frequency, orientation, position, size), one per "
                                                   "group, so groups must be <= 4, got 5")):
         load_dataset("synthetic:mode=specialised,groups=5,classes=10")
+
+
+def _level(x: np.ndarray) -> np.ndarray:
+    """The grey level in [0, 1) that `mode=lookup` paints over an image's top-left quarter."""
+    half = x.shape[-1] // 2
+    return ((x[:, 0, :half, :half].astype(float).mean((1, 2)) - 128) / 100 + 1) / 2
+
+
+def _consistency(cells: np.ndarray, y: np.ndarray) -> float:
+    """The share of images whose class is the most common class of their cell."""
+    majority = {c: np.bincount(y[cells == c]).argmax() for c in np.unique(cells)}
+    return float(np.mean([majority[c] == label for c, label in zip(cells, y)]))
+
+
+def test_lookup_labels_are_a_table_of_the_level_with_boundaries_of_each_super_class():
+    raw = make_synthetic(size=8, classes=16, groups=4, train=4000, test=10, seed=1, mode="lookup", bins=8)
+    again = make_synthetic(size=8, classes=16, groups=4, train=4000, test=10, seed=1, mode="lookup", bins=8)
+    np.testing.assert_array_equal(raw.x, again.x)
+    assert raw.superclasses.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    group, level = raw.superclasses[raw.y], _level(raw.x)
+    assert abs(level.min()) < 0.01 and abs(level.max() - 1) < 0.01
+    shifted = group * 100 + np.floor(8 * level + group / 4).astype(int)  # each super-class's own bins
+    assert _consistency(shifted, raw.y) > 0.97  # the class is the table's entry, up to pixel noise
+    for g in (1, 2, 3):  # on another super-class's boundaries a table's cells mix classes
+        mine = group == g
+        assert _consistency(np.floor(8 * level[mine]).astype(int), raw.y[mine]) < 0.9
+    assert raw.class_names[5] == "g1-lookup1"
+
+
+def test_lookup_by_name_and_its_errors():
+    data = load_dataset("synthetic:mode=lookup,size=8,classes=8,groups=2,bins=5,train=200,test=10")
+    assert (data.num_classes, data.image_size, sorted(set(data.superclasses.tolist()))) == (8, 8, [0, 1])
+    with pytest.raises(DataError, match="bins >= 1"):
+        load_dataset("synthetic:mode=lookup,bins=0")
+    with pytest.raises(DataError, match="bins is an option of mode=lookup, not of mode=hierarchy"):
+        load_dataset("synthetic:bins=5")
