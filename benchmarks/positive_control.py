@@ -4,14 +4,14 @@
 the class is a random table of the level, one table per super-class with bin boundaries of its own. A dense
 MLP must hold all the tables; an expert of a per-image MoE routed by super-class holds one. With 8
 super-classes and MLPs narrow enough that the dense twin runs out of room (MLP ratio 0.25), the MoE (E = 8,
-k=1, MoE in the last 2 blocks, super-class router loss 0.3) has room for its table. The pair and recipe of
-the study `positive-control` (`vmoe-nas search --config positive-control`), without the search around them. The MoE and its FLOPs twin (the same
-architecture with E=0) train over n seeds as `vmoe-nas confirm` trains a pair: seed i of both with recipe
-seed i (same batches in the same order), the MoE from its twin's initial weights in every shared parameter;
-`nas.stats` gives the paired gain, its t-interval, McNemar's p and the verdict. A verdict machine that has
-only ever said `ties` is untested on `beats`: this is where it should say `beats`
-(`synthetic:mode=specialised`, cues of a different kind per super-class, never made the MoE win:
-benchmarks/README.md has both).
+k=1, MoE in the last 2 blocks, super-class router loss 0.3) has room for its table: the pair and recipe of
+the study `positive-control` (`vmoe-nas search --config positive-control`), without the search around them.
+The MoE and its FLOPs twin (the same architecture with E=0) train over n seeds as `vmoe-nas confirm` trains
+a pair: seed i of both with recipe seed i (same batches in the same order), the MoE from its twin's initial
+weights in every shared parameter; `nas.stats` gives the paired gain, its t-interval, McNemar's p and the
+verdict. A verdict machine that has only ever said `ties` is untested on `beats`: this is where it should
+say `beats` (`synthetic:mode=specialised`, cues of a different kind per super-class, never made the MoE
+win: benchmarks/README.md has both).
 
 Writes results/benchmarks/positive_control.json.
 
@@ -35,7 +35,8 @@ OUT = Path("results/benchmarks/positive_control.json")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="synthetic:mode=lookup,size=8,classes=32,groups=8,bins=48,train=60000,test=10")
+    parser.add_argument("--data", default="synthetic:mode=lookup,size=8,classes=32,groups=8,bins=48,train=60000,"
+                                          "test=10")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10000, help="per model (~2.5-4 min each on one thread)")
     parser.add_argument("--depth", type=int, default=4)

@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_profile)
 
     p = commands.add_parser("search", help="run or resume a search study")
-    p.add_argument("--config", default="fashion-quick", help="study YAML file or preset (smoke, fashion-quick, positive-control)")
+    p.add_argument("--config", default="fashion-quick",
+                   help="study YAML file or preset (smoke, fashion-quick, positive-control)")
     p.add_argument("--data", help="data set name (overrides the config)")
     p.add_argument("--data-dir", help="folder holding the data set files")
     p.add_argument("--n-trials", type=int, help="number of trials in the study")
