@@ -15,7 +15,7 @@ win: benchmarks/README.md has both).
 
 Writes results/benchmarks/positive_control.json.
 
-    .venv/bin/python benchmarks/positive_control.py [--seeds 3] [--steps 10000] [--mlp-ratio 0.25]
+    .venv/bin/python benchmarks/positive_control.py [--seeds 3] [--steps 20000] [--mlp-ratio 0.25]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--data", default="synthetic:mode=lookup,size=8,classes=32,groups=8,bins=48,train=60000,"
                                           "test=10")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10000, help="per model (~2.5-4 min each on one thread)")
+    parser.add_argument("--steps", type=int, default=20000, help="per model (~5-7 min each on one thread)")
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--mlp-ratio", type=float, default=0.25, help="narrow, so the dense MLP's width binds")
