@@ -17,16 +17,9 @@ from nas import stats
 from nas.confirm import twin_init
 from nas.data import Dataset
 from nas.trainer import TrainRecipe, train
+from nas.trial import per_image_correct
 from profilers import analytic_flops
 from search_spaces import ArchConfig, build_model, count_params
-
-
-@torch.inference_mode()
-def val_correct(model: torch.nn.Module, data: Dataset) -> np.ndarray:
-    """(n_val,) bool: which val images the model classifies correctly."""
-    model.eval()
-    logits = torch.cat([model(data.normalize(data.val.images[i : i + 1024])) for i in range(0, len(data.val), 1024)])
-    return (logits.argmax(-1) == data.val.labels).numpy()
 
 
 def run_arms(arms: dict[str, ArchConfig], data: Dataset, recipe: TrainRecipe, seeds: int, *, superclasses=None,
@@ -42,7 +35,7 @@ def run_arms(arms: dict[str, ArchConfig], data: Dataset, recipe: TrainRecipe, se
             tick = time.perf_counter()
             result = train(cfg, data, replace(recipe, seed=seed), superclasses=superclasses,
                            init_from=twin_init(cfg, seed) if shared_init else None)
-            correct = val_correct(result.model, data)
+            correct = per_image_correct(result.model, data)
             run = {"seed": seed, "val_accuracy": result.val_accuracy, "router_accuracy": result.router_accuracy,
                    "expert_load": result.expert_load, "wall_time_s": round(time.perf_counter() - tick, 1)}
             if groups is not None:

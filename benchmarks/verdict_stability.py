@@ -44,9 +44,9 @@ def main() -> None:
     first = settings_for(cfg, rs, seeds=args.seeds, steps=args.steps)
     second = settings_for(cfg, rs, seeds=args.seeds, steps=args.steps, first_seed=first.seeds[-1] + 1)
     both = settings_for(cfg, rs, seeds=2 * len(first.seeds), steps=args.steps, first_seed=first.seeds[0])
-    sets = []
+    sets, runs = [], {}
     for settings in (first, second):
-        runs = run_missing(study, cfg, pairs, settings, workers=args.workers, progress=True)
+        runs.update(run_missing(study, cfg, pairs, settings, workers=args.workers, progress=True))
         sets.append(compare(pairs, runs, settings))
     pooled = compare(pairs, runs, both)
     rows = []

@@ -493,9 +493,10 @@ def _smooth(noise: np.ndarray, size: int) -> np.ndarray:
 
 
 def _synthetic(arg: str, data_dir) -> _Raw:
-    options = dict(SYNTHETIC_DEFAULTS)
+    options, given = dict(SYNTHETIC_DEFAULTS), set()
     for item in filter(None, arg.split(",")):
         key, _, value = item.partition("=")
+        given.add(key)
         if key == "mode" and value in SYNTHETIC_MODES:
             options[key] = value
         elif key in options and key != "mode" and value.isdigit():
@@ -508,7 +509,7 @@ def _synthetic(arg: str, data_dir) -> _Raw:
     if options["mode"] == "specialised" and options["groups"] > len(CUE_KINDS):
         raise DataError(f"synthetic: mode=specialised has {len(CUE_KINDS)} cue kinds ({', '.join(CUE_KINDS)}), "
                         f"one per group, so groups must be <= {len(CUE_KINDS)}, got {options['groups']}")
-    if options["mode"] != "lookup" and "bins=" in arg:
+    if options["mode"] != "lookup" and "bins" in given:
         raise DataError(f"synthetic: bins is an option of mode=lookup, not of mode={options['mode']}")
     return make_synthetic(**options)
 

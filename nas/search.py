@@ -190,11 +190,11 @@ def arrive(ctx: steps.StudyContext, trial: optuna.Trial, record: TrialRecord, ru
     record.train, record.rung, record.seeds = result.to_dict(), rung, [ctx.recipe.seed]
     record.rung_accuracy[rung] = result.val_accuracy
     record.metrics = steps.trained_metrics(record.metrics, result)
-    if ctx.cfg.rungs is None or rung == ctx.cfg.rungs.steps[-1]:  # per image: what a confirmation pairs on
-        record.val_correct = steps.per_image_correct(result.model, ctx.dataset)
     if ctx.cfg.rungs is None:
         records.write(trial, record)
         return None
+    if rung == ctx.cfg.rungs.steps[-1]:  # per image, outside the lock: a confirmation reuses a top-rung run
+        record.val_correct = steps.per_image_correct(result.model, ctx.dataset)
     with study_lock(storage_url(ctx.cfg), ctx.cfg.study_name):
         records.write(trial, record)
         reached = records.read_all(trial.study, (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED))
