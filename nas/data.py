@@ -511,7 +511,10 @@ def _synthetic(arg: str, data_dir) -> _Raw:
                         f"one per group, so groups must be <= {len(CUE_KINDS)}, got {options['groups']}")
     if options["mode"] != "lookup" and "bins" in given:
         raise DataError(f"synthetic: bins is an option of mode=lookup, not of mode={options['mode']}")
-    return make_synthetic(**options)
+    try:
+        return make_synthetic(**options)
+    except MemoryError as error:  # numpy refuses a huge request up front: train, test, size or bins too large
+        raise DataError(f"synthetic: {arg!r} does not fit in memory ({error})") from None
 
 
 __all__ = [

@@ -95,3 +95,5 @@ def test_lookup_by_name_and_its_errors():
         load_dataset("synthetic:mode=lookup,bins=0")
     with pytest.raises(DataError, match="bins is an option of mode=lookup, not of mode=hierarchy"):
         load_dataset("synthetic:bins=5")
+    with pytest.raises(DataError, match=r"'mode=lookup,bins=100000000000' does not fit in memory \(Unable to allocate"):
+        load_dataset("synthetic:mode=lookup,bins=100000000000")  # a 3 TiB table, refused before any is written
