@@ -23,7 +23,9 @@ from optuna.trial import FrozenTrial, TrialState
 from nas.objectives import Objective
 from search_spaces import ArchConfig
 
-VERSION = 2  # 1: before versioning (also stored `arch` as a dict and a `status`); 2: this layout
+# 1: before versioning (also stored `arch` as a dict and a `status`); 2: per-image correctness as two attributes,
+# `val_correct_bits` and `n_val`; 3: this layout, where it is one attribute, so a reader never sees half of it
+VERSION = 3
 VERSION_ATTR = "record_version"
 CONSTRAINED_ATTR = "constraints_set"  # the trial's constraints are stored (in Optuna's system attributes)
 
@@ -244,7 +246,8 @@ def _attrs(record: TrialRecord) -> dict[str, Any]:
     if record.seeds:
         attrs["seeds"] = list(record.seeds)
     if record.val_correct is not None:
-        attrs.update(val_correct_bits=pack_bits(record.val_correct), n_val=len(record.val_correct))
+        # One attribute: a storage writes attributes one at a time, and workers read each other's running trials.
+        attrs["val_correct"] = {"n": len(record.val_correct), "bits": pack_bits(record.val_correct)}
     if record.rung_accuracy:  # pairs, not a mapping: JSON storages would turn the steps into strings
         attrs["rung_accuracy"] = [[step, accuracy] for step, accuracy in sorted(record.rung_accuracy.items())]
     if record.interrupted:
@@ -298,9 +301,17 @@ def read(frozen: FrozenTrial) -> TrialRecord:
         interrupted=bool(attrs.get("interrupted")), constraints=dict(frozen.constraints),
         values=list(frozen.values) if frozen.values is not None else None, params=dict(frozen.params),
         lease_until=attrs.get("lease_until"),
-        val_correct=unpack_bits(attrs["val_correct_bits"], attrs["n_val"]) if "val_correct_bits" in attrs else None,
+        val_correct=_val_correct(attrs),
         started=frozen.datetime_start.timestamp() if frozen.datetime_start else None,
     )
+
+
+def _val_correct(attrs: dict[str, Any]) -> np.ndarray | None:
+    if "val_correct" in attrs:
+        return unpack_bits(attrs["val_correct"]["bits"], attrs["val_correct"]["n"])
+    if "val_correct_bits" in attrs and "n_val" in attrs:  # version 2
+        return unpack_bits(attrs["val_correct_bits"], attrs["n_val"])
+    return None
 
 
 def running(trial: optuna.Trial) -> TrialRecord:

@@ -3,6 +3,7 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from pareto_trials import study, trial
@@ -77,3 +78,22 @@ def test_a_study_written_before_the_trial_record_still_opens(tmp_path, stored):
     analysis = analyze(s)
     assert analysis.trials["eligible"].tolist() == [True, False, False, False, False]
     assert [o.name for o in analysis.objectives] == ["accuracy", "flops", "latency"]
+
+
+def test_per_image_correctness_is_one_attribute_a_reader_never_sees_half_of(tmp_path):
+    """Workers read each other's running trials while the storage writes attributes one at a time: a trial
+    read between two writes must still read (CI once saw `KeyError: 'n_val'` from a worker's reclaim)."""
+    s = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
+    correct = np.array([True, False, True, True, False, False, True, False, True])
+    running = s.ask()
+    records.write(running, records.TrialRecord(number=running.number, val_correct=correct))
+    assert [k for k in running.user_attrs if "correct" in k or k == "n_val"] == ["val_correct"]
+    (got,) = records.read_all(s)
+    assert (got.val_correct == correct).all()
+
+    bits = records.pack_bits(correct)  # version 2: two attributes; a worker may have written only the first
+    half_written = s.ask()
+    half_written.set_user_attr("val_correct_bits", bits)
+    assert records.read_all(s)[1].val_correct is None
+    half_written.set_user_attr("n_val", len(correct))
+    assert (records.read_all(s)[1].val_correct == correct).all()
