@@ -22,6 +22,7 @@ from optuna.storages.journal import JournalFileBackend
 
 # What a storage raises when its database is gone: Optuna wraps SQLAlchemy's errors, mostly.
 STORAGE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
+SCHEMA_LOCK = "vmoe-nas: Optuna's tables"  # an advisory lock's key: no study name has a space
 FILE_NAMES = {"journal": "journal.log", "sqlite": "study.db"}  # a study's storage file under results/<study>/
 
 
@@ -47,11 +48,10 @@ class StorageURL:
             return "postgresql+psycopg://" + self.url.split("://", 1)[1]
         return self.url
 
-    @property
-    def lock_path(self) -> Path | None:
-        """The file the study lock holds, beside a file storage. Not `<journal>.lock`: Optuna's journal
-        lock uses that name and deletes it after its grace period."""
-        return None if self.path is None else self.path.with_name(self.path.name + ".queue-lock")
+    def lock_path(self, name: str = "queue") -> Path | None:
+        """The file lock `name` holds, beside a file storage. Not `<journal>.lock`: Optuna's journal lock
+        uses that name and deletes it after its grace period."""
+        return None if self.path is None else self.path.with_name(f"{self.path.name}.{name}-lock")
 
     def __str__(self) -> str:
         return self.redacted
@@ -102,7 +102,10 @@ def make_storage(url: str | StorageURL) -> optuna.storages.BaseStorage:
     if url.kind == "journal":
         return JournalStorage(JournalFileBackend(str(url.path)))
     try:
-        return RDBStorage(url.sqlalchemy_url, engine_kwargs={"pool_pre_ping": True})
+        # Opening a fresh database creates Optuna's tables and stamps its schema version, neither of which
+        # Optuna guards: workers (or a reader) opening it at once would fail on "table already exists".
+        with _exclusive(url, SCHEMA_LOCK, "schema"):
+            return RDBStorage(url.sqlalchemy_url, engine_kwargs={"pool_pre_ping": True})
     except Exception as error:  # SQLAlchemy's errors, a missing driver: all mean "cannot open it"
         raise StorageError(f"cannot open storage {url.redacted}: {first_line(error)}") from None
 
@@ -111,26 +114,32 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-@contextmanager
 def study_lock(url: str | StorageURL, study_name: str):
-    """Serialise changes to a study's trial queue across processes: a PostgreSQL advisory lock (so across
-    machines too), or a lock file beside a SQLite or journal file. Other databases: run one launcher."""
-    url = parse_storage(url)
+    """Serialise changes to a study's trial queue across processes. Other databases than PostgreSQL and
+    file storages: run one launcher."""
+    return _exclusive(parse_storage(url), study_name, "queue")
+
+
+@contextmanager
+def _exclusive(url: StorageURL, key: str, file_name: str):
+    """A lock across processes: a PostgreSQL advisory lock on `key` (so across machines too), or a lock file
+    `<storage file>.<file_name>-lock` beside a SQLite or journal file; none on other databases."""
     if url.kind == "postgresql":
         engine = sqlalchemy.create_engine(url.sqlalchemy_url)
-        key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
+        number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
         try:
             with engine.connect() as connection:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": number})
                 try:
                     yield
                 finally:
-                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": number})
         finally:
             engine.dispose()
-    elif url.lock_path is not None:
-        url.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(url.lock_path, "a") as lock_file:
+    elif url.path is not None:
+        path = url.lock_path(file_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             yield
     else:

@@ -7,11 +7,13 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 
 import optuna
 import pytest
 import sqlalchemy
 import yaml
+from concurrent_open import open_at_once
 from optuna.trial import TrialState
 
 import nas.trainer
@@ -91,13 +93,46 @@ def _trials(name):
         return []
 
 
-def test_losing_the_database_mid_study_is_one_clear_error_and_keeps_finished_trials(tmp_path, monkeypatch, capsys):
-    database = f"vmoe_lost_{uuid.uuid4().hex[:8]}"
+@contextmanager
+def fresh_database(prefix):
+    """The URL of a new, empty database on the test server, dropped afterwards."""
+    database = f"{prefix}_{uuid.uuid4().hex[:8]}"
     admin = sqlalchemy.create_engine(POSTGRES.replace("postgresql://", "postgresql+psycopg://"),
                                      isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(sqlalchemy.text(f"CREATE DATABASE {database}"))
-    url = POSTGRES.rsplit("/", 1)[0] + f"/{database}"
+    try:
+        yield admin, database, POSTGRES.rsplit("/", 1)[0] + f"/{database}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true"))
+            connection.execute(sqlalchemy.text(f"DROP DATABASE {database} WITH (FORCE)"))
+        admin.dispose()
+
+
+def test_workers_opening_a_new_database_at_once_all_open_it():
+    """Six launchers on a new database: Optuna's table creation and schema stamp race without the schema lock
+    (an advisory lock), and some fail on "already exists"."""
+    with fresh_database("vmoe_fresh") as (_, _, url):
+        assert open_at_once(url) == [""] * 6
+        assert optuna.get_all_study_summaries(make_storage(url)) == []
+
+
+def test_losing_the_database_mid_study_is_one_clear_error_and_keeps_finished_trials(tmp_path, monkeypatch, capsys):
+    with fresh_database("vmoe_lost") as (admin, database, url):
+        lose_database_during_second_trial(monkeypatch, admin, database)
+        config = study_file(tmp_path, "lost", 3, steps=10)
+        assert main(["search", "--config", config, "--storage", url, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "became unreachable" in err and "run the same command again to resume" in err
+        assert "Traceback" not in err
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true"))
+        trials = load("lost", url).get_trials()
+        assert trials[0].state == TrialState.COMPLETE and records.read(trials[0]).status == "complete"
+
+
+def lose_database_during_second_trial(monkeypatch, admin, database):
     real_train = nas.trainer.train
     calls = []
 
@@ -111,18 +146,3 @@ def test_losing_the_database_mid_study_is_one_clear_error_and_keeps_finished_tri
         return real_train(cfg, *args, **kwargs)
 
     monkeypatch.setattr(nas.trainer, "train", train_then_lose_database)
-    config = study_file(tmp_path, "lost", 3, steps=10)
-    try:
-        assert main(["search", "--config", config, "--storage", url, "--no-progress"]) == 2
-        err = capsys.readouterr().err
-        assert "became unreachable" in err and "run the same command again to resume" in err
-        assert "Traceback" not in err
-        with admin.connect() as connection:
-            connection.execute(sqlalchemy.text(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true"))
-        trials = load("lost", url).get_trials()
-        assert trials[0].state == TrialState.COMPLETE and records.read(trials[0]).status == "complete"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(sqlalchemy.text(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true"))
-            connection.execute(sqlalchemy.text(f"DROP DATABASE {database} WITH (FORCE)"))
-        admin.dispose()

@@ -6,24 +6,25 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+from concurrent_open import open_at_once
 from pareto_trials import study, trial
 
 from nas import record as records
 from nas.pareto import analyze
-from nas.storage import StorageError, existing_storage, load_study, parse_storage, study_lock
+from nas.storage import StorageError, existing_storage, load_study, make_storage, parse_storage, study_lock
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_a_storage_url_is_parsed_once_and_shown_without_its_password():
     pg = parse_storage("postgresql://vmoe:secret@db.example:5432/nas")
-    assert (pg.kind, pg.path, pg.lock_path) == ("postgresql", None, None)
+    assert (pg.kind, pg.path, pg.lock_path()) == ("postgresql", None, None)
     assert pg.sqlalchemy_url == "postgresql+psycopg://vmoe:secret@db.example:5432/nas"
     assert pg.redacted == "postgresql://***@db.example:5432/nas" and "secret" not in str(pg)
     journal = parse_storage("journal:/tmp/s/journal.log")
     assert (journal.kind, journal.path) == ("journal", Path("/tmp/s/journal.log"))
     # Not journal.log.lock: Optuna's journal lock uses (and deletes) that file.
-    assert journal.lock_path == Path("/tmp/s/journal.log.queue-lock")
+    assert journal.lock_path() == Path("/tmp/s/journal.log.queue-lock")
     assert parse_storage("sqlite:///x/study.db").path == Path("x/study.db")
     with pytest.raises(StorageError, match="not a storage URL"):
         parse_storage("results/study.db")
@@ -34,7 +35,7 @@ def test_the_study_lock_is_not_the_journal_lock_file(tmp_path):
     with study_lock(url, "s"):
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(url.path)))
         optuna.create_study(study_name="s", storage=storage)  # takes Optuna's own lock: no wait, no clash
-    assert url.lock_path.exists()
+    assert url.lock_path().exists()
 
 
 def test_a_study_folder_storage_prefers_the_journal_and_names_the_folder_when_missing(tmp_path):
@@ -97,3 +98,10 @@ def test_per_image_correctness_is_one_attribute_a_reader_never_sees_half_of(tmp_
     assert records.read_all(s)[1].val_correct is None
     half_written.set_user_attr("n_val", len(correct))
     assert (records.read_all(s)[1].val_correct == correct).all()
+
+
+def test_workers_opening_a_new_sqlite_file_at_once_all_open_it(tmp_path):
+    """Optuna creates its tables and stamps its schema unguarded: without the schema lock, 6 processes at
+    once on a new file fail with "table studies already exists" or "UNIQUE constraint failed"."""
+    assert open_at_once(f"sqlite:///{tmp_path / 'study.db'}") == [""] * 6
+    assert optuna.get_all_study_summaries(make_storage(f"sqlite:///{tmp_path / 'study.db'}")) == []
