@@ -306,6 +306,14 @@ def reclaim(study: optuna.Study, cfg: StudyConfig) -> list[int]:
         return liveness.reclaim_dead_trials(study, max_retries=cfg.max_retries, grace_s=grace_s)
 
 
+def requeue_free_slots(study: optuna.Study, cfg: StudyConfig) -> bool:
+    """Before the last worker leaves: queue the slots left free (a worker killed between failing a dead
+    worker's trial and queueing its retry; a trial interrupted in another worker). Whether any trial waits."""
+    with study_lock(storage_url(cfg), cfg.study_name):
+        fill_slots(study, cfg)
+        return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
 def _work(cfg: StudyConfig, study: optuna.Study, ctx: steps.StudyContext, url: StorageURL, on_trial) -> int:
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
     count = 0
@@ -317,6 +325,8 @@ def _work(cfg: StudyConfig, study: optuna.Study, ctx: steps.StudyContext, url: S
                 trial = study.ask()  # a timeout-only study makes trials as it goes
             elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 time.sleep(min(1.0, cfg.heartbeat_interval))  # its worker may die: stay to run the retry
+                continue
+            elif requeue_free_slots(study, cfg):
                 continue
             else:
                 break

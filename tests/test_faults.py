@@ -48,10 +48,12 @@ def search(config, *flags) -> subprocess.Popen:
                              "--no-report", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def running_trial_of(study_name, results, pid_other_than=None, timeout=120) -> TrialRecord:
-    """A trial some worker is training (architecture sampled), polled from the storage."""
+def running_trial_of(launcher, study_name, results, pid_other_than=None, timeout=120) -> TrialRecord:
+    """A trial some worker of `launcher` is training (architecture sampled), polled from the storage."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if launcher.poll() is not None:
+            raise AssertionError(f"the search ended before running a trial:\n{launcher.communicate()[0]}")
         try:
             trials = records.read_all(load_study(study_name, results_dir=results), (TrialState.RUNNING,))
         except Exception:  # noqa: BLE001 - the storage is not written yet
@@ -79,7 +81,7 @@ def assert_exactly_n_finished(study_name, results, n_trials, killed_pid: int):
 def test_a_worker_killed_on_a_journal_is_replaced_and_its_trial_retried(tmp_path):
     config = study_yaml(tmp_path, "journal-kill", workers=2)
     launcher = search(config)
-    victim = running_trial_of("journal-kill", tmp_path / "results", pid_other_than=launcher.pid)
+    victim = running_trial_of(launcher, "journal-kill", tmp_path / "results", pid_other_than=launcher.pid)
     pid = int(victim.worker.rpartition(":")[2])
     os.kill(pid, signal.SIGKILL)
     output, _ = launcher.communicate(timeout=300)
@@ -92,7 +94,7 @@ def test_a_worker_killed_on_a_journal_is_replaced_and_its_trial_retried(tmp_path
 def test_a_sqlite_study_killed_mid_trial_resumes_and_retries_it(tmp_path):
     config = study_yaml(tmp_path, "sqlite-kill")
     launcher = search(config)
-    running_trial_of("sqlite-kill", tmp_path / "results")
+    running_trial_of(launcher, "sqlite-kill", tmp_path / "results")
     launcher.send_signal(signal.SIGKILL)  # one worker: the whole search dies, mid-trial (trials take seconds)
     launcher.wait()
     rerun = search(config)  # the dead pid's trial is reclaimed at once, no grace period to wait out
@@ -243,3 +245,19 @@ def test_filling_slots_while_a_trial_is_reclaimed_queues_no_second_trial_for_its
     reclaimer.join()
     slots = [records.read(t).slot for t in other.get_trials() if t.state != TrialState.FAIL]
     assert sorted(slots) == [0, 1]  # the retry holds slot 0, and nothing else does
+
+
+def test_a_slot_left_free_by_a_worker_killed_mid_reclaim_is_run_before_the_study_ends(tmp_path):
+    """A worker killed after failing a dead worker's trial but before queueing its retry leaves that slot with
+    no trial: the workers still running queue it before they leave, so the study runs all n_trials."""
+    from nas.search import fill_slots, open_study, run_worker, storage_url
+
+    cfg = StudyConfig.from_dict(yaml.safe_load(open(study_yaml(tmp_path, "lost-slot", n_trials=2, steps=5))))
+    study = open_study(cfg, storage_url(cfg))
+    fill_slots(study, cfg)
+    dead = study.ask()  # slot 0: failed by a reclaim that was killed before queueing the retry
+    records.write(dead, TrialRecord(number=dead.number, slot=0, interrupted=True, reason="its worker died"))
+    study.tell(dead, state=TrialState.FAIL)
+    assert run_worker(cfg) == 2
+    finished = [r for r in records.read_all(study) if r.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert sorted(r.slot for r in finished) == [0, 1]
