@@ -506,8 +506,9 @@ def _run_processes(cfg: StudyConfig, study: optuna.Study, bar: Progress | None, 
                 del workers[index]
                 if worker.exitcode not in (0, STORAGE_EXIT_CODE, PROFILER_EXIT_CODE):
                     log.warning("worker %d died (exit code %s); its trial is reclaimed", index, worker.exitcode)
-                    reclaim(study, cfg)
-                    unfinished = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+                    reclaim(study, cfg)  # it may have died mid-reclaim, with a slot failed and no retry queued:
+                    unfinished = (requeue_free_slots(study, cfg)
+                                  or study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
                     if unfinished and replacements:
                         replacements -= 1
                         workers[index] = start(index)

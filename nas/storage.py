@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,8 @@ def parse_storage(url: str | StorageURL) -> StorageURL:
         raise StorageError(f"a storage URL must be a non-empty string, got {url!r}")
     if url.startswith("journal:"):
         return StorageURL(url, "journal", Path(url.removeprefix("journal:")))
+    if url == "sqlite:///:memory:":  # no file
+        return StorageURL(url, "sqlite", None)
     if url.startswith("sqlite:///"):
         return StorageURL(url, "sqlite", Path(url.removeprefix("sqlite:///")))
     if url.startswith(("postgresql://", "postgresql+")):
@@ -139,9 +142,16 @@ def _exclusive(url: StorageURL, key: str, file_name: str):
     elif url.path is not None:
         path = url.lock_path(file_name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:  # read-only: flock needs no write access, so a reader may lock a file another user's search made
+            descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError:  # a folder this user cannot write to: nor can they change the storage in it
             yield
+            return
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)
     else:
         yield
 

@@ -1,6 +1,10 @@
 """Storage URLs, the study lock, loading a stored study, and studies written before the trial record."""
 
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,7 @@ def test_a_storage_url_is_parsed_once_and_shown_without_its_password():
     # Not journal.log.lock: Optuna's journal lock uses (and deletes) that file.
     assert journal.lock_path() == Path("/tmp/s/journal.log.queue-lock")
     assert parse_storage("sqlite:///x/study.db").path == Path("x/study.db")
+    assert parse_storage("sqlite:///:memory:").path is None  # no file, so no lock file named ':memory:...'
     with pytest.raises(StorageError, match="not a storage URL"):
         parse_storage("results/study.db")
 
@@ -105,3 +110,33 @@ def test_workers_opening_a_new_sqlite_file_at_once_all_open_it(tmp_path):
     once on a new file fail with "table studies already exists" or "UNIQUE constraint failed"."""
     assert open_at_once(f"sqlite:///{tmp_path / 'study.db'}") == [""] * 6
     assert optuna.get_all_study_summaries(make_storage(f"sqlite:///{tmp_path / 'study.db'}")) == []
+
+
+@pytest.fixture
+def shared_folder():
+    """A folder other users may enter (pytest's tmp_path is private to its user)."""
+    folder = Path(tempfile.mkdtemp(prefix="vmoe-shared-"))
+    folder.chmod(0o755)
+    yield folder
+    (folder / "s").chmod(0o755)  # the test made it read-only
+    shutil.rmtree(folder)
+
+
+def test_a_reader_who_cannot_write_the_study_folder_still_loads_it(shared_folder):
+    """Report, export and the dashboard only read: the schema lock must not need write access to the
+    folder, nor to a lock file another user's search made (as root, the reader is `nobody`)."""
+    folder = shared_folder
+    url = f"sqlite:///{folder / 's' / 'study.db'}"
+    optuna.create_study(study_name="s", storage=make_storage(url)).optimize(lambda t: 1.0, n_trials=2)
+    assert (folder / "s" / "study.db.schema-lock").exists()
+    (folder / "s").chmod(0o555)
+    read = [sys.executable, "-c", f"from nas.storage import load_study; print(len(load_study('s', storage={url!r})"
+            ".trials))"]
+    as_reader = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] if os.geteuid() == 0 else []
+    if subprocess.run(as_reader + [sys.executable, "-c", "import nas"], cwd=Path(__file__).parents[1]).returncode:
+        pytest.skip("user nobody cannot run this checkout's Python")
+    result = subprocess.run(as_reader + read, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert result.stdout.strip() == "2", result.stderr
+    (folder / "s" / "study.db.schema-lock").unlink()  # and where no search left one, none is made
+    result = subprocess.run(as_reader + read, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert result.stdout.strip() == "2", result.stderr
