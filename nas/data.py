@@ -511,6 +511,11 @@ def _synthetic(arg: str, data_dir) -> _Raw:
                         f"one per group, so groups must be <= {len(CUE_KINDS)}, got {options['groups']}")
     if options["mode"] != "lookup" and "bins" in given:
         raise DataError(f"synthetic: bins is an option of mode=lookup, not of mode={options['mode']}")
+    pixels = (options["train"] + options["test"]) * options["channels"] * options["size"] ** 2
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 8 * pixels > memory:  # torch, unlike numpy, fails on a huge request with a bare RuntimeError
+        raise DataError(f"synthetic: {arg!r} needs {8 * pixels / 2**30:.3g} GiB to generate (8 bytes a pixel), more "
+                        f"than this machine's {memory / 2**30:.3g} GiB")
     try:
         return make_synthetic(**options)
     except MemoryError as error:  # numpy refuses a huge request up front: train, test, size or bins too large

@@ -97,3 +97,5 @@ def test_lookup_by_name_and_its_errors():
         load_dataset("synthetic:bins=5")
     with pytest.raises(DataError, match=r"'mode=lookup,bins=100000000000' does not fit in memory \(Unable to allocate"):
         load_dataset("synthetic:mode=lookup,bins=100000000000")  # a 3 TiB table, refused before any is written
+    with pytest.raises(DataError, match=r"'size=10000000' needs 5.22e\+09 GiB to generate \(8 bytes a pixel\)"):
+        load_dataset("synthetic:size=10000000")  # torch's RuntimeError without the check
