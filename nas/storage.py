@@ -49,7 +49,7 @@ class StorageURL:
             return "postgresql+psycopg://" + self.url.split("://", 1)[1]
         return self.url
 
-    def lock_path(self, name: str = "queue") -> Path | None:
+    def lock_path(self, name: str) -> Path | None:
         """The file lock `name` holds, beside a file storage. Not `<journal>.lock`: Optuna's journal lock
         uses that name and deletes it after its grace period."""
         return None if self.path is None else self.path.with_name(f"{self.path.name}.{name}-lock")

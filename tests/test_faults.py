@@ -23,7 +23,7 @@ from nas.cli import main
 from nas.record import Metrics, TrialRecord
 from nas.search import wait_for_reusable
 from nas.storage import load_study
-from nas.study import StudyConfig
+from nas.study import StudyConfig, load_study_config
 from search_spaces import ArchConfig
 
 ARCH = ArchConfig(image_size=16, in_channels=1, patch_size=4, num_classes=12, depth=2, width=16, num_heads=2)
@@ -252,7 +252,7 @@ def test_a_slot_left_free_by_a_worker_killed_mid_reclaim_is_run_before_the_study
     no trial: the workers still running queue it before they leave, so the study runs all n_trials."""
     from nas.search import fill_slots, open_study, run_worker, storage_url
 
-    cfg = StudyConfig.from_dict(yaml.safe_load(open(study_yaml(tmp_path, "lost-slot", n_trials=2, steps=5))))
+    cfg = load_study_config(study_yaml(tmp_path, "lost-slot", n_trials=2, steps=5))
     study = open_study(cfg, storage_url(cfg))
     fill_slots(study, cfg)
     dead = study.ask()  # slot 0: failed by a reclaim that was killed before queueing the retry

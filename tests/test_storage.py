@@ -22,13 +22,13 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def test_a_storage_url_is_parsed_once_and_shown_without_its_password():
     pg = parse_storage("postgresql://vmoe:secret@db.example:5432/nas")
-    assert (pg.kind, pg.path, pg.lock_path()) == ("postgresql", None, None)
+    assert (pg.kind, pg.path, pg.lock_path("queue")) == ("postgresql", None, None)
     assert pg.sqlalchemy_url == "postgresql+psycopg://vmoe:secret@db.example:5432/nas"
     assert pg.redacted == "postgresql://***@db.example:5432/nas" and "secret" not in str(pg)
     journal = parse_storage("journal:/tmp/s/journal.log")
     assert (journal.kind, journal.path) == ("journal", Path("/tmp/s/journal.log"))
     # Not journal.log.lock: Optuna's journal lock uses (and deletes) that file.
-    assert journal.lock_path() == Path("/tmp/s/journal.log.queue-lock")
+    assert journal.lock_path("queue") == Path("/tmp/s/journal.log.queue-lock")
     assert parse_storage("sqlite:///x/study.db").path == Path("x/study.db")
     assert parse_storage("sqlite:///:memory:").path is None  # no file, so no lock file named ':memory:...'
     with pytest.raises(StorageError, match="not a storage URL"):
@@ -40,7 +40,7 @@ def test_the_study_lock_is_not_the_journal_lock_file(tmp_path):
     with study_lock(url, "s"):
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(url.path)))
         optuna.create_study(study_name="s", storage=storage)  # takes Optuna's own lock: no wait, no clash
-    assert url.lock_path().exists()
+    assert url.lock_path("queue").exists()
 
 
 def test_a_study_folder_storage_prefers_the_journal_and_names_the_folder_when_missing(tmp_path):
