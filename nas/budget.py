@@ -3,15 +3,19 @@
 Signals and exceptions inside the trial cannot do this: a long native call does not see a signal, and any
 `except Exception` on the way swallows the exception. A child process is stopped from outside whatever it
 is doing, and its memory is its own (with its own children, e.g. data-loading workers), not the worker's.
+It dies with the worker (`nas.processes.die_with_parent`).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
+
+from nas.processes import die_with_parent
 
 POLL_S = 0.2  # how often the parent looks at the child's time and memory
 
@@ -39,7 +43,8 @@ def tree_resident_mb(pid: int) -> float:
     return total / 1024
 
 
-def _child(target: Callable, args: tuple, connection) -> None:
+def _child(target: Callable, args: tuple, connection, parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # a worker killed with -9 must not leave its trial training on
     try:
         outcome = ("return", target(*args))
     except BaseException as error:  # noqa: BLE001 - everything goes back to the parent, which re-raises it
@@ -57,7 +62,7 @@ def run_with_budget(target: Callable, args: tuple, *, seconds: float | None, mem
     BudgetExceeded raised. `target` and `args` must be picklable."""
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
     receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(target, args, send), name="trial")
+    process = context.Process(target=_child, args=(target, args, send, os.getpid()), name="trial")
     start = time.monotonic()
     process.start()
     send.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from nas.export import DEFAULT_EPOCHS, PICK_RULES
 from nas.objectives import OBJECTIVES
+from nas.processes import interruptible
 from profilers import BACKENDS
 from search_spaces import ConfigError, describe, load_arch
 from search_spaces.config import check_int
@@ -354,7 +355,8 @@ def is_user_error(error: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        with interruptible():  # SIGTERM (docker stop, kubectl, schedulers) and SIGHUP stop like Ctrl-C
+            args.run(args)
     except Exception as error:
         if not is_user_error(error):
             raise

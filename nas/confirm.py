@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import math
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from optuna.trial import TrialState
 from nas import record as records
 from nas import stats
 from nas.objectives import objectives_for
+from nas.processes import die_with_parent
 from nas.record import ConfirmRecord, ConfirmRun, TrialRecord
 from nas.study import StudyConfig
 from nas.trial import per_image_correct
@@ -225,10 +227,11 @@ def train_arm(ctx, arch: ArchConfig, seed: int, steps: int) -> ConfirmRun:
 _worker_ctx = None  # a pool worker's study context, built once per process
 
 
-def _init_worker(cfg_dict: dict, workers: int) -> None:
+def _init_worker(cfg_dict: dict, workers: int, parent_pid: int) -> None:
     from nas.trial import build_context
 
     global _worker_ctx
+    die_with_parent(parent_pid)  # a confirm killed with -9 must not leave its pool training, then blocked for ever
     cfg = dataclasses.replace(StudyConfig.from_dict(cfg_dict), workers=workers)  # shares the cores out
     _worker_ctx = build_context(cfg)
 
@@ -302,7 +305,7 @@ def run_missing(study: optuna.Study, cfg: StudyConfig, pairs: list[Pair], settin
             keep(train_arm(ctx, arch, seed, settings.steps))
     elif missing:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(cfg.to_dict(), workers)) as pool:
+                                 initargs=(cfg.to_dict(), workers, os.getpid())) as pool:
             futures = [pool.submit(_run_in_worker, a.to_yaml(), s, settings.steps) for a, s in missing]
             for future in as_completed(futures):
                 keep(future.result())

@@ -282,11 +282,28 @@ def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: 
     return "\n".join(lines)
 
 
+EXPORT_MARKER = ".vmoe-nas-export"  # in every folder an export writes: --force replaces only those
+NOT_EXPORTS = {"journal.log": "a study storage", "study.db": "a study storage", "search.log": "a study's log",
+               "run": "a training run (vmoe-nas train)"}  # never replaced, whatever marks the folder
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse to replace `out` unless it is an export this tool wrote, holding no study and no training run:
+    `--force` over results/<study>/ deleted the study."""
+    held = [f"{out / name} holds {what}" for name, what in NOT_EXPORTS.items() if (out / name).exists()]
+    if held:
+        raise ExportError("--force", f"{held[0]}: --force replaces an export folder whole, and never this; "
+                                     "choose another --out, or move it out of the folder first")
+    if not (out / EXPORT_MARKER).is_file():
+        raise ExportError("--force", f"{out} is not an export written by vmoe-nas (no {EXPORT_MARKER} in it); "
+                                     "--force replaces only those: choose another --out or delete it yourself")
+
+
 @contextlib.contextmanager
 def _staging(out: Path, force: bool):
     """A hidden sibling of `out` to write into; renamed to `out` when the block succeeds, removed when it
-    does not. So an interrupted export leaves no half-written directory behind. A training run inside `out`
-    (`vmoe-nas train` writes `run/` there) is never replaced."""
+    does not. So an interrupted export leaves no half-written directory behind. Only an earlier export is
+    ever replaced (`check_replaceable`)."""
     old = out.with_name(f".{out.name}.old")
     if old.exists():  # an export killed between its two renames below
         if out.exists():
@@ -295,12 +312,12 @@ def _staging(out: Path, force: bool):
             os.replace(old, out)  # the previous export is whole: put it back first
     if out.exists() and not force:
         raise ExportError("--out", f"{out} exists; pass --force to replace it")
-    if (out / "run").exists():
-        raise ExportError("--force", f"{out / 'run'} holds a training run (vmoe-nas train): move it out of {out} "
-                                     "or delete it first; --force replaces the whole folder")
+    if out.exists():
+        check_replaceable(out)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)  # left by an export killed outright
     staging.mkdir(parents=True)
+    (staging / EXPORT_MARKER).write_text("written by vmoe-nas export; export --force may replace this folder\n")
     try:
         yield staging
     except BaseException:
@@ -357,7 +374,7 @@ def export_trial(study: optuna.Study, out_dir, *, trial: int | None = None, pick
         (stage / "model_card.md").write_text(model_card(
             cfg, chosen, study.study_name, study_cfg, analysis, onnx_difference=difference, coreml_note=coreml_note,
             source=source, seed=seed, epochs=epochs, superclasses=mapping is not None))
-        written = sorted(p.name for p in stage.iterdir())
+        written = sorted(p.name for p in stage.iterdir() if p.name != EXPORT_MARKER)
     return {name: out / name for name in written}
 
 

@@ -9,6 +9,12 @@ same architecture is queued in its slot, at most `max_retries` times (after that
 trial that kills its worker every time cannot loop). Exactly one worker wins a reclaim: the storage moves a
 trial out of RUNNING once. The retry carries Optuna's `failed_trial` system attribute, as Optuna's own retry
 callbacks do (`optuna.storages.RetryFailedTrialCallback.retried_trial_number`).
+
+A worker's identity is `host:boot id:pid namespace:start time:pid`. A hostname and a pid do not name a
+process: containers with host networking, Kubernetes `hostNetwork` pods and cloned machines share hostnames,
+and each PID namespace has its own pid 1. A worker is judged by its pid only where the other three parts
+match this process's (same kernel boot, same PID namespace, and the pid's process started when the worker
+did); anywhere else, and for a worker named the old way (`host:pid`), its lease decides.
 """
 
 from __future__ import annotations
@@ -35,8 +41,43 @@ UNNAMED_GRACE_S = 60.0  # a claimed trial without its worker's name yet: how lon
 RETRY_ATTR = "failed_trial"  # Optuna's system attribute naming the trial a retry replaces
 
 
+def boot_id() -> str:
+    """This kernel boot's random id (Linux); empty elsewhere, where no pid is then judged locally."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def pid_namespace() -> str:
+    """The inode of this process's PID namespace (Linux); empty elsewhere."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def start_time(pid: int) -> str:
+    """When process `pid` started, in clock ticks since boot (Linux /proc); empty when unknown or gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process's identity as a trial's worker (see the module docstring); the pid comes last."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{boot_id()}:{pid_namespace()}:{start_time(pid)}:{pid}"
+
+
+def local_pid(worker: str | None) -> int | None:
+    """The pid of `worker` where it is provably a process of this kernel boot and PID namespace, else None."""
+    parts = (worker or "").split(":")
+    if len(parts) != 5 or not parts[4].isdigit() or not all(parts[1:4]):
+        return None
+    host, boot, namespace, _, pid = parts
+    return int(pid) if (host, boot, namespace) == (socket.gethostname(), boot_id(), pid_namespace()) else None
 
 
 def lease_until(interval: float) -> float:
@@ -82,15 +123,16 @@ def pid_alive(pid: int) -> bool:
 
 
 def is_dead(record: TrialRecord, *, now: float, grace_s: float) -> bool:
-    """A running trial whose worker is gone: on this host, its pid does not exist (and a live pid is never
-    dead, however late its lease: a loaded machine can starve the renewing thread); on another host, its
-    lease has passed, or, where no worker has put its name on the trial yet, a minute since it was claimed
-    (claiming and naming are two storage writes, which a loaded machine can space out)."""
+    """A running trial whose worker is gone: provably local (see `local_pid`), its pid does not run the
+    process that claimed it (and a live worker is never dead, however late its lease: a loaded machine can
+    starve the renewing thread); anywhere else, its lease has passed, or, where no worker has put its name on
+    the trial yet, a minute since it was claimed (claiming and naming are two storage writes, which a loaded
+    machine can space out)."""
     if record.state != TrialState.RUNNING:
         return False
-    host, _, pid = (record.worker or "").rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        return not pid_alive(int(pid))
+    pid = local_pid(record.worker)
+    if pid is not None:
+        return not pid_alive(pid) or start_time(pid) != record.worker.split(":")[3]
     if record.lease_until is None:
         return now > (record.started or now) + max(grace_s, UNNAMED_GRACE_S)
     return now > record.lease_until

@@ -29,6 +29,7 @@ from nas import liveness
 from nas import record as records
 from nas import trial as steps
 from nas.budget import run_with_budget
+from nas.processes import die_with_parent, interruption_name, treat_signals_as_interruptions
 from nas.record import TrialRecord
 from nas.storage import (
     STORAGE_ERRORS,
@@ -227,34 +228,35 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: steps.StudyContext,
 
     cfg = ctx.cfg
     try:
-        with liveness.lease(trial, cfg.heartbeat_interval):
-            try:
+        try:
+            with liveness.lease(trial, cfg.heartbeat_interval):  # stopped before the trial is told its end
                 if cfg.trial_timeout or cfg.trial_memory_mb:
                     values = run_with_budget(evaluate_stored, (cfg.to_dict(), url.url, trial._trial_id),
                                              seconds=cfg.trial_timeout, memory_mb=cfg.trial_memory_mb)
                     record = records.read(study._storage.get_trial(trial._trial_id))
                 else:
                     values = evaluate(ctx, trial, record)
-            except optuna.TrialPruned as pruned:
-                study.tell(trial, state=TrialState.PRUNED)
-                log.info("trial %d pruned: %s", trial.number, pruned)
-                return TrialState.PRUNED
-            except KeyboardInterrupt:
-                fail("interrupted (Ctrl-C); its slot is run again when the study resumes", interrupted=True)
-                raise
-            except STORAGE_ERRORS:
-                raise  # the storage itself failed: nothing can be recorded; run_worker reports it
-            except ProfilerUnreachable as error:  # the device is gone, not the architecture: stop, retry on resume
-                fail(f"{error}; its slot is run again when the study resumes", interrupted=True)
-                raise
-            except UpdateFinishedTrialError:
-                raise
-            except Exception as error:
-                reason = f"{type(error).__name__}: {error}"
-                fail(reason)
-                log.warning("trial %d failed: %s", trial.number, reason, exc_info=True)
-                return TrialState.FAIL
-            study.tell(trial, values)
+        except optuna.TrialPruned as pruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            log.info("trial %d pruned: %s", trial.number, pruned)
+            return TrialState.PRUNED
+        except KeyboardInterrupt as interruption:  # Ctrl-C, SIGTERM or SIGHUP (nas.processes)
+            fail(f"interrupted ({interruption_name(interruption)}); its slot is run again when the study resumes",
+                 interrupted=True)
+            raise
+        except STORAGE_ERRORS:
+            raise  # the storage itself failed: nothing can be recorded; run_worker reports it
+        except ProfilerUnreachable as error:  # the device is gone, not the architecture: stop, retry on resume
+            fail(f"{error}; its slot is run again when the study resumes", interrupted=True)
+            raise
+        except UpdateFinishedTrialError:
+            raise
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}"
+            fail(reason)
+            log.warning("trial %d failed: %s", trial.number, reason, exc_info=True)
+            return TrialState.FAIL
+        study.tell(trial, values)
     except UpdateFinishedTrialError:  # its lease lapsed and another worker reclaimed it: its retry runs instead
         log.warning("trial %d was reclaimed by another worker while it ran; dropping its result", trial.number)
         return TrialState.FAIL
@@ -355,7 +357,9 @@ def worker_env(index: int, devices: list[str]):
             os.environ["CUDA_VISIBLE_DEVICES"] = previous
 
 
-def _worker_process(cfg_dict: dict, worker_index: int, log_path: str) -> None:
+def _worker_process(cfg_dict: dict, worker_index: int, log_path: str, launcher_pid: int) -> None:
+    die_with_parent(launcher_pid)  # a launcher killed with -9 takes its workers along
+    treat_signals_as_interruptions(once=True)
     cfg = StudyConfig.from_dict(cfg_dict)
     with study_logging(Path(log_path)):
         try:
@@ -487,7 +491,7 @@ def _run_processes(cfg: StudyConfig, study: optuna.Study, bar: Progress | None, 
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
 
     def start(index: int):
-        process = context.Process(target=_worker_process, args=(cfg.to_dict(), index, str(log_path)),
+        process = context.Process(target=_worker_process, args=(cfg.to_dict(), index, str(log_path), os.getpid()),
                                   name=f"worker-{index}")
         with worker_env(index, cfg.devices):  # a replacement keeps its predecessor's device
             process.start()
@@ -514,6 +518,10 @@ def _run_processes(cfg: StudyConfig, study: optuna.Study, bar: Progress | None, 
                         workers[index] = start(index)
             if bar:
                 bar.update(study)
+    except BaseException:  # interrupted (the launcher alone gets `docker stop`'s SIGTERM): so are the workers
+        for worker in workers.values():
+            worker.terminate()
+        raise
     finally:
         for worker in workers.values():
             worker.join(timeout=30)

@@ -24,3 +24,12 @@ def hold_memory(megabytes: int, seconds: float) -> int:
 
 def fail(message: str) -> None:
     raise ValueError(message)
+
+
+def write_pid_then_sleep(path: str, seconds: float) -> None:
+    """Writes its pid to `path`, then sleeps: a trial that is still running when its worker dies."""
+    import os
+
+    with open(path, "w") as file:
+        file.write(str(os.getpid()))
+    time.sleep(seconds)

@@ -3,6 +3,7 @@ params and FLOPs, ONNX parity, Core ML (or its note), and an all-or-nothing outp
 
 import os
 import re
+import shutil
 
 import numpy as np
 import onnx
@@ -17,7 +18,7 @@ import nas.export
 import profilers
 from nas.cli import main
 from nas.data import load_dataset
-from nas.export import ExportError, export_trial, pick_trial
+from nas.export import EXPORT_MARKER, ExportError, export_trial, pick_trial
 from nas.full_train import load_train_config
 from nas.pareto import analyze
 from nas.storage import load_study
@@ -127,6 +128,7 @@ def test_an_interrupted_export_leaves_no_directory_and_keeps_the_old_one(results
     old = tmp_path / "old"
     old.mkdir()
     (old / "arch.yaml").write_text("kept")
+    (old / EXPORT_MARKER).touch()  # an earlier export: --force may replace it
     with pytest.raises(ExportError, match="exists; pass --force"):
         export_trial(s, old, trial=1, coreml=False)
     with pytest.raises(KeyboardInterrupt):
@@ -157,6 +159,25 @@ def test_export_force_never_deletes_a_training_run(results, tmp_path):
     with pytest.raises(ExportError, match="holds a training run"):
         export_trial(s, out, trial=0, coreml=False, force=True, study_dir=results / STUDY)
     assert (out / "run" / "model.pt").read_text() == "trained for hours"
+
+
+def test_export_force_never_replaces_a_study_or_a_folder_it_did_not_write(results, tmp_path, capsys):
+    """`export --out results/<study> --force` deleted the study (study.db, search.log)."""
+    study_dir = tmp_path / "results" / STUDY
+    shutil.copytree(results / STUDY, study_dir)
+    kept = {p.name: p.read_bytes() for p in study_dir.iterdir() if p.is_file()}
+    base = ["export", "--study", STUDY, "--results-dir", str(tmp_path / "results"), "--trial", "1", "--no-coreml"]
+    assert main([*base, "--out", str(study_dir), "--force"]) == 2
+    assert "study.db holds a study storage" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in study_dir.iterdir() if p.is_file()} == kept
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("mine")
+    assert main([*base, "--out", str(mine), "--force"]) == 2
+    assert "not an export written by vmoe-nas" in capsys.readouterr().err
+    assert (mine / "todo.txt").read_text() == "mine"
+    assert main([*base, "--out", str(tmp_path / "export")]) == 0  # an export: --force replaces it
+    assert main([*base, "--out", str(tmp_path / "export"), "--force"]) == 0
 
 
 def test_export_command_refuses_a_bad_trial_and_rule(results, tmp_path, capsys):

@@ -1,0 +1,115 @@
+"""Processes and signals: what stops a run is an interruption, and a child never outlives its parent.
+
+SIGTERM (schedulers, `docker stop`, `kubectl delete`) and SIGHUP (a closed terminal or SSH session) are
+treated as Ctrl-C: they raise KeyboardInterrupt in the main thread, so an interrupted trial frees its slot
+instead of counting as a crash (a process killed outright by them would use up its trial's retries). A
+process that is PID 1 in a container also needs the handler: the kernel ignores SIGTERM there otherwise.
+
+Children (a budgeted trial's process, search workers, confirmation pool workers) get a parent-death signal
+on Linux (prctl PR_SET_PDEATHSIG), and elsewhere watch their parent's pid: killed with -9, a parent takes
+them with it, instead of leaving them training on (and writing to its checkpoints) for minutes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+INTERRUPTIONS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+PARENT_POLL_S = 1.0  # elsewhere than Linux: how often a child looks whether its parent is still there
+
+
+def interrupt(signum: int, frame=None) -> None:
+    """A signal handler: raise KeyboardInterrupt naming the signal (`str(error)` is e.g. 'SIGTERM')."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def interruption_name(error: KeyboardInterrupt) -> str:
+    """What interrupted: the signal's name, or Ctrl-C for a plain KeyboardInterrupt."""
+    return str(error) if str(error).startswith("SIG") else "Ctrl-C"
+
+
+def interrupt_once(signum: int, frame=None) -> None:
+    """`interrupt`, then ignore every later interrupting signal: a worker that is recording its interrupted
+    trial must not be interrupted again (Ctrl-C reaches it from the terminal, SIGTERM from its launcher)."""
+    for number in INTERRUPTIONS:
+        signal.signal(number, signal.SIG_IGN)
+    interrupt(signum)
+
+
+def treat_signals_as_interruptions(*, once: bool = False) -> None:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt from now on, as SIGINT does (main thread only); `once`:
+    only the first of them does."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in INTERRUPTIONS:
+        if once or number != signal.SIGINT:
+            signal.signal(number, interrupt_once if once else interrupt)
+
+
+@contextmanager
+def interruptible():
+    """`treat_signals_as_interruptions` while the block runs; the previous handlers afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.getsignal(number) for number in INTERRUPTIONS}
+    treat_signals_as_interruptions()
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+@contextmanager
+def deferred_interruptions(on_signal):
+    """While the block runs, an interrupting signal calls `on_signal(name)` instead of raising, so that the
+    block can reach a safe point first; a second one raises at once. Outside the main thread: no change."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            interrupt(signum)
+        received.append(signum)
+        on_signal(signal.Signals(signum).name)
+
+    previous = {number: signal.signal(number, handler) for number in INTERRUPTIONS}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process die when the process `parent_pid` (its parent) does: at once by SIGKILL on Linux,
+    within PARENT_POLL_S elsewhere. A parent already gone: exit now."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
+    if libc is not None and libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+        if os.getppid() != parent_pid:  # it died before the signal was armed
+            os._exit(1)
+        return
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+__all__ = ["deferred_interruptions", "die_with_parent", "interrupt", "interruptible", "interruption_name",
+           "treat_signals_as_interruptions"]
