@@ -83,8 +83,10 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(f"study {cfg.study_name} finished: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
     if cfg.confirm.enabled and not args.no_confirm:
         from nas.confirm import confirm
+        from nas.search import storage_url
 
-        _print_confirmed(confirm(study, cfg, workers=cfg.workers, progress=not args.no_progress))
+        _print_confirmed(confirm(study, cfg, workers=cfg.workers, progress=not args.no_progress,
+                                 storage=storage_url(cfg)))  # launchers sharing it share the runs
     if not args.no_report:
         from nas.report import write_report
 
@@ -106,7 +108,7 @@ def cmd_confirm(args: argparse.Namespace) -> None:
     from nas import record as records
     from nas.confirm import confirm
     from nas.report import write_report
-    from nas.storage import load_study
+    from nas.storage import existing_storage, load_study, parse_storage
     from nas.study import StudyConfig
 
     for name, value in (("--seeds", args.seeds), ("--pairs", args.pairs), ("--steps", args.steps),
@@ -115,14 +117,15 @@ def cmd_confirm(args: argparse.Namespace) -> None:
             check_int(name, value, 1)
     if args.margin is not None and not math.isfinite(args.margin):
         raise ConfigError("--margin", f"must be a finite number, got {args.margin}")
-    study = load_study(args.study, storage=args.storage, results_dir=args.results_dir)
+    url = parse_storage(args.storage) if args.storage else existing_storage(Path(args.results_dir) / args.study)
+    study = load_study(args.study, storage=url, results_dir=args.results_dir)
     stored = records.read_study(study).config
     if stored is None:
         raise ConfigError("--study", f"study {args.study!r} stores no config: it was not run by vmoe-nas search")
     # The study's own settings, here: its storage is the one just opened, its files under --results-dir.
     cfg = StudyConfig.from_dict({**stored, "storage": None, "results_dir": args.results_dir})
     record = confirm(study, cfg, seeds=args.seeds, pairs=args.pairs, steps=args.steps, margin=args.margin,
-                     workers=args.workers or 1, progress=not args.no_progress)
+                     workers=args.workers or 1, progress=not args.no_progress, storage=url)
     _print_confirmed(record)
     paths = write_report(study, Path(args.results_dir) / args.study)
     print(f"wrote {paths['beats_dense.csv']}, {paths['report.md']}, {paths['pareto.html']}")
@@ -189,7 +192,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from nas.full_train import load_train_config, run_training
-    from nas.trainer import CHECKPOINT_NAME, resolve_device
+    from nas.trainer import CHECKPOINT_NAME, TrainingInterrupted, resolve_device
 
     run = load_train_config(args.config).output_dir
     if args.device:
@@ -199,8 +202,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"resuming from {checkpoint}")
     try:
         metrics = run_training(args.config, force=args.force, progress=not args.no_progress, device=args.device)
-    except KeyboardInterrupt:
-        print(f"interrupted: run the same command again to resume from {checkpoint}", file=sys.stderr)
+    except TrainingInterrupted as stopped:
+        print(f"interrupted ({stopped}): saved step {stopped.step}{f' of {stopped.steps}' if stopped.steps else ''} "
+              f"to {stopped.path}; run the same command again to resume from there", file=sys.stderr)
+        raise
+    except KeyboardInterrupt:  # before training began, or a second signal: say what is on disk
+        saved = f"resume from {checkpoint}" if checkpoint.is_file() else "start over (nothing was saved)"
+        print(f"interrupted: run the same command again to {saved}", file=sys.stderr)
         raise
     test = metrics["test_accuracy"]
     print(f"{metrics['name']}: {metrics['steps']} steps, val accuracy {metrics['val_accuracy']:.4f}, "

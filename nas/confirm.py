@@ -18,18 +18,22 @@ weight), so it is not trained again; an MoE's is not reused, since it did not st
 
 Storage: a companion study `<study>-confirm` in the study's storage, one COMPLETE trial per (arm, seed,
 steps) run (`nas.record.ConfirmRun`), the pairs and their `nas.stats.PairedResult`s as its user attributes.
-A killed confirm resumes: runs already stored are skipped. Runs go through a process pool with `workers > 1`;
-only this process writes to the storage.
+A killed confirm resumes: runs already stored are skipped. Runs go through a process pool with `workers > 1`
+(which dies with this process); only this process writes to the storage. Launchers sharing one storage (the
+README's distributed recipe) claim runs as workers claim trials (`Claims`): each run is trained once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,8 +41,9 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from nas import liveness, stats
 from nas import record as records
-from nas import stats
+from nas.liveness import LEASE_INTERVALS
 from nas.objectives import objectives_for
 from nas.processes import die_with_parent
 from nas.record import ConfirmRecord, ConfirmRun, TrialRecord
@@ -47,6 +52,7 @@ from nas.trial import per_image_correct
 from search_spaces import ArchConfig, ConfigError, build_model
 
 log = logging.getLogger("vmoe_nas.confirm")
+CLAIM_ATTR = "claim"  # a companion trial's user attribute: the key of the run a launcher is training
 COSTS = {"twin": "flops", "flops": "flops", "latency": "latency"}  # comparator -> the cost its arms are matched on
 
 
@@ -273,54 +279,183 @@ def compare(pairs: list[Pair], runs: dict[str, ConfirmRun], settings: Settings) 
     return stats.study(results)
 
 
+class Claims:
+    """Confirmation runs claimed like trials, so that launchers sharing one storage train each key once: a
+    claim is a RUNNING trial of the companion study naming its key, its worker and a lease (renewed every
+    `interval` s, as `nas.liveness` does for trials); a claimed run's result is stored in its own trial. Claims
+    are taken under `lock` (the study lock across launchers); a dead worker's claim is failed and taken anew."""
+
+    def __init__(self, target: optuna.Study, lock, interval: float):
+        self.target, self.lock, self.interval = target, lock, interval
+        self.held: dict[int, optuna.Trial] = {}
+        self.guard = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._renew, daemon=True, name="confirm-leases")
+        self.thread.start()
+
+    def _renew(self) -> None:
+        while not self.stop.wait(self.interval):
+            with self.guard:
+                for trial in self.held.values():
+                    try:
+                        records.renew_lease(trial, liveness.lease_until(self.interval))
+                    except Exception as error:  # noqa: BLE001 - any storage failure: try again next interval
+                        log.warning("confirm run %d: lease renewal failed: %s", trial.number, error)
+
+    def take(self, wanted: dict[str, tuple[ArchConfig, int]]) -> tuple[optuna.Trial, ArchConfig, int] | None:
+        """Claim the first run of `wanted` (key -> arm, seed) that no launcher has stored or holds; None when
+        there is none to claim now."""
+        with self.lock():
+            busy = set()
+            for frozen in self.target.get_trials(deepcopy=False):
+                key = frozen.user_attrs.get("run_key", frozen.user_attrs.get(CLAIM_ATTR))
+                if frozen.state == TrialState.COMPLETE:
+                    busy.add(key)
+                elif frozen.state == TrialState.RUNNING and not self._reclaim_if_dead(frozen):
+                    busy.add(key)
+            key = next((k for k in wanted if k not in busy), None)
+            if key is None:
+                return None
+            trial = self.target.ask()
+            for name, value in ((CLAIM_ATTR, key), ("worker", liveness.worker_id()),
+                                ("lease_until", liveness.lease_until(self.interval))):
+                trial.set_user_attr(name, value)
+        with self.guard:
+            self.held[trial.number] = trial
+        return (trial, *wanted[key])
+
+    def _reclaim_if_dead(self, frozen) -> bool:
+        claim = TrialRecord(number=frozen.number, state=frozen.state, worker=frozen.user_attrs.get("worker"),
+                            lease_until=frozen.user_attrs.get("lease_until"),
+                            started=frozen.datetime_start.timestamp() if frozen.datetime_start else None)
+        if not liveness.is_dead(claim, now=time.time(), grace_s=LEASE_INTERVALS * self.interval):
+            return False
+        log.warning("confirm run %d: its worker %s died; the run is claimed again", frozen.number, claim.worker)
+        self.target.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+        return True
+
+    def finish(self, trial: optuna.Trial, run: ConfirmRun | None) -> None:
+        """Store `run` in its claim's trial; None: give the claim up (failed, so another launcher takes it)."""
+        with self.guard:  # no renewal of a trial being finished
+            del self.held[trial.number]
+        if run is None:
+            self.target.tell(trial, state=TrialState.FAIL)
+            return
+        for name, value in records.confirm_run_attrs(run).items():
+            trial.set_user_attr(name, value)
+        self.target.tell(trial, run.accuracy)
+
+    def close(self) -> None:
+        for trial in list(self.held.values()):
+            self.finish(trial, None)
+        self.stop.set()
+        self.thread.join()
+
+
 def run_missing(study: optuna.Study, cfg: StudyConfig, pairs: list[Pair], settings: Settings, *, workers: int = 1,
-                progress: bool = False) -> dict[str, ConfirmRun]:
+                progress: bool = False, storage=None) -> dict[str, ConfirmRun]:
     """Every run `pairs` need with `settings`, by key: those the companion study holds, and the missing ones,
-    trained (in a pool of `workers` processes when > 1) and stored one by one as they finish."""
+    trained (in a pool of `workers` processes when > 1) and stored one by one as they finish. Launchers that
+    share the study's `storage` (a `nas.storage.StorageURL`) share the work: each run is trained once."""
     from tqdm.auto import tqdm
 
-    from nas.trial import build_context
+    from nas.storage import study_lock
 
     target = companion(study)
-    runs = stored_runs(target)
+    lock = (lambda: study_lock(storage, target.study_name)) if storage is not None else contextlib.nullcontext
     needed = runs_needed(pairs, settings.seeds)
-    wanted = {records.run_key(a, s, settings.steps) for a, s in needed}
-    for run in search_runs(records.read_all(study), cfg, settings):  # seed 0 of dense arms, trained already
-        if run.key in wanted and run.key not in runs:
-            store_run(target, run)
-            runs[run.key] = run
-    missing = [(a, s) for a, s in needed if records.run_key(a, s, settings.steps) not in runs]
-    log.info("confirm %s: %d pairs, %d runs (%d stored)", study.study_name, len(pairs), len(missing) + len(runs),
-             len(runs))
+    wanted = {records.run_key(a, s, settings.steps): (a, s) for a, s in needed}
+    with lock():
+        runs = stored_runs(target)
+        for run in search_runs(records.read_all(study), cfg, settings):  # seed 0 of dense arms, trained already
+            if run.key in wanted and run.key not in runs:
+                store_run(target, run)
+                runs[run.key] = run
+    log.info("confirm %s: %d pairs, %d runs (%d stored)", study.study_name, len(pairs), len(wanted),
+             len(set(runs) & set(wanted)))
+    bar = tqdm(total=len(set(wanted) - set(runs)), desc=f"{study.study_name} confirm", unit="run",
+               disable=not progress)
+    claims = Claims(target, lock, cfg.heartbeat_interval)
+    try:
+        if workers <= 1:
+            _train_claimed_here(cfg, claims, wanted, runs, bar, settings.steps)
+        else:
+            _train_claimed_in_pool(cfg, claims, wanted, runs, bar, settings.steps, workers)
+    finally:
+        claims.close()
+        bar.close()
+    return {key: run for key, run in stored_runs(target).items() if key in wanted}
 
-    def keep(run: ConfirmRun) -> None:
-        store_run(target, run)
+
+def _missing(claims: Claims, wanted: dict, runs: dict) -> dict:
+    """The wanted runs not stored yet (by any launcher: `runs` is refreshed from the storage)."""
+    runs.update(stored_runs(claims.target))
+    return {key: arm for key, arm in wanted.items() if key not in runs}
+
+
+def _wait_for_others(claims: Claims, wanted: dict, runs: dict) -> bool:
+    """Nothing left to claim: whether runs other launchers hold are still missing (after a pause)."""
+    if not _missing(claims, wanted, runs):
+        return False
+    time.sleep(min(1.0, claims.interval))
+    return True
+
+
+def _train_claimed_here(cfg: StudyConfig, claims: Claims, wanted: dict, runs: dict, bar, steps: int) -> None:
+    from nas.trial import build_context
+
+    ctx = None
+    while True:
+        claimed = claims.take(_missing(claims, wanted, runs))
+        if claimed is None:
+            if _wait_for_others(claims, wanted, runs):
+                continue
+            return
+        trial, arch, seed = claimed
+        ctx = ctx or build_context(cfg)
+        run = None
+        try:
+            run = train_arm(ctx, arch, seed, steps)
+        finally:
+            claims.finish(trial, run)
         runs[run.key] = run
         bar.update(1)
 
-    bar = tqdm(total=len(missing), desc=f"{study.study_name} confirm", unit="run", disable=not progress)
-    if missing and workers <= 1:
-        ctx = build_context(cfg)
-        for arch, seed in missing:
-            keep(train_arm(ctx, arch, seed, settings.steps))
-    elif missing:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(cfg.to_dict(), workers, os.getpid())) as pool:
-            futures = [pool.submit(_run_in_worker, a.to_yaml(), s, settings.steps) for a, s in missing]
-            for future in as_completed(futures):
-                keep(future.result())
-    bar.close()
-    return runs
+
+def _train_claimed_in_pool(cfg: StudyConfig, claims: Claims, wanted: dict, runs: dict, bar, steps: int,
+                           workers: int) -> None:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=(cfg.to_dict(), workers, os.getpid())) as pool:
+        running = {}
+        while True:
+            while len(running) < workers:
+                claimed = claims.take(_missing(claims, wanted, runs))  # its own claims are taken too
+                if claimed is None:
+                    break
+                trial, arch, seed = claimed
+                running[pool.submit(_run_in_worker, arch.to_yaml(), seed, steps)] = trial
+            if not running:
+                if _wait_for_others(claims, wanted, runs):
+                    continue
+                return
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                trial = running.pop(future)
+                run = future.result()  # a failed run raises here; close() gives the other claims up
+                claims.finish(trial, run)
+                runs[run.key] = run
+                bar.update(1)
 
 
 def confirm(study: optuna.Study, cfg: StudyConfig, *, seeds: int | None = None, pairs: int | None = None,
             steps: int | None = None, margin: float | None = None, workers: int = 1,
-            progress: bool = False) -> ConfirmRecord:
-    """Confirm the top MoEs of `study` (run with `cfg`) against dense; stores and returns the record."""
+            progress: bool = False, storage=None) -> ConfirmRecord:
+    """Confirm the top MoEs of `study` (run with `cfg`) against dense; stores and returns the record.
+    `storage`: the study's `nas.storage.StorageURL`, whose study lock launchers sharing it claim runs under."""
     rs = records.read_all(study)
     chosen = select_pairs(rs, cfg.confirm.pairs if pairs is None else pairs, cfg.objectives)
     settings = settings_for(cfg, rs, seeds=seeds, steps=steps, margin=margin)
-    runs = run_missing(study, cfg, chosen, settings, workers=workers, progress=progress)
+    runs = run_missing(study, cfg, chosen, settings, workers=workers, progress=progress, storage=storage)
     results = compare(chosen, runs, settings)
     record = ConfirmRecord(settings.to_dict(), [_with_accuracies(p, runs, settings) for p in chosen],
                            [r.to_dict() for r in results])

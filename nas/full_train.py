@@ -1,16 +1,19 @@
 """Full-length training of an exported configuration: `vmoe-nas train DIR/train.yaml`.
 
 Reads exactly what `vmoe-nas export` wrote (train.yaml, arch.yaml, superclasses.json), trains with the
-search's trainer on the full data set, checkpointing at every evaluation so an interrupted run resumes
-where it stopped, and ends with the test-set accuracy in `metrics.json`, the trained weights in
+search's trainer on the full data set, checkpointing at every evaluation, every `checkpoint_every_s` and on
+SIGINT/SIGTERM/SIGHUP so an interrupted run resumes where it stopped (one run per folder: it is locked),
+and ends with the test-set accuracy in `metrics.json`, the trained weights in
 `model.pt` and their ONNX export in `model.onnx`. `metrics.json` is written last: it marks a finished run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from search_spaces.config import read_yaml
 
 DATA_FIELDS = ("name", "data_dir", "val_fraction", "seed", "limit", *FOLDER_FIELDS)  # load_dataset's arguments
 RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "model.pt", "model.onnx")
+LOCK_NAME = ".train-lock"  # held by the one `vmoe-nas train` writing the folder
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ def load_train_config(path) -> TrainConfig:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.write_text(json.dumps(data, indent=1))
     os.replace(partial, path)
 
@@ -88,9 +92,32 @@ def run_training(path, *, force: bool = False, progress: bool = True, device: st
     if (out / "metrics.json").is_file() and not force:
         raise ConfigError("output_dir", f"{out} holds a finished run ({out / 'metrics.json'}); "
                                         "pass --force to train again from scratch")
-    if force:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
+    with run_lock(out):
+        if force:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        return _train_and_save(config, progress)
+
+
+@contextmanager
+def run_lock(out: Path):
+    """Hold the run folder `out` alone: a second `vmoe-nas train` on it is one clear error, not a crash
+    between two writers of one checkpoint. Released when the process ends, however it ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError("output_dir", f"{out} is in use by another vmoe-nas train; wait for it to end, or "
+                                            "give this one another output_dir") from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _train_and_save(config: TrainConfig, progress: bool) -> dict:
+    out = config.output_dir
     dataset = load_dataset(**config.data)
     groups = config.superclasses.class_to_group if config.superclasses is not None else None
     result = train(config.arch, dataset, config.recipe, superclasses=groups, checkpoint_dir=out, progress=progress,

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,19 +33,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas.data import Dataset, Split
+from nas.processes import deferred_interruptions
 from search_spaces import ArchConfig, ConfigError, build_model
 from search_spaces.config import from_mapping
 from search_spaces.model import ModelOutput, PerTokenExperts
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-RUN_ONLY = ("device", "compile", "num_threads")  # where and how fast a run goes, not what it computes: resumable
+# Where, how fast and how often saved a run goes, not what it computes: a checkpoint resumes across them.
+RUN_ONLY = ("device", "compile", "num_threads", "checkpoint_every_s")
 LOG_EVERY = 10  # steps per loss-curve point: the curve stays small enough to store on every trial
 EVAL_BATCH = 1024
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says when and what to try."""
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint that cannot be resumed: unreadable, or another run's."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by a signal (SIGINT, SIGTERM, SIGHUP) after saving a checkpoint at `step` to `path`."""
+
+    def __init__(self, signal_name: str, step: int, steps: int | None, path: Path):
+        super().__init__(signal_name)
+        self.step, self.steps, self.path = step, steps, path
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,7 @@ class TrainRecipe:
     compile: bool = False  # torch.compile: pays off over long runs, not over a search's short proxies
     mixup: float = 0.0  # mixup alpha (timm's Mixup); 0 = off. DeiT uses 0.8 over 300 epochs
     cutmix: float = 0.0  # cutmix alpha; 0 = off. DeiT: 1.0
+    checkpoint_every_s: float = 600.0  # with a checkpoint folder: saved this often too, not only at evaluations
 
     def __post_init__(self):
         if all(getattr(self, name) is None for name in ("epochs", "steps", "seconds")):
@@ -82,6 +98,7 @@ class TrainRecipe:
         _check_number("data_seed", self.data_seed, optional=True, integer=True)
         _check_number("num_threads", self.num_threads, optional=True, positive=True, integer=True)
         _check_number("lr", self.lr, positive=True)
+        _check_number("checkpoint_every_s", self.checkpoint_every_s, positive=True)
         for name in ("weight_decay", "label_smoothing", "aux_loss_weight", "warmup_fraction"):
             _check_number(name, getattr(self, name))
         if self.warmup_fraction >= 1 or self.label_smoothing >= 1:
@@ -362,9 +379,13 @@ class Checkpoint:
         payload = {**self.identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "state": asdict(state), "rng": torch.get_rng_state(),
                    "scaler": scaler.state_dict() if scaler is not None else {}}
-        partial = self.path.with_suffix(".tmp")
-        torch.save(payload, partial)
-        partial.replace(self.path)  # atomic: a crash mid-save leaves the previous checkpoint
+        descriptor, partial = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(descriptor)  # a name of its own: two writers never move each other's file
+        try:
+            torch.save(payload, partial)
+            os.replace(partial, self.path)  # atomic: a crash mid-save leaves the previous checkpoint
+        finally:
+            Path(partial).unlink(missing_ok=True)
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler=None) -> RunState | None:
         """Load the checkpoint into model and optimizer (on whatever device they are: a run started on a GPU
@@ -376,12 +397,12 @@ class Checkpoint:
         except Exception as error:  # torn, foreign or planted: say which file, not a pickle traceback
             lines = str(error).splitlines() or [type(error).__name__]
             why = next((line for line in lines if "GLOBAL" in line), lines[0])  # what a planted file pickles
-            raise TrainingError(f"cannot read checkpoint {self.path} ({why}); only tensors and plain data are "
+            raise CheckpointError(f"cannot read checkpoint {self.path} ({why}); only tensors and plain data are "
                                 f"loaded; delete it to restart") from None
         for key, value in self.identity.items():
             stored = payload.get(key) if isinstance(payload, dict) else None
             if (_recipe_dict(stored) if key == "recipe" else stored) != value:
-                raise TrainingError(f"checkpoint {self.path} is from another run (its {key} differs); "
+                raise CheckpointError(f"checkpoint {self.path} is from another run (its {key} differs); "
                                     f"use another checkpoint_dir or delete it")
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
@@ -492,6 +513,7 @@ class _Run:
         self.loss = Loss.of(cfg, recipe, None if groups is None else groups.to(device))
         self.grad_clip = recipe.grad_clip
         self.eval_every = self.batches.per_epoch if recipe.eval_every == "epoch" else recipe.eval_every
+        self.checkpoint_every_s = recipe.checkpoint_every_s
         self.checkpoint = None
         self.state = RunState()
         if checkpoint_dir:
@@ -537,29 +559,41 @@ class _Run:
             self.batches.close()
 
     def _loop(self, on_eval, stop_at: float, progress: bool, evaluate_test: bool) -> TrainResult:
+        """Train to `stop_at` or the end. With a checkpoint: saved at each evaluation, every
+        `checkpoint_every_s`, and on SIGINT/SIGTERM/SIGHUP, which then stop the run after the step under way
+        (a second signal stops it at once)."""
         s = self.state
         bar = _progress_bar(progress, self.schedule.steps, s.step)
         start, losses = time.perf_counter(), []
-        while not s.finished and s.step < stop_at:
-            tick = time.perf_counter()
-            losses.append(self.step())
-            s.train_time += time.perf_counter() - tick
-            bar.update(1)
-            done = self.schedule.progress(s.step, s.train_time) >= 1
-            evaluating = done or s.step == stop_at or s.step % self.eval_every == 0
-            if len(losses) == LOG_EVERY or evaluating:  # flushed at evaluations: a resumed curve is the same
-                s.loss_curve.append((s.step, float(np.mean(losses))))
-                losses = []
-            if evaluating:
-                s.metrics = evaluate(self.model, self.data.val, self.data.normalize, groups=self.groups)
-                s.evals.append((s.step, s.metrics["accuracy"]))
-                stop = bool(on_eval and on_eval(s.step, self.epochs(), s.metrics["accuracy"]))
-                s.stopped_early = stop and not done
-                s.finished = done or stop
-                s.wall_time += time.perf_counter() - start
-                start = time.perf_counter()
-                if self.checkpoint:
+        signals, saved_at = [], time.monotonic()
+        with deferred_interruptions(signals.append) if self.checkpoint else nullcontext():
+            while not s.finished and s.step < stop_at:
+                tick = time.perf_counter()
+                losses.append(self.step())
+                s.train_time += time.perf_counter() - tick
+                bar.update(1)
+                done = self.schedule.progress(s.step, s.train_time) >= 1
+                evaluating = done or s.step == stop_at or s.step % self.eval_every == 0
+                saving = self.checkpoint and (evaluating or signals
+                                              or time.monotonic() - saved_at >= self.checkpoint_every_s)
+                if len(losses) == LOG_EVERY or evaluating:  # not at timed saves: curves stay deterministic
+                    s.loss_curve.append((s.step, float(np.mean(losses))))
+                    losses = []
+                if evaluating:
+                    s.metrics = evaluate(self.model, self.data.val, self.data.normalize, groups=self.groups)
+                    s.evals.append((s.step, s.metrics["accuracy"]))
+                    stop = bool(on_eval and on_eval(s.step, self.epochs(), s.metrics["accuracy"]))
+                    s.stopped_early = stop and not done
+                    s.finished = done or stop
+                if evaluating or saving:
+                    s.wall_time += time.perf_counter() - start
+                    start = time.perf_counter()
+                if saving:
                     self.checkpoint.save(self.model, self.optimizer, s, self.scaler)
+                    saved_at = time.monotonic()
+                if signals:
+                    bar.close()
+                    raise TrainingInterrupted(signals[0], s.step, self.schedule.steps, self.checkpoint.path)
         bar.close()
         return self.result(evaluate_test)
 
@@ -651,7 +685,7 @@ def _progress_bar(enabled: bool, total: int | None, initial: int):
 
 
 __all__ = [
-    "CHECKPOINT_NAME", "Batches", "Checkpoint", "Loss", "RunState", "Schedule", "TrainRecipe", "TrainResult",
-    "TrainingError", "augment", "autocast_dtype", "available_cores", "available_devices", "evaluate",
-    "param_groups", "parse_device", "resolve_device", "train",
+    "CHECKPOINT_NAME", "Batches", "Checkpoint", "CheckpointError", "Loss", "RunState", "Schedule", "TrainRecipe",
+    "TrainResult", "TrainingError", "TrainingInterrupted", "augment", "autocast_dtype", "available_cores",
+    "available_devices", "evaluate", "param_groups", "parse_device", "resolve_device", "train",
 ]

@@ -10,6 +10,7 @@ trial and stores the record (`nas.record.write`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -236,8 +237,14 @@ def train_to_rungs(ctx: StudyContext, arch: ArchConfig, decide: Callable[[int, A
     checkpoints = ctx.cfg.study_dir / "checkpoints" / f"{arch.config_hash()}-{recipe_key}" if rungs[0] else None
     for rung in rungs:
         final = rung == rungs[-1]
-        result = trainer.train(arch, ctx.dataset, ctx.recipe, superclasses=groups, checkpoint_dir=checkpoints,
-                               stop_at_step=None if final else rung)
+        run = functools.partial(trainer.train, arch, ctx.dataset, ctx.recipe, superclasses=groups,
+                                checkpoint_dir=checkpoints, stop_at_step=None if final else rung)
+        try:
+            result = run()
+        except trainer.CheckpointError as error:  # torn or foreign: kept, it would fail every later trial too
+            log.warning("%s: %s; discarded, the run starts over", arch.name, error)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            result = run()
         reason = decide(rung if rung is not None else result.steps, result)
         if reason or final:
             if checkpoints is not None:

@@ -2,7 +2,12 @@
 not train. The budget in train.yaml is cut to 16 steps (evaluating, so checkpointing, every 8)."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -104,3 +109,38 @@ def test_missing_or_corrupt_files_are_refused_by_name(exported, tmp_path, capsys
     error = capsys.readouterr().err
     assert named in error and "Traceback" not in error
     assert not (config.parent / "run").exists()
+
+
+def test_a_signal_saves_the_steps_since_the_last_evaluation_and_says_so(exported, tmp_path, monkeypatch, capsys):
+    """Ctrl-C before the first evaluation saved nothing and said "resume from run/checkpoint.pt"."""
+    config = copy_of(exported, tmp_path)
+    real_step = nas.trainer._Run.step
+
+    def step_then_interrupt(run):
+        if run.state.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # during step 4 of 16, before the first evaluation (step 8)
+        return real_step(run)
+
+    monkeypatch.setattr(nas.trainer._Run, "step", step_then_interrupt)
+    assert main(["train", str(config), "--no-progress"]) == 130
+    run = config.parent / "run"
+    assert f"interrupted (SIGINT): saved step 4 of {STEPS} to {run / CHECKPOINT_NAME}" in capsys.readouterr().err
+    assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["state"]["step"] == 4
+
+
+def test_a_second_train_on_one_run_folder_is_one_clear_error(exported, tmp_path, capsys):
+    config = copy_of(exported, tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["recipe"].update(steps=1_000_000, eval_every=1)  # runs until killed, checkpointing at every step
+    config.write_text(yaml.safe_dump(data))
+    first = subprocess.Popen([sys.executable, "-m", "nas.cli", "train", str(config), "--no-progress"])
+    try:
+        deadline = time.monotonic() + 120
+        while not (config.parent / "run" / CHECKPOINT_NAME).is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, "the first run ended"
+        assert main(["train", str(config), "--no-progress"]) == 2
+        assert "is in use by another vmoe-nas train" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()

@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_faults import add_running, dead_pid, study_yaml
+from test_faults import ARCH, add_running, dead_pid, study_yaml
 
 from nas import liveness
 from nas import record as records
@@ -242,3 +242,174 @@ def test_a_finished_trial_logs_no_lease_renewal_failure(tmp_path, monkeypatch, c
         assert run_worker(cfg) == 1
     assert "lease renewal failed" not in caplog.text
     assert load_study("lease-end", results_dir=tmp_path / "results").trials[0].state == TrialState.COMPLETE
+
+
+# ---------------------------------------------------------------- 4, 5, 6: checkpoints
+
+
+def tiny_run(tmp_path, **recipe):
+    from nas.data import load_dataset
+    from nas.trainer import TrainRecipe
+
+    data = load_dataset("synthetic", limit=256)
+    fields = {"steps": 12, "batch_size": 32, "eval_every": 12, "num_threads": 1, **recipe}
+    return ARCH, data, TrainRecipe(**fields)
+
+
+def test_a_corrupt_checkpoint_between_rungs_is_discarded_and_the_trial_retrains(tmp_path, caplog):
+    """A torn checkpoint failed the trial, and stayed: every later trial of the architecture failed on it."""
+    from nas.study import load_study_config
+    from nas.trial import StudyContext, train_to_rungs
+
+    arch, data, _ = tiny_run(tmp_path)
+    cfg = load_study_config("smoke", results_dir=str(tmp_path), data={"name": "synthetic", "limit": 256},
+                            evaluator={"min_steps": 4, "max_steps": 12, "reduction_factor": 3, "batch_size": 32,
+                                       "num_threads": 1})
+    ctx = StudyContext(cfg, data, cfg.recipe(), {})
+
+    def tear_checkpoint(rung, result):
+        if rung == cfg.rungs.steps[0]:
+            (checkpoint,) = (tmp_path / "smoke" / "checkpoints").glob("*/checkpoint.pt")
+            checkpoint.write_bytes(checkpoint.read_bytes()[:100])  # a torn write, a full disk
+        return None
+
+    reference, _ = train_to_rungs(ctx, arch, lambda rung, result: None)
+    with caplog.at_level("WARNING", logger="vmoe_nas"):
+        result, stopped = train_to_rungs(ctx, arch, tear_checkpoint)
+    assert stopped is None and result.steps == 12 and result.val_accuracy == reference.val_accuracy
+    assert "discarded, the run starts over" in caplog.text
+    assert not (tmp_path / "smoke" / "checkpoints").exists() or not any((tmp_path / "smoke" / "checkpoints").iterdir())
+
+
+def test_two_writers_of_one_checkpoint_do_not_collide_on_a_temp_name(tmp_path, monkeypatch):
+    """Two `vmoe-nas train` on one folder: the second crashed on the fixed temp name checkpoint.tmp."""
+    import torch
+
+    import nas.trainer
+    from nas.trainer import Checkpoint, RunState
+
+    arch, _, recipe = tiny_run(tmp_path)
+    model = nas.trainer.build_model(arch)
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = tmp_path / "checkpoint.pt"
+    first, second = Checkpoint(path, arch, recipe, "synthetic"), Checkpoint(path, arch, recipe, "synthetic")
+    real_save, calls = torch.save, []
+
+    def save_while_the_other_saves(payload, file):
+        real_save(payload, file)
+        calls.append(file)
+        if len(calls) == 1:  # the other writer saves between this one's write and its rename
+            second.save(model, optimizer, RunState(step=2))
+
+    monkeypatch.setattr(torch, "save", save_while_the_other_saves)
+    first.save(model, optimizer, RunState(step=1))
+    assert len({str(c) for c in calls}) == 2 and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_signal_during_training_saves_the_step_it_stopped_at_and_the_run_resumes_there(tmp_path, monkeypatch):
+    """Ctrl-C lost every step since the last evaluation (all of them at a large eval_every)."""
+    import torch
+
+    import nas.trainer
+    from nas.trainer import CHECKPOINT_NAME, train
+
+    arch, data, recipe = tiny_run(tmp_path)
+    real_step = nas.trainer._Run.step
+
+    def step_then_signal(run):
+        if run.state.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during the step: the step ends, then it is saved
+        return real_step(run)
+
+    monkeypatch.setattr(nas.trainer._Run, "step", step_then_signal)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train(arch, data, recipe, checkpoint_dir=tmp_path)
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert saved["state"]["step"] == 6 and (stopped.value.step, stopped.value.steps) == (6, 12)
+    assert str(stopped.value) == "SIGTERM" and signal.getsignal(signal.SIGTERM) == handler  # restored
+    steps = []
+    monkeypatch.setattr(nas.trainer._Run, "step", lambda run: steps.append(run.state.step) or real_step(run))
+    assert train(arch, data, recipe, checkpoint_dir=tmp_path).steps == 12 and steps[0] == 6
+
+
+def test_training_checkpoints_by_time_between_evaluations(tmp_path, monkeypatch):
+    import nas.trainer
+    from nas.trainer import train
+
+    arch, data, recipe = tiny_run(tmp_path, checkpoint_every_s=1e-6)
+    saved = []
+    real_save = nas.trainer.Checkpoint.save
+    monkeypatch.setattr(nas.trainer.Checkpoint, "save",
+                        lambda self, model, optimizer, state, scaler=None: saved.append(state.step)
+                        or real_save(self, model, optimizer, state, scaler))
+    train(arch, data, recipe, checkpoint_dir=tmp_path)
+    assert saved == list(range(1, 13))  # every step here; only at step 12, the one evaluation, before
+
+
+# ---------------------------------------------------------------- 8: confirmation runs claimed across launchers
+
+
+def hand_study(tmp_path):
+    from pareto_trials import study, trial
+
+    from nas.storage import parse_storage
+
+    url = parse_storage(f"journal:{tmp_path / 'journal.log'}")
+    study([trial("moe", 0.80, 100, 1.0), trial("dense", 0.70, 100, 0.95), trial("dense", 0.75, 90, 1.08, width=24)],
+          storage=make_storage(url))
+    return url
+
+
+def test_two_launchers_confirming_one_study_train_each_run_once(tmp_path, monkeypatch):
+    """Two launchers on one storage both ran the whole confirmation (7 runs stored for 4 keys)."""
+    import threading
+
+    from test_confirm import fake_run
+
+    from nas import confirm as stage
+    from nas.study import load_study_config
+
+    url = hand_study(tmp_path)
+    cfg = load_study_config("smoke", results_dir=str(tmp_path))
+    monkeypatch.setattr("nas.trial.build_context", lambda cfg: None)
+    train_arm, calls = fake_run({True: 0.8, False: 0.6})
+    monkeypatch.setattr(stage, "train_arm", lambda *args: time.sleep(0.3) or train_arm(*args))
+    results = []
+
+    def launcher():
+        s = optuna.load_study(study_name="hand", storage=make_storage(url))
+        results.append(stage.confirm(s, cfg, seeds=3, storage=url).results)
+
+    threads = [threading.Thread(target=launcher) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(results) == 2 and results[0] == results[1]
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 9  # 3 arms x 3 seeds, each trained once
+    companion = stage.companion(optuna.load_study(study_name="hand", storage=make_storage(url)))
+    assert len(companion.get_trials(states=(TrialState.COMPLETE,))) == 9
+
+
+def test_a_confirmation_run_claimed_by_a_dead_launcher_is_claimed_again(tmp_path, monkeypatch):
+    from test_confirm import fake_run
+
+    from nas import confirm as stage
+    from nas.study import load_study_config
+
+    url = hand_study(tmp_path)
+    s = optuna.load_study(study_name="hand", storage=make_storage(url))
+    cfg = load_study_config("smoke", results_dir=str(tmp_path))
+    monkeypatch.setattr("nas.trial.build_context", lambda cfg: None)
+    train_arm, calls = fake_run({True: 0.8, False: 0.6})
+    monkeypatch.setattr(stage, "train_arm", train_arm)
+    pairs = stage.select_pairs(records.read_all(s), 1, cfg.objectives)
+    first_key = records.run_key(pairs[0].moe, 0, 60)
+    orphan = stage.companion(s).ask()  # claimed by a launcher killed with -9
+    orphan.set_user_attr(stage.CLAIM_ATTR, first_key)
+    orphan.set_user_attr("worker", local_worker(dead_pid(), started="1"))
+    stage.confirm(s, cfg, seeds=1, steps=60, storage=url)
+    assert (pairs[0].moe.name, 0) in calls
+    states = {t.number: t.state for t in stage.companion(s).get_trials()}
+    assert states[orphan.number] == TrialState.FAIL
