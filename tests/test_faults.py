@@ -109,6 +109,17 @@ def dead_pid() -> int:
     return process.pid
 
 
+def local_worker(pid: int, started: str | None = None) -> str:
+    """The identity worker `pid` of this host, boot and PID namespace has (`started`: its start time, for a
+    process that is gone)."""
+    started = liveness.start_time(pid) if started is None else started
+    return f"{socket.gethostname()}:{liveness.boot_id()}:{liveness.pid_namespace()}:{started}:{pid}"
+
+
+def dead_worker() -> str:
+    return local_worker(dead_pid(), started="1")
+
+
 def add_running(study, worker: str, lease_until=None, arch=ARCH) -> int:
     record = TrialRecord(arch=arch, metrics=Metrics(), slot=len(study.trials), worker=worker, lease_until=lease_until)
     study.add_trial(create_trial(state=TrialState.WAITING, user_attrs=records.frozen_attrs(record)))
@@ -118,11 +129,10 @@ def add_running(study, worker: str, lease_until=None, arch=ARCH) -> int:
 
 def test_reclaiming_fails_dead_workers_trials_and_queues_one_retry_each():
     study = optuna.create_study()
-    host = socket.gethostname()
-    dead = add_running(study, f"{host}:{dead_pid()}")  # same host, process gone
+    dead = add_running(study, dead_worker())  # same host, process gone
     lapsed = add_running(study, "elsewhere:1", lease_until=time.time() - 1)  # another host, lease over
     # Same host, process alive, lease late (a loaded machine starved its renewing thread): alive.
-    alive = add_running(study, f"{host}:{os.getpid()}", lease_until=time.time() - 60)
+    alive = add_running(study, liveness.worker_id(), lease_until=time.time() - 60)
     remote = add_running(study, "elsewhere:2", lease_until=time.time() + 60)
     assert sorted(liveness.reclaim_dead_trials(study, max_retries=1, grace_s=30)) == [dead, lapsed]
     assert liveness.reclaim_dead_trials(study, max_retries=1, grace_s=30) == []  # once only
@@ -136,10 +146,10 @@ def test_reclaiming_fails_dead_workers_trials_and_queues_one_retry_each():
 
 def test_a_trial_that_keeps_killing_its_worker_is_retried_max_retries_times():
     study = optuna.create_study()
-    first = add_running(study, f"{socket.gethostname()}:{dead_pid()}")
+    first = add_running(study, dead_worker())
     liveness.reclaim_dead_trials(study, max_retries=1, grace_s=30)
     retry = study.ask()  # the retry, claimed by a worker that dies too
-    retry.set_user_attr("worker", f"{socket.gethostname()}:{dead_pid()}")
+    retry.set_user_attr("worker", dead_worker())
     liveness.reclaim_dead_trials(study, max_retries=1, grace_s=30)
     assert liveness.retry_count(study, retry.number) == 1
     final = records.read(study.trials[retry.number])
@@ -149,7 +159,7 @@ def test_a_trial_that_keeps_killing_its_worker_is_retried_max_retries_times():
 
 def test_waiting_on_a_dead_workers_run_of_the_same_architecture_ends(tmp_path):
     study = optuna.create_study()
-    add_running(study, f"{socket.gethostname()}:{dead_pid()}")
+    add_running(study, dead_worker())
     later = TrialRecord(number=5, arch=ARCH)
     cfg = StudyConfig.from_dict({"study_name": "w", "results_dir": str(tmp_path), "heartbeat_interval": 1})
     found = []
@@ -226,7 +236,7 @@ def test_filling_slots_while_a_trial_is_reclaimed_queues_no_second_trial_for_its
     study = open_study(cfg, url)
     fill_slots(study, cfg)
     trial = study.ask()  # slot 0, claimed by a worker that then dies
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{dead_pid()}")
+    trial.set_user_attr("worker", dead_worker())
     failed = threading.Event()
     real_add = study.add_trial
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_faults import ARCH, add_running, dead_pid, study_yaml
+from test_faults import ARCH, add_running, dead_pid, local_worker, study_yaml
 
 from nas import liveness
 from nas import record as records
@@ -22,12 +22,6 @@ from nas.storage import load_study, make_storage
 POSTGRES = os.environ.get("VMOE_NAS_POSTGRES_URL")
 TESTS = Path(__file__).parent
 UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
-
-
-def local_worker(pid: int, started: str | None = None) -> str:
-    """The identity a worker `pid` of this host, boot and PID namespace writes (`started`: its start time)."""
-    started = liveness.start_time(pid) if started is None else started
-    return f"{socket.gethostname()}:{liveness.boot_id()}:{liveness.pid_namespace()}:{started}:{pid}"
 
 
 # ---------------------------------------------------------------- 1: identity across PID namespaces
