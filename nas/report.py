@@ -25,7 +25,16 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from nas.pareto import FRONT_COLUMNS, ParetoAnalysis, analyze, confirmed_summary, hypervolume, non_dominated_rank
+from nas.confirm import latency_warning
+from nas.pareto import (
+    FRONT_COLUMNS,
+    ParetoAnalysis,
+    analyze,
+    confirmed_at,
+    confirmed_summary,
+    hypervolume,
+    non_dominated_rank,
+)
 
 KINDS = {"dense": ("dense ViT", "#1f77b4"), "moe": ("Mobile V-MoE", "#d62728")}  # kind -> (label, colour)
 PANELS = (("flops", "FLOPs per image"), ("latency_ms", "latency (ms)"))  # x axes, accuracy on y
@@ -429,24 +438,36 @@ def confirmed_markdown(analysis: ParetoAnalysis) -> list[str]:
     if not settings:
         return ["\n## MoE against dense, confirmed\n", "Not confirmed yet: run `vmoe-nas confirm --study "
                 f"{analysis.study_name}` to retrain the top MoEs and their dense comparators with paired seeds.\n"]
-    total, stopped = moe_counts(analysis)
-    confirmed_moes = confirmed["moe_trial"].nunique()
-    wins = {c: int(((confirmed["comparator"] == c) & (confirmed["verdict"] == "beats")).sum())
-            for c in ("twin", "flops", "latency")}
+    warning = latency_warning(settings)
     return [
         f"\n## MoE against dense, confirmed ({len(settings['seeds'])} seeds, {settings['steps']} steps, "
         f"margin {settings['margin']:g})\n",
-        f"{wins['twin']} of {total} MoE trials beat their FLOPs twin (E=0), {wins['flops']} of {total} the best "
-        f"dense trial of no more FLOPs, {wins['latency']} of {total} the best dense trial of no more latency "
-        f"(tie band {settings['latency_band']:.1%}, a timing's median relative spread in the study). Of the {total}, "
-        f"{confirmed_moes} were confirmed (the top of the MoE front), {stopped} stopped at a lower rung. `beats`: "
-        "the 95% t-interval of the paired gain over seeds lies above the margin and the McNemar test over "
-        "validation images, Holm-adjusted over all pairs, is below 0.05.\n",
+        f"{confirmed_sentence(analysis)} `beats`: the 95% t-interval of the paired gain over seeds lies above the "
+        "margin and the McNemar test over validation images, Holm-adjusted over the distinct (MoE, dense) pairs, "
+        "is below 0.05; `decided_by` names the test that made a `ties`."
+        + (f" **Warning: {warning}.**" if warning else "") + "\n",
         _table_md(confirmed_summary(confirmed)),
-        "\nEvery pair (beats_dense.csv):\n",
-        _table_md(confirmed[["moe_trial", "moe_name", "comparator", "cost", "dense_name", "moe_accuracy",
-                             "dense_accuracy", "gain_mean", "ci_low", "ci_high", "p_holm", "n_seeds", "verdict"]]),
+        "\nEvery pair (beats_dense.csv; `also`: the other comparators the same test answers):\n",
+        _table_md(confirmed[PAIR_COLUMNS]),
     ]
+
+
+PAIR_COLUMNS = ["moe_trial", "moe_name", "comparator", "also", "dense_name", "moe_accuracy", "dense_accuracy",
+                "gain_mean", "ci_low", "ci_high", "p_holm", "n_seeds", "verdict", "decided_by"]
+
+
+def confirmed_sentence(analysis: ParetoAnalysis) -> str:
+    """How many MoEs beat their twin, the best dense of no more FLOPs and of no more latency, confirmed: the
+    counts `vmoe-nas pareto` prints and the report writes."""
+    settings, confirmed = analysis.confirm_settings, analysis.confirmed
+    total, stopped = moe_counts(analysis)
+    wins = {"twin": int(((confirmed["comparator"] == "twin") & (confirmed["verdict"] == "beats")).sum()),
+            **{cost: int((confirmed_at(confirmed, cost)["verdict"] == "beats").sum()) for cost in ("flops", "latency")}}
+    return (f"{wins['twin']} of {total} MoE trials beat their FLOPs twin (E=0), {wins['flops']} of {total} the best "
+            f"dense trial of no more FLOPs, {wins['latency']} of {total} the best dense trial of no more latency "
+            f"(tie band {settings['latency_band']:.1%}, a timing's median relative spread in the study). Of the "
+            f"{total}, {confirmed['moe_trial'].nunique()} were confirmed (the top of the MoE front), {stopped} stopped "
+            "at a lower rung.")
 
 
 def _status_counts(frame: pd.DataFrame) -> dict[str, int]:
