@@ -42,6 +42,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
     anchor = load_arch(args.anchor) if args.anchor else None
     result = profile(load_arch(args.arch), backend=args.backend, threads=args.threads, batch=args.batch,
                      provider=args.provider, anchor=anchor, **remote)
+    for warning in result.get("warnings", []):
+        print(f"vmoe-nas profile: warning: {warning}", file=sys.stderr)
     if args.json:
         return _print_json(result)
     print(format_profile(result))

@@ -184,3 +184,20 @@ def test_an_anchor_that_spreads_beyond_the_limit_is_warned_about(monkeypatch, ca
     with caplog.at_level(logging.WARNING, "vmoe_nas.trial"):
         assert measure_anchor(load_study_config("smoke"), data).latency_ms == 1.0
     assert "its timings spread 78%, beyond the limit of 10% (confirm.max_latency_band)" in caplog.text
+
+
+def test_profile_warns_of_more_threads_than_cores_and_says_a_batch_median_is_per_batch(tmp_path, monkeypatch,
+                                                                                      capsys):
+    import json
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    path = tmp_path / "arch.yaml"
+    arch("dense").save(path)
+    assert main(["profile", str(path), "--threads", "4", "--batch", "8", "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert "warning: --threads 4 on a machine with 1 available core" in err and result["warnings"]
+    assert result["latency_unit"] == "ms per call, one batch of 8 images"
+    assert result["latency_ms_per_image"]["median"] == pytest.approx(result["latency_ms"]["median"] / 8)
+    assert "per batch of 8 (" in profilers.format_profile(result)
