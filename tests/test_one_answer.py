@@ -16,7 +16,7 @@ from nas import stats
 from nas.cli import main
 from nas.export import pick_trial
 from nas.pareto import analyze
-from nas.report import write_report
+from nas.report import dumbbell_figure, pairs_table, pareto_plot_info, write_report
 from nas.study import load_study_config
 from search_spaces import build_model, count_params
 
@@ -201,3 +201,32 @@ def test_profile_warns_of_more_threads_than_cores_and_says_a_batch_median_is_per
     assert result["latency_unit"] == "ms per call, one batch of 8 images"
     assert result["latency_ms_per_image"]["median"] == pytest.approx(result["latency_ms"]["median"] / 8)
     assert "per batch of 8 (" in profilers.format_profile(result)
+
+
+# ---------------------------------------------------------------- (b) the plots and the per-pair table
+
+
+def test_confirmed_arms_are_drawn_at_their_confirmed_mean_the_twin_beside_its_moe_the_verdict_on_each_row(
+        monkeypatch, tmp_path):
+    s = study([trial("dense", 0.70, 100, 0.95), trial("moe", 0.80, 100, 1.0), trial("dense", 0.6, 60, 0.5, width=8)])
+    confirmed(s, monkeypatch, {(16, True): 0.7, (16, False): 0.7})
+    analysis = analyze(s)
+    row = analysis.confirmed.iloc[0]
+    flops = pareto_plot_info(analysis).panels[0]
+    assert [t for series in flops.series for t in series.trials] == [2]  # the arms are not drawn twice
+    dense, moe = flops.confirmed
+    assert (dense.y, moe.y) == ([row["dense_accuracy"]], [row["moe_accuracy"]])  # markers where the bars are
+    assert (dense.search_y, moe.search_y) == ([0.70], [0.80])  # the search's one seed: a faint mark
+    assert dense.cost == moe.cost == moe.x == [100.0] and dense.x[0] < 100  # the twin beside its MoE
+    info = pareto_plot_info(analysis)
+    figure = dumbbell_figure(info.dumbbells)
+    assert [a.text for a in figure.layout.annotations] == [
+        f"<b>ties</b> {row['gain_mean']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}] (decided by "
+        f"{row['decided_by']})"]
+    line, *arms = figure.data
+    assert list(line.y) == [-0.2, 0.2] and [list(a.y) for a in arms] == [[-0.2], [0.2]]  # intervals off the row
+    table = pairs_table(analysis.confirmed)
+    assert list(table.columns) == ["MoE", "against", "dense", "gain", "95% interval", "p_holm", "seeds", "verdict",
+                                   "decided by"]
+    page = write_report(s, tmp_path)["report.html"].read_text()
+    assert "<th>95% interval</th>" in page and "<th>moe_latency_ms</th>" not in page

@@ -165,7 +165,7 @@ def test_confirmed_pairs_replace_the_single_seed_table_with_intervals_and_dumbbe
     stage.confirm(s, load_study_config("smoke"), seeds=3)
     analysis = analyze(s)
     info = pareto_plot_info(analysis)
-    assert [d.label.split(" vs ")[1] for d in info.dumbbells] == ["twin (flops)", "flops (flops)"]
+    assert [d.label.split(" vs ")[1] for d in info.dumbbells] == ["twin (flops+latency)", "flops (flops)"]
     flops = info.panels[0].confirmed
     assert [c.kind for c in flops] == ["dense", "moe"] and len(flops[0].x) == 2 and len(flops[1].x) == 1
     assert all(h > 0 for c in flops for h in c.half_width)  # 3 seeds: a finite 95% interval on every arm
