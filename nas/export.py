@@ -306,17 +306,23 @@ def against_dense(analysis: ParetoAnalysis, number: int, pick: str | None = None
             "one seed's gains, unconfirmed: the study has no confirmation (`vmoe-nas confirm`)")
         lines.append(f"Picked by `{pick}` on {basis}.\n")
     if analysis.confirm_settings:
-        settings = analysis.confirm_settings
+        from nas.confirm import latency_warning
+
+        settings, confirmed = analysis.confirm_settings, analysis.confirmed
+        unreliable = " (unreliable: the study's timings were too noisy, see its report)" if latency_warning(
+            settings) else ""
+        verdicts = []
         for cost in ("flops", "latency"):
-            row = confirmed_at(analysis.confirmed[analysis.confirmed["moe_trial"] == number], cost)
+            row = confirmed_at(confirmed[confirmed["moe_trial"] == number], cost)
             if row.empty:
                 continue
             r = row.iloc[0]
-            lines.append(f"- at no more {cost}, confirmed: **{r['verdict']}** (decided by {r['decided_by']}) "
-                         f"against {r['dense_name']} ({r['comparator']}): gain {r['gain_mean']:+.4f} "
-                         f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] over {len(settings['seeds'])} seeds at "
-                         f"{settings['steps']} steps, p_holm {r['p_holm']:.3g}")
-        if not lines:
+            verdicts.append(f"- at no more {cost}, confirmed: **{r['verdict']}** (decided by {r['decided_by']}) "
+                            f"against {r['dense_name']} ({r['comparator']}): gain {r['gain_mean']:+.4f} "
+                            f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] over {len(settings['seeds'])} seeds at "
+                            f"{settings['steps']} steps, p_holm {r['p_holm']:.3g}" + unreliable * (cost == "latency"))
+        lines += verdicts
+        if not verdicts:
             lines.append("- not confirmed: the confirmation covered the top of the MoE front "
                          f"(trials {', '.join(map(str, analysis.confirmed['moe_trial'].unique()))}), not this trial")
     for _, row in analysis.comparisons[analysis.comparisons["trial"] == number].iterrows():
