@@ -40,8 +40,8 @@ def main() -> None:
     study = load_study(args.study, storage=args.storage, results_dir=args.results_dir)
     cfg = StudyConfig.from_dict({**records.read_study(study).config, "storage": None, "results_dir": args.results_dir})
     rs = records.read_all(study)
-    pairs = select_pairs(rs, args.pairs or cfg.confirm.pairs, cfg.objectives)
     first = settings_for(cfg, rs, seeds=args.seeds, steps=args.steps)
+    pairs = select_pairs(rs, args.pairs or cfg.confirm.pairs, cfg.objectives, band=first.band)  # the capped band
     second = settings_for(cfg, rs, seeds=args.seeds, steps=args.steps, first_seed=first.seeds[-1] + 1)
     both = settings_for(cfg, rs, seeds=2 * len(first.seeds), steps=args.steps, first_seed=first.seeds[0])
     sets, runs = [], {}

@@ -43,6 +43,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
     anchor = load_arch(args.anchor) if args.anchor else None
     result = profile(load_arch(args.arch), backend=args.backend, threads=args.threads, batch=args.batch,
                      provider=args.provider, anchor=anchor, **remote)
+    for warning in result.get("warnings", []):
+        print(f"vmoe-nas profile: warning: {warning}", file=sys.stderr)
     if args.json:
         return _print_json(result)
     print(format_profile(result))
@@ -95,13 +97,27 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def _print_confirmed(record) -> None:
+    from nas.confirm import latency_warning
+    from nas.pareto import confirmed_frame
+
     settings = record.settings
     print(f"confirmed {len(record.pairs)} pairs with {len(settings['seeds'])} seeds at {settings['steps']} steps "
           f"(margin {settings['margin']:g}, latency tie band {settings['latency_band']:.1%}):")
-    for pair, result in zip(record.pairs, record.results):
-        low, high = (math.nan if v is None else v for v in (result["ci_low"], result["ci_high"]))
-        print(f"  {result['verdict']:>5} at equal {pair['cost']}: {result['name']}: gain {result['gain_mean']:+.4f} "
-              f"[{low:+.4f}, {high:+.4f}], p_holm {result['p_holm']:.3g}")
+    for _, row in confirmed_frame(record).iterrows():
+        print("  " + _pair_line(row))
+    if warning := latency_warning(settings):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _pair_line(row) -> str:
+    """One confirmed pair (a `nas.pareto.confirmed_frame` row): verdict, the test that decided it, gain, interval."""
+    from nas.pareto import answered
+
+    costs = " and ".join(dict.fromkeys(["flops" if c == "twin" else c for c in answered(row)]))
+    also = f", also the best dense of no more {row['also'].replace(',', ', ')}" if row["also"] else ""
+    return (f"{row['verdict']:>5} at equal {costs} (decided by {row['decided_by']}): {row['moe_name']} vs "
+            f"{row['dense_name']} ({row['comparator']}{also}): gain {row['gain_mean']:+.4f} "
+            f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}], p_holm {row['p_holm']:.3g}")
 
 
 def cmd_confirm(args: argparse.Namespace) -> None:
@@ -155,7 +171,7 @@ def cmd_profiler_server(args: argparse.Namespace) -> None:
 
 def cmd_pareto(args: argparse.Namespace) -> None:
     from nas.pareto import analyze
-    from nas.report import write_report
+    from nas.report import confirmed_sentence, unconfirmed_sentence, write_report
     from nas.storage import load_study
 
     study = load_study(args.study, storage=args.storage, results_dir=args.results_dir)
@@ -165,11 +181,19 @@ def cmd_pareto(args: argparse.Namespace) -> None:
     print(f"study {args.study}: {len(analysis.ranked)} trials analysed; reference point {reference}")
     for which in ("overall", "dense", "moe"):
         print(f"  {which:>7} front: {len(analysis.front(which))} trials, hypervolume {analysis.hypervolume[which]:.4f}")
-    print(f"  {len(analysis.beats_dense)} of {len(analysis.comparisons)} MoE trials beat dense "
-          f"(margin {analysis.margin:g})")
-    for _, row in analysis.beats_dense.head(5).iterrows():
-        print(f"    trial {row['trial']} {row['name']}: {row['gain_flops']:+.4f} at equal FLOPs, "
-              f"{row['gain_latency']:+.4f} at equal latency")
+    if analysis.confirm_settings:
+        settings = analysis.confirm_settings
+        print(f"  confirmed ({len(settings['seeds'])} seeds, {settings['steps']} steps): "
+              f"{confirmed_sentence(analysis)}")
+        for _, row in analysis.confirmed.iterrows():
+            print("    " + _pair_line(row))
+    else:
+        print(f"  not confirmed (vmoe-nas confirm --study {args.study} retrains them with paired seeds)")
+    print(f"  unconfirmed, one seed (margin {analysis.margin:g}): {unconfirmed_sentence(analysis)}")
+    if not analysis.confirm_settings:
+        for _, row in analysis.beats_dense.head(5).iterrows():
+            print(f"    trial {row['trial']} {row['name']}: {row['gain_flops']:+.4f} at equal FLOPs, "
+                  f"{row['gain_latency']:+.4f} at equal latency (one seed)")
     print("wrote " + ", ".join(str(path) for path in paths.values()))
     for note in analysis.notes:
         print(f"note: {note}")
@@ -187,6 +211,9 @@ def cmd_export(args: argparse.Namespace) -> None:
                          source=url.redacted)
     card = paths["model_card.md"].read_text().splitlines()
     print(f"exported {card[0].lstrip('# ')} to {args.out}: " + ", ".join(sorted(paths)))
+    for line in card:
+        if line.startswith("Picked by "):  # a gain rule says whether its gains were confirmed
+            print(line.replace("`", ""))
     print(f"train it: vmoe-nas train {paths['train.yaml']}")
 
 

@@ -7,7 +7,10 @@ with E=0 (equal FLOPs at k=1), (b) the most accurate dense trial of no more FLOP
 trial of no more latency, within a tie band measured on the study: the median over its trials of the relative
 spread of one timing, (p90 - p10) / (2.563 median), the interdecile range as a normal sd (robust to the rare
 slow calls that inflate `latency_cv`), so two latencies closer than a timing's noise count as equal. (b) is
-left out where it is the twin. Every arm is retrained with the same n seeds at the search's top-rung budget.
+left out where it is the twin. A (MoE, dense) pair is tested once: where (c) is the same dense model as (a) or
+(b), that pair also answers the latency question (`also`), so Holm adjusts over distinct pairs only. The band is
+capped at `confirm.max_latency_band`: a wider one (a loaded machine) is a warning and makes the latency
+verdicts unreliable. Every arm is retrained with the same n seeds at the search's top-rung budget.
 
 Common random numbers: seed i of every arm is recipe seed i, so the same batches in the same order (the
 trainer derives them from (data seed, step) only), and an MoE starts from its twin's initial weights of that
@@ -67,6 +70,7 @@ class Pair:
     dense_trial: int | None  # None: the twin was not a trial of the search
     moe_costs: dict  # {"flops": ..., "latency_ms": ...} as the search measured them (None: not measured)
     dense_costs: dict
+    also: tuple[str, ...] = ()  # other comparators this same dense model is (one test answers them all)
 
     @property
     def cost(self) -> str:
@@ -80,7 +84,7 @@ class Pair:
         return {"moe_yaml": self.moe.to_yaml(), "dense_yaml": self.dense.to_yaml(), "comparator": self.comparator,
                 "cost": self.cost, "moe_trial": self.moe_trial, "dense_trial": self.dense_trial,
                 "moe_name": self.moe.name, "dense_name": self.dense.name, "moe_costs": self.moe_costs,
-                "dense_costs": self.dense_costs}
+                "dense_costs": self.dense_costs, "also": list(self.also)}
 
 
 def _costs(r: TrialRecord) -> dict:
@@ -90,14 +94,38 @@ def _costs(r: TrialRecord) -> dict:
 INTERDECILE_SDS = 2 * 1.2816  # p90 - p10 of a normal distribution, in standard deviations
 
 
+def timing_spread(latency: dict | None) -> float | None:
+    """One timing's robust relative spread, (p90 - p10) / (2.563 median) (`LatencyStats.to_dict`); None: no
+    percentiles."""
+    t = latency or {}
+    if t.get("median") and t.get("p10") is not None and t.get("p90") is not None:
+        return (t["p90"] - t["p10"]) / (INTERDECILE_SDS * t["median"])
+    return None
+
+
 def latency_band(rs: list[TrialRecord]) -> float:
     """The latency tie band: the median over measured trials of a timing's robust relative spread (0: none)."""
-    spreads = []
-    for r in rs:
-        t = (r.profile or {}).get("latency_ms") or {}
-        if t.get("median") and t.get("p10") is not None and t.get("p90") is not None:
-            spreads.append((t["p90"] - t["p10"]) / (INTERDECILE_SDS * t["median"]))
+    spreads = [s for r in rs if (s := timing_spread((r.profile or {}).get("latency_ms"))) is not None]
     return float(np.median(spreads)) if spreads else 0.0
+
+
+def latency_warning(settings: dict) -> str | None:
+    """Why the latency verdicts of a confirmation (its `Settings.to_dict`) cannot be trusted, or None: the
+    measured tie band or the anchor's own spread beyond the limit, timings too noisy to tell latencies apart."""
+    limit = settings.get("latency_band_limit")
+    if limit is None:  # stored before the limit existed
+        return None
+    measured, anchor = settings.get("latency_band_measured") or 0.0, settings.get("anchor_spread")
+    problems = []
+    if measured > limit:
+        problems.append(f"the latency tie band measured {measured:.0%}")
+    if anchor is not None and anchor > limit:
+        problems.append(f"the latency anchor's spread is {anchor:.0%}")
+    if not problems:
+        return None
+    return (f"latency verdicts are unreliable: {' and '.join(problems)}, beyond the limit of {limit:.0%} "
+            f"(confirm.max_latency_band; the band was capped at {settings['latency_band']:.1%}): timings this "
+            "noisy come from a loaded machine; measure again on a quiet one, or raise the limit in the study config")
 
 
 def eligible(rs: list[TrialRecord]) -> list[TrialRecord]:
@@ -143,9 +171,13 @@ def select_pairs(rs: list[TrialRecord], k: int, objectives: list[str], *, band: 
         latency = m.metrics.latency_ms
         for comparator, found in (("flops", best_dense(dense, "flops", m.metrics.flops)),
                                   ("latency", best_dense(dense, "latency_ms", latency and latency * (1 + band)))):
-            if found is None or (comparator == "flops" and found.arch == twin):
+            if found is None:
                 continue
-            pairs.append(Pair(m.arch, found.arch, comparator, m.number, found.number, _costs(m), _costs(found)))
+            same = next((i for i, p in enumerate(pairs) if p.moe_trial == m.number and p.dense == found.arch), None)
+            if same is None:
+                pairs.append(Pair(m.arch, found.arch, comparator, m.number, found.number, _costs(m), _costs(found)))
+            elif COSTS[comparator] != pairs[same].cost:  # the same test answers the other cost too
+                pairs[same] = dataclasses.replace(pairs[same], also=(*pairs[same].also, comparator))
     return pairs
 
 
@@ -163,16 +195,21 @@ class Settings:
     seeds: tuple[int, ...]
     steps: int
     margin: float
-    band: float
+    band: float  # the latency tie band used: the measured one, capped at `band_limit`
+    band_measured: float = 0.0
+    band_limit: float = 0.1
+    anchor_spread: float | None = None  # the study's latency anchor's timing spread (None: no anchor)
 
     def to_dict(self) -> dict:
-        return {"seeds": list(self.seeds), "steps": self.steps, "margin": self.margin, "latency_band": self.band}
+        return {"seeds": list(self.seeds), "steps": self.steps, "margin": self.margin, "latency_band": self.band,
+                "latency_band_measured": self.band_measured, "latency_band_limit": self.band_limit,
+                "anchor_spread": self.anchor_spread}
 
 
 def settings_for(cfg: StudyConfig, rs: list[TrialRecord], *, seeds: int | None = None, steps: int | None = None,
-                 margin: float | None = None, first_seed: int | None = None) -> Settings:
+                 margin: float | None = None, first_seed: int | None = None, anchor: dict | None = None) -> Settings:
     """The confirm section of `cfg` with any given override; seeds start at `first_seed`, by default the
-    search's recipe seed."""
+    search's recipe seed; `anchor`: the study's latency anchor (`Anchor.to_attrs`), whose spread is checked."""
     spec = cfg.confirm
     n = spec.seeds if seeds is None else seeds
     steps = steps or spec.steps or (cfg.rungs.steps[-1] if cfg.rungs else cfg.recipe().steps)
@@ -181,8 +218,12 @@ def settings_for(cfg: StudyConfig, rs: list[TrialRecord], *, seeds: int | None =
     if n < 1:
         raise ConfigError("--seeds", f"must be >= 1, got {n}")
     first = cfg.recipe().seed if first_seed is None else first_seed
-    return Settings(tuple(range(first, first + n)), steps, spec.margin if margin is None else margin,
-                    latency_band(rs))
+    measured, limit = latency_band(rs), spec.max_latency_band
+    settings = Settings(tuple(range(first, first + n)), steps, spec.margin if margin is None else margin,
+                        min(measured, limit), measured, limit, timing_spread((anchor or {}).get("latency")))
+    if warning := latency_warning(settings.to_dict()):
+        log.warning("%s", warning)
+    return settings
 
 
 def runs_needed(pairs: list[Pair], seeds) -> list[tuple[ArchConfig, int]]:
@@ -453,8 +494,8 @@ def confirm(study: optuna.Study, cfg: StudyConfig, *, seeds: int | None = None, 
     """Confirm the top MoEs of `study` (run with `cfg`) against dense; stores and returns the record.
     `storage`: the study's `nas.storage.StorageURL`, whose study lock launchers sharing it claim runs under."""
     rs = records.read_all(study)
-    chosen = select_pairs(rs, cfg.confirm.pairs if pairs is None else pairs, cfg.objectives)
-    settings = settings_for(cfg, rs, seeds=seeds, steps=steps, margin=margin)
+    settings = settings_for(cfg, rs, seeds=seeds, steps=steps, margin=margin, anchor=records.read_study(study).anchor)
+    chosen = select_pairs(rs, cfg.confirm.pairs if pairs is None else pairs, cfg.objectives, band=settings.band)
     runs = run_missing(study, cfg, chosen, settings, workers=workers, progress=progress, storage=storage)
     results = compare(chosen, runs, settings)
     record = ConfirmRecord(settings.to_dict(), [_with_accuracies(p, runs, settings) for p in chosen],
@@ -477,5 +518,5 @@ def arm_interval(accuracies: list[float]) -> tuple[float, float]:
 
 
 __all__ = ["COSTS", "INTERDECILE_SDS", "Pair", "Settings", "arm_interval", "arm_recipe", "best_dense", "companion",
-           "compare", "confirm", "eligible", "latency_band", "run_missing", "runs_needed",
-           "select_pairs", "settings_for", "stored_runs", "top_moes", "train_arm", "twin_init"]
+           "compare", "confirm", "eligible", "latency_band", "latency_warning", "run_missing", "runs_needed",
+           "select_pairs", "settings_for", "stored_runs", "timing_spread", "top_moes", "train_arm", "twin_init"]

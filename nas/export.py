@@ -40,8 +40,9 @@ PICK_RULES = {
     "best-moe": "the most accurate MoE",
     "best-moe-under-latency:MS": "the most accurate MoE whose latency is at most MS milliseconds",
     "best-moe-under-flops:N": "the most accurate MoE of at most N FLOPs per image (e.g. 2e6)",
-    "largest-gain-flops": "the MoE with the largest accuracy gain over the best dense trial of no more FLOPs",
-    "largest-gain-latency": "the MoE with the largest accuracy gain over the best dense trial of no more latency",
+    "largest-gain-flops": "the MoE with the largest accuracy gain over the best dense trial of no more FLOPs: "
+                          "confirmed (a `beats` verdict) where the study was confirmed, else one seed's",
+    "largest-gain-latency": "the same at no more latency",
 }
 ONNX_TOLERANCE = 1e-4  # max |logit difference| between ONNX Runtime and torch
 DEFAULT_EPOCHS = 30  # full training: the proxy ran for seconds, the final model for this many epochs
@@ -85,6 +86,10 @@ def pick_trial(analysis: ParetoAnalysis, rule: str) -> int:
 
 
 def _largest_gain(analysis: ParetoAnalysis, cost: str) -> int:
+    """Where the study was confirmed: the MoE whose confirmed pair at `cost` beats dense with the largest mean
+    gain over seeds; else the largest single-seed gain (the model card says which)."""
+    if analysis.confirm_settings:
+        return _largest_confirmed_gain(analysis, cost)
     gain = f"gain_{cost}"
     table = analysis.comparisons.dropna(subset=[gain])
     if table.empty:
@@ -92,8 +97,23 @@ def _largest_gain(analysis: ParetoAnalysis, cost: str) -> int:
     best = table.sort_values([gain, "flops", "trial"], ascending=[False, True, True]).iloc[0]
     if best[gain] <= analysis.margin:
         raise ExportError("--pick", f"no MoE beats dense at equal {cost} (largest gain {best[gain]:+.4f}, "
-                                    f"trial {best['trial']})")
+                                    f"trial {best['trial']}, one seed, unconfirmed)")
     return int(best["trial"])
+
+
+def _largest_confirmed_gain(analysis: ParetoAnalysis, cost: str) -> int:
+    from nas.pareto import confirmed_at
+
+    pairs = confirmed_at(analysis.confirmed, cost)
+    if pairs.empty:
+        raise ExportError("--pick", f"no confirmed MoE has a dense model of no more {cost} to compare with")
+    beats = pairs[pairs["verdict"] == "beats"]
+    if beats.empty:
+        seen = "; ".join(f"trial {r['moe_trial']} {r['verdict']} ({r['gain_mean']:+.4f} [{r['ci_low']:+.4f}, "
+                         f"{r['ci_high']:+.4f}])" for _, r in pairs.iterrows())
+        raise ExportError("--pick", f"no MoE beats dense at equal {cost} in the confirmation ({seen}); "
+                                    "pick by --trial or another rule")
+    return int(beats.iloc[0]["moe_trial"])
 
 
 # ---------------------------------------------------------------- checks
@@ -221,7 +241,7 @@ def _fmt_metric(value, unit: str = "") -> str:
 
 def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: StudyConfig,
                analysis: ParetoAnalysis, *, onnx_difference: float, coreml_note: str, source: str | None,
-               seed: int, epochs: float, superclasses: bool) -> str:
+               seed: int, epochs: float, superclasses: bool, pick: str | None = None) -> str:
     metrics, profile, train = trial.metrics, trial.profile or {}, trial.train or {}
     recipe = study_cfg.recipe()
     budget = ", ".join(f"{k} {getattr(recipe, k):g}" for k in ("epochs", "steps", "seconds") if getattr(recipe, k))
@@ -245,15 +265,7 @@ def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: 
          f"{anchored}"),
     ]
     table = "| metric | value | how |\n|---|---|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
-    comparison = analysis.comparisons[analysis.comparisons["trial"] == trial.number]
-    against = ""
-    for _, row in comparison.iterrows():
-        for cost in ("flops", "latency"):
-            if not np.isnan(row[f"gain_{cost}"]):
-                against += (f"- at no more {cost}: {row[f'gain_{cost}']:+.4f} accuracy over dense trial "
-                            f"{row[f'dense_{cost}_trial']} ({row[f'dense_{cost}_name']})\n")
-            else:
-                against += f"- at no more {cost}: no dense trial to compare with\n"
+    against = against_dense(analysis, trial.number, pick)
     lines = [
         f"# {cfg.name}\n",
         f"Exported {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from trial {trial.number} of study "
@@ -297,6 +309,47 @@ def check_replaceable(out: Path) -> None:
     if not (out / EXPORT_MARKER).is_file():
         raise ExportError("--force", f"{out} is not an export written by vmoe-nas (no {EXPORT_MARKER} in it); "
                                      "--force replaces only those: choose another --out or delete it yourself")
+
+
+def against_dense(analysis: ParetoAnalysis, number: int, pick: str | None = None) -> str:
+    """The model card's verdict lines: how `pick` chose the trial, the confirmed verdicts and intervals of
+    trial `number` where the study confirmed it (as beats_dense.csv), then the search's single-seed gains,
+    labelled as such."""
+    from nas.pareto import confirmed_at
+
+    lines = []
+    if pick and pick.startswith("largest-gain"):
+        basis = "the confirmed verdicts" if analysis.confirm_settings else (
+            "one seed's gains, unconfirmed: the study has no confirmation (`vmoe-nas confirm`)")
+        lines.append(f"Picked by `{pick}` on {basis}.\n")
+    if analysis.confirm_settings:
+        from nas.confirm import latency_warning
+
+        settings, confirmed = analysis.confirm_settings, analysis.confirmed
+        unreliable = " (unreliable: the study's timings were too noisy, see its report)" if latency_warning(
+            settings) else ""
+        verdicts = []
+        for cost in ("flops", "latency"):
+            row = confirmed_at(confirmed[confirmed["moe_trial"] == number], cost)
+            if row.empty:
+                continue
+            r = row.iloc[0]
+            verdicts.append(f"- at no more {cost}, confirmed: **{r['verdict']}** (decided by {r['decided_by']}) "
+                            f"against {r['dense_name']} ({r['comparator']}): gain {r['gain_mean']:+.4f} "
+                            f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] over {len(settings['seeds'])} seeds at "
+                            f"{settings['steps']} steps, p_holm {r['p_holm']:.3g}" + unreliable * (cost == "latency"))
+        lines += verdicts
+        if not verdicts:
+            lines.append("- not confirmed: the confirmation covered the top of the MoE front "
+                         f"(trials {', '.join(map(str, analysis.confirmed['moe_trial'].unique()))}), not this trial")
+    for _, row in analysis.comparisons[analysis.comparisons["trial"] == number].iterrows():
+        for cost in ("flops", "latency"):
+            if np.isnan(row[f"gain_{cost}"]):
+                lines.append(f"- at no more {cost}, one seed: no dense trial to compare with")
+                continue
+            lines.append(f"- at no more {cost}, one seed (the search's, unconfirmed): {row[f'gain_{cost}']:+.4f} "
+                         f"accuracy over dense trial {row[f'dense_{cost}_trial']} ({row[f'dense_{cost}_name']})")
+    return "".join(f"{line}\n" for line in lines)
 
 
 @contextlib.contextmanager
@@ -373,7 +426,7 @@ def export_trial(study: optuna.Study, out_dir, *, trial: int | None = None, pick
         (stage / "trial.json").write_text(json.dumps(stored, indent=1, default=str))
         (stage / "model_card.md").write_text(model_card(
             cfg, chosen, study.study_name, study_cfg, analysis, onnx_difference=difference, coreml_note=coreml_note,
-            source=source, seed=seed, epochs=epochs, superclasses=mapping is not None))
+            source=source, seed=seed, epochs=epochs, superclasses=mapping is not None, pick=pick))
         written = sorted(p.name for p in stage.iterdir() if p.name != EXPORT_MARKER)
     return {name: out / name for name in written}
 

@@ -188,23 +188,29 @@ def beats_dense(frame: pd.DataFrame, *, margin: float = 0.0) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- confirmed pairs
 
-CONFIRMED_COLUMNS = ["moe_trial", "moe_name", "comparator", "cost", "dense_trial", "dense_name", "moe_flops",
+CONFIRMED_COLUMNS = ["moe_trial", "moe_name", "comparator", "cost", "also", "dense_trial", "dense_name", "moe_flops",
                      "moe_latency_ms", "dense_flops", "dense_latency_ms", "moe_accuracy", "moe_half_width",
                      "dense_accuracy", "dense_half_width", "gain_mean", "ci_low", "ci_high", "p_value", "p_holm",
-                     "n_seeds", "steps", "verdict"]
+                     "n_seeds", "steps", "verdict", "decided_by"]
 
 
 def confirmed_frame(confirmed: records.ConfirmRecord | None) -> pd.DataFrame:
-    """One row per confirmed pair (MoE, comparator, cost): each arm's mean accuracy over seeds and the half
-    width of its 95% interval, the paired gain with its interval, the Holm-adjusted p and the verdict."""
+    """One row per confirmed (MoE, dense) pair: its comparator and cost, the other comparators the same test
+    answers (`also`, e.g. "latency" where the twin is also the best dense of no more latency), each arm's mean
+    accuracy over seeds and the half width of its 95% interval, the paired gain with its interval, the
+    Holm-adjusted p, the verdict and the test that decided it (`nas.stats.decided_by`)."""
     from nas.confirm import arm_interval
+    from nas.stats import decided_by
 
     rows = []
     for pair, result in zip(confirmed.pairs if confirmed else [], confirmed.results if confirmed else []):
         (moe_acc, moe_hw), (dense_acc, dense_hw) = (arm_interval(pair[f"{arm}_accuracies"]) for arm in ("moe", "dense"))
         rows.append({
             "moe_trial": pair["moe_trial"], "moe_name": pair["moe_name"], "comparator": pair["comparator"],
-            "cost": pair["cost"], "dense_trial": pair["dense_trial"], "dense_name": pair["dense_name"],
+            "cost": pair["cost"], "also": ",".join(pair.get("also", [])), "dense_trial": pair["dense_trial"],
+            "dense_name": pair["dense_name"],
+            "decided_by": decided_by(result["ci_low"], result["ci_high"], result["p_holm"], margin=result["margin"],
+                                     alpha=result["alpha"]),
             **{f"{arm}_{c}": pair[f"{arm}_costs"][c] for arm in ("moe", "dense") for c in ("flops", "latency_ms")},
             "moe_accuracy": moe_acc, "moe_half_width": moe_hw, "dense_accuracy": dense_acc,
             "dense_half_width": dense_hw, "steps": confirmed.settings["steps"],
@@ -221,10 +227,29 @@ def confirmed_summary(confirmed: pd.DataFrame) -> pd.DataFrame:
     best dense of no more FLOPs, best dense of no more latency ('-': no such comparator)."""
     out = []
     for (trial, name), rows in confirmed.groupby(["moe_trial", "moe_name"], sort=False):
-        verdicts = dict(zip(rows["comparator"], rows["verdict"]))
+        verdicts = {c: row["verdict"] for _, row in rows.iterrows() for c in answered(row)}
         out.append({"moe_trial": trial, "moe_name": name,
                     **{f"vs_{c}": verdicts.get(c, "-") for c in ("twin", "flops", "latency")}})
     return pd.DataFrame(out, columns=["moe_trial", "moe_name", "vs_twin", "vs_flops", "vs_latency"])
+
+
+def answered(row: pd.Series) -> list[str]:
+    """The comparators one confirmed pair's test answers: its own and those in `also`."""
+    also = row.get("also")
+    return [row["comparator"], *(also.split(",") if isinstance(also, str) and also else [])]
+
+
+def confirmed_at(confirmed: pd.DataFrame, cost: str) -> pd.DataFrame:
+    """Per confirmed MoE, the pair that answers "does it beat the best dense of no more `cost`" ("flops" or
+    "latency"): the pair of that comparator, or whose test also answers it; at FLOPs the twin where the best
+    dense of no more FLOPs is the twin (or there is none: the twin has the MoE's FLOPs). Ranked by gain."""
+    rows = []
+    for _, pairs in confirmed.groupby("moe_trial", sort=False):
+        found = [row for _, row in pairs.iterrows() if cost in answered(row)]
+        found = found or [row for _, row in pairs.iterrows() if cost == "flops" and row["comparator"] == "twin"]
+        rows += found[:1]
+    frame = pd.DataFrame(rows, columns=confirmed.columns)
+    return frame.sort_values(["gain_mean", "moe_trial"], ascending=[False, True]).reset_index(drop=True)
 
 
 def load_confirmed(study: optuna.Study) -> records.ConfirmRecord | None:
@@ -273,7 +298,10 @@ def analyze(study: optuna.Study, *, objectives: list[str] | None = None, margin:
     analysis = analyze_frame(frame, objectives, study_name=study.study_name, margin=margin)
     confirmed = load_confirmed(study)
     if confirmed is not None:
+        from nas.confirm import latency_warning
+
         analysis.confirmed, analysis.confirm_settings = confirmed_frame(confirmed), confirmed.settings
+        analysis.notes += [w for w in [latency_warning(confirmed.settings)] if w]
     anchor = stored.anchor
     if anchor and frame["latency_ratio"].notna().any():
         analysis.notes.append(
@@ -317,6 +345,6 @@ def analyze_frame(frame: pd.DataFrame, objectives: list[Objective], *, study_nam
     )
 
 
-__all__ = ["CONFIRMED_COLUMNS", "FRONT_COLUMNS", "ParetoAnalysis", "analyze", "analyze_frame", "beats_dense",
-           "confirmed_frame", "confirmed_summary", "crowding_distance", "hypervolume", "load_confirmed",
-           "non_dominated_rank", "preference_order", "reference_point", "trials_frame"]
+__all__ = ["CONFIRMED_COLUMNS", "FRONT_COLUMNS", "ParetoAnalysis", "analyze", "analyze_frame", "answered",
+           "beats_dense", "confirmed_at", "confirmed_frame", "confirmed_summary", "crowding_distance", "hypervolume",
+           "load_confirmed", "non_dominated_rank", "preference_order", "reference_point", "trials_frame"]

@@ -25,7 +25,16 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from nas.pareto import FRONT_COLUMNS, ParetoAnalysis, analyze, confirmed_summary, hypervolume, non_dominated_rank
+from nas.confirm import latency_warning
+from nas.pareto import (
+    FRONT_COLUMNS,
+    ParetoAnalysis,
+    analyze,
+    confirmed_at,
+    confirmed_summary,
+    hypervolume,
+    non_dominated_rank,
+)
 
 KINDS = {"dense": ("dense ViT", "#1f77b4"), "moe": ("Mobile V-MoE", "#d62728")}  # kind -> (label, colour)
 PANELS = (("flops", "FLOPs per image"), ("latency_ms", "latency (ms)"))  # x axes, accuracy on y
@@ -57,13 +66,17 @@ class FrontLine:
 
 @dataclass(frozen=True)
 class ConfirmedPoints:
-    """The arms of confirmed pairs: mean accuracy over the confirmation's seeds, with its 95% interval."""
+    """The arms of confirmed pairs, drawn in place of their search point: mean accuracy over the
+    confirmation's seeds, with its 95% interval (marker and bar agree). A dense arm at the same cost as a
+    confirmed MoE (its FLOPs twin) is drawn a little to the left, so neither hides the other."""
 
     kind: str
-    x: list[float]
+    x: list[float]  # where drawn: the arm's cost, offset for a dense arm on an MoE's cost
     y: list[float]
     half_width: list[float]  # NaN: one seed, no interval
     hover: list[str]
+    search_y: list[float] = field(default_factory=list)  # the search's one-seed accuracy (NaN: not a trial)
+    cost: list[float] = field(default_factory=list)  # the arm's cost, unshifted
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,7 @@ class Dumbbell:
     dense: tuple[float, float]  # (mean accuracy, 95% half-width)
     moe: tuple[float, float]
     hover: str
+    text: str = ""  # written on the row: verdict, paired gain and interval, the test that decided
 
 
 @dataclass(frozen=True)
@@ -137,6 +151,8 @@ def pareto_plot_info(analysis: ParetoAnalysis) -> ParetoPlotInfo:
     """Accuracy against each cost: a scatter per kind, each kind's front in that plane as a line, and the
     points on the overall front of the analysis objectives marked."""
     rows = analysis.trials[analysis.trials["eligible"]]
+    confirmed = analysis.confirmed
+    arms = set(confirmed["moe_trial"].astype(int)) | set(confirmed["dense_trial"].dropna().astype(int))
     panels = []
     for column, label in PANELS:
         shown = rows[rows["accuracy"].notna() & rows[column].notna()]
@@ -146,14 +162,17 @@ def pareto_plot_info(analysis: ParetoAnalysis) -> ParetoPlotInfo:
             if part.empty:
                 continue
             x, y = part[column].to_numpy(float), part["accuracy"].to_numpy(float)
-            series.append(Series(kind, x.tolist(), y.tolist(), part["trial"].astype(int).tolist(),
-                                 [hover_text(r) for _, r in part.iterrows()], part["on_front"].astype(bool).tolist()))
+            alone = part[~part["trial"].isin(arms)]  # a confirmed arm is drawn at its confirmed mean instead
+            series.append(Series(kind, alone[column].tolist(), alone["accuracy"].tolist(),
+                                 alone["trial"].astype(int).tolist(), [hover_text(r) for _, r in alone.iterrows()],
+                                 alone["on_front"].astype(bool).tolist()))
             front = _front_2d(x, y)
             fronts.append(FrontLine(kind, x[front].tolist(), y[front].tolist()))
         costs = shown[column].to_numpy(float)
         log_x = bool(len(costs) and costs.min() > 0 and costs.max() / costs.min() > LOG_SPREAD)
         note = None if series else f"no completed trial has both accuracy and {label}"
-        panels.append(Panel(column, label, series, fronts, log_x, note, _confirmed_points(analysis, column)))
+        confirmed = _confirmed_points(analysis, column, log_x, costs)
+        panels.append(Panel(column, label, series, fronts, log_x, note, confirmed))
     counts = rows["kind"].value_counts()
     names = ", ".join(o.name for o in analysis.objectives)
     title = (f"{analysis.study_name}: accuracy against cost, {counts.get('dense', 0)} dense and "
@@ -161,35 +180,57 @@ def pareto_plot_info(analysis: ParetoAnalysis) -> ParetoPlotInfo:
     return ParetoPlotInfo(title, panels, _dumbbells(analysis))
 
 
-def _confirmed_points(analysis: ParetoAnalysis, column: str) -> list[ConfirmedPoints]:
+TWIN_OFFSET = 0.015  # a dense arm on an MoE's cost is drawn this share of the axis span to its left
+
+
+def _confirmed_points(analysis: ParetoAnalysis, column: str, log_x: bool, costs: np.ndarray) -> list[ConfirmedPoints]:
     """Each confirmed arm once, at its cost in `column`, with its mean accuracy over seeds and interval."""
     seeds = (analysis.confirm_settings or {}).get("seeds", [])
-    points = []
-    for kind in KINDS:
-        arms = {}
-        for _, row in analysis.confirmed.iterrows():
-            x = row[f"{kind}_{column}"]
+    accuracy = analysis.trials.set_index("trial")["accuracy"]
+    arms = {kind: {} for kind in KINDS}
+    for _, row in analysis.confirmed.iterrows():
+        for kind in KINDS:
+            x, trial = row[f"{kind}_{column}"], row[f"{kind}_trial"]
             if x is not None and not pd.isna(x):
-                arms[row[f"{kind}_name"]] = (float(x), row[f"{kind}_accuracy"], row[f"{kind}_half_width"])
-        if arms:
-            x, y, half = (list(v) for v in zip(*arms.values()))
-            hover = [f"<b>{html.escape(name)}</b><br>confirmed: {_fmt(acc, 4)} ± {_fmt(hw, 2)} over {len(seeds)} seeds"
-                     for name, (_, acc, hw) in arms.items()]
-            points.append(ConfirmedPoints(kind, x, y, half, hover))
+                search = float(accuracy.get(int(trial), math.nan)) if not pd.isna(trial) else math.nan
+                arms[kind][row[f"{kind}_name"]] = (float(x), row[f"{kind}_accuracy"], row[f"{kind}_half_width"], search)
+    moe_costs = {x for x, *_ in arms["moe"].values()}
+    everything = np.concatenate([costs, [x for kind in arms.values() for x, *_ in kind.values()]])
+    points = []
+    for kind, found in arms.items():
+        if not found:
+            continue
+        cost, y, half, search = (list(v) for v in zip(*found.values()))
+        x = [_left_of(c, everything, log_x) if kind == "dense" and c in moe_costs else c for c in cost]
+        hover = [f"<b>{html.escape(name)}</b><br>confirmed: {_fmt(acc, 4)} ± {_fmt(hw, 2)} over {len(seeds)} seeds"
+                 f"<br>search (one seed): {_fmt(one, 4)}<br>{column} {_fmt(c)}"
+                 + (" (drawn left of the MoE of the same cost)" if kind == "dense" and c in moe_costs else "")
+                 for name, (c, acc, hw, one) in found.items()]
+        points.append(ConfirmedPoints(kind, x, y, half, hover, search, cost))
     return points
+
+
+def _left_of(x: float, costs: np.ndarray, log_x: bool) -> float:
+    """`x` moved left by TWIN_OFFSET of the axis span (on a log axis, of its span in decades)."""
+    low, high = float(np.nanmin(costs)), float(np.nanmax(costs))
+    if log_x:
+        return x * (high / low) ** -TWIN_OFFSET
+    return x - TWIN_OFFSET * (high - low) if high > low else x * (1 - TWIN_OFFSET)
 
 
 def _dumbbells(analysis: ParetoAnalysis) -> list[Dumbbell]:
     out = []
     for _, row in analysis.confirmed.iterrows():
-        label = f"{row['moe_name']} vs {row['comparator']} ({row['cost']})"
+        label = f"{row['moe_name']} vs {row['comparator']} ({row['cost']}{'+' + row['also'] if row['also'] else ''})"
         hover = (f"<b>{html.escape(label)}</b><br>{row['verdict']}: gain {row['gain_mean']:+.4f} "
                  f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}], p_holm {row['p_holm']:.3g}<br>dense "
                  f"{html.escape(str(row['dense_name']))}: FLOPs {_fmt(row['dense_flops'])}, latency "
                  f"{_fmt(row['dense_latency_ms'])} ms<br>MoE: FLOPs {_fmt(row['moe_flops'])}, latency "
                  f"{_fmt(row['moe_latency_ms'])} ms")
+        text = (f"<b>{row['verdict']}</b> {row['gain_mean']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}] "
+                f"(decided by {row['decided_by']})")
         out.append(Dumbbell(label, row["verdict"], (row["dense_accuracy"], row["dense_half_width"]),
-                            (row["moe_accuracy"], row["moe_half_width"]), hover))
+                            (row["moe_accuracy"], row["moe_half_width"]), hover, text))
     return out
 
 
@@ -235,13 +276,19 @@ def pareto_figure(info: ParetoPlotInfo) -> go.Figure:
                 hovertext=s.hover, hoverinfo="text"), row=1, col=col)
         for c in panel.confirmed:
             label, colour = KINDS[c.kind]
+            figure.add_trace(go.Scatter(  # where the search's one seed put it: faint, so the fronts still read
+                x=c.x, y=c.search_y, mode="markers", name="search accuracy of a confirmed arm (one seed)",
+                legendgroup="search-of-confirmed", showlegend=first and c.kind == "moe", hoverinfo="skip",
+                marker={"color": colour, "size": 7, "symbol": "circle-open" if c.kind == "dense" else "diamond-open",
+                        "opacity": 0.45}), row=1, col=col)
             figure.add_trace(go.Scatter(
-                x=c.x, y=c.y, mode="markers", name=f"{label}, confirmed (95% interval)",
+                x=c.x, y=c.y, mode="markers", name=f"{label}, confirmed mean (95% interval)",
                 legendgroup=f"{c.kind}-confirmed", showlegend=first,
-                marker={"color": "white", "size": 10, "symbol": "x-thin-open" if c.kind == "dense" else "star-open",
-                        "line": {"color": colour, "width": 2}},
+                marker={"color": colour, "size": 11, "symbol": "circle" if c.kind == "dense" else "diamond",
+                        "line": {"color": "white", "width": 1}},
                 error_y={"type": "data", "array": [0 if math.isnan(h) else h for h in c.half_width],
-                         "color": colour}, hovertext=c.hover, hoverinfo="text"), row=1, col=col)
+                         "color": colour, "thickness": 1.5, "width": 5}, hovertext=c.hover, hoverinfo="text"),
+                row=1, col=col)
         figure.update_xaxes(title_text=panel.x_label, type="log" if panel.log_x else "linear", row=1, col=col,
                             tickformat=TICK_FORMATS[panel.x_column], dtick="D2" if panel.log_x else None)
         if panel.note:
@@ -260,26 +307,34 @@ def pareto_figure(info: ParetoPlotInfo) -> go.Figure:
 VERDICT_COLOURS = {"beats": "#2ca02c", "ties": "#7f7f7f", "loses": "#d62728"}
 
 
+ARM_ROWS = {"dense": -0.2, "moe": 0.2}  # each arm's interval a little above or below its pair's row
+
+
 def dumbbell_figure(dumbbells: list[Dumbbell]) -> go.Figure:
-    """Each confirmed pair on a row: dense and MoE accuracy with their intervals, joined by a line
-    coloured by the verdict."""
+    """Each confirmed pair on a row: dense and MoE accuracy with their intervals, a line from one to the
+    other coloured by the verdict, and the verdict written at the row's end. The two intervals sit just
+    below and above the row, so the line crosses them instead of running under them."""
     figure = go.Figure()
-    labels = [d.label for d in dumbbells]
-    for d in dumbbells:
-        figure.add_trace(go.Scatter(x=[d.dense[0], d.moe[0]], y=[d.label, d.label], mode="lines",
-                                    line={"color": VERDICT_COLOURS[d.verdict], "width": 3}, showlegend=False,
-                                    hovertext=d.hover, hoverinfo="text"))
+    for i, d in enumerate(dumbbells):
+        figure.add_trace(go.Scatter(x=[d.dense[0], d.moe[0]], y=[i + ARM_ROWS["dense"], i + ARM_ROWS["moe"]],
+                                    mode="lines", line={"color": VERDICT_COLOURS[d.verdict], "width": 4},
+                                    showlegend=False, hovertext=d.hover, hoverinfo="text"))
+        figure.add_annotation(x=1.0, xref="paper", xanchor="left", y=i, yref="y", text=d.text, showarrow=False,
+                              font={"color": VERDICT_COLOURS[d.verdict]})
     for kind, index in (("dense", 0), ("moe", 1)):
         label, colour = KINDS[kind]
         arms = [(d.dense, d.moe)[index] for d in dumbbells]
         figure.add_trace(go.Scatter(
-            x=[a[0] for a in arms], y=labels, mode="markers", name=label, marker={"color": colour, "size": 11},
-            error_x={"type": "data", "array": [0 if math.isnan(a[1]) else a[1] for a in arms]},
+            x=[a[0] for a in arms], y=[i + ARM_ROWS[kind] for i in range(len(arms))], mode="markers", name=label,
+            marker={"color": colour, "size": 10},
+            error_x={"type": "data", "array": [0 if math.isnan(a[1]) else a[1] for a in arms], "thickness": 1.5},
             hovertext=[d.hover for d in dumbbells], hoverinfo="text"))
     figure.update_layout(title="confirmed pairs: dense and MoE accuracy over seeds (95% intervals); line colour: "
-                         "beats green, ties grey, loses red", template="plotly_white", height=200 + 40 * len(labels),
-                         xaxis_title="validation accuracy (mean over seeds)", hoverlabel={"align": "left"},
-                         yaxis={"automargin": True})
+                         "beats green, ties grey, loses red", template="plotly_white",
+                         height=220 + 60 * len(dumbbells), xaxis_title="validation accuracy (mean over seeds)",
+                         hoverlabel={"align": "left"}, margin={"r": 330}, legend={"orientation": "h", "y": -0.25},
+                         yaxis={"automargin": True, "tickvals": list(range(len(dumbbells))),
+                                "ticktext": [d.label for d in dumbbells], "range": [-0.6, len(dumbbells) - 0.4]})
     return figure
 
 
@@ -429,24 +484,36 @@ def confirmed_markdown(analysis: ParetoAnalysis) -> list[str]:
     if not settings:
         return ["\n## MoE against dense, confirmed\n", "Not confirmed yet: run `vmoe-nas confirm --study "
                 f"{analysis.study_name}` to retrain the top MoEs and their dense comparators with paired seeds.\n"]
-    total, stopped = moe_counts(analysis)
-    confirmed_moes = confirmed["moe_trial"].nunique()
-    wins = {c: int(((confirmed["comparator"] == c) & (confirmed["verdict"] == "beats")).sum())
-            for c in ("twin", "flops", "latency")}
+    warning = latency_warning(settings)
     return [
         f"\n## MoE against dense, confirmed ({len(settings['seeds'])} seeds, {settings['steps']} steps, "
         f"margin {settings['margin']:g})\n",
-        f"{wins['twin']} of {total} MoE trials beat their FLOPs twin (E=0), {wins['flops']} of {total} the best "
-        f"dense trial of no more FLOPs, {wins['latency']} of {total} the best dense trial of no more latency "
-        f"(tie band {settings['latency_band']:.1%}, a timing's median relative spread in the study). Of the {total}, "
-        f"{confirmed_moes} were confirmed (the top of the MoE front), {stopped} stopped at a lower rung. `beats`: "
-        "the 95% t-interval of the paired gain over seeds lies above the margin and the McNemar test over "
-        "validation images, Holm-adjusted over all pairs, is below 0.05.\n",
+        f"{confirmed_sentence(analysis)} `beats`: the 95% t-interval of the paired gain over seeds lies above the "
+        "margin and the McNemar test over validation images, Holm-adjusted over the distinct (MoE, dense) pairs, "
+        "is below 0.05; `decided_by` names the test that made a `ties`."
+        + (f" **Warning: {warning}.**" if warning else "") + "\n",
         _table_md(confirmed_summary(confirmed)),
-        "\nEvery pair (beats_dense.csv):\n",
-        _table_md(confirmed[["moe_trial", "moe_name", "comparator", "cost", "dense_name", "moe_accuracy",
-                             "dense_accuracy", "gain_mean", "ci_low", "ci_high", "p_holm", "n_seeds", "verdict"]]),
+        "\nEvery pair (beats_dense.csv; `also`: the other comparators the same test answers):\n",
+        _table_md(confirmed[PAIR_COLUMNS]),
     ]
+
+
+PAIR_COLUMNS = ["moe_trial", "moe_name", "comparator", "also", "dense_name", "moe_accuracy", "dense_accuracy",
+                "gain_mean", "ci_low", "ci_high", "p_holm", "n_seeds", "verdict", "decided_by"]
+
+
+def confirmed_sentence(analysis: ParetoAnalysis) -> str:
+    """How many MoEs beat their twin, the best dense of no more FLOPs and of no more latency, confirmed: the
+    counts `vmoe-nas pareto` prints and the report writes."""
+    settings, confirmed = analysis.confirm_settings, analysis.confirmed
+    total, stopped = moe_counts(analysis)
+    wins = {"twin": int(((confirmed["comparator"] == "twin") & (confirmed["verdict"] == "beats")).sum()),
+            **{cost: int((confirmed_at(confirmed, cost)["verdict"] == "beats").sum()) for cost in ("flops", "latency")}}
+    return (f"{wins['twin']} of {total} MoE trials beat their FLOPs twin (E=0), {wins['flops']} of {total} the best "
+            f"dense trial of no more FLOPs, {wins['latency']} of {total} the best dense trial of no more latency "
+            f"(tie band {settings['latency_band']:.1%}, a timing's median relative spread in the study). Of the "
+            f"{total}, {confirmed['moe_trial'].nunique()} were confirmed (the top of the MoE front), {stopped} stopped "
+            "at a lower rung.")
 
 
 def _status_counts(frame: pd.DataFrame) -> dict[str, int]:
@@ -455,12 +522,30 @@ def _status_counts(frame: pd.DataFrame) -> dict[str, int]:
     return {str(k): int(v) for k, v in status.value_counts().items()}
 
 
+def pairs_table(confirmed: pd.DataFrame) -> pd.DataFrame:
+    """The per-pair table of report.html, narrow enough for a 1400 px window: who against whom, the gain,
+    its interval, p_holm, the verdict and the test that decided it (every column is in beats_dense.csv)."""
+    return pd.DataFrame({
+        "MoE": confirmed["moe_trial"].astype(str) + ": " + confirmed["moe_name"],
+        "against": confirmed["comparator"] + confirmed["also"].map(lambda a: f" (also {a})" if a else ""),
+        "dense": confirmed["dense_name"],
+        "gain": confirmed["gain_mean"].map(lambda v: f"{v:+.4f}"),
+        "95% interval": [f"[{low:+.4f}, {high:+.4f}]" for low, high in zip(confirmed["ci_low"], confirmed["ci_high"])],
+        "p_holm": confirmed["p_holm"].map(lambda v: f"{v:.3g}"),
+        "seeds": confirmed["n_seeds"],
+        "verdict": confirmed["verdict"],
+        "decided by": confirmed["decided_by"],
+    })
+
+
 def _confirmed_html(analysis: ParetoAnalysis) -> list[str]:
     text = confirmed_markdown(analysis)
-    body = [f"<h2>{html.escape(text[0].strip().lstrip('# '))}</h2>", f"<p>{html.escape(text[1].strip())}</p>"]
+    body = [f"<h2>{html.escape(text[0].strip().lstrip('# '))}</h2>",
+            f"<p>{html.escape(text[1].strip()).replace('**', '')}</p>"]
     if analysis.confirm_settings:
         body += [confirmed_summary(analysis.confirmed).to_html(index=False),
-                 analysis.confirmed.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")]
+                 "<p>Every pair (all columns in beats_dense.csv):</p>", pairs_table(analysis.confirmed).to_html(
+                     index=False)]
     return body
 
 
@@ -523,5 +608,5 @@ def write_report(study: optuna.Study, out_dir, *, objectives: list[str] | None =
 
 __all__ = ["ConfirmedPoints", "Dumbbell", "FrontLine", "HypervolumeHistory", "Panel", "ParetoPlotInfo", "Series",
            "confirmed_markdown", "dumbbell_figure", "hover_text", "hypervolume_figure", "hypervolume_history",
-           "moe_counts", "optuna_figures", "pareto_figure", "pareto_plot_info", "report_html", "report_markdown",
-           "summary_tables", "unconfirmed_sentence", "write_report"]
+           "moe_counts", "optuna_figures", "pairs_table", "pareto_figure", "pareto_plot_info", "report_html",
+           "report_markdown", "summary_tables", "unconfirmed_sentence", "write_report"]

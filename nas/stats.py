@@ -16,6 +16,7 @@ validation split, (n_seeds, n_images) booleans per arm; everything else derives 
 - Holm-Bonferroni over every pair of a study, so the more pairs are compared, the stronger each win must be.
 - Verdict: `beats` when the interval lies above +margin and the Holm-adjusted p is below alpha; `loses`
   when it lies below -margin (same p condition); `ties` otherwise, including n=1 seed (no interval).
+  `decided_by` names the test that made a `ties`: a tiny p_holm beside `ties` means the interval decided.
 """
 
 from __future__ import annotations
@@ -111,6 +112,20 @@ def verdict(ci_low: float, ci_high: float, p: float, *, margin: float = 0.0, alp
     return "ties"
 
 
+def decided_by(ci_low: float | None, ci_high: float | None, p: float, *, margin: float = 0.0,
+               alpha: float = 0.05) -> str:
+    """Which test made the verdict: "both" for `beats` and `loses` (each needs both); for `ties`, the one
+    that did not clear ("interval": it holds the margin band although p_holm < alpha; "McNemar": p_holm >=
+    alpha although the interval is clear of it; "both"; "one seed": no interval). None bounds: one seed."""
+    if ci_low is None or ci_high is None or not (math.isfinite(ci_low) and math.isfinite(ci_high)):
+        return "one seed"
+    interval_clear = ci_low > margin or ci_high < -margin
+    p_clear = p < alpha
+    if interval_clear and p_clear:
+        return "both"
+    return "interval" if p_clear else "McNemar" if interval_clear else "both"
+
+
 def paired(moe_correct: np.ndarray, dense_correct: np.ndarray, *, name: str = "", cost: str = "flops",
            margin: float = 0.0, confidence: float = 0.95, alpha: float = 0.05) -> PairedResult:
     """One pair from per-image correctness, (n_seeds, n_images) booleans per arm, row i of both trained with
@@ -157,5 +172,5 @@ def purity(experts: np.ndarray, groups: np.ndarray) -> float:
     return float(sum(np.bincount(groups[experts == e]).max() for e in np.unique(experts)) / len(experts))
 
 
-__all__ = ["VERDICTS", "PairedResult", "holm", "mcnemar_midp", "mutual_information", "paired", "purity", "study",
-           "t_interval", "verdict"]
+__all__ = ["VERDICTS", "PairedResult", "decided_by", "holm", "mcnemar_midp", "mutual_information", "paired",
+           "purity", "study", "t_interval", "verdict"]

@@ -133,6 +133,9 @@ class ConfirmSpec:
     pairs: int = 2  # MoEs from the top of the MoE front (by accuracy), each with up to 3 comparators
     steps: int | None = None  # training steps per run; None: the search's top rung (its full budget)
     margin: float = 0.0  # accuracy gain (fraction) the interval's lower bound must clear for `beats`
+    # The latency tie band's cap (a fraction): a quiet machine's timings spread 1-5%; a measured band or anchor
+    # spread beyond it is a loaded machine, warned about, and its latency verdicts marked unreliable.
+    max_latency_band: float = 0.1
 
     def validate(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -141,6 +144,7 @@ class ConfirmSpec:
         _check_number("confirm.pairs", self.pairs, minimum=1, integer=True, optional=False)
         _check_number("confirm.steps", self.steps, minimum=1, integer=True)
         _check_number("confirm.margin", self.margin, optional=False)
+        _check_number("confirm.max_latency_band", self.max_latency_band, minimum=0, optional=False)
 
 
 RUNG_FIELDS = ("min_steps", "max_steps", "reduction_factor")  # the evaluator's multi-fidelity schedule

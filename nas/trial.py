@@ -108,6 +108,13 @@ def measure_anchor(cfg: StudyConfig, dataset) -> Anchor | None:
     result = profile(arch, **cfg.profiler.options(), min_time_s=3 * MIN_TIME_S)
     if result["latency_ms"] is None:
         return None
+    from nas.confirm import timing_spread
+
+    spread, limit = timing_spread(result["latency_ms"]), cfg.confirm.max_latency_band
+    if spread is not None and spread > limit:
+        log.warning("latency anchor %s: its timings spread %.0f%%, beyond the limit of %.0f%% "
+                    "(confirm.max_latency_band): a loaded machine; latency verdicts will be unreliable",
+                    arch.name, 100 * spread, 100 * limit)
     return Anchor(arch, result["latency_ms"]["median"], result["latency_ms"], device_label(result["device"]))
 
 

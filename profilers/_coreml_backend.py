@@ -66,7 +66,9 @@ class CoreMLBackend(LocalBackend):
         versions = {"coremltools": package_version("coremltools")}
         note = macos_note()
         call = None if note else predict_fn(exported, cfg, batch, units)
-        return Runnable(call, units, exported.measured_form, artifact, note=note, versions=versions)
+        # Off macOS nothing is measured: the form, without the programs a measurement would run.
+        return Runnable(call, units, exported.form if note else exported.measured_form, artifact, note=note,
+                        versions=versions)
 
     def pack(self, model, *, batch, cache, workdir):
         out_dir = coreml_cache_dir(model.cfg, self.precision, batch) if cache else workdir / "coreml"

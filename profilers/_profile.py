@@ -93,7 +93,21 @@ def profile(
             result["device"] = run.device
         else:
             result["device"]["versions"].update(run.versions)
+        if run.latency:  # every latency figure is per call: one batch of `batch` images
+            result["latency_unit"] = f"ms per call, one batch of {batch} image{'s' * (batch > 1)}"
+            result["latency_ms_per_image"] = {k: run.latency.to_dict()[k] / batch for k in ("median", "p10", "p90")}
+        result["warnings"] = measurement_warnings(result)
     return result
+
+
+def measurement_warnings(result: dict) -> list[str]:
+    """What makes a latency of `result` doubtful: more threads than the measuring machine lets this process use."""
+    device, threads = result["device"], result["threads"]
+    cores = device.get("cores_available") or device.get("cores")
+    if result["latency_ms"] and cores and threads > cores:
+        return [f"--threads {threads} on a machine with {cores} available core{'s' * (cores > 1)}: the threads share "
+                "cores, so this latency is not what that many cores would give"]
+    return []
 
 
 def _si(value: float, unit: str) -> str:
@@ -121,7 +135,9 @@ def format_profile(result: dict) -> str:
         lines.append(f"  uncounted ops: {', '.join(result['uncounted_ops'])}")
     latency = result["latency_ms"]
     if latency:
-        lines.append(f"latency     median {latency['median']:.3f} ms  p10 {latency['p10']:.3f}  "
+        per_batch = (f" per batch of {result['batch']} ({result['latency_ms_per_image']['median']:.3f} ms per image)"
+                     if result["batch"] > 1 else "")
+        lines.append(f"latency     median {latency['median']:.3f} ms{per_batch}  p10 {latency['p10']:.3f}  "
                      f"p90 {latency['p90']:.3f}  cv {latency['cv']:.3f}  ({latency['runs']} runs)")
     else:
         lines.append(f"latency     unavailable: {result['latency_note']}")

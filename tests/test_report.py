@@ -123,7 +123,9 @@ def test_pareto_command_writes_the_report_beside_the_study(tmp_path, capsys):
     study([trial("dense", 0.70, 100, 1.0), trial("moe", 0.78, 100, 1.2)], storage=f"sqlite:///{folder / 'study.db'}")
     assert main(["pareto", "--study", "hand", "--results-dir", str(tmp_path / "results"), "--margin", "0.01"]) == 0
     out = capsys.readouterr().out
-    assert "1 of 1 MoE trials beat dense (margin 0.01)" in out and "+0.0800 at equal FLOPs" in out
+    assert ("unconfirmed, one seed (margin 0.01): 1 of 1 MoE configurations beat the best dense model of no more "
+            "FLOPs; 1 of 1 that of no more latency" in out)
+    assert "+0.0800 at equal FLOPs" in out and "not confirmed" in out
     assert REPORT_FILES <= {p.name for p in folder.iterdir()}
     assert main(["pareto", "--study", "hand", "--results-dir", str(tmp_path / "results"), "--objectives",
                  "accuracy", "params", "--out", str(tmp_path / "by-params")]) == 0
@@ -163,13 +165,13 @@ def test_confirmed_pairs_replace_the_single_seed_table_with_intervals_and_dumbbe
     stage.confirm(s, load_study_config("smoke"), seeds=3)
     analysis = analyze(s)
     info = pareto_plot_info(analysis)
-    assert [d.label.split(" vs ")[1] for d in info.dumbbells] == ["twin (flops)", "flops (flops)", "latency (latency)"]
+    assert [d.label.split(" vs ")[1] for d in info.dumbbells] == ["twin (flops+latency)", "flops (flops)"]
     flops = info.panels[0].confirmed
     assert [c.kind for c in flops] == ["dense", "moe"] and len(flops[0].x) == 2 and len(flops[1].x) == 1
     assert all(h > 0 for c in flops for h in c.half_width)  # 3 seeds: a finite 95% interval on every arm
     paths = write_report(s, tmp_path)
     beats = pd.read_csv(paths["beats_dense.csv"])
-    assert beats["comparator"].tolist() == ["twin", "flops", "latency"] and set(beats["verdict"]) <= {"ties", "loses"}
+    assert beats["comparator"].tolist() == ["twin", "flops"] and set(beats["verdict"]) <= {"ties", "loses"}
     md = paths["report.md"].read_text()
     assert "| moe_trial | moe_name | vs_twin | vs_flops | vs_latency |" in md  # verdicts per cost, never OR-ed
     assert "0 of 1 MoE trials beat their FLOPs twin" in md and "MoE against dense, unconfirmed (one seed" in md
