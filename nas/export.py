@@ -235,7 +235,7 @@ def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: 
          f"proxy training ({budget}, batch {recipe.batch_size}) on {limit} of {study_cfg.data.name}; "
          f"{train.get('steps', '?')} steps"),
         ("router super-class accuracy", _fmt_metric(metrics.router_accuracy), "same run"),
-        ("FLOPs per image", _fmt_metric(metrics.flops), "profilers.count_flops (fvcore, MAC = 2 FLOPs)"),
+        ("FLOPs per image", _fmt_metric(metrics.flops), "profilers.count_flops (fvcore: one multiply-add = 1 FLOP)"),
         ("params total / active", f"{_fmt_metric(metrics.params_total)} / "
          f"{_fmt_metric(metrics.params_active)}", "search_spaces.count_params; active: k of E experts"),
         ("size (fp32)", _fmt_metric(metrics.size_mb, " MB"), "4 bytes per parameter"),

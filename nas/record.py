@@ -113,11 +113,14 @@ class TrialRecord:
 
     @property
     def status(self) -> str:
-        """complete, infeasible, early_stopped, invalid, failed, running or waiting."""
+        """complete, infeasible, early_stopped, invalid, failed, interrupted (its slot runs again), running or
+        waiting."""
         if self.state == TrialState.COMPLETE:
             return "complete" if self.feasible else "infeasible"
         if self.state == TrialState.PRUNED:
             return "invalid" if self.arch is None else "early_stopped"
+        if self.state == TrialState.FAIL and self.interrupted:
+            return "interrupted"
         return {TrialState.FAIL: "failed", TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}[self.state]
 
     def objective_values(self, objectives: list[Objective]) -> list[float]:

@@ -103,6 +103,7 @@ def test_export_of_the_moe_rebuilds_the_trial(results, tmp_path, monkeypatch, ca
     assert f"{metrics['accuracy']:,.4g}" in card and "freshly initialised" in card
     assert "Core ML: not written: the Core ML conversion failed (RuntimeError: converter broke)" in card
     assert "at no more flops:" in card and "torch: " in card
+    assert "one multiply-add = 1 FLOP" in card and "MAC = 2" not in card  # fvcore's convention, as the tool counts
 
 
 def test_export_of_the_dense_trial_writes_core_ml(results, tmp_path):

@@ -86,6 +86,7 @@ def test_status_is_derived_from_the_state_never_stored():
     assert record(0, arch, TrialState.PRUNED).status == "early_stopped"
     assert record(0, None, TrialState.PRUNED).status == "invalid"
     assert record(0, arch, TrialState.FAIL).status == "failed"
+    assert record(0, arch, TrialState.FAIL, interrupted=True).status == "interrupted"  # its slot runs again
     assert "status" not in records.frozen_attrs(record(0, arch))
 
 
