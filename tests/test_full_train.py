@@ -52,7 +52,7 @@ def stop_at(monkeypatch, step: int):
 def test_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(exported, tmp_path, monkeypatch,
                                                                                     capsys):
     with monkeypatch.context() as patch:  # the reference run: its ONNX export is not what is compared
-        patch.setattr(nas.full_train, "export_checked_onnx", lambda model, path: 0.0)
+        patch.setattr(nas.full_train, "formats_in", lambda folder: [])
         reference = run_training(copy_of(exported, tmp_path, "reference"), progress=False)
 
     config = copy_of(exported, tmp_path)
@@ -71,7 +71,8 @@ def test_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run
     assert metrics["test_accuracy"] == reference["test_accuracy"] is not None
     assert metrics["source"] == {"study": STUDY, "trial": 1, "config_hash": ArchConfig.load(
         config.parent / "arch.yaml").config_hash()}
-    assert metrics["onnx_max_difference"] <= 1e-4 and (run / "model.onnx").is_file()
+    assert metrics["exports"]["ONNX"].startswith("`model.onnx`") and (run / "model.onnx").is_file()
+    assert metrics["exports"].keys() == {"ONNX"}  # the export wrote no Core ML: nor does training
     saved = torch.load(run / "model.pt", weights_only=True)
     build_model(ArchConfig.from_dict(saved["arch"])).load_state_dict(saved["model"])
 
@@ -104,3 +105,26 @@ def test_missing_or_corrupt_files_are_refused_by_name(exported, tmp_path, capsys
     error = capsys.readouterr().err
     assert named in error and "Traceback" not in error
     assert not (config.parent / "run").exists()
+
+
+@pytest.mark.slow
+def test_training_writes_every_format_the_export_wrote_from_the_trained_weights(tmp_path, tmp_path_factory):
+    coremltools = pytest.importorskip("coremltools")
+    results = tiny_study_results(tmp_path_factory)
+    out = tmp_path / "dense"
+    export_trial(load_study(STUDY, results_dir=results), out, trial=0, study_dir=results / STUDY)
+    assert (out / "model.mlpackage").is_dir()
+    config = yaml.safe_load((out / "train.yaml").read_text())
+    config["recipe"].update(epochs=None, steps=4, eval_every=4)
+    (out / "train.yaml").write_text(yaml.safe_dump(config))
+    metrics = run_training(out / "train.yaml", progress=False)
+    assert metrics["exports"].keys() == {"ONNX", "Core ML"} and "not written" not in metrics["exports"]["Core ML"]
+    trained = torch.load(out / "run" / "model.pt", weights_only=True)["model"]["head.weight"]
+    weights = next((out / "run" / "model.mlpackage").rglob("weight.bin")).read_bytes()
+    assert trained.half().numpy().tobytes() in weights  # the trained head, as the fp16 program holds it
+    fresh = next((out / "model.mlpackage").rglob("weight.bin")).read_bytes()
+    assert trained.half().numpy().tobytes() not in fresh
+    spec = coremltools.utils.load_spec(str(out / "run" / "model.mlpackage"))
+    info = json.loads((out / "run" / "input.json").read_text())
+    assert spec.description.metadata.userDefined["mean"] == json.dumps(info["mean"]) == json.dumps(metrics[
+        "normalisation"]["mean"])
