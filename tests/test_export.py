@@ -78,7 +78,7 @@ def test_export_of_the_moe_rebuilds_the_trial(results, tmp_path, monkeypatch, ca
     assert {p.name for p in out.iterdir()} == {"arch.yaml", "train.yaml", "superclasses.json", "model.onnx",
                                                "model_card.md", "trial.json", "input.json"}
     recorded = load_study(STUDY, results_dir=results).trials[1]
-    metrics = recorded.user_attrs["metrics"]
+    metrics = recorded.user_attrs  # each metric is a user attribute
     cfg = ArchConfig.load(out / "arch.yaml")
     assert cfg.is_moe and cfg.config_hash() == recorded.user_attrs["config_hash"]
     assert count_params(build_model(cfg)) == (metrics["params_total"], metrics["params_active"])

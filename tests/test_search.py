@@ -138,6 +138,14 @@ def test_latency_is_reported_on_the_scale_of_the_study_anchor(tmp_path):
     assert records.read_study(load(tmp_path, "anchor")).anchor == anchor  # a resumed study keeps its scale
 
 
+def test_the_study_names_its_objectives_for_optuna_dashboard(tmp_path):
+    from nas.search import open_study, storage_url
+    from nas.study import load_study_config
+
+    cfg = load_study_config(write_study(tmp_path, "named", [], 1))
+    assert open_study(cfg, storage_url(cfg)).metric_names == ["accuracy", "flops"]  # not "Objective 0, 1"
+
+
 def test_the_summary_counts_an_interrupted_trial_as_interrupted_not_failed(tmp_path, monkeypatch, capsys):
     import nas.search
 
