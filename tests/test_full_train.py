@@ -63,9 +63,12 @@ def test_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run
     assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["state"]["step"] == EVAL_EVERY
     assert not (run / "metrics.json").exists()
 
-    assert main(["train", str(config), "--no-progress"]) == 0
-    assert f"resuming from {run / CHECKPOINT_NAME}" in capsys.readouterr().out
+    assert main(["train", str(config)]) == 0
+    out, err = capsys.readouterr()
     metrics = json.loads((run / "metrics.json").read_text())
+    assert f"resuming from {run / CHECKPOINT_NAME}" in out
+    assert f"(step {STEPS}): val accuracy {metrics['val_accuracy']:.4f}" in out  # each evaluation, on its own line
+    assert f"train {metrics['name']}: 100%" in err and "val_accuracy=" in err  # the labelled progress bar
     assert metrics["steps"] == reference["steps"] == STEPS
     assert metrics["result"]["evals"] == reference["result"]["evals"]  # same steps, so the same accuracies
     assert metrics["test_accuracy"] == reference["test_accuracy"] is not None
