@@ -34,6 +34,10 @@ if [ "$INSTALL" = 1 ]; then
     "$PY" -m pip install -q -e '.[dev]'
     echo "installed in $((SECONDS - start)) s"
 fi
+if [[ $DEVICE == cuda* ]] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "gpu_check.sh: no CUDA GPU here (torch.cuda.is_available() is False); DEVICE=cpu runs it on the CPU" >&2
+    exit 1
+fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'available', torch.cuda.is_available())"
 

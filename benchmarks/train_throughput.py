@@ -19,6 +19,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch import nn
 
 from nas.data import Dataset, Split
 from nas.trainer import Loss, TrainRecipe, _Run, available_cores, param_groups, resolve_device
-from search_spaces import ArchConfig, ModelOutput, load_arch
+from search_spaces import ArchConfig, ConfigError, ModelOutput, load_arch
 
 OUT = Path("results/benchmarks/train_throughput.json")
 
@@ -98,7 +99,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads or available_cores())
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as error:  # no such device here: one line, not a traceback
+        sys.exit(f"train_throughput.py: error: {error}")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # as nas.trainer.train sets it
     cfgs = models(args.dense, args.moe)

@@ -79,9 +79,12 @@ def cmd_search(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         print(f"interrupted: run the same command again to resume study {cfg.study_name}", file=sys.stderr)
         raise
+    from nas import record as records
+
     states = {}
-    for trial in study.get_trials(deepcopy=False):
-        states[trial.state.name.lower()] = states.get(trial.state.name.lower(), 0) + 1
+    for trial in records.read_all(study):
+        state = "interrupted" if trial.status == "interrupted" else trial.state.name.lower()
+        states[state] = states.get(state, 0) + 1
     print(f"study {cfg.study_name} finished: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
     if cfg.confirm.enabled and not args.no_confirm:
         from nas.confirm import confirm
@@ -256,7 +259,10 @@ class AgentBackends:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="vmoe-nas", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('vmoe-nas')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("describe", help="blocks and parameter counts of an architecture")

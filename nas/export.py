@@ -2,8 +2,9 @@
 
 `export_trial(study, out_dir, trial=N)` or `pick="RULE"` writes into one directory: `arch.yaml`,
 `train.yaml` (the full-length recipe `vmoe-nas train` runs), `superclasses.json` when the per-image
-router is trained on super-classes, `model.onnx` (checked against torch), `model.mlpackage` (or a
-`coreml/` trunk and tails for per-image MoEs) when coremltools is there, `trial.json` (the trial as
+router is trained on super-classes, each of FORMATS: `model.onnx` (checked against torch), `model.mlpackage`
+(or a `coreml/` trunk, tails and `routing.json` for per-image MoEs) when coremltools is there; `input.json`
+(normalisation, class names, routing facts, also in each file's metadata), `trial.json` (the trial as
 stored) and `model_card.md`. The study keeps no weights, so the models are freshly initialised; the
 directory appears whole or not at all.
 """
@@ -17,6 +18,8 @@ import os
 import platform
 import shutil
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 import yaml
 
+from nas.deploy import ModelInfo, coreml_routing
 from nas.study import StudyConfig
 from search_spaces import ArchConfig, ConfigError, build_model, count_params
 
@@ -134,11 +138,11 @@ def onnx_max_difference(model: torch.nn.Module, path: Path, *, batch: int = 3, s
     return float(np.abs(onnx_logits - torch_logits).max())
 
 
-def export_checked_onnx(model: torch.nn.Module, path: Path) -> float:
+def export_checked_onnx(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> float:
     """Export `model` (checked by onnx.checker in profilers.export_onnx) and compare it with torch."""
     from profilers import export_onnx
 
-    export_onnx(model, path)
+    export_onnx(model, path, metadata=metadata)
     difference = onnx_max_difference(model, path)
     if difference > ONNX_TOLERANCE:
         raise ExportError(path.name, f"ONNX Runtime and torch differ by {difference:.2e} > {ONNX_TOLERANCE:g}")
@@ -164,9 +168,15 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
-def export_coreml_quietly(model: torch.nn.Module, out_dir: Path) -> str:
-    """Write Core ML programs of `model` via profilers.export_coreml; returns the model card's line on
-    them. Core ML is optional: a missing coremltools or a failed conversion is a note, not an error."""
+def write_onnx(model: torch.nn.Module, folder: Path, info: ModelInfo) -> str:
+    difference = export_checked_onnx(model, folder / "model.onnx", info.metadata())
+    return (f"`model.onnx`, input and routing facts in its metadata_props; ONNX Runtime matches torch to "
+            f"{difference:.1e} (tolerance {ONNX_TOLERANCE:g})")
+
+
+def write_coreml(model: torch.nn.Module, folder: Path, info: ModelInfo) -> str:
+    """Core ML programs of `model` via profilers.export_coreml, with `info` in each, and for a per-image MoE
+    `coreml/routing.json`. Core ML is optional: a missing coremltools or a failed conversion is a note."""
     try:
         from profilers import coreml_form, export_coreml
 
@@ -175,18 +185,47 @@ def export_coreml_quietly(model: torch.nn.Module, out_dir: Path) -> str:
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")
             per_image = coreml_form(model.cfg) == "per_image:trunk+tails"
-            result = export_coreml(model, out_dir / "coreml" if per_image else out_dir, precision="fp16")
+            result = export_coreml(model, folder / "coreml" if per_image else folder, precision="fp16",
+                                   metadata=info.metadata(), description=info.description())
     except ImportError as error:
         return f"not written: coremltools is not installed ({error}); `pip install 'vmoe-nas[coreml]'`"
     except Exception as error:  # coremltools raises anything from its converters; the ONNX model stands
-        for partial in (out_dir / "coreml", out_dir / "model.mlpackage"):
+        for partial in (folder / "coreml", folder / "model.mlpackage"):
             shutil.rmtree(partial, ignore_errors=True)
         return f"not written: the Core ML conversion failed ({first_line(error)})"
-    names = ", ".join(str(p.relative_to(out_dir)) for p in result.programs.values())
-    how = ("an app runs the trunk, then the tail of the experts the router picked (ascending, with their gates "
-           "when k > 1)" if per_image else "one program")
-    return (f"form {result.form}, fp16 ML programs: {names}; {how}. Converted here, not run: Core ML runs on "
-            "Apple devices only.")
+    names = ", ".join(str(p.relative_to(folder)) for p in result.programs.values())
+    how = "one program"
+    if per_image:
+        routing = coreml_routing(model.cfg, batch=1)
+        (folder / "coreml" / "routing.json").write_text(json.dumps(routing, indent=1))
+        how = ("one image per call: an app runs the trunk, then the tail of the experts the router picked, "
+               "as `coreml/routing.json` says")
+    return (f"form {result.form}, fp16 ML programs: {names}, input and routing facts in each one's metadata; "
+            f"{how}. Converted here, not run: Core ML runs on Apple devices only.")
+
+
+@dataclass(frozen=True)
+class Format:
+    """A deployable format: the paths it writes in a folder (how `vmoe-nas train` tells which formats an export
+    wrote) and its writer, which returns the model card's line on what it wrote."""
+
+    name: str
+    paths: tuple[str, ...]
+    write: Callable[[torch.nn.Module, Path, ModelInfo], str]
+
+
+FORMATS = (Format("ONNX", ("model.onnx",), write_onnx), Format("Core ML", ("model.mlpackage", "coreml"), write_coreml))
+
+
+def formats_in(folder: Path) -> list[Format]:
+    """The formats an export wrote in `folder` (ONNX, which every export writes, always)."""
+    return [f for f in FORMATS if f.name == "ONNX" or any((folder / p).exists() for p in f.paths)]
+
+
+def write_formats(model: torch.nn.Module, folder: Path, info: ModelInfo, formats) -> dict[str, str]:
+    """Write `model` in each of `formats` and `input.json` into `folder`; returns format name -> its line."""
+    (folder / "input.json").write_text(json.dumps(info.to_dict(), indent=1))
+    return {f.name: f.write(model, folder, info) for f in formats}
 
 
 # ---------------------------------------------------------------- the files
@@ -218,18 +257,23 @@ def train_config(study_cfg: StudyConfig, *, epochs: float, superclasses: bool, s
     }
 
 
-def superclass_map(cfg: ArchConfig, study_cfg: StudyConfig, study_dir: Path):
+def study_dataset(study_cfg: StudyConfig):
+    """The data set the study trained on: its normalisation and class names are the exported model's input."""
+    from nas.data import load_dataset
+
+    spec = study_cfg.data
+    return load_dataset(spec.name, data_dir=spec.data_dir, val_fraction=spec.val_fraction, seed=spec.seed,
+                        limit=spec.limit, **spec.folder_options())
+
+
+def superclass_map(cfg: ArchConfig, dataset, study_dir: Path):
     """The super-class map the trial was trained with: the study's data set and cache, so a map the
     search discovered is read back, not discovered again. None when the router needs none."""
     moe = cfg.moe
     if not moe or moe.routing != "per_image" or moe.router_loss_weight == 0:
         return None
-    from nas.data import load_dataset
     from nas.superclasses import superclasses_for
 
-    spec = study_cfg.data
-    dataset = load_dataset(spec.name, data_dir=spec.data_dir, val_fraction=spec.val_fraction, seed=spec.seed,
-                           limit=spec.limit, **spec.folder_options())
     return superclasses_for(dataset, moe.num_experts, cache_dir=Path(study_dir) / "superclasses")
 
 
@@ -240,7 +284,7 @@ def _fmt_metric(value, unit: str = "") -> str:
 
 
 def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: StudyConfig,
-               analysis: ParetoAnalysis, *, onnx_difference: float, coreml_note: str, source: str | None,
+               analysis: ParetoAnalysis, *, formats: dict[str, str], source: str | None,
                seed: int, epochs: float, superclasses: bool, pick: str | None = None) -> str:
     metrics, profile, train = trial.metrics, trial.profile or {}, trial.train or {}
     recipe = study_cfg.recipe()
@@ -255,7 +299,7 @@ def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: 
          f"proxy training ({budget}, batch {recipe.batch_size}) on {limit} of {study_cfg.data.name}; "
          f"{train.get('steps', '?')} steps"),
         ("router super-class accuracy", _fmt_metric(metrics.router_accuracy), "same run"),
-        ("FLOPs per image", _fmt_metric(metrics.flops), "profilers.count_flops (fvcore, MAC = 2 FLOPs)"),
+        ("FLOPs per image", _fmt_metric(metrics.flops), "profilers.count_flops (fvcore: one multiply-add = 1 FLOP)"),
         ("params total / active", f"{_fmt_metric(metrics.params_total)} / "
          f"{_fmt_metric(metrics.params_active)}", "search_spaces.count_params; active: k of E experts"),
         ("size (fp32)", _fmt_metric(metrics.size_mb, " MB"), "4 bytes per parameter"),
@@ -280,12 +324,12 @@ def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: 
         lines += ["## Against dense\n", against or "Not analysed (the trial is not among the completed ones).\n"]
     lines += [
         "## Files\n",
-        f"- `model.onnx`: freshly initialised weights (torch seed {seed}): the study trains with a short proxy "
-        "budget and keeps no weights, so this file fixes the graph, shapes and cost, not the accuracy. "
-        "`vmoe-nas train` writes `run/model.onnx` with the trained weights. Input `images` "
-        f"(N, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), normalised per channel; output `logits`. "
-        f"ONNX Runtime matches torch to {onnx_difference:.1e} (tolerance {ONNX_TOLERANCE:g}).",
-        f"- Core ML: {coreml_note}",
+        f"The weights are freshly initialised (torch seed {seed}): the study trains with a short proxy budget and "
+        "keeps no weights, so these files fix the graph, shapes and cost, not the accuracy. `vmoe-nas train` writes "
+        "each format below into `run/` with the trained weights. Input `images` "
+        f"(N, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), normalised per channel; output `logits`; "
+        "`input.json` (and each file's metadata) holds the mean, std, class names and routing facts.\n",
+        *(f"- {name}: {line}" for name, line in formats.items()),
         "- `train.yaml`, `arch.yaml`" + (", `superclasses.json` (the map the trial's router was trained on)"
                                          if superclasses else "")
         + ": what `vmoe-nas train` reads; `trial.json`: the trial as the study stored it.\n",
@@ -405,7 +449,8 @@ def export_trial(study: optuna.Study, out_dir, *, trial: int | None = None, pick
     chosen = _stored_trial(study, number)
     cfg = chosen.arch
     rebuilt_costs(cfg, chosen.metrics)
-    mapping = superclass_map(cfg, study_cfg, Path(study_dir) if study_dir else study_cfg.study_dir)
+    dataset = study_dataset(study_cfg)
+    mapping = superclass_map(cfg, dataset, Path(study_dir) if study_dir else study_cfg.study_dir)
     seed = study_cfg.recipe().seed
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -420,13 +465,15 @@ def export_trial(study: optuna.Study, out_dir, *, trial: int | None = None, pick
         with torch.random.fork_rng(devices=[]):  # initial weights from the recipe's seed, not the caller's RNG
             torch.manual_seed(seed)
             model = build_model(cfg).eval()
-        difference = export_checked_onnx(model, stage / "model.onnx")
-        coreml_note = export_coreml_quietly(model, stage) if coreml else "not written (--no-coreml)"
+        formats = write_formats(model, stage, ModelInfo.of(cfg, dataset),
+                                [f for f in FORMATS if coreml or f.name != "Core ML"])
+        if not coreml:
+            formats["Core ML"] = "not written (--no-coreml)"
         stored = {"study": study.study_name, **chosen.to_json()}
         (stage / "trial.json").write_text(json.dumps(stored, indent=1, default=str))
         (stage / "model_card.md").write_text(model_card(
-            cfg, chosen, study.study_name, study_cfg, analysis, onnx_difference=difference, coreml_note=coreml_note,
-            source=source, seed=seed, epochs=epochs, superclasses=mapping is not None, pick=pick))
+            cfg, chosen, study.study_name, study_cfg, analysis, formats=formats, source=source, seed=seed,
+            epochs=epochs, superclasses=mapping is not None, pick=pick))
         written = sorted(p.name for p in stage.iterdir() if p.name != EXPORT_MARKER)
     return {name: out / name for name in written}
 
@@ -443,5 +490,6 @@ def _stored_trial(study: optuna.Study, number: int) -> TrialRecord:
     return chosen
 
 
-__all__ = ["DEFAULT_EPOCHS", "ExportError", "PICK_RULES", "export_checked_onnx", "export_trial", "first_line",
-           "onnx_max_difference", "pick_trial", "rebuilt_costs", "train_config"]
+__all__ = ["DEFAULT_EPOCHS", "FORMATS", "ExportError", "Format", "PICK_RULES", "export_checked_onnx", "export_trial",
+           "first_line", "formats_in", "onnx_max_difference", "pick_trial", "rebuilt_costs", "train_config",
+           "write_formats"]

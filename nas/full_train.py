@@ -4,7 +4,8 @@ Reads exactly what `vmoe-nas export` wrote (train.yaml, arch.yaml, superclasses.
 search's trainer on the full data set, checkpointing at every evaluation, every `checkpoint_every_s` and on
 SIGINT/SIGTERM/SIGHUP so an interrupted run resumes where it stopped (one run per folder: it is locked),
 and ends with the test-set accuracy in `metrics.json`, the trained weights in
-`model.pt` and their ONNX export in `model.onnx`. `metrics.json` is written last: it marks a finished run.
+`model.pt` and, from them, every format the export wrote (`model.onnx`, Core ML, ...) with `input.json`.
+`metrics.json` is written last: it marks a finished run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,8 @@ from pathlib import Path
 import torch
 
 from nas.data import load_dataset
-from nas.export import export_checked_onnx, first_line, versions
+from nas.deploy import ModelInfo
+from nas.export import FORMATS, first_line, formats_in, versions
 from nas.streaming import FOLDER_FIELDS
 from nas.superclasses import SuperclassMap
 from nas.trainer import CHECKPOINT_NAME, TrainRecipe, resolve_device, train
@@ -28,7 +31,7 @@ from search_spaces import ArchConfig, ConfigError
 from search_spaces.config import read_yaml
 
 DATA_FIELDS = ("name", "data_dir", "val_fraction", "seed", "limit", *FOLDER_FIELDS)  # load_dataset's arguments
-RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "model.pt", "model.onnx")
+RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "model.pt", "input.json", *(p for f in FORMATS for p in f.paths))
 LOCK_NAME = ".train-lock"  # held by the one `vmoe-nas train` writing the folder
 
 
@@ -80,6 +83,29 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(partial, path)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _print_accuracy(step: int, epoch: float, accuracy: float) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"epoch {epoch:.3g} (step {step}): val accuracy {accuracy:.4f}")
+
+
+def _write_format(fmt, model, out: Path, info: ModelInfo) -> str:
+    """Write one format of the trained model; a failure is its note: the trained weights are in model.pt."""
+    try:
+        return fmt.write(model, out, info)
+    except Exception as error:
+        for path in fmt.paths:
+            _remove(out / path)
+        return f"not written: {first_line(error)}"
+
+
 def run_training(path, *, force: bool = False, progress: bool = True, device: str | None = None) -> dict:
     """Train the configuration of train.yaml at `path` in full; resume its run if one was interrupted.
     A finished run (its metrics.json exists) is kept; `force` starts over; `device` replaces the recipe's.
@@ -95,7 +121,7 @@ def run_training(path, *, force: bool = False, progress: bool = True, device: st
     with run_lock(out):
         if force:
             for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
+                _remove(out / name)
         return _train_and_save(config, progress)
 
 
@@ -121,20 +147,19 @@ def _train_and_save(config: TrainConfig, progress: bool) -> dict:
     dataset = load_dataset(**config.data)
     groups = config.superclasses.class_to_group if config.superclasses is not None else None
     result = train(config.arch, dataset, config.recipe, superclasses=groups, checkpoint_dir=out, progress=progress,
-                   evaluate_test=len(dataset.test) > 0)
+                   evaluate_test=len(dataset.test) > 0, label=f"train {config.arch.name}",
+                   on_eval=_print_accuracy if progress else None)
     model = result.model.eval()
     torch.save({"arch": config.arch.to_dict(), "model": model.state_dict()}, out / "model.pt")
-    try:
-        onnx = {"onnx_max_difference": export_checked_onnx(model, out / "model.onnx")}
-    except Exception as error:  # the trained weights are in model.pt; an ONNX failure must not lose the run
-        (out / "model.onnx").unlink(missing_ok=True)
-        onnx = {"onnx_error": first_line(error)}
+    info = ModelInfo.of(config.arch, dataset)  # the full data set's normalisation, which the model trained on
+    (out / "input.json").write_text(json.dumps(info.to_dict(), indent=1))
+    exports = {f.name: _write_format(f, model, out, info) for f in formats_in(config.path.parent)}
     metrics = {
         "name": config.arch.name, "config_hash": config.arch.config_hash(), "train_yaml": str(config.path),
         "source": config.source, "dataset": dataset.name, "train_images": len(dataset.train),
         "normalisation": {"mean": list(dataset.mean), "std": list(dataset.std)},  # what model.onnx expects
         "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy, "steps": result.steps,
-        "epochs": result.epochs, "recipe": config.recipe.to_dict(), **onnx,
+        "epochs": result.epochs, "recipe": config.recipe.to_dict(), "exports": exports,
         "result": result.to_dict(), "versions": versions(),
     }
     _write_json(out / "metrics.json", metrics)

@@ -1,7 +1,8 @@
 """What a trial is: one typed record, read from and written to an Optuna trial in this module only.
 
 A search trial stores everything a later command needs as Optuna user attributes, so the storage alone
-rebuilds any model: the architecture (its YAML), the full profile, the training record and the flat metrics.
+rebuilds any model: the architecture (its YAML), the full profile, the training record and each metric as
+its own attribute; the accuracy at each rung is an intermediate value.
 `write(trial, record)` and `read(frozen_trial)` are the only places that spell those attribute names; the
 layout is versioned (`record_version`), and `read` still understands studies written before it was.
 `read_study` and `write_study` do the same for what a study stores about itself.
@@ -24,8 +25,10 @@ from nas.objectives import Objective
 from search_spaces import ArchConfig
 
 # 1: before versioning (also stored `arch` as a dict and a `status`); 2: per-image correctness as two attributes,
-# `val_correct_bits` and `n_val`; 3: this layout, where it is one attribute, so a reader never sees half of it
-VERSION = 3
+# `val_correct_bits` and `n_val`; 3: it is one attribute, so a reader never sees half of it; 4: this layout, where
+# the metrics are flat attributes and the rung accuracies Optuna's intermediate values (version 3 kept them in a
+# `metrics` dict and a `rung_accuracy` list), which optuna-dashboard sorts by and plots as learning curves
+VERSION = 4
 VERSION_ATTR = "record_version"
 CONSTRAINED_ATTR = "constraints_set"  # the trial's constraints are stored (in Optuna's system attributes)
 
@@ -113,11 +116,14 @@ class TrialRecord:
 
     @property
     def status(self) -> str:
-        """complete, infeasible, early_stopped, invalid, failed, running or waiting."""
+        """complete, infeasible, early_stopped, invalid, failed, interrupted (its slot runs again), running or
+        waiting."""
         if self.state == TrialState.COMPLETE:
             return "complete" if self.feasible else "infeasible"
         if self.state == TrialState.PRUNED:
             return "invalid" if self.arch is None else "early_stopped"
+        if self.state == TrialState.FAIL and self.interrupted:
+            return "interrupted"
         return {TrialState.FAIL: "failed", TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}[self.state]
 
     def objective_values(self, objectives: list[Objective]) -> list[float]:
@@ -239,7 +245,7 @@ def _attrs(record: TrialRecord) -> dict[str, Any]:
     if record.profile is not None:
         attrs["profile"] = record.profile
     if record.arch is not None:
-        attrs["metrics"] = asdict(record.metrics)
+        attrs.update((name, value) for name, value in asdict(record.metrics).items() if value is not None)
     for key in ("train", "reason", "duplicate_of", "rung", "slot", "worker", "lease_until"):
         if getattr(record, key) is not None:
             attrs[key] = getattr(record, key)
@@ -248,20 +254,19 @@ def _attrs(record: TrialRecord) -> dict[str, Any]:
     if record.val_correct is not None:
         # One attribute: a storage writes attributes one at a time, and workers read each other's running trials.
         attrs["val_correct"] = {"n": len(record.val_correct), "bits": pack_bits(record.val_correct)}
-    if record.rung_accuracy:  # pairs, not a mapping: JSON storages would turn the steps into strings
-        attrs["rung_accuracy"] = [[step, accuracy] for step, accuracy in sorted(record.rung_accuracy.items())]
     if record.interrupted:
         attrs["interrupted"] = True
     return attrs
 
 
 def write(trial: optuna.Trial, record: TrialRecord) -> None:
-    """Store `record` on a running trial: the user attributes that changed, and, the first time it has
-    them, its constraints (Optuna keeps a trial's constraints as first set)."""
+    """Store `record` on a running trial: the user attributes that changed, its new rung accuracies, and, the
+    first time it has them, its constraints (Optuna keeps a trial's constraints as first set)."""
     stored = trial.user_attrs
     for key, value in _attrs(record).items():
         if stored.get(key) != value:
             trial.set_user_attr(key, value)
+    _report_rungs(trial.storage, trial._trial_id, record)
     if record.constraints and not stored.get(CONSTRAINED_ATTR):
         for name, value in record.constraints.items():
             trial.set_constraint(name, value)
@@ -274,6 +279,18 @@ def write_stored(storage: optuna.storages.BaseStorage, trial_id: int, record: Tr
     for key, value in _attrs(record).items():
         if stored.get(key) != value:
             storage.set_trial_user_attr(trial_id, key, value)
+    _report_rungs(storage, trial_id, record)
+
+
+def _report_rungs(storage: optuna.storages.BaseStorage, trial_id: int, record: TrialRecord) -> None:
+    """The rung accuracies not yet stored, as intermediate values (what `Trial.report` stores; it refuses
+    multi-objective studies, whose dashboards plot them all the same)."""
+    if not record.rung_accuracy:
+        return
+    reported = storage.get_trial(trial_id).intermediate_values
+    for step, accuracy in sorted(record.rung_accuracy.items()):
+        if step not in reported:
+            storage.set_trial_intermediate_value(trial_id, step, accuracy)
 
 
 def renew_lease(trial: optuna.Trial, until: float) -> None:
@@ -281,7 +298,8 @@ def renew_lease(trial: optuna.Trial, until: float) -> None:
 
 
 def frozen_attrs(record: TrialRecord) -> dict[str, Any]:
-    """The user attributes of `record`, for `optuna.trial.create_trial` (tests, copies of studies)."""
+    """The user attributes of `record`, for `optuna.trial.create_trial` (tests, copies of studies; its
+    `intermediate_values` are the record's `rung_accuracy`)."""
     return _attrs(record)
 
 
@@ -294,9 +312,11 @@ def read(frozen: FrozenTrial) -> TrialRecord:
     arch = ArchConfig.from_yaml(attrs["arch_yaml"]) if "arch_yaml" in attrs else None
     return TrialRecord(
         number=frozen.number, state=frozen.state, arch=arch, profile=attrs.get("profile"),
-        metrics=Metrics.from_dict(attrs.get("metrics")), train=attrs.get("train"), reason=attrs.get("reason"),
-        duplicate_of=attrs.get("duplicate_of"), rung=attrs.get("rung", (attrs.get("train") or {}).get("steps")),
-        seeds=list(attrs.get("seeds", [])), rung_accuracy={int(s): a for s, a in attrs.get("rung_accuracy", [])},
+        metrics=Metrics.from_dict(attrs if version >= 4 else attrs.get("metrics")), train=attrs.get("train"),
+        reason=attrs.get("reason"), duplicate_of=attrs.get("duplicate_of"),
+        rung=attrs.get("rung", (attrs.get("train") or {}).get("steps")), seeds=list(attrs.get("seeds", [])),
+        rung_accuracy=(dict(frozen.intermediate_values) if version >= 4
+                       else {int(s): a for s, a in attrs.get("rung_accuracy", [])}),
         slot=attrs.get("slot"), worker=attrs.get("worker"),
         interrupted=bool(attrs.get("interrupted")), constraints=dict(frozen.constraints),
         values=list(frozen.values) if frozen.values is not None else None, params=dict(frozen.params),

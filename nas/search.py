@@ -109,6 +109,8 @@ def open_study(cfg: StudyConfig, url: StorageURL, *, worker_index: int = 0,
         if changed:
             log.warning("study %s resumes with changed %s", cfg.study_name, ", ".join(changed))
             records.write_study(study, records.StudyRecord(config=config))
+    if study.metric_names is None:  # optuna-dashboard names objectives by these, not "Objective 0, 1, ..."
+        study.set_metric_names([objective.metric for objective in cfg.study_objectives])
     return study
 
 

@@ -159,7 +159,8 @@ def superclasses_for(dataset: Dataset, groups: int, *, cache_dir=None, seed: int
     if confusion is None:
         recipe = TrainRecipe.from_dict({**(recipe or DISCOVERY_RECIPE).to_dict(), "seed": seed,
                                         **({"device": device} if device else {})})
-        confusion = confusion_matrix(train(arch, dataset, recipe, progress=progress).model, dataset)
+        label = f"super-class discovery ({groups} groups)"
+        confusion = confusion_matrix(train(arch, dataset, recipe, progress=progress, label=label).model, dataset)
     found = SuperclassMap(cluster_confusion(confusion, groups, seed), groups, confusion, source)
     if cache:
         found.save(cache)

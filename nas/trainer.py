@@ -427,7 +427,8 @@ def _recipe_dict(data: Any) -> dict | None:
 
 def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasses: np.ndarray | None = None,
           on_eval: Callable[[int, float, float], bool] | None = None, checkpoint_dir=None, progress: bool = False,
-          evaluate_test: bool = False, stop_at_step: int | None = None, init_from: dict | None = None) -> TrainResult:
+          evaluate_test: bool = False, stop_at_step: int | None = None, init_from: dict | None = None,
+          label: str = "train") -> TrainResult:
     """Train `cfg` on `dataset.train` for the recipe's budget; validate on `dataset.val`.
 
     `on_eval(step, epoch, val_accuracy)` runs at each evaluation; True stops training (early stopping lives in
@@ -437,6 +438,7 @@ def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasse
     a later call with a larger `stop_at_step` (or none) continues it to where an unpaused run would be.
     `init_from` (a state dict): its entries that match a parameter by name and shape replace the seeded initial
     weights, so two models of one comparison start alike in what they share (a resumed run keeps its checkpoint).
+    `label` names the progress bar, which shows the latest validation accuracy.
     """
     _check_fits(cfg, dataset)
     if stop_at_step is not None:
@@ -449,7 +451,7 @@ def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasse
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: what fp32 parts of a step run in on CUDA
     try:
         run = _Run(cfg, dataset, recipe, groups, checkpoint_dir, device, init_from)
-        return run.loop(on_eval, math.inf if stop_at_step is None else stop_at_step, progress, evaluate_test)
+        return run.loop(on_eval, math.inf if stop_at_step is None else stop_at_step, progress, evaluate_test, label)
     finally:
         torch.set_num_threads(previous[0])
         torch.set_float32_matmul_precision(previous[1])
@@ -552,18 +554,18 @@ class _Run:
         self.state.step += 1
         return loss.item()
 
-    def loop(self, on_eval, stop_at: float, progress: bool, evaluate_test: bool) -> TrainResult:
+    def loop(self, on_eval, stop_at: float, progress: bool, evaluate_test: bool, label: str) -> TrainResult:
         try:
-            return self._loop(on_eval, stop_at, progress, evaluate_test)
+            return self._loop(on_eval, stop_at, progress, evaluate_test, label)
         finally:
             self.batches.close()
 
-    def _loop(self, on_eval, stop_at: float, progress: bool, evaluate_test: bool) -> TrainResult:
+    def _loop(self, on_eval, stop_at: float, progress: bool, evaluate_test: bool, label: str) -> TrainResult:
         """Train to `stop_at` or the end. With a checkpoint: saved at each evaluation, every
         `checkpoint_every_s`, and on SIGINT/SIGTERM/SIGHUP, which then stop the run after the step under way
         (a second signal stops it at once)."""
         s = self.state
-        bar = _progress_bar(progress, self.schedule.steps, s.step)
+        bar = _progress_bar(progress, self.schedule.steps, s.step, label)
         start, losses = time.perf_counter(), []
         signals, saved_at = [], time.monotonic()
         with deferred_interruptions(signals.append) if self.checkpoint else nullcontext():
@@ -582,6 +584,7 @@ class _Run:
                 if evaluating:
                     s.metrics = evaluate(self.model, self.data.val, self.data.normalize, groups=self.groups)
                     s.evals.append((s.step, s.metrics["accuracy"]))
+                    bar.set_postfix(epoch=f"{self.epochs():.3g}", val_accuracy=f"{s.metrics['accuracy']:.4f}")
                     stop = bool(on_eval and on_eval(s.step, self.epochs(), s.metrics["accuracy"]))
                     s.stopped_early = stop and not done
                     s.finished = done or stop
@@ -678,10 +681,10 @@ def _token_load_hooks(model: nn.Module) -> list[_TokenLoadHook]:
     return [_TokenLoadHook(m) for m in model.modules() if isinstance(m, PerTokenExperts)]
 
 
-def _progress_bar(enabled: bool, total: int | None, initial: int):
+def _progress_bar(enabled: bool, total: int | None, initial: int, label: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=label, unit="step", dynamic_ncols=True)
 
 
 __all__ = [

@@ -27,7 +27,7 @@ from profilers._latency import MIN_TIME_S, LatencyStats, measure_interleaved, me
 # The rest imports ONNX and fvcore: loaded on first use, so that reading the registry (the command line, a
 # study config) stays cheap. RemoteBackend's module imports httpx.
 _LAZY = {
-    "profilers._coreml": ("CoreMLExport", "coreml_form", "export_coreml"),
+    "profilers._coreml": ("CoreMLExport", "coreml_form", "export_coreml", "tail_name"),
     "profilers._coreml_backend": ("CoreMLBackend",),
     "profilers._export": ("CACHE_ENV", "cache_dir", "cached_onnx", "export_onnx"),
     "profilers._flops": ("FlopReport", "analytic_flops", "count_flops"),
@@ -87,4 +87,5 @@ __all__ = [
     "ort_session",
     "profile",
     "register_backend",
+    "tail_name",
 ]

@@ -161,11 +161,12 @@ def masked_per_token(model: VisionMoE) -> VisionMoE:
 
 def export_coreml(
     model_or_cfg: ArchConfig | VisionMoE, out_dir: str | Path, *, batch: int = 1, precision: str = "fp16",
-    all_tails: bool = True,
+    all_tails: bool = True, metadata: dict[str, str] | None = None, description: str | None = None,
 ) -> CoreMLExport:
     """Convert to ML programs (`.mlpackage`) in `out_dir`, in the gather-free form of `coreml_form`.
     Programs already in `out_dir` are kept. `all_tails=False` writes only the first tail: enough to
-    measure, since every tail has the same shape and cost."""
+    measure, since every tail has the same shape and cost. `metadata` and `description` go into every
+    program (its user-defined metadata and short description)."""
     if precision not in PRECISIONS:
         raise ProfileError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     model = as_model(model_or_cfg)
@@ -173,20 +174,24 @@ def export_coreml(
     out_dir.mkdir(parents=True, exist_ok=True)
     images = example_images(cfg, batch)
     form = coreml_form(cfg)
+    about = {"metadata": metadata or {}, "description": description}
     with eval_mode(model), torch.no_grad():
         if form != "per_image:trunk+tails":
             module = masked_per_token(model) if cfg.is_moe else model
-            program = _convert(module, {"images": images}, ("logits",), out_dir / "model.mlpackage", precision)
+            program = _convert(module, {"images": images}, ("logits",), out_dir / "model.mlpackage", precision,
+                               **about)
             return CoreMLExport(form, {"model": program})
         trunk = Trunk(model)
         features, _, gates = trunk(images)
         result = CoreMLExport(form, {"trunk": _convert(
-            trunk, {"images": images}, ("features", "experts", "gates"), out_dir / "trunk.mlpackage", precision)})
+            trunk, {"images": images}, ("features", "experts", "gates"), out_dir / "trunk.mlpackage", precision,
+            **about)})
         tail_inputs = {"features": features} if cfg.moe.top_k == 1 else {"features": features, "gates": gates}
         subsets = list(itertools.combinations(range(cfg.moe.num_experts), cfg.moe.top_k))
         for subset in subsets if all_tails else subsets[:1]:
             result.programs[tail_name(subset)] = _convert(
-                Tail(model, subset), tail_inputs, ("logits",), out_dir / f"{tail_name(subset)}.mlpackage", precision)
+                Tail(model, subset), tail_inputs, ("logits",), out_dir / f"{tail_name(subset)}.mlpackage", precision,
+                **about)
         result.pipeline = ("trunk", tail_name(subsets[0]))
         return result
 
@@ -196,7 +201,7 @@ def tail_name(experts: tuple[int, ...]) -> str:
 
 
 def _convert(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: tuple[str, ...], path: Path,
-             precision: str) -> Path:
+             precision: str, metadata: dict[str, str], description: str | None) -> Path:
     def build(tmp: Path) -> None:
         import coremltools as ct  # optional, and slow to import: only when a program is missing
 
@@ -208,6 +213,9 @@ def _convert(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: tuple[
             compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
             skip_model_load=True,  # loading needs macOS; the backend loads it there with its compute units
         )
+        mlmodel.user_defined_metadata.update(metadata)
+        if description:
+            mlmodel.short_description = description
         mlmodel.save(str(tmp))
 
     return build_once(path, build, verify=check_package)

@@ -47,11 +47,13 @@ def example_images(cfg: ArchConfig, batch: int) -> torch.Tensor:
     return torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
 
 
-def export_onnx(model_or_cfg: ArchConfig | VisionMoE, path: str | Path, *, batch: int = 1) -> Path:
+def export_onnx(model_or_cfg: ArchConfig | VisionMoE, path: str | Path, *, batch: int = 1,
+                metadata: dict[str, str] | None = None) -> Path:
     """Export to one ONNX file (input `images`, output `logits`, dynamic batch) and check it.
 
     `batch` is the example batch traced; the batch dimension stays dynamic. A batch-1 example is traced
-    at 2 because torch.export specialises size-1 dimensions, which would pin the batch to 1."""
+    at 2 because torch.export specialises size-1 dimensions, which would pin the batch to 1. `metadata`
+    goes into the file's metadata_props."""
     model = as_model(model_or_cfg)
     path = Path(path)
     with eval_mode(model), torch.no_grad(), _quiet_exporter():
@@ -61,6 +63,10 @@ def export_onnx(model_or_cfg: ArchConfig | VisionMoE, path: str | Path, *, batch
             dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
             dynamo=True, external_data=False, verbose=False,
         )
+    if metadata:
+        exported = onnx.load(str(path))
+        onnx.helper.set_model_props(exported, metadata)
+        onnx.save(exported, str(path))
     onnx.checker.check_model(str(path))
     return path
 

@@ -6,16 +6,21 @@
     loss = mobile_vmoe_loss(out.logits, out.router_logits, labels, superclasses, router_weight=0.3)
 
 `arch` is an architecture YAML (what `vmoe-nas export` writes), a preset name or an `ArchConfig`; timm's
-`num_classes`, `in_chans` and `img_size` replace its fields. Importing this module imports timm.
+`num_classes`, `in_chans` and `img_size` replace its fields. `model.pretrained_cfg` describes the real input
+(size, and the mean and std of `input.json` beside an exported arch.yaml), so `timm.data.resolve_data_config`
+gives it; timm's `pretrained_cfg_overlay` replaces any of it. Importing this module imports timm.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import generate_default_cfgs, register_model
 
 from search_spaces.config import ArchConfig
 from search_spaces.model import VisionMoE, build_model
@@ -24,14 +29,35 @@ from search_spaces.presets import load_arch
 TIMM_FIELDS = {"num_classes": "num_classes", "in_chans": "in_channels", "img_size": "image_size"}
 
 
+def input_cfg(cfg: ArchConfig, mean=None, std=None) -> dict:
+    """timm's pretrained_cfg fields of `cfg`'s input; without `mean` and `std`, ImageNet's for 3 channels and
+    0.5 for others."""
+    if mean is None or std is None:
+        mean, std = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if cfg.in_channels == 3 else (
+            (0.5,) * cfg.in_channels, (0.5,) * cfg.in_channels)
+    return {"input_size": (cfg.in_channels, cfg.image_size, cfg.image_size), "fixed_input_size": True,
+            "mean": tuple(mean), "std": tuple(std), "num_classes": cfg.num_classes}
+
+
+default_cfgs = generate_default_cfgs({"mobile_vmoe": {**input_cfg(load_arch("vmoe-12x192")),
+                                                      "first_conv": "patch_embed", "classifier": "head"}})
+
+
 @register_model
-def mobile_vmoe(pretrained: bool = False, arch: str | ArchConfig = "vmoe-12x192", **kwargs) -> VisionMoE:
+def mobile_vmoe(pretrained: bool = False, arch: str | ArchConfig = "vmoe-12x192",
+                pretrained_cfg_overlay: dict | None = None, **kwargs) -> VisionMoE:
     """A freshly initialised model of `arch` (no pretrained weights: the search fixes graph and cost)."""
     if pretrained:
         raise ValueError("mobile_vmoe has no pretrained weights; train it (vmoe-nas train, or your own loop)")
     cfg = arch if isinstance(arch, ArchConfig) else load_arch(arch)
     overrides = {field: kwargs[name] for name, field in TIMM_FIELDS.items() if kwargs.get(name) is not None}
-    return build_model(dataclasses.replace(cfg, **overrides) if overrides else cfg)
+    model = build_model(dataclasses.replace(cfg, **overrides) if overrides else cfg)
+    beside = Path(arch).with_name("input.json") if not isinstance(arch, ArchConfig) and Path(arch).is_file() else None
+    normalisation = json.loads(beside.read_text()) if beside is not None and beside.is_file() else {}
+    model.pretrained_cfg = {**default_cfgs["mobile_vmoe"].default.to_dict(),
+                            **input_cfg(model.cfg, normalisation.get("mean"), normalisation.get("std")),
+                            **(pretrained_cfg_overlay or {})}
+    return model
 
 
 def router_loss(router_logits: torch.Tensor, labels: torch.Tensor, superclasses: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,6 @@ def study(trials: list[dict], objectives=("accuracy", "flops", "latency"), stora
     s = optuna.create_study(study_name=name, storage=storage, directions=[OBJECTIVES[o].direction for o in objectives])
     s.set_user_attr("objectives", list(objectives))
     for t in trials:
-        metrics = t["user_attrs"]["metrics"]
-        s.add_trial(optuna.trial.create_trial(values=[metrics[OBJECTIVES[o].metric] for o in objectives], **t))
+        metrics = t["user_attrs"]  # each metric is a user attribute
+        s.add_trial(optuna.trial.create_trial(values=[metrics.get(OBJECTIVES[o].metric) for o in objectives], **t))
     return s

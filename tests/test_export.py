@@ -1,6 +1,7 @@
 """Export: pick rules on hand-made trials; the files of an export from a tiny real study, the rebuilt model's
 params and FLOPs, ONNX parity, Core ML (or its note), and an all-or-nothing output directory."""
 
+import json
 import os
 import re
 import shutil
@@ -76,15 +77,22 @@ def test_export_of_the_moe_rebuilds_the_trial(results, tmp_path, monkeypatch, ca
                  "--epochs", "2"]) == 0
     assert f"vmoe-nas train {out / 'train.yaml'}" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {"arch.yaml", "train.yaml", "superclasses.json", "model.onnx",
-                                               "model_card.md", "trial.json"}
+                                               "model_card.md", "trial.json", "input.json"}
     recorded = load_study(STUDY, results_dir=results).trials[1]
-    metrics = recorded.user_attrs["metrics"]
+    metrics = recorded.user_attrs  # each metric is a user attribute
     cfg = ArchConfig.load(out / "arch.yaml")
     assert cfg.is_moe and cfg.config_hash() == recorded.user_attrs["config_hash"]
     assert count_params(build_model(cfg)) == (metrics["params_total"], metrics["params_active"])
     assert profilers.count_flops(cfg).total == metrics["flops"]
 
     onnx.checker.check_model(str(out / "model.onnx"))
+    data = load_dataset("synthetic", limit=600)  # the study's data: the model's input is normalised as it was
+    info = json.loads((out / "input.json").read_text())
+    assert (info["mean"], info["std"], info["class_names"]) == (list(data.mean), list(data.std), list(data.class_names))
+    assert (info["image_size"], info["in_channels"], info["routing"], info["num_experts"], info["top_k"]) == (
+        16, 1, "per_image", cfg.moe.num_experts, cfg.moe.top_k)
+    props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert props == {key: value if isinstance(value, str) else json.dumps(value) for key, value in info.items()}
     torch.manual_seed(0)  # the recipe's seed: the exported weights are this fresh model's
     model = build_model(cfg).eval()
     images = torch.randn(5, 1, 16, 16)
@@ -104,6 +112,7 @@ def test_export_of_the_moe_rebuilds_the_trial(results, tmp_path, monkeypatch, ca
     assert f"{metrics['accuracy']:,.4g}" in card and "freshly initialised" in card
     assert "Core ML: not written: the Core ML conversion failed (RuntimeError: converter broke)" in card
     assert "at no more flops, one seed (the search's, unconfirmed):" in card and "torch: " in card
+    assert "one multiply-add = 1 FLOP" in card and "MAC = 2" not in card  # fvcore's convention, as the tool counts
 
 
 def test_export_of_the_dense_trial_writes_core_ml(results, tmp_path):

@@ -57,7 +57,7 @@ def stop_at(monkeypatch, step: int):
 def test_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(exported, tmp_path, monkeypatch,
                                                                                     capsys):
     with monkeypatch.context() as patch:  # the reference run: its ONNX export is not what is compared
-        patch.setattr(nas.full_train, "export_checked_onnx", lambda model, path: 0.0)
+        patch.setattr(nas.full_train, "formats_in", lambda folder: [])
         reference = run_training(copy_of(exported, tmp_path, "reference"), progress=False)
 
     config = copy_of(exported, tmp_path)
@@ -68,15 +68,19 @@ def test_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run
     assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["state"]["step"] == EVAL_EVERY
     assert not (run / "metrics.json").exists()
 
-    assert main(["train", str(config), "--no-progress"]) == 0
-    assert f"resuming from {run / CHECKPOINT_NAME}" in capsys.readouterr().out
+    assert main(["train", str(config)]) == 0
+    out, err = capsys.readouterr()
     metrics = json.loads((run / "metrics.json").read_text())
+    assert f"resuming from {run / CHECKPOINT_NAME}" in out
+    assert f"(step {STEPS}): val accuracy {metrics['val_accuracy']:.4f}" in out  # each evaluation, on its own line
+    assert f"train {metrics['name']}: 100%" in err and "val_accuracy=" in err  # the labelled progress bar
     assert metrics["steps"] == reference["steps"] == STEPS
     assert metrics["result"]["evals"] == reference["result"]["evals"]  # same steps, so the same accuracies
     assert metrics["test_accuracy"] == reference["test_accuracy"] is not None
     assert metrics["source"] == {"study": STUDY, "trial": 1, "config_hash": ArchConfig.load(
         config.parent / "arch.yaml").config_hash()}
-    assert metrics["onnx_max_difference"] <= 1e-4 and (run / "model.onnx").is_file()
+    assert metrics["exports"]["ONNX"].startswith("`model.onnx`") and (run / "model.onnx").is_file()
+    assert metrics["exports"].keys() == {"ONNX"}  # the export wrote no Core ML: nor does training
     saved = torch.load(run / "model.pt", weights_only=True)
     build_model(ArchConfig.from_dict(saved["arch"])).load_state_dict(saved["model"])
 
@@ -144,3 +148,26 @@ def test_a_second_train_on_one_run_folder_is_one_clear_error(exported, tmp_path,
     finally:
         first.kill()
         first.wait()
+
+
+@pytest.mark.slow
+def test_training_writes_every_format_the_export_wrote_from_the_trained_weights(tmp_path, tmp_path_factory):
+    coremltools = pytest.importorskip("coremltools")
+    results = tiny_study_results(tmp_path_factory)
+    out = tmp_path / "dense"
+    export_trial(load_study(STUDY, results_dir=results), out, trial=0, study_dir=results / STUDY)
+    assert (out / "model.mlpackage").is_dir()
+    config = yaml.safe_load((out / "train.yaml").read_text())
+    config["recipe"].update(epochs=None, steps=4, eval_every=4)
+    (out / "train.yaml").write_text(yaml.safe_dump(config))
+    metrics = run_training(out / "train.yaml", progress=False)
+    assert metrics["exports"].keys() == {"ONNX", "Core ML"} and "not written" not in metrics["exports"]["Core ML"]
+    trained = torch.load(out / "run" / "model.pt", weights_only=True)["model"]["head.weight"]
+    weights = next((out / "run" / "model.mlpackage").rglob("weight.bin")).read_bytes()
+    assert trained.half().numpy().tobytes() in weights  # the trained head, as the fp16 program holds it
+    fresh = next((out / "model.mlpackage").rglob("weight.bin")).read_bytes()
+    assert trained.half().numpy().tobytes() not in fresh
+    spec = coremltools.utils.load_spec(str(out / "run" / "model.mlpackage"))
+    info = json.loads((out / "run" / "input.json").read_text())
+    assert spec.description.metadata.userDefined["mean"] == json.dumps(info["mean"]) == json.dumps(metrics[
+        "normalisation"]["mean"])

@@ -76,7 +76,7 @@ def test_coreml_profile_exports_trunk_and_one_tail_without_gathers(tmp_path, mon
 
 
 def test_all_tails_are_one_per_set_of_k_experts(tmp_path, monkeypatch):
-    monkeypatch.setattr(profilers._coreml, "_convert", lambda module, inputs, outputs, path, precision: path)
+    monkeypatch.setattr(profilers._coreml, "_convert", lambda module, inputs, outputs, path, precision, **about: path)
     exported = export_coreml(tiny_moe(experts=4, top_k=2), tmp_path)
     assert len(exported.programs) == 1 + 6 and exported.pipeline == ("trunk", "tail-0-1")  # C(4, 2) tails
     assert {"tail-0-1", "tail-2-3"} <= exported.programs.keys()

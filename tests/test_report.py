@@ -111,7 +111,7 @@ def test_report_of_a_sampled_study_adds_optuna_plots(tmp_path):
         spec = trial("dense" if t.number % 2 else "moe", 0.5 + width / 100 - t.number / 50, 1000 * width)
         for key, value in spec["user_attrs"].items():
             t.set_user_attr(key, value)
-        s.tell(t, [spec["user_attrs"]["metrics"]["accuracy"], 1000.0 * width])
+        s.tell(t, [spec["user_attrs"]["accuracy"], 1000.0 * width])
     page = write_report(s, tmp_path)["report.html"].read_text()
     assert len(re.findall(r"Plotly\.newPlot", page)) == 4  # fronts, hypervolume, parallel coordinates, importances
     assert "Parameter importances" in page and "Parallel coordinates" in page

@@ -138,6 +138,29 @@ def test_latency_is_reported_on_the_scale_of_the_study_anchor(tmp_path):
     assert records.read_study(load(tmp_path, "anchor")).anchor == anchor  # a resumed study keeps its scale
 
 
+def test_the_study_names_its_objectives_for_optuna_dashboard(tmp_path):
+    from nas.search import open_study, storage_url
+    from nas.study import load_study_config
+
+    cfg = load_study_config(write_study(tmp_path, "named", [], 1))
+    assert open_study(cfg, storage_url(cfg)).metric_names == ["accuracy", "flops"]  # not "Objective 0, 1"
+
+
+def test_the_summary_counts_an_interrupted_trial_as_interrupted_not_failed(tmp_path, monkeypatch, capsys):
+    import nas.search
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    arch = ArchConfig(image_size=16, in_channels=1, patch_size=4, num_classes=12, depth=2, width=16, num_heads=2)
+    for state, interrupted in ((TrialState.COMPLETE, False), (TrialState.FAIL, True), (TrialState.FAIL, False)):
+        attrs = records.frozen_attrs(records.TrialRecord(arch=arch, interrupted=interrupted))
+        study.add_trial(optuna.trial.create_trial(state=state, values=[0.5, 1.0] if state == TrialState.COMPLETE
+                                                  else None, user_attrs=attrs))
+    monkeypatch.setattr(nas.search, "run_search", lambda cfg, **kwargs: study)
+    config = write_study(tmp_path, "summary", [], 3)
+    assert main(["search", "--config", config, "--no-progress", "--no-report"]) == 0
+    assert "finished: 1 complete, 1 fail, 1 interrupted" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_interrupted_study_resumes_where_it_stopped(tmp_path, monkeypatch):
     config = write_study(tmp_path, "ctrlc", [D16, M16, D24], 3)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import nas.superclasses
 from nas.cli import main
 from nas.data import load_dataset
 from nas.superclasses import SuperclassError, SuperclassMap, cluster_confusion, superclasses_for
@@ -123,6 +124,15 @@ def test_discovery_recovers_the_planted_hierarchy_and_caches(tmp_path):
     # Another group count reuses the cached confusion of the same discovery model: no second training.
     two = superclasses_for(hidden, 2, cache_dir=tmp_path, recipe=recipe, arch=arch)
     assert two.confusion.tolist() == found.confusion.tolist() and two.num_groups == 2
+
+
+def test_discovery_labels_its_progress_bar(capsys, monkeypatch):
+    monkeypatch.setattr(nas.superclasses, "cluster_confusion", lambda confusion, groups, seed: np.arange(8) % groups)
+    hidden = dataclasses.replace(load_dataset(SMALL), superclasses=None)
+    recipe = TrainRecipe(steps=4, batch_size=16, eval_every=4, num_threads=1)
+    superclasses_for(hidden, 4, recipe=recipe, arch=tiny(num_classes=8, width=16), progress=True)
+    bar = capsys.readouterr().err
+    assert "super-class discovery (4 groups): 100%" in bar and "val_accuracy=" in bar
 
 
 def test_cli_writes_the_mapping(tmp_path, capsys):

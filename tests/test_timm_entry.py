@@ -1,8 +1,11 @@
 """A found architecture in the user's own training: timm builds it by name, and the paper's loss is one call
 that equals the trainer's."""
 
+import json
+
 import timm
 import torch
+from timm.data import resolve_data_config
 
 from nas.trainer import Loss
 from search_spaces import VisionMoE
@@ -18,6 +21,21 @@ def test_timm_creates_the_architecture_from_its_yaml(tmp_path):
     assert isinstance(model, VisionMoE) and model.cfg.num_classes == 7 and model.cfg.moe == tiny_moe().moe
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 7)
     assert "mobile_vmoe" in timm.list_models("mobile_vmoe")
+
+
+def test_timm_resolves_the_models_real_input(tmp_path):
+    path = tmp_path / "arch.yaml"
+    path.write_text(tiny_moe().to_yaml())
+    model = timm.create_model("mobile_vmoe", arch=str(path), num_classes=7)
+    config = resolve_data_config(model=model)
+    assert config["input_size"] == (1, 8, 8) and config["mean"] == (0.5,)  # not 224 px ImageNet
+    assert model.pretrained_cfg["num_classes"] == 7 and model.pretrained_cfg["classifier"] == "head"
+    (tmp_path / "input.json").write_text(json.dumps({"mean": [0.3], "std": [0.2]}))  # as vmoe-nas export writes it
+    config = resolve_data_config(model=timm.create_model("mobile_vmoe", arch=str(path)))
+    assert (config["mean"], config["std"]) == ((0.3,), (0.2,))
+    overlaid = timm.create_model("mobile_vmoe", arch=str(path), pretrained_cfg_overlay={"std": (0.1,)})
+    assert resolve_data_config(model=overlaid)["std"] == (0.1,)
+    assert timm.models.get_pretrained_cfg("mobile_vmoe").input_size == (3, 224, 224)  # vmoe-12x192, the default
 
 
 def test_the_loss_helper_equals_the_trainers_loss():

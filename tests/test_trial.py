@@ -86,6 +86,7 @@ def test_status_is_derived_from_the_state_never_stored():
     assert record(0, arch, TrialState.PRUNED).status == "early_stopped"
     assert record(0, None, TrialState.PRUNED).status == "invalid"
     assert record(0, arch, TrialState.FAIL).status == "failed"
+    assert record(0, arch, TrialState.FAIL, interrupted=True).status == "interrupted"  # its slot runs again
     assert "status" not in records.frozen_attrs(record(0, arch))
 
 
@@ -105,3 +106,32 @@ def test_a_record_round_trips_through_optuna():
     assert (back.rung, back.seeds, back.reason, back.slot, back.worker) == (9, [0], "why", 3, "host:1")
     assert back.constraints == {"max_flops": -0.5} and back.values == [0.7, 123] and back.status == "complete"
     assert back.to_json()["arch"]["moe"]["num_experts"] == 4
+
+
+def test_metrics_are_flat_attributes_and_rung_accuracies_intermediate_values():
+    """What optuna-dashboard sorts its trial table by and plots as learning curves (record version 4)."""
+    import optuna
+
+    arch = ArchConfig(image_size=16, in_channels=1, patch_size=4, num_classes=12, depth=2, width=16, num_heads=2)
+    study = optuna.create_study(directions=["maximize", "minimize"])  # Trial.report refuses multi-objective
+    trial = study.ask()
+    record = TrialRecord(arch=arch, metrics=Metrics(accuracy=0.7, flops=123), rung_accuracy={3: 0.5})
+    records.write(trial, record)
+    record.rung_accuracy[9] = 0.7
+    records.write(trial, record)
+    stored = study.trials[0]
+    assert stored.intermediate_values == {3: 0.5, 9: 0.7}
+    assert (stored.user_attrs["accuracy"], stored.user_attrs["flops"]) == (0.7, 123)
+    assert "metrics" not in stored.user_attrs and "latency_ms" not in stored.user_attrs  # not measured: none
+    back = records.read(stored)
+    assert back.metrics == record.metrics and back.rung_accuracy == {3: 0.5, 9: 0.7}
+
+
+def test_a_version_3_record_still_reads():
+    import optuna
+
+    arch = ArchConfig(image_size=16, in_channels=1, patch_size=4, num_classes=12, depth=2, width=16, num_heads=2)
+    attrs = {"record_version": 3, "arch_yaml": arch.to_yaml(), "metrics": {"accuracy": 0.7, "flops": 123},
+             "rung_accuracy": [[3, 0.5], [9, 0.7]], "rung": 9}
+    back = records.read(optuna.trial.create_trial(values=[0.7, 123.0], user_attrs=attrs))
+    assert back.metrics == Metrics(accuracy=0.7, flops=123) and back.rung_accuracy == {3: 0.5, 9: 0.7}
