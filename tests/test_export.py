@@ -77,7 +77,7 @@ def test_export_of_the_moe_rebuilds_the_trial(results, tmp_path, monkeypatch, ca
                  "--epochs", "2"]) == 0
     assert f"vmoe-nas train {out / 'train.yaml'}" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {"arch.yaml", "train.yaml", "superclasses.json", "model.onnx",
-                                               "model_card.md", "trial.json", "input.json"}
+                                               "model_card.md", "trial.json", "input.json", EXPORT_MARKER}
     recorded = load_study(STUDY, results_dir=results).trials[1]
     metrics = recorded.user_attrs  # each metric is a user attribute
     cfg = ArchConfig.load(out / "arch.yaml")
