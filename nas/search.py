@@ -520,9 +520,10 @@ def _run_processes(cfg: StudyConfig, study: optuna.Study, bar: Progress | None, 
                         workers[index] = start(index)
             if bar:
                 bar.update(study)
-    except BaseException:  # interrupted (the launcher alone gets `docker stop`'s SIGTERM): so are the workers
-        for worker in workers.values():
-            worker.terminate()
+    except KeyboardInterrupt as interruption:  # Ctrl-C reaches the workers too; `docker stop`'s SIGTERM does not
+        if interruption_name(interruption) != "Ctrl-C":
+            for worker in workers.values():
+                worker.terminate()  # SIGTERM: an interruption there too
         raise
     finally:
         for worker in workers.values():

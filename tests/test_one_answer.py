@@ -94,6 +94,7 @@ def tied_study(tmp_path, monkeypatch):
     return s, tmp_path / "results"
 
 
+@pytest.mark.slow
 def test_confirmed_ties_agree_in_beats_dense_csv_model_card_pareto_console_and_pick_rules(tied_study, tmp_path,
                                                                                             capsys):
     s, results = tied_study
