@@ -388,6 +388,7 @@ def report_markdown(analysis: ParetoAnalysis, counts: dict[str, int]) -> str:
         f"# Pareto report: {analysis.study_name}\n",
         "Trials: " + (", ".join(f"{n} {status}" for status, n in counts.items()) or "none")
         + f". Objectives: {objectives}.\n",
+        *([f"**{analysis.no_result[0].upper()}{analysis.no_result[1:]}.**\n"] if analysis.no_result else []),
         "## Hypervolume\n",
         f"Reference point: {reference}. The hypervolume is the share of the box between the ideal point "
         "(accuracy 1, zero cost) and the reference point that a front dominates, with each cost divided by "
@@ -449,10 +450,16 @@ def confirmed_markdown(analysis: ParetoAnalysis) -> list[str]:
     ]
 
 
-def _status_counts(frame: pd.DataFrame) -> dict[str, int]:
-    """Trials by status; re-runs of an architecture already evaluated count as "duplicate"."""
+def _status_counts(analysis: ParetoAnalysis) -> dict[str, int]:
+    """Trials by status; re-runs of an architecture already evaluated count as "duplicate", and trials that
+    failed before they had an architecture (not rows of the table) as "failed" too."""
+    frame = analysis.trials
     status = frame["status"].fillna(frame["state"]).where(frame["duplicate_of"].isna(), "duplicate")
-    return {str(k): int(v) for k, v in status.value_counts().items()}
+    counts = {str(k): int(v) for k, v in status.value_counts().items()}
+    failed_rows = int((frame["state"] == "fail").sum())
+    if sum(analysis.failures.values()) > failed_rows:
+        counts["failed before sampling"] = sum(analysis.failures.values()) - failed_rows
+    return counts
 
 
 def _confirmed_html(analysis: ParetoAnalysis) -> list[str]:
@@ -472,6 +479,7 @@ def report_html(analysis: ParetoAnalysis, figures: dict[str, go.Figure], notes: 
     reference = ", ".join(f"{name} = {_fmt(value, 4)}" for name, value in analysis.reference.items())
     body = [f"<h1>Pareto report: {html.escape(analysis.study_name)}</h1>",
             "<p>Trials: " + (", ".join(f"{n} {html.escape(s)}" for s, n in counts.items()) or "none") + "</p>",
+            *([f"<p><b>{html.escape(analysis.no_result.capitalize())}.</b></p>"] if analysis.no_result else []),
             f"<h2>Hypervolume</h2><p>Reference point: {html.escape(reference)} (costs normalised by it; "
             "the hypervolume is a share of the box, in [0, 1]).</p>",
             tables["hypervolume"].to_html(index=False, float_format=lambda v: f"{v:.4g}"),
@@ -498,7 +506,7 @@ def write_report(study: optuna.Study, out_dir, *, objectives: list[str] | None =
     analysis = analysis or analyze(study, objectives=objectives, margin=margin)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    counts = _status_counts(analysis.trials)
+    counts = _status_counts(analysis)
     info = pareto_plot_info(analysis)
     pareto = pareto_figure(info)
     extra, notes = optuna_figures(study, analysis)

@@ -42,7 +42,7 @@ from starlette.routing import Route
 
 from profilers._backends import BACKENDS, AgentLimits, get_backend
 from profilers._errors import PayloadError
-from profilers._latency import MIN_RUNS, MIN_TIME_S, WARMUP
+from profilers._latency import MAX_BATCH, MAX_THREADS, MIN_RUNS, MIN_TIME_S, WARMUP
 from profilers._profile import device_info
 from profilers.remote import TOKEN_ENV
 from search_spaces import ConfigError
@@ -51,7 +51,7 @@ log = logging.getLogger("vmoe_nas.agent")
 
 # name -> (type, minimum, maximum): every measurement option a request may set, and its cap.
 OPTIONS = {
-    "batch": (int, 1, 256), "threads": (int, 1, 256),
+    "batch": (int, 1, MAX_BATCH), "threads": (int, 1, MAX_THREADS),
     "warmup": (int, 0, 1000), "min_runs": (int, 1, 10_000), "min_time_s": (float, 0.0, 60.0),
 }
 DEFAULTS = {"batch": 1, "threads": 1, "warmup": WARMUP, "min_runs": MIN_RUNS, "min_time_s": MIN_TIME_S}
