@@ -434,7 +434,7 @@ def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasse
     groups = _router_targets(cfg, dataset, superclasses)
     device = resolve_device(recipe.device)
     previous = torch.get_num_threads(), torch.get_float32_matmul_precision()
-    torch.set_num_threads(recipe.num_threads or available_cores())
+    torch.set_num_threads(recipe.num_threads or default_threads())
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: what fp32 parts of a step run in on CUDA
     try:
@@ -443,6 +443,13 @@ def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasse
     finally:
         torch.set_num_threads(previous[0])
         torch.set_float32_matmul_precision(previous[1])
+
+
+def default_threads() -> int:
+    """Threads of a recipe that sets none: OMP_NUM_THREADS where the user set it (a positive integer), else
+    the cores this process may use."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else available_cores()
 
 
 def available_cores() -> int:
