@@ -9,6 +9,7 @@ the single-seed, unconfirmed comparison.
 
 from __future__ import annotations
 
+import errno
 import html
 import math
 import os
@@ -26,6 +27,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from nas.pareto import FRONT_COLUMNS, ParetoAnalysis, analyze, confirmed_summary, hypervolume, non_dominated_rank
+from nas.storage import NoSpaceLeft
 
 KINDS = {"dense": ("dense ViT", "#1f77b4"), "moe": ("Mobile V-MoE", "#d62728")}  # kind -> (label, colour)
 PANELS = (("flops", "FLOPs per image"), ("latency_ms", "latency (ms)"))  # x axes, accuracy on y
@@ -352,8 +354,15 @@ def _write(path: Path, text: str) -> Path:
     """Write whole or not at all: a report being rewritten is never seen half-written."""
     # A name of its own: launchers sharing a study each write the report when they finish, at the same moment.
     partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)  # a full disk keeps no half-written file
+        if error.errno == errno.ENOSPC:
+            raise NoSpaceLeft(path.parent, f"{path.name} was not written (the report's other files may be older); "
+                                           "free some space and run vmoe-nas pareto again") from None
+        raise
     return path
 
 

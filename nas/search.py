@@ -33,9 +33,11 @@ from nas.budget import run_with_budget
 from nas.record import TrialRecord
 from nas.storage import (
     STORAGE_ERRORS,
+    NoSpaceLeft,
     StorageError,
     StorageURL,
     default_storage,
+    is_disk_full,
     make_storage,
     parse_storage,
     study_lock,
@@ -300,7 +302,13 @@ def run_worker(cfg: StudyConfig, worker_index: int = 0, *, study: optuna.Study |
         study = study or open_study(cfg, url, worker_index=worker_index)
         ctx = ctx or steps.build_context(cfg, anchor=stored_anchor(study))
         return _work(cfg, study, ctx, url, on_trial)
-    except STORAGE_ERRORS as error:
+    except (*STORAGE_ERRORS, OSError) as error:
+        if is_disk_full(error):
+            raise NoSpaceLeft(url.path.parent if url.path else url.redacted,
+                              "the study storage cannot be written; finished trials are kept: free some space and "
+                              "run the same command again to resume") from None
+        if not isinstance(error, STORAGE_ERRORS):
+            raise
         reason = str(error).strip().splitlines()[0]
         raise StorageError(
             f"storage {url.redacted} became unreachable ({reason}); finished trials are kept there: "

@@ -9,6 +9,7 @@ A URL's password is never stored in a study or printed: `StorageURL.redacted` is
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -30,6 +31,19 @@ FILE_NAMES = {"journal": "journal.log", "sqlite": "study.db"}  # a study's stora
 
 class StorageError(RuntimeError):
     """The study storage cannot be opened or reached."""
+
+
+class NoSpaceLeft(StorageError):
+    """A disk filled up while a study, or a file beside it, was written."""
+
+    def __init__(self, path: str | Path, what: str):
+        super().__init__(f"no space left on {path}: {what}")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps) says the disk is full: ENOSPC, or SQLite's "database or disk is full"."""
+    cause = root_cause(error)
+    return (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) or "disk is full" in str(cause)
 
 
 @dataclass(frozen=True)
@@ -199,5 +213,5 @@ def load_study(study_name: str, *, storage: str | StorageURL | None = None,
             from None
 
 
-__all__ = ["STORAGE_ERRORS", "StorageError", "StorageURL", "default_storage", "existing_storage", "load_study",
-           "make_storage", "parse_storage", "study_lock"]
+__all__ = ["STORAGE_ERRORS", "NoSpaceLeft", "StorageError", "StorageURL", "default_storage", "existing_storage",
+           "is_disk_full", "load_study", "make_storage", "parse_storage", "study_lock"]

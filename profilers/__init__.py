@@ -21,7 +21,7 @@ from profilers._backends import (
     get_backend,
     register_backend,
 )
-from profilers._errors import PayloadError, ProfileError, ProfilerUnreachable, RemoteProfilerError
+from profilers._errors import PayloadError, ProfileError, ProfilerBusy, ProfilerUnreachable, RemoteProfilerError
 from profilers._latency import MAX_BATCH, MAX_THREADS, MIN_TIME_S, LatencyStats, measure_interleaved, measure_latency
 
 # The rest imports ONNX and fvcore: loaded on first use, so that reading the registry (the command line, a
@@ -66,6 +66,7 @@ __all__ = [
     "Payload",
     "PayloadError",
     "ProfileError",
+    "ProfilerBusy",
     "ProfilerUnreachable",
     "RemoteBackend",
     "RemoteProfilerError",
