@@ -4,8 +4,8 @@
 `StudyContext` once; workers then claim queued trials and run each through the steps of `nas.trial`
 (sample -> validate -> reuse -> profile -> constraints -> train), storing a `nas.record.TrialRecord`.
 
-Studies of `n_trials` are exact, also with several workers: the study holds one queued trial per slot
-and workers claim queued trials atomically; an interrupted trial frees its slot for the next run.
+Studies of `n_trials` are exact, also with several workers: each trial holds a slot, queued lazily (a few
+ahead of the workers), and workers claim queued trials atomically; an interrupted trial frees its slot.
 """
 
 from __future__ import annotations
