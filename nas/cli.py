@@ -12,7 +12,7 @@ from pathlib import Path
 from nas.export import DEFAULT_EPOCHS, PICK_RULES
 from nas.objectives import OBJECTIVES
 from nas.processes import interruptible
-from profilers import BACKENDS
+from profilers import BACKENDS, MAX_BATCH, MAX_THREADS
 from search_spaces import ConfigError, describe, load_arch
 from search_spaces.config import check_int
 
@@ -37,8 +37,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
     if args.remote_url and args.backend != "remote":
         raise ConfigError("--remote-url", f"is for --backend remote, not {args.backend}")
-    check_int("--threads", args.threads, 1)
-    check_int("--batch", args.batch, 1)
+    check_int("--threads", args.threads, 1, MAX_THREADS)
+    check_int("--batch", args.batch, 1, MAX_BATCH)
     remote = {"remote_url": args.remote_url} if args.remote_url else {}  # only the remote backend takes it
     anchor = load_arch(args.anchor) if args.anchor else None
     result = profile(load_arch(args.arch), backend=args.backend, threads=args.threads, batch=args.batch,
@@ -128,12 +128,12 @@ def cmd_confirm(args: argparse.Namespace) -> None:
     from nas.confirm import confirm
     from nas.report import write_report
     from nas.storage import existing_storage, load_study, parse_storage
-    from nas.study import StudyConfig
+    from nas.study import MAX_CONFIRM_PAIRS, MAX_CONFIRM_SEEDS, MAX_COUNT, MAX_PROCESSES, StudyConfig
 
-    for name, value in (("--seeds", args.seeds), ("--pairs", args.pairs), ("--steps", args.steps),
-                        ("--workers", args.workers)):
+    for name, value, maximum in (("--seeds", args.seeds, MAX_CONFIRM_SEEDS), ("--pairs", args.pairs, MAX_CONFIRM_PAIRS),
+                                 ("--steps", args.steps, MAX_COUNT), ("--workers", args.workers, MAX_PROCESSES)):
         if value is not None:
-            check_int(name, value, 1)
+            check_int(name, value, 1, maximum)
     if args.margin is not None and not math.isfinite(args.margin):
         raise ConfigError("--margin", f"must be a finite number, got {args.margin}")
     url = parse_storage(args.storage) if args.storage else existing_storage(Path(args.results_dir) / args.study)
@@ -180,6 +180,10 @@ def cmd_pareto(args: argparse.Namespace) -> None:
     study = load_study(args.study, storage=args.storage, results_dir=args.results_dir)
     analysis = analyze(study, objectives=args.objectives, margin=args.margin)
     paths = write_report(study, args.out or Path(args.results_dir) / args.study, analysis=analysis)
+    if analysis.no_result:
+        print(f"study {args.study}: {analysis.no_result}")
+        print("wrote " + ", ".join(str(path) for path in paths.values()))
+        return
     reference = ", ".join(f"{name} {value:.4g}" for name, value in analysis.reference.items())
     print(f"study {args.study}: {len(analysis.ranked)} trials analysed; reference point {reference}")
     for which in ("overall", "dense", "moe"):
@@ -393,15 +397,24 @@ def is_user_error(error: BaseException) -> bool:
                for module, name in USER_ERRORS.items() if module in sys.modules)
 
 
+def storage_failure(error: BaseException) -> str | None:
+    """One line for an error a study storage raised on reading (a damaged or unreachable database)."""
+    storage = sys.modules.get("nas.storage")
+    if storage is None or not isinstance(error, storage.STORAGE_ERRORS):
+        return None
+    return f"the study storage failed: {storage.first_line(storage.root_cause(error))}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with interruptible():  # SIGTERM (docker stop, kubectl, schedulers) and SIGHUP stop like Ctrl-C
             args.run(args)
     except Exception as error:
-        if not is_user_error(error):
+        message = error if is_user_error(error) else storage_failure(error)
+        if message is None:
             raise
-        print(f"vmoe-nas {args.command}: error: {error}", file=sys.stderr)
+        print(f"vmoe-nas {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vmoe-nas {args.command}: interrupted", file=sys.stderr)

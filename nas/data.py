@@ -17,8 +17,10 @@ search; only final training evaluates on it.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import pickle
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,8 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's decompression-bomb limit, for both image-folder readers: 256 MiB as RGB
+log = logging.getLogger("vmoe_nas.data")
 
 
 class DataError(ValueError):
@@ -301,20 +305,51 @@ def _imagefolder(arg: str, data_dir) -> _Raw:
     return _Raw(x, y, x_test, y_test, tuple(classes))
 
 
+def image_files(folder: Path) -> list[str]:
+    """The names of the image files in `folder`, sorted. Entries named like images that are not regular files
+    (a FIFO, whose read blocks forever; a device, a folder) are skipped and counted in the log; a link that
+    loops or dangles is a DataFormatError naming it."""
+    names, skipped = [], 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.name.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            try:
+                mode = entry.stat().st_mode  # through links
+            except OSError as error:
+                raise DataFormatError(f"cannot read {entry.path} ({error.strerror})") from None
+            if stat.S_ISREG(mode):
+                names.append(entry.name)
+            else:
+                skipped += 1
+    if skipped:
+        log.warning("skipped %d entries of %s named like images that are not regular files", skipped, folder)
+    return sorted(names)
+
+
+def check_pixels(path: str | Path, image) -> None:
+    """A DataFormatError if the opened PIL `image` (its header read, nothing decoded) has more pixels than
+    MAX_IMAGE_PIXELS: a 389 KB PNG can decode to 20000 x 20000."""
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise DataFormatError(f"cannot read {path} ({image.width} x {image.height} pixels, more than "
+                              f"MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS:,}: a decompression bomb?)")
+
+
 def _read_images(folder: Path, classes: list[str], size: int | None) -> tuple[np.ndarray, np.ndarray]:
     """All images under folder/<class>/, resized to the first one's size (which must be square); grey if all
     are, else RGB. Each file is read and closed in turn: a folder may hold more images than a process may open
     files, and only the resized pixels are kept."""
     from PIL import Image
 
-    paths = [(p, c) for c, name in enumerate(classes) if (folder / name).is_dir()
-             for p in sorted((folder / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    paths = [(folder / name / file, c) for c, name in enumerate(classes) if (folder / name).is_dir()
+             for file in image_files(folder / name)]
     if not paths:
         raise DataNotFoundError(f"imagefolder: no {'/'.join(IMAGE_SUFFIXES)} files in the class folders of {folder}")
     arrays = []
     for index, (path, _) in enumerate(paths):
         try:
             with Image.open(path) as image:
+                check_pixels(path, image)
                 if index == 0 and image.width != image.height:
                     raise DataFormatError(f"imagefolder: images must be square, {path} is {image.size}")
                 size = size or image.width

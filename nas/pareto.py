@@ -15,6 +15,7 @@ status `complete`, met every constraint and are not a re-run of an architecture 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -278,6 +279,18 @@ class ParetoAnalysis:
     notes: list[str] = field(default_factory=list)
     confirmed: pd.DataFrame = field(default_factory=lambda: confirmed_frame(None))  # see `confirmed_frame`
     confirm_settings: dict | None = None  # seeds, steps, margin and latency band of the confirmation
+    failures: dict[str, int] = field(default_factory=dict)  # failed trials by reason, most common first
+
+    @property
+    def no_result(self) -> str | None:
+        """Why there is no front, when no trial has every objective; None when some have."""
+        if len(self.ranked):
+            return None
+        failed = sum(self.failures.values())
+        reasons = "; ".join(f"{n} x {reason}" for reason, n in list(self.failures.items())[:3])
+        more = f"; {len(self.failures) - 3} other reasons in trials.csv" if len(self.failures) > 3 else ""
+        return (f"no trial completed with every objective, so there is no front: {failed} failed"
+                + (f" ({reasons}{more})" if failed else ""))
 
     def front(self, which: str = "overall") -> pd.DataFrame:
         first = self.objectives[0]
@@ -296,6 +309,7 @@ def analyze(study: optuna.Study, *, objectives: list[str] | None = None, margin:
     objectives = objectives_for(objectives or stored.objectives or ["accuracy", "flops"])
     frame = trials_frame(study)
     analysis = analyze_frame(frame, objectives, study_name=study.study_name, margin=margin)
+    analysis.failures = failure_reasons(study)
     confirmed = load_confirmed(study)
     if confirmed is not None:
         from nas.confirm import latency_warning
@@ -311,6 +325,14 @@ def analyze(study: optuna.Study, *, objectives: list[str] | None = None, margin:
             "latency_ms_measured is the trial's own median"
         )
     return analysis
+
+
+def failure_reasons(study: optuna.Study) -> dict[str, int]:
+    """Failed trials by reason (the first line of each), most common first; trials that failed before they had an
+    architecture (a data set that does not load, a dead worker) count too."""
+    reasons = Counter(((r.reason or "no reason recorded").strip().splitlines() or ["?"])[0][:200]
+                      for r in records.read_all(study, (TrialState.FAIL,)))
+    return dict(reasons.most_common())
 
 
 def analyze_frame(frame: pd.DataFrame, objectives: list[Objective], *, study_name: str = "",
@@ -346,5 +368,6 @@ def analyze_frame(frame: pd.DataFrame, objectives: list[Objective], *, study_nam
 
 
 __all__ = ["CONFIRMED_COLUMNS", "FRONT_COLUMNS", "ParetoAnalysis", "analyze", "analyze_frame", "answered",
-           "beats_dense", "confirmed_at", "confirmed_frame", "confirmed_summary", "crowding_distance", "hypervolume",
+           "beats_dense", "confirmed_at", "confirmed_frame", "confirmed_summary", "crowding_distance",
+           "failure_reasons", "hypervolume",
            "load_confirmed", "non_dominated_rank", "preference_order", "reference_point", "trials_frame"]

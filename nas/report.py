@@ -9,6 +9,7 @@ the single-seed, unconfirmed comparison.
 
 from __future__ import annotations
 
+import errno
 import html
 import math
 import os
@@ -35,6 +36,7 @@ from nas.pareto import (
     hypervolume,
     non_dominated_rank,
 )
+from nas.storage import NoSpaceLeft
 
 KINDS = {"dense": ("dense ViT", "#1f77b4"), "moe": ("Mobile V-MoE", "#d62728")}  # kind -> (label, colour)
 PANELS = (("flops", "FLOPs per image"), ("latency_ms", "latency (ms)"))  # x axes, accuracy on y
@@ -407,8 +409,15 @@ def _write(path: Path, text: str) -> Path:
     """Write whole or not at all: a report being rewritten is never seen half-written."""
     # A name of its own: launchers sharing a study each write the report when they finish, at the same moment.
     partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)  # a full disk keeps no half-written file
+        if error.errno == errno.ENOSPC:
+            raise NoSpaceLeft(path.parent, f"{path.name} was not written (the report's other files may be older); "
+                                           "free some space and run vmoe-nas pareto again") from None
+        raise
     return path
 
 
@@ -443,6 +452,7 @@ def report_markdown(analysis: ParetoAnalysis, counts: dict[str, int]) -> str:
         f"# Pareto report: {analysis.study_name}\n",
         "Trials: " + (", ".join(f"{n} {status}" for status, n in counts.items()) or "none")
         + f". Objectives: {objectives}.\n",
+        *([f"**{analysis.no_result[0].upper()}{analysis.no_result[1:]}.**\n"] if analysis.no_result else []),
         "## Hypervolume\n",
         f"Reference point: {reference}. The hypervolume is the share of the box between the ideal point "
         "(accuracy 1, zero cost) and the reference point that a front dominates, with each cost divided by "
@@ -516,10 +526,16 @@ def confirmed_sentence(analysis: ParetoAnalysis) -> str:
             "at a lower rung.")
 
 
-def _status_counts(frame: pd.DataFrame) -> dict[str, int]:
-    """Trials by status; re-runs of an architecture already evaluated count as "duplicate"."""
+def _status_counts(analysis: ParetoAnalysis) -> dict[str, int]:
+    """Trials by status; re-runs of an architecture already evaluated count as "duplicate", and trials that
+    failed before they had an architecture (not rows of the table) as "failed" too."""
+    frame = analysis.trials
     status = frame["status"].fillna(frame["state"]).where(frame["duplicate_of"].isna(), "duplicate")
-    return {str(k): int(v) for k, v in status.value_counts().items()}
+    counts = {str(k): int(v) for k, v in status.value_counts().items()}
+    failed_rows = int((frame["state"] == "fail").sum())
+    if sum(analysis.failures.values()) > failed_rows:
+        counts["failed before sampling"] = sum(analysis.failures.values()) - failed_rows
+    return counts
 
 
 def pairs_table(confirmed: pd.DataFrame) -> pd.DataFrame:
@@ -557,6 +573,7 @@ def report_html(analysis: ParetoAnalysis, figures: dict[str, go.Figure], notes: 
     reference = ", ".join(f"{name} = {_fmt(value, 4)}" for name, value in analysis.reference.items())
     body = [f"<h1>Pareto report: {html.escape(analysis.study_name)}</h1>",
             "<p>Trials: " + (", ".join(f"{n} {html.escape(s)}" for s, n in counts.items()) or "none") + "</p>",
+            *([f"<p><b>{html.escape(analysis.no_result.capitalize())}.</b></p>"] if analysis.no_result else []),
             f"<h2>Hypervolume</h2><p>Reference point: {html.escape(reference)} (costs normalised by it; "
             "the hypervolume is a share of the box, in [0, 1]).</p>",
             tables["hypervolume"].to_html(index=False, float_format=lambda v: f"{v:.4g}"),
@@ -583,7 +600,7 @@ def write_report(study: optuna.Study, out_dir, *, objectives: list[str] | None =
     analysis = analysis or analyze(study, objectives=objectives, margin=margin)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    counts = _status_counts(analysis.trials)
+    counts = _status_counts(analysis)
     info = pareto_plot_info(analysis)
     pareto = pareto_figure(info)
     extra, notes = optuna_figures(study, analysis)

@@ -4,12 +4,13 @@
 `StudyContext` once; workers then claim queued trials and run each through the steps of `nas.trial`
 (sample -> validate -> reuse -> profile -> constraints -> train), storing a `nas.record.TrialRecord`.
 
-Studies of `n_trials` are exact, also with several workers: the study holds one queued trial per slot
-and workers claim queued trials atomically; an interrupted trial frees its slot for the next run.
+Studies of `n_trials` are exact, also with several workers: each trial holds a slot, queued lazily (a few
+ahead of the workers), and workers claim queued trials atomically; an interrupted trial frees its slot.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import os
@@ -33,9 +34,11 @@ from nas.processes import die_with_parent, interruption_name, treat_signals_as_i
 from nas.record import TrialRecord
 from nas.storage import (
     STORAGE_ERRORS,
+    NoSpaceLeft,
     StorageError,
     StorageURL,
     default_storage,
+    is_disk_full,
     make_storage,
     parse_storage,
     study_lock,
@@ -115,24 +118,37 @@ def open_study(cfg: StudyConfig, url: StorageURL, *, worker_index: int = 0,
 
 
 def fill_slots(study: optuna.Study, cfg: StudyConfig) -> int:
-    """Queue one trial per free slot of `n_trials` (enqueued architectures first); returns how many.
-    A slot is free when it has no trial yet, or only trials that were interrupted."""
+    """Queue trials for free slots of `n_trials` (enqueued architectures first); returns how many. Lazily: at
+    most `cfg.workers` trials wait at a time (workers top the queue up as they claim), so a study of 10**8
+    trials stores a handful, not 10**8. A slot is free when it has no trial yet, or only interrupted ones."""
     if cfg.n_trials is None:
         return 0
-    taken = {r.slot for r in records.read_all(study)
-             if r.state in LIVE_STATES or (r.state == TrialState.FAIL and not r.interrupted)}
+    stored = records.read_all(study)
+    taken = {r.slot for r in stored if r.state in LIVE_STATES or (r.state == TrialState.FAIL and not r.interrupted)}
+    waiting = sum(r.state == TrialState.WAITING and _in_study(r.slot, cfg) for r in stored)
+    free = (slot for slot in range(cfg.n_trials) if slot not in taken)
     enqueued = cfg.enqueued_params()
-    free = [slot for slot in range(cfg.n_trials) if slot not in taken]
-    for slot in free:
+    queued = 0
+    for slot in itertools.islice(free, max(0, cfg.workers - waiting)):
         params = enqueued[slot] if slot < len(enqueued) else {}
         study.enqueue_trial(params, user_attrs=records.enqueue_attrs(slot), skip_if_exists=False)
-    return len(free)
+        queued += 1
+    return queued
 
 
-def claim_trial(study: optuna.Study, storage: optuna.storages.BaseStorage) -> optuna.Trial | None:
-    """Atomically take a queued trial (the storage lets one worker move it to RUNNING); None when none."""
+def _in_study(slot: int | None, cfg: StudyConfig) -> bool:
+    """Whether a trial queued for `slot` runs: not one queued by an earlier run with a larger n_trials."""
+    return cfg.n_trials is None or slot is None or slot < cfg.n_trials
+
+
+def claim_trial(study: optuna.Study, cfg: StudyConfig) -> optuna.Trial | None:
+    """Atomically take a queued trial of this run's slots (the storage lets one worker move it to RUNNING);
+    None when none."""
+    storage = study._storage
     study_id = storage.get_study_id_from_name(study.study_name)
     for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if not _in_study(waiting.user_attrs.get("slot"), cfg):
+            continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
         try:
             if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
@@ -290,7 +306,13 @@ def run_worker(cfg: StudyConfig, worker_index: int = 0, *, study: optuna.Study |
         study = study or open_study(cfg, url, worker_index=worker_index)
         ctx = ctx or steps.build_context(cfg, anchor=stored_anchor(study))
         return _work(cfg, study, ctx, url, on_trial)
-    except STORAGE_ERRORS as error:
+    except (*STORAGE_ERRORS, OSError) as error:
+        if is_disk_full(error):
+            raise NoSpaceLeft(url.path.parent if url.path else url.redacted,
+                              "the study storage cannot be written; finished trials are kept: free some space and "
+                              "run the same command again to resume") from None
+        if not isinstance(error, STORAGE_ERRORS):
+            raise
         reason = str(error).strip().splitlines()[0]
         raise StorageError(
             f"storage {url.redacted} became unreachable ({reason}); finished trials are kept there: "
@@ -315,7 +337,8 @@ def requeue_free_slots(study: optuna.Study, cfg: StudyConfig) -> bool:
     worker's trial and queueing its retry; a trial interrupted in another worker). Whether any trial waits."""
     with study_lock(storage_url(cfg), cfg.study_name):
         fill_slots(study, cfg)
-        return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        return any(_in_study(t.user_attrs.get("slot"), cfg)
+                   for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def _work(cfg: StudyConfig, study: optuna.Study, ctx: steps.StudyContext, url: StorageURL, on_trial) -> int:
@@ -323,7 +346,9 @@ def _work(cfg: StudyConfig, study: optuna.Study, ctx: steps.StudyContext, url: S
     count = 0
     while deadline is None or time.monotonic() < deadline:
         reclaim(study, cfg)  # a dead worker's trial fails here, and its retry is queued
-        trial = claim_trial(study, study._storage)
+        trial = claim_trial(study, cfg)
+        if trial is not None and cfg.n_trials is not None:
+            requeue_free_slots(study, cfg)  # the queue is lazy: top it up for the workers coming next
         if trial is None:
             if cfg.n_trials is None:
                 trial = study.ask()  # a timeout-only study makes trials as it goes

@@ -9,10 +9,12 @@ A URL's password is never stored in a study or printed: `StorageURL.redacted` is
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
-from contextlib import contextmanager
+import sqlite3
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,19 @@ FILE_NAMES = {"journal": "journal.log", "sqlite": "study.db"}  # a study's stora
 
 class StorageError(RuntimeError):
     """The study storage cannot be opened or reached."""
+
+
+class NoSpaceLeft(StorageError):
+    """A disk filled up while a study, or a file beside it, was written."""
+
+    def __init__(self, path: str | Path, what: str):
+        super().__init__(f"no space left on {path}: {what}")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps) says the disk is full: ENOSPC, or SQLite's "database or disk is full"."""
+    cause = root_cause(error)
+    return (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) or "disk is full" in str(cause)
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,26 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The error under Optuna's and SQLAlchemy's wrappers (e.g. SQLite's "database disk image is malformed")."""
+    while error.__cause__ is not None or getattr(error, "orig", None) is not None:
+        error = error.__cause__ or error.orig
+    return error
+
+
+def check_sqlite(path: Path) -> None:
+    """A StorageError naming `path` if SQLite finds it damaged (bytes overwritten, cut short): read as it was,
+    Optuna would fail deep inside a query with a message about "invalid data in the commit"."""
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+            problems = [row[0] for row in connection.execute("PRAGMA quick_check(3)")]
+    except sqlite3.DatabaseError as error:
+        problems = [str(error)]
+    if problems != ["ok"]:
+        raise StorageError(f"{path} is damaged, not a study SQLite can read ({'; '.join(problems)[:300]}): restore "
+                           "it from a copy; its trials cannot be read")
+
+
 def study_lock(url: str | StorageURL, study_name: str):
     """Serialise changes to a study's trial queue across processes. Other databases than PostgreSQL and
     file storages: run one launcher."""
@@ -167,6 +202,8 @@ def load_study(study_name: str, *, storage: str | StorageURL | None = None,
                            f"{folder / FILE_NAMES['sqlite']} exists (pass --storage URL or --results-dir)")
     if url.path is not None and not url.path.is_file():  # opening a missing file would create an empty storage
         raise StorageError(f"no study storage at {url.path}")
+    if url.kind == "sqlite" and url.path is not None:
+        check_sqlite(url.path)
     backend = make_storage(url)
     try:
         return optuna.load_study(study_name=study_name, storage=backend)
@@ -176,5 +213,5 @@ def load_study(study_name: str, *, storage: str | StorageURL | None = None,
             from None
 
 
-__all__ = ["STORAGE_ERRORS", "StorageError", "StorageURL", "default_storage", "existing_storage", "load_study",
-           "make_storage", "parse_storage", "study_lock"]
+__all__ = ["STORAGE_ERRORS", "NoSpaceLeft", "StorageError", "StorageURL", "default_storage", "existing_storage",
+           "is_disk_full", "load_study", "make_storage", "parse_storage", "study_lock"]

@@ -33,8 +33,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nas.data import IMAGE_SUFFIXES, DataError, DataFormatError, DataNotFoundError, Dataset, Split
+from nas.data import (
+    IMAGE_SUFFIXES,
+    DataError,
+    DataFormatError,
+    DataNotFoundError,
+    Dataset,
+    Split,
+    check_pixels,
+    image_files,
+)
 from search_spaces import ConfigError
+from search_spaces.config import shown
 
 log = logging.getLogger("vmoe_nas.data")
 
@@ -42,6 +52,7 @@ CROP_PCT = 0.875  # timm's DEFAULT_CROP_PCT: eval resizes to size / 0.875, then 
 STATS_SAMPLE = 256  # train images whose pixels give the normalisation: the same rule in memory and streaming
 INDEX_FILES = ("imagenet_class_index.json", "LOC_synset_mapping.txt", "synsets.txt")
 CORRUPT_CHOICES = ("skip", "error")
+UNREADABLE = (RuntimeError, OSError, ValueError)  # what decoding a bad file raises (torchvision: RuntimeError)
 EVAL_CHUNK = 256  # images per decoded chunk when reading a split in order: bounds what workers hold ready
 MANY_FILES = 1000  # from here on an image folder is read here whatever its options: a default ulimit is 1024
 
@@ -64,12 +75,12 @@ class FolderOptions:
     def __post_init__(self):
         for name in ("image_size", "classes", "per_class"):
             _check_int(name, getattr(self, name), minimum=1 if name != "image_size" else 4)
-        _check_int("workers", self.workers, minimum=0)
+        _check_int("workers", self.workers, minimum=0, maximum=256)
         if not (self.stream == "auto" or isinstance(self.stream, bool)):
             raise ConfigError("data.stream", f"must be auto, true or false, got {self.stream!r}")
         if isinstance(self.max_memory_mb, bool) or not isinstance(self.max_memory_mb, (int, float)) \
-                or not self.max_memory_mb > 0:
-            raise ConfigError("data.max_memory_mb", f"must be a number > 0, got {self.max_memory_mb!r}")
+                or not 0 < self.max_memory_mb <= 2**40:
+            raise ConfigError("data.max_memory_mb", f"must be a number in (0, 2**40], got {shown(self.max_memory_mb)}")
         if self.corrupt not in CORRUPT_CHOICES:
             raise ConfigError("data.corrupt", f"must be skip or error, got {self.corrupt!r}")
 
@@ -79,9 +90,9 @@ class FolderOptions:
         return min(8, available_cores() - 1) if self.workers is None else self.workers
 
 
-def _check_int(name: str, value, *, minimum: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise ConfigError(f"data.{name}", f"must be an integer >= {minimum}, got {value!r}")
+def _check_int(name: str, value, *, minimum: int, maximum: int = 2**63 - 1) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum):
+        raise ConfigError(f"data.{name}", f"must be an integer in [{minimum}, {maximum:,}], got {shown(value)}")
 
 
 # --- files --------------------------------------------------------------------------------------------------
@@ -112,8 +123,7 @@ def list_files(folder: Path, classes: tuple[str, ...]) -> Files:
     for label, name in enumerate(classes):
         if not (folder / name).is_dir():
             continue
-        with os.scandir(folder / name) as entries:
-            found = sorted(e.name for e in entries if e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file())
+        found = image_files(folder / name)
         names += found
         labels += [label] * len(found)
     if not names:
@@ -152,8 +162,15 @@ def layout(kind: str, root: Path) -> tuple[Path, Path | None, tuple[str, ...], t
 
 
 def _subfolders(folder: Path) -> list[str]:
+    found = []
     with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.is_dir())
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    found.append(entry.name)
+            except OSError as error:  # a link that loops
+                raise DataFormatError(f"cannot read {entry.path} ({error.strerror})") from None
+    return sorted(found)
 
 
 def _read_index(path: Path, present: set[str]) -> tuple[list[str], list[str]]:
@@ -168,6 +185,9 @@ def _read_index(path: Path, present: set[str]) -> tuple[list[str], list[str]]:
     except (ValueError, KeyError, TypeError, IndexError) as error:
         raise DataFormatError(f"class index {path} is malformed ({error})") from None
     listed = {wnid for wnid, _ in pairs}
+    if len(listed) != len(pairs):  # its images would get two labels
+        twice = next(wnid for i, (wnid, _) in enumerate(pairs) if wnid in {w for w, _ in pairs[:i]})
+        raise DataFormatError(f"class index {path} lists {twice} more than once")
     if listed != present:
         raise DataFormatError(f"class index {path} lists {len(listed)} classes, the folders hold {len(present)}; "
                               f"{len(listed ^ present)} differ (e.g. {sorted(listed ^ present)[0]})")
@@ -196,11 +216,20 @@ def subset(files: Files, classes: int | None, per_class: int | None, seed: int) 
 # --- decoding and transforms ---------------------------------------------------------------------------------
 
 
-def decode(path: str, channels: int) -> torch.Tensor:
-    """(C, H, W) uint8 of the image file; grey or RGB as asked (CMYK and palette images converted)."""
+def decode(path: str, channels: int | None = None) -> torch.Tensor:
+    """(C, H, W) uint8 of the image file; grey or RGB as asked (CMYK and palette images converted), as stored
+    when `channels` is None. Its header is read first: an image of more than MAX_IMAGE_PIXELS is refused, as
+    the in-memory reader refuses it."""
+    from PIL import Image
     from torchvision.io import ImageReadMode, decode_image
 
-    return decode_image(path, mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
+    try:
+        with Image.open(path) as image:
+            check_pixels(path, image)
+    except Image.DecompressionBombError as error:  # PIL's own check, at twice MAX_IMAGE_PIXELS
+        raise DataFormatError(f"cannot read {path} ({error})") from None
+    mode = {None: ImageReadMode.UNCHANGED, 1: ImageReadMode.GRAY}.get(channels, ImageReadMode.RGB)
+    return decode_image(path, mode=mode)
 
 
 def eval_transform(size: int):
@@ -233,7 +262,7 @@ class FileImages(torch.utils.data.Dataset):
         path = self.files.path(index)
         try:
             image = decode(path, self.channels)
-        except (RuntimeError, OSError, ValueError) as error:  # torchvision reports a bad file as RuntimeError
+        except UNREADABLE as error:
             return None, (path, _reason(error))
         if seed is None or self.train_tf is None:
             return self.eval_tf(image), int(self.files.labels[index])
@@ -244,6 +273,8 @@ class FileImages(torch.utils.data.Dataset):
 
 def _reason(error: Exception) -> str:
     """torchvision's message without its source location ('decode_jpeg, .../decode_jpeg.cpp:171, Image is ...')."""
+    if isinstance(error, DataFormatError):  # says the file already
+        return str(error).split(" (", 1)[-1].removesuffix(")")
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     return re.sub(r"^\w+, \S+:\d+, ", "", text)
 
@@ -363,12 +394,10 @@ def load_folder(name: str, kind: str, path: str, *, val_fraction: float, seed: i
 
 def _first_readable(files: Files, corrupt: str) -> torch.Tensor:
     """The first readable training image as stored (its channels say grey or colour)."""
-    from torchvision.io import decode_image
-
     for i in range(len(files)):
         try:
-            return decode_image(files.path(i))
-        except (RuntimeError, OSError, ValueError) as error:
+            return decode(files.path(i))
+        except UNREADABLE as error:
             if corrupt == "error":
                 raise DataFormatError(f"cannot read {files.path(i)} ({_reason(error)})") from None
     raise DataFormatError(f"none of the {len(files)} images under {files.root} can be read")
@@ -391,8 +420,11 @@ def streams_by_default(path: str, max_memory_mb: float) -> bool:
 
     train_dir, _, folders, _ = layout("imagefolder", Path(path))
     files = list_files(train_dir, folders)
-    with Image.open(files.path(0)) as image:  # reads the header only
-        side, channels = min(image.size), 1 if image.mode in ("L", "1", "I;16") else 3
+    try:
+        with Image.open(files.path(0)) as image:  # reads the header only
+            side, channels = min(image.size), 1 if image.mode in ("L", "1", "I;16") else 3
+    except (OSError, Image.DecompressionBombError) as error:
+        raise DataFormatError(f"cannot read {files.path(0)} ({error})") from None
     return len(files) >= MANY_FILES or len(files) * channels * side * side / 2**20 > max_memory_mb
 
 

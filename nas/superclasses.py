@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import uuid
@@ -21,13 +22,18 @@ import numpy as np
 import torch
 
 from nas.data import Dataset
-from nas.trainer import TrainRecipe, train
+from nas.trainer import Schedule, TrainRecipe, train
 from search_spaces import ArchConfig
 
 # Discovery's default budget: enough for a dense model to make class-specific mistakes, not a final model.
 # No augmentation: on a budget this short it costs accuracy (Fashion-MNIST: 0.80 -> 0.67 after 300 steps).
-# The time cap only guards against a huge data set; Fashion-MNIST's 2 epochs take ~75 s on 2 idle cores.
-DISCOVERY_RECIPE = TrainRecipe(epochs=2, seconds=300, batch_size=128, lr=2e-3, augment=False, eval_every=10**9)
+# Counted in steps, never in seconds: a time cap stopped it after 89 of 842 steps on a loaded machine, so the
+# groups depended on the load. 2 epochs, at most 2,000 steps (Fashion-MNIST's 2 epochs are 842; ImageNet's
+# would be 20,000). Fashion-MNIST's take ~75 s on 2 idle cores.
+DISCOVERY_RECIPE = TrainRecipe(epochs=2, steps=2000, batch_size=128, lr=2e-3, augment=False, eval_every=10**9)
+
+
+log = logging.getLogger("vmoe_nas.superclasses")
 
 
 class SuperclassError(ValueError):
@@ -142,11 +148,13 @@ def discovery_arch(dataset: Dataset) -> ArchConfig:
 
 
 def superclasses_for(dataset: Dataset, groups: int, *, cache_dir=None, seed: int = 0, arch: ArchConfig | None = None,
-                     recipe: TrainRecipe | None = None, progress: bool = False, device: str | None = None
-                     ) -> SuperclassMap:
+                     recipe: TrainRecipe | None = None, progress: bool = False, device: str | None = None,
+                     num_threads: int | None = None) -> SuperclassMap:
     """The data set's own super-classes when it has `groups` of them, else discovered from the confusion of a
-    small dense model (`arch`, default `discovery_arch`) trained with `recipe` (default DISCOVERY_RECIPE).
-    With `cache_dir`, a discovered mapping is stored as `<dataset>-g<groups>-s<seed>.json` and reused."""
+    small dense model (`arch`, default `discovery_arch`) trained with `recipe` (default DISCOVERY_RECIPE) on
+    `device` with `num_threads` (None: the recipe's, else OMP_NUM_THREADS, else the cores this process may use).
+    With `cache_dir`, a discovered mapping is stored as `<dataset>-g<groups>-s<seed>.json` and reused; one whose
+    training a time budget (`recipe.seconds`) cut short is used once and never cached: it depends on the load."""
     own = dataset.superclasses
     if own is not None and set(own.tolist()) == set(range(groups)):
         return SuperclassMap(own, groups, source="dataset")
@@ -156,13 +164,21 @@ def superclasses_for(dataset: Dataset, groups: int, *, cache_dir=None, seed: int
     arch = arch or discovery_arch(dataset)
     source = f"confusion:{arch.name}"
     confusion = _cached_confusion(Path(cache_dir), dataset.name, seed, source) if cache else None
+    truncated = False
     if confusion is None:
         recipe = TrainRecipe.from_dict({**(recipe or DISCOVERY_RECIPE).to_dict(), "seed": seed,
-                                        **({"device": device} if device else {})})
-        label = f"super-class discovery ({groups} groups)"
-        confusion = confusion_matrix(train(arch, dataset, recipe, progress=progress, label=label).model, dataset)
+                                        **({"device": device} if device else {}),
+                                        **({"num_threads": num_threads} if num_threads else {})})
+        result = train(arch, dataset, recipe, progress=progress, label=f"super-class discovery ({groups} groups)")
+        planned = Schedule.of(recipe, max(1, len(dataset.train) // recipe.batch_size)).steps
+        truncated = planned is None or result.steps < planned
+        if truncated:
+            log.warning("SUPER-CLASS DISCOVERY WAS CUT BY ITS TIME BUDGET (seconds=%g) after %d of %s steps: its "
+                        "groups depend on this machine's load and are not cached; give the recipe a budget in "
+                        "steps or epochs only", recipe.seconds, result.steps, planned or "unbounded")
+        confusion = confusion_matrix(result.model, dataset)
     found = SuperclassMap(cluster_confusion(confusion, groups, seed), groups, confusion, source)
-    if cache:
+    if cache and not truncated:
         found.save(cache)
     return found
 

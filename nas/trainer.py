@@ -35,7 +35,7 @@ from torch import nn
 from nas.data import Dataset, Split
 from nas.processes import deferred_interruptions
 from search_spaces import ArchConfig, ConfigError, build_model
-from search_spaces.config import from_mapping
+from search_spaces.config import MAX_SEED, from_mapping, shown
 from search_spaces.model import ModelOutput, PerTokenExperts
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -44,6 +44,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RUN_ONLY = ("device", "compile", "num_threads", "checkpoint_every_s")
 LOG_EVERY = 10  # steps per loss-curve point: the curve stays small enough to store on every trial
 EVAL_BATCH = 1024
+MAX_BATCH_SIZE = 65536  # images per step: past it a batch of ImageNet images outgrows any accelerator's memory
+MAX_STEPS = 10**12  # steps or epochs: past it a budget is a typo
+MAX_NUMBER = 2**63 - 1  # any other recipe number: int64, as checkpoints and storages keep them
 
 
 class TrainingError(RuntimeError):
@@ -97,6 +100,12 @@ class TrainRecipe:
             _check_number(name, getattr(self, name), integer=True, positive=name == "batch_size")
         _check_number("data_seed", self.data_seed, optional=True, integer=True)
         _check_number("num_threads", self.num_threads, optional=True, positive=True, integer=True)
+        for name, maximum in (("seed", MAX_SEED), ("data_seed", MAX_SEED), ("batch_size", MAX_BATCH_SIZE),
+                              ("num_threads", 1024), ("steps", MAX_STEPS), ("epochs", MAX_STEPS),
+                              ("seconds", 10**9), ("eval_every", MAX_STEPS)):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and value > maximum:
+                raise ConfigError(name, f"must be <= {maximum:,}, got {shown(value)}")
         _check_number("lr", self.lr, positive=True)
         _check_number("checkpoint_every_s", self.checkpoint_every_s, positive=True)
         for name in ("weight_decay", "label_smoothing", "aux_loss_weight", "warmup_fraction"):
@@ -132,6 +141,8 @@ def _check_number(name, value, *, optional=False, positive=False, integer=False)
         raise ConfigError(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
     if value < 0 or (positive and value == 0):
         raise ConfigError(name, f"must be {'> 0' if positive else '>= 0'}, got {value}")
+    if value > MAX_NUMBER:
+        raise ConfigError(name, f"must be <= {MAX_NUMBER:,}, got {shown(value)}")
 
 
 def parse_device(name: Any) -> tuple[str, int | None]:
@@ -446,7 +457,7 @@ def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasse
     groups = _router_targets(cfg, dataset, superclasses)
     device = resolve_device(recipe.device)
     previous = torch.get_num_threads(), torch.get_float32_matmul_precision()
-    torch.set_num_threads(recipe.num_threads or available_cores())
+    torch.set_num_threads(recipe.num_threads or default_threads())
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: what fp32 parts of a step run in on CUDA
     try:
@@ -455,6 +466,13 @@ def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasse
     finally:
         torch.set_num_threads(previous[0])
         torch.set_float32_matmul_precision(previous[1])
+
+
+def default_threads() -> int:
+    """Threads of a recipe that sets none: OMP_NUM_THREADS where the user set it (a positive integer), else
+    the cores this process may use."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else available_cores()
 
 
 def available_cores() -> int:

@@ -77,16 +77,18 @@ def build_context(cfg: StudyConfig, *, anchor: Anchor | None = None, progress: b
         recipe = dataclasses.replace(recipe, num_threads=max(1, (os.cpu_count() or 1) // cfg.workers))
     groups = [g for g in cfg.space.router_groups() if g <= dataset.num_classes]  # more: rejected as invalid
     superclasses = {g: class_groups(dataset, g, cfg.study_dir / "superclasses", progress=progress,
-                                    device=recipe.device) for g in groups}
+                                    device=recipe.device, num_threads=recipe.num_threads) for g in groups}
     return StudyContext(cfg, dataset, recipe, superclasses, anchor)
 
 
-def class_groups(dataset, groups: int, cache_dir: Path, *, progress: bool = False, device: str | None = None
-                 ) -> np.ndarray:
-    """class -> super-class for `groups` experts: the data set's own, or discovered from confusion (on `device`)."""
+def class_groups(dataset, groups: int, cache_dir: Path, *, progress: bool = False, device: str | None = None,
+                 num_threads: int | None = None) -> np.ndarray:
+    """class -> super-class for `groups` experts: the data set's own, or discovered from confusion (on `device`,
+    with the evaluator's `num_threads`)."""
     from nas.superclasses import superclasses_for
 
-    mapping = superclasses_for(dataset, groups, cache_dir=cache_dir, progress=progress, device=device)
+    mapping = superclasses_for(dataset, groups, cache_dir=cache_dir, progress=progress, device=device,
+                               num_threads=num_threads)
     log.info("super-classes for %d experts (%s): %s", groups, mapping.source, mapping.class_to_group.tolist())
     return np.asarray(mapping.class_to_group)
 

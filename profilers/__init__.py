@@ -21,8 +21,8 @@ from profilers._backends import (
     get_backend,
     register_backend,
 )
-from profilers._errors import PayloadError, ProfileError, ProfilerUnreachable, RemoteProfilerError
-from profilers._latency import MIN_TIME_S, LatencyStats, measure_interleaved, measure_latency
+from profilers._errors import PayloadError, ProfileError, ProfilerBusy, ProfilerUnreachable, RemoteProfilerError
+from profilers._latency import MAX_BATCH, MAX_THREADS, MIN_TIME_S, LatencyStats, measure_interleaved, measure_latency
 
 # The rest imports ONNX and fvcore: loaded on first use, so that reading the registry (the command line, a
 # study config) stays cheap. RemoteBackend's module imports httpx.
@@ -50,6 +50,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "BACKENDS",
+    "MAX_BATCH",
+    "MAX_THREADS",
     "CACHE_ENV",
     "AgentLimits",
     "Backend",
@@ -64,6 +66,7 @@ __all__ = [
     "Payload",
     "PayloadError",
     "ProfileError",
+    "ProfilerBusy",
     "ProfilerUnreachable",
     "RemoteBackend",
     "RemoteProfilerError",

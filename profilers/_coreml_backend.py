@@ -21,6 +21,7 @@ COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")  # coremltools.
 PIPELINE_FILE = "pipeline.json"  # in a Core ML payload: the programs to run in order, and the architecture
 PROGRAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_ZIP_ENTRIES = 10_000
+MAX_ZIP_DEPTH = 32  # folders in an entry's path: a Core ML package nests 4; 1,500 made a RecursionError
 
 
 def compute_units(provider: str | None) -> str:
@@ -175,6 +176,9 @@ def _check_entries(entries: list[zipfile.ZipInfo]) -> None:
     files, folders = set(), set()
     for entry in entries:
         path = PurePosixPath(entry.filename)
+        if len(path.parts) > MAX_ZIP_DEPTH:
+            raise PayloadError(f"zip entry {entry.filename[:100]!r}... is nested {len(path.parts)} deep, more than "
+                               f"{MAX_ZIP_DEPTH}")
         is_link = (entry.external_attr >> 16) & 0o170000 == 0o120000
         top = path.parts[0] if path.parts else ""
         if (path.is_absolute() or "\\" in entry.filename or ".." in path.parts or ":" in top or is_link

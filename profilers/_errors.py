@@ -15,3 +15,7 @@ class RemoteProfilerError(ProfileError):
 
 class ProfilerUnreachable(RemoteProfilerError):
     """No answer from the agent, after retries."""
+
+
+class ProfilerBusy(RemoteProfilerError):
+    """The agent answered, but stayed busy with other clients' requests for longer than the client waits."""

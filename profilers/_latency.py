@@ -12,6 +12,8 @@ from time import perf_counter
 import numpy as np
 
 # Defaults sized for the search: ~1 s per architecture, enough runs for a stable median.
+MAX_BATCH = 256  # images per timed call: past it an input is a typo (1e9 images would be 600 GB)
+MAX_THREADS = 256
 WARMUP = 10
 MIN_RUNS = 30
 MIN_TIME_S = 1.0

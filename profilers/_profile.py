@@ -12,7 +12,9 @@ import torch
 from profilers._backends import get_backend
 from profilers._export import as_model, package_version
 from profilers._flops import count_flops
+from profilers._latency import MAX_BATCH, MAX_THREADS
 from search_spaces import ArchConfig, VisionMoE, build_model, count_params
+from search_spaces.config import check_int
 
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "fvcore", "coremltools", "numpy")
 
@@ -63,6 +65,8 @@ def profile(
     With an `anchor` config, a local backend times the model and the anchor interleaved; `anchor` in the
     result holds the anchor's latency and `ratio`, the model's median over the anchor's: a figure that
     holds across processes and hours, where absolute times drift by 5-25% on a shared machine."""
+    check_int("threads", threads, 1, MAX_THREADS)
+    check_int("batch", batch, 1, MAX_BATCH)
     model = as_model(model_or_cfg)
     cfg = model.cfg
     runner = get_backend(backend, **backend_options)  # fails fast on a bad name or option, even unmeasured

@@ -11,6 +11,7 @@ says where it was measured.
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 import time
 from dataclasses import replace
@@ -19,25 +20,30 @@ from pathlib import Path
 import httpx
 
 from profilers._backends import BACKENDS, Backend, BackendResult, get_backend
-from profilers._errors import ProfileError, ProfilerUnreachable, RemoteProfilerError
+from profilers._errors import ProfileError, ProfilerBusy, ProfilerUnreachable, RemoteProfilerError
 from profilers._latency import MIN_RUNS, MIN_TIME_S, WARMUP
 
 TOKEN_ENV = "VMOE_PROFILER_TOKEN"
 RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)  # nothing was measured
-RETRY_STATUSES = (502, 503)  # a proxy without its agent, or an agent with too many requests pending
+RETRY_STATUSES = (502,)  # a proxy without its agent
+BUSY_STATUSES = (429, 503)  # an agent with too many requests pending (or out of file descriptors): it is up
+BUSY_WAIT_S = 600.0  # how long a client waits for a busy agent, retrying, before it gives up (ProfilerBusy)
+BUSY_MAX_SLEEP_S = 10.0  # the longest pause between two tries at a busy agent
 
 
 class AgentClient:
     """HTTP client of one agent. `token` defaults to $VMOE_PROFILER_TOKEN; connection failures are
-    retried `retries` times with exponential backoff from `backoff_s`."""
+    retried `retries` times with exponential backoff from `backoff_s` (then ProfilerUnreachable). A busy agent
+    (HTTP 503 or 429: other clients' requests pending) is up: it is retried with backoff, jittered and capped
+    at BUSY_MAX_SLEEP_S, for up to `busy_wait_s` seconds (then ProfilerBusy)."""
 
     def __init__(self, url: str, *, token: str | None = None, retries: int = 3, backoff_s: float = 0.5,
-                 timeout_s: float = 900.0):
+                 timeout_s: float = 900.0, busy_wait_s: float = BUSY_WAIT_S):
         if not url.startswith(("http://", "https://")):
             raise ProfileError(f"remote_url must be http://HOST:PORT or https://..., got {url!r}")
         self.url = url.rstrip("/")
         self.token = token or os.environ.get(TOKEN_ENV) or None
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retries, self.backoff_s, self.busy_wait_s = retries, backoff_s, busy_wait_s
         # Connecting is quick or never; a measurement may wait behind others in the agent's queue.
         self.timeout = httpx.Timeout(timeout_s, connect=5.0)
 
@@ -52,19 +58,30 @@ class AgentClient:
         headers = dict(headers or {})
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        problem = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
+        problem, attempt, busy_since, busy_tries = "", 0, None, 0
+        while attempt <= self.retries:
+            if busy_since is not None:  # the last answer was "busy": wait for a queue place, not for the agent
+                busy_tries += 1
+                pause = min(BUSY_MAX_SLEEP_S, self.backoff_s * 2 ** min(busy_tries - 1, 20))
+                time.sleep(pause * random.uniform(0.5, 1.0))  # jitter: clients turned away together come back apart
+            elif attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 response = httpx.request(method, self.url + path, headers=headers, timeout=self.timeout, **kwargs)
             except RETRY_ERRORS as error:
-                problem = f"{type(error).__name__}: {error}"
+                problem, busy_since, attempt = f"{type(error).__name__}: {error}", None, attempt + 1
                 continue
             except httpx.TransportError as error:  # e.g. a read timeout: the agent may still be measuring
                 raise RemoteProfilerError(f"profiler agent at {self.url}: {type(error).__name__}: {error}") from None
+            if response.status_code in BUSY_STATUSES:
+                busy_since = time.monotonic() if busy_since is None else busy_since
+                if time.monotonic() - busy_since >= self.busy_wait_s:
+                    raise ProfilerBusy(f"profiler agent at {self.url} stayed busy for {self.busy_wait_s:g} s "
+                                       f"({busy_tries + 1} tries; HTTP {response.status_code}: {_reason(response)}): "
+                                       "it serves other clients; try again later, or run another agent")
+                continue
             if response.status_code in RETRY_STATUSES:
-                problem = f"HTTP {response.status_code}: {_reason(response)}"
+                problem, busy_since, attempt = f"HTTP {response.status_code}: {_reason(response)}", None, attempt + 1
                 continue
             if response.is_error:
                 hint = f" (set {TOKEN_ENV} to the agent's token)" if response.status_code == 401 else ""

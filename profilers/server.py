@@ -19,6 +19,7 @@ MAX_ERROR_CHARS characters that names no path on the device.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import multiprocessing
@@ -42,7 +43,7 @@ from starlette.routing import Route
 
 from profilers._backends import BACKENDS, AgentLimits, get_backend
 from profilers._errors import PayloadError
-from profilers._latency import MIN_RUNS, MIN_TIME_S, WARMUP
+from profilers._latency import MAX_BATCH, MAX_THREADS, MIN_RUNS, MIN_TIME_S, WARMUP
 from profilers._profile import device_info
 from profilers.remote import TOKEN_ENV
 from search_spaces import ConfigError
@@ -51,7 +52,7 @@ log = logging.getLogger("vmoe_nas.agent")
 
 # name -> (type, minimum, maximum): every measurement option a request may set, and its cap.
 OPTIONS = {
-    "batch": (int, 1, 256), "threads": (int, 1, 256),
+    "batch": (int, 1, MAX_BATCH), "threads": (int, 1, MAX_THREADS),
     "warmup": (int, 0, 1000), "min_runs": (int, 1, 10_000), "min_time_s": (float, 0.0, 60.0),
 }
 DEFAULTS = {"batch": 1, "threads": 1, "warmup": WARMUP, "min_runs": MIN_RUNS, "min_time_s": MIN_TIME_S}
@@ -274,12 +275,17 @@ def create_app(settings: AgentSettings, *, run=measure_in_child) -> Starlette:
         return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
 
     async def server_error(request: Request, error: Exception) -> JSONResponse:
+        if out_of_descriptors(error):  # a load to wait out, not a fault: one line, and the client retries
+            log.warning("request refused: out of file descriptors (%s); raise the open-file limit (ulimit -n)",
+                        error.strerror)
+            return JSONResponse({"error": "the agent is out of file descriptors: retry later"}, status_code=429)
         log.error("internal error", exc_info=error)  # the details stay here: they may name paths
         return JSONResponse({"error": f"internal error ({type(error).__name__}); the agent's log has the details"},
                             status_code=500)
 
     @asynccontextmanager
     async def lifespan(app):
+        asyncio.get_running_loop().set_exception_handler(quiet_descriptor_errors)
         yield
         worker.shutdown(wait=False, cancel_futures=True)
 
@@ -290,6 +296,20 @@ def create_app(settings: AgentSettings, *, run=measure_in_child) -> Starlette:
     )
     app.add_middleware(Guard, settings=settings)
     return app
+
+
+def out_of_descriptors(error: BaseException | None) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE)
+
+
+def quiet_descriptor_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """The event loop's error handler: an accept that fails for want of file descriptors (idle sockets up to the
+    open-file limit; asyncio retries it a second later) is one log line, not a traceback a second."""
+    if out_of_descriptors(context.get("exception")):
+        log.warning("cannot accept a connection: out of file descriptors (%s); raise the open-file limit "
+                    "(ulimit -n) or wait for idle sockets to close", context["exception"].strerror)
+        return
+    loop.default_exception_handler(context)
 
 
 def headers_deadline_protocol(timeout_s: float) -> type:

@@ -19,6 +19,8 @@ ROUTINGS = ("per_image", "per_token")
 MAX_PARAMS = 10**10  # 40 GB of fp32 weights: refuses what no machine builds (a typo can ask for terabytes)
 MAX_DEPTH = 1000  # blocks: a tiny block has few parameters, but a million of them take minutes to construct
 MAX_PROBLEM = 1000  # characters of a ConfigError's message: whatever a message embeds, it stays readable
+MAX_SEED = 2**32 - 1  # numpy's seed range: torch takes up to 2**64 - 1, and seeds are offset per run and step
+MAX_CHOICES = 100  # per search-space field: a sampler learns nothing from more, and checking them takes minutes
 
 
 class ConfigError(ValueError):
@@ -43,11 +45,13 @@ def is_number(value: Any) -> bool:
     return not isinstance(value, bool) and (isinstance(value, int) or isinstance(value, float) and math.isfinite(value))
 
 
-def check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(name, f"must be an integer, got {shown(value)}")
     if value < minimum:
         raise ConfigError(name, f"must be >= {minimum}, got {shown(value)}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, f"must be <= {maximum:,}, got {shown(value)}")
 
 
 MAX_YAML_VALUES = 100_000  # a config holds hundreds; nested aliases (*) can make billions of a few hundred bytes
@@ -98,6 +102,8 @@ def safe_yaml_load(text: str | bytes, where: str = "config") -> Any:
         raise ConfigError(where, f"not valid YAML: {' '.join(str(error).split())}") from None
     except RecursionError:
         raise ConfigError(where, "not valid YAML: nested too deeply") from None
+    except ValueError as error:  # a scalar YAML resolves but Python refuses: an integer of 5,000 digits, 2024-13-45
+        raise ConfigError(where, f"not valid YAML: {error}") from None
 
 
 def read_yaml(path: str | Path, where: str = "config") -> Any:
@@ -180,8 +186,9 @@ class ArchConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("image_size", "in_channels", "patch_size", "num_classes", "depth", "width", "num_heads"):
+        for name in ("image_size", "in_channels", "patch_size", "depth", "width", "num_heads"):
             check_int(name, getattr(self, name), 1)
+        check_int("num_classes", self.num_classes, 0)  # 0: no head, the model gives features (timm's convention)
         if self.depth > MAX_DEPTH:
             raise ConfigError("depth", f"must be <= MAX_DEPTH={MAX_DEPTH}, got {shown(self.depth)}")
         if self.image_size % self.patch_size:
@@ -292,6 +299,9 @@ class ArchConfig:
         if not is_file(path):
             raise ConfigError("config", f"no architecture file at {shown(str(path))}")
         data = read_yaml(path)
+        if not isinstance(data, dict):  # say what it holds, never quote it: the path may name any file
+            raise ConfigError("config", f"{path} holds no architecture (a YAML mapping of fields such as depth and "
+                                        f"width) but a {type(data).__name__}")
         try:
             return cls.from_dict(data)
         except ConfigError as error:
@@ -322,6 +332,7 @@ def from_mapping(cls: type, data: Any, where: str):
 
 
 __all__ = [
+    "MAX_CHOICES", "MAX_SEED",
     "ROUTINGS", "ArchConfig", "ConfigError", "MoEConfig", "check_fields", "check_int", "from_mapping", "is_file",
     "is_number", "read_yaml", "safe_yaml_load", "shown",
 ]

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
 from search_spaces.config import (
+    MAX_CHOICES,
     MAX_DEPTH,
     ROUTINGS,
     ArchConfig,
@@ -95,6 +96,11 @@ class MobileVMoESpace:
         self.validate()
 
     def validate(self) -> None:
+        for f in fields(self):
+            choices = getattr(self, f.name)
+            if isinstance(choices, tuple) and len(choices) > MAX_CHOICES:
+                raise ConfigError(f"space.{f.name}",
+                                  f"lists {len(choices):,} choices, more than MAX_CHOICES={MAX_CHOICES}")
         for name in ("patch_sizes", "depths", "widths", "mlp_ratios", "num_experts", "placements", "routings"):
             if not getattr(self, name):
                 raise ConfigError(f"space.{name}", "must list at least one choice")
@@ -133,18 +139,22 @@ class MobileVMoESpace:
         pruned). Patch sizes are left to the data set, which brings the image size."""
         base = dict(image_size=1, in_channels=1, patch_size=1, num_classes=1, depth=1)
         trunk, problem = _first_buildable(dict(base, width=w, num_heads=h, mlp_ratio=r)
-                                          for w in self.widths for h in self._heads(w) for r in self.mlp_ratios)
+                                          for w in self.widths for h in self._heads(w) if w % h == 0
+                                          for r in self.mlp_ratios)
         if trunk is None:
             heads = "num_heads" if self.num_heads else "head_width"
-            raise ConfigError("space", f"no choice of widths, {heads} and mlp_ratios builds a model (e.g. {problem})")
+            raise ConfigError("space", f"no choice of widths, {heads} and mlp_ratios builds a model "
+                                       f"(e.g. {problem or 'no width is divisible by its number of heads'})")
         experts = [e for e in self.num_experts if e > 0]
         moe, problem = _first_buildable(
             dict(trunk, depth=d, moe=MoEConfig(e, k, placement_layers(p, d), r))
-            for e in experts for k in self.top_k for d in self.depths for p in self.placements for r in self.routings
+            for e in experts for k in self.top_k if k <= e
+            for d in self.depths for p in self.placements for r in self.routings
         )
         if experts and moe is None:
             raise ConfigError("space", f"num_experts {experts} asks for MoE, but no choice of top_k, placements, "
-                                       f"depths and routings builds one (e.g. {problem})")
+                                       f"depths and routings builds one "
+                                       f"(e.g. {problem or 'every top_k exceeds the number of experts'})")
 
     def _heads(self, width: int) -> tuple[int, ...]:
         """The head counts a trial of this width may have."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search_spaces.config import ArchConfig
+from search_spaces.config import ArchConfig, ConfigError, is_number, shown
 
 
 @dataclass
@@ -150,16 +150,21 @@ def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Ten
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ArchConfig, mlp: nn.Module):
+    def __init__(self, cfg: ArchConfig, mlp: nn.Module, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width)
         self.attn = Attention(cfg.width, cfg.num_heads)
         self.norm2 = nn.LayerNorm(cfg.width)
         self.mlp = mlp
+        self.drop_path = nn.Identity()
+        if drop_path:  # stochastic depth: in training, each image skips a residual branch with this probability
+            from torchvision.ops import StochasticDepth  # only then: the profiler agent imports this module
+
+            self.drop_path = StochasticDepth(drop_path, "row")
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x), routing)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x), routing))
 
 
 class PerImageRouter(nn.Module):
@@ -198,20 +203,33 @@ def _make_mlp(cfg: ArchConfig, index: int) -> nn.Module:
     return PerTokenExperts(cfg.moe.num_experts, cfg.moe.top_k, cfg.width, cfg.mlp_hidden)
 
 
+GLOBAL_POOLS = ("token", "avg", "max", "")  # timm's names: class token, mean or max of the patch tokens, none
+
+
 class VisionMoE(nn.Module):
-    def __init__(self, cfg: ArchConfig):
+    """`drop_path_rate` (stochastic depth, rising linearly over the blocks to this rate, as in timm) and
+    `global_pool` are training choices, not architecture: they leave the graph's cost unchanged and are not
+    part of `cfg`. `cfg.num_classes == 0`: no head, `forward` gives the pooled features."""
+
+    def __init__(self, cfg: ArchConfig, *, drop_path_rate: float = 0.0, global_pool: str = "token"):
         super().__init__()
-        self.cfg = cfg
+        if global_pool not in GLOBAL_POOLS:
+            raise ConfigError("global_pool", f"must be one of {', '.join(map(repr, GLOBAL_POOLS))}, got "
+                                             f"{shown(global_pool)}")
+        if not is_number(drop_path_rate) or not 0 <= drop_path_rate < 1:
+            raise ConfigError("drop_path_rate", f"must be a number in [0, 1), got {shown(drop_path_rate)}")
+        self.cfg, self.global_pool = cfg, global_pool
         self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.width) * 0.02)
-        self.blocks = nn.ModuleList(Block(cfg, _make_mlp(cfg, i)) for i in range(cfg.depth))
+        rates = torch.linspace(0, drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(cfg, _make_mlp(cfg, i), rates[i]) for i in range(cfg.depth))
         per_image = cfg.is_moe and cfg.moe.routing == "per_image"
         self.router = (PerImageRouter(cfg.width, cfg.moe.num_experts, cfg.moe.top_k,
                                       balance=cfg.moe.router_loss_weight == 0) if per_image else None)
         self.router_block = cfg.moe_layers[0] if per_image else None  # the router runs before this block
         self.norm = nn.LayerNorm(cfg.width)
-        self.head = nn.Linear(cfg.width, cfg.num_classes)
+        self.head = nn.Linear(cfg.width, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.apply(_init_linear)
 
     def forward_features(self, images: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -224,7 +242,14 @@ class VisionMoE(nn.Module):
         return self.norm(x)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features[:, 0])  # (B, num_classes), from the class token
+        """(B, num_classes) from the pooled tokens (B, N, C); (B, N, num_classes) for every token without pooling."""
+        if self.global_pool == "token":
+            features = features[:, 0]  # the class token
+        elif self.global_pool == "avg":
+            features = features[:, 1:].mean(1)
+        elif self.global_pool == "max":
+            features = features[:, 1:].amax(1)
+        return self.head(features)
 
     def forward(self, images: torch.Tensor, *, with_aux: bool = False) -> torch.Tensor | ModelOutput:
         """Logits; with `with_aux=True` (training), also the router logits and the auxiliary loss."""
@@ -243,8 +268,9 @@ def _init_linear(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def build_model(cfg: ArchConfig) -> VisionMoE:
-    return VisionMoE(cfg)
+def build_model(cfg: ArchConfig, **options) -> VisionMoE:
+    """The model of `cfg`; `options`: VisionMoE's training choices (drop_path_rate, global_pool)."""
+    return VisionMoE(cfg, **options)
 
 
 def count_params(model: VisionMoE) -> tuple[int, int]:

@@ -29,3 +29,20 @@ def write_corrupt(folder: Path) -> list[Path]:
     truncated = folder / "class0" / "truncated.jpg"
     truncated.write_bytes(good.read_bytes()[:200])
     return [garbage, truncated]
+
+
+def write_png_bomb(path: Path, side: int = 20000) -> Path:
+    """A greyscale PNG of side x side black pixels: some 400 KB on disk, side**2 bytes decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compress, row, body = zlib.compressobj(9), b"\0" * (side + 1), []  # each row: filter byte, then pixels
+    body += [compress.compress(row) for _ in range(side)]
+    body.append(compress.flush())
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(body))
+                     + chunk(b"IEND", b""))
+    return path

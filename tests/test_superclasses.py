@@ -5,12 +5,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-import nas.superclasses
+from nas import superclasses
 from nas.cli import main
 from nas.data import load_dataset
 from nas.superclasses import SuperclassError, SuperclassMap, cluster_confusion, superclasses_for
-from nas.trainer import TrainRecipe
+from nas.trainer import TrainRecipe, train
 
 from archs import tiny
 
@@ -127,7 +128,7 @@ def test_discovery_recovers_the_planted_hierarchy_and_caches(tmp_path):
 
 
 def test_discovery_labels_its_progress_bar(capsys, monkeypatch):
-    monkeypatch.setattr(nas.superclasses, "cluster_confusion", lambda confusion, groups, seed: np.arange(8) % groups)
+    monkeypatch.setattr(superclasses, "cluster_confusion", lambda confusion, groups, seed: np.arange(8) % groups)
     hidden = dataclasses.replace(load_dataset(SMALL), superclasses=None)
     recipe = TrainRecipe(steps=4, batch_size=16, eval_every=4, num_threads=1)
     superclasses_for(hidden, 4, recipe=recipe, arch=tiny(num_classes=8, width=16), progress=True)
@@ -142,3 +143,33 @@ def test_cli_writes_the_mapping(tmp_path, capsys):
     assert "group 0:" in capsys.readouterr().out
     assert main(["superclasses", "--data", "npz:/nonexistent.npz", "--groups", "2"]) == 2
     assert "no file at /nonexistent.npz" in capsys.readouterr().err
+
+
+def test_discovery_is_budgeted_in_steps_and_honours_num_threads(tmp_path, monkeypatch):
+    """Issue 22, item 20: a 300 s cap stopped discovery after 89 of 842 steps on a loaded machine, and the
+    groups it cached depended on the load; it also ignored the study's num_threads."""
+    data = dataclasses.replace(load_dataset(SMALL), superclasses=None)
+    recipes = []
+    real_train = superclasses.train
+    monkeypatch.setattr(superclasses, "train", lambda arch, dataset, recipe, **kw: (
+        recipes.append(recipe), real_train(arch, dataset, recipe, **kw))[1])
+    superclasses_for(data, 2, cache_dir=tmp_path, arch=tiny(num_classes=8), num_threads=1)
+    (recipe,) = recipes
+    assert recipe.seconds is None and recipe.steps == 2000 and recipe.epochs == 2 and recipe.num_threads == 1
+    assert (tmp_path / f"{SMALL.replace(':', '_')}-g2-s0.json").is_file()
+
+
+def test_discovery_cut_by_a_time_budget_says_so_and_is_not_cached(tmp_path, caplog):
+    data = dataclasses.replace(load_dataset(SMALL), superclasses=None)
+    recipe = TrainRecipe(steps=10**6, seconds=0.5, batch_size=64, eval_every=10**6, num_threads=1)
+    found = superclasses_for(data, 2, cache_dir=tmp_path, recipe=recipe, arch=tiny(num_classes=8))
+    assert found.num_groups == 2 and not list(tmp_path.iterdir())
+    assert "SUPER-CLASS DISCOVERY WAS CUT BY ITS TIME BUDGET (seconds=0.5)" in caplog.text
+
+
+def test_a_recipe_without_threads_honours_omp_num_threads(monkeypatch):
+    calls = []
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    train(tiny(num_classes=8), load_dataset(SMALL), TrainRecipe(steps=1, batch_size=8, eval_every=10**6))
+    assert calls[0] == 1

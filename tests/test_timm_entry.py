@@ -3,12 +3,14 @@ that equals the trainer's."""
 
 import json
 
+import pytest
 import timm
 import torch
 from timm.data import resolve_data_config
 
 from nas.trainer import Loss
-from search_spaces import VisionMoE
+from search_spaces import ConfigError, VisionMoE
+from search_spaces.model import Routing
 from search_spaces.timm_entry import mobile_vmoe_loss, router_loss
 
 from archs import tiny_moe
@@ -49,3 +51,65 @@ def test_the_loss_helper_equals_the_trainers_loss():
     assert router_loss(out.router_logits, labels, groups) > 0
     dense = mobile_vmoe_loss(out.logits, None, labels, None)
     torch.testing.assert_close(dense, torch.nn.functional.cross_entropy(out.logits, labels))
+
+
+# --- issue 22, item 17: what timm users expect, and clear refusals --------------------------------------------
+
+
+def test_num_classes_zero_gives_pooled_features():
+    """timm's "no head": it was refused."""
+    model = timm.create_model("mobile_vmoe", arch=tiny_moe(), num_classes=0)
+    assert isinstance(model.head, torch.nn.Identity) and model.cfg.num_classes == 0
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, tiny_moe().width)
+    assert sum(p.numel() for p in model.parameters()) == model.cfg.num_params
+
+
+def test_global_pool_chooses_what_the_head_reads():
+    torch.manual_seed(0)
+    images = torch.randn(2, 1, 8, 8)
+    pooled = {pool: timm.create_model("mobile_vmoe", arch=tiny_moe(), num_classes=0, global_pool=pool).eval()
+              for pool in ("token", "avg", "max", "")}
+    for model in pooled.values():
+        model.load_state_dict(pooled["token"].state_dict())
+    tokens = pooled["token"].forward_features(images, Routing())  # (B, N, C)
+    torch.testing.assert_close(pooled["token"](images), tokens[:, 0])
+    torch.testing.assert_close(pooled["avg"](images), tokens[:, 1:].mean(1))
+    torch.testing.assert_close(pooled["max"](images), tokens[:, 1:].amax(1))
+    assert pooled[""](images).shape == tokens.shape
+    with pytest.raises(ConfigError, match="global_pool: must be one of"):
+        timm.create_model("mobile_vmoe", arch=tiny_moe(), global_pool="map")
+
+
+def test_drop_path_rate_is_stochastic_depth_in_training_only():
+    """It was silently ignored."""
+    model = timm.create_model("mobile_vmoe", arch=tiny_moe(), drop_path_rate=0.5)
+    rates = [block.drop_path.p if hasattr(block.drop_path, "p") else 0.0 for block in model.blocks]
+    assert rates[0] == 0.0 and rates[-1] == 0.5  # rising over the blocks, as in timm
+    images = torch.randn(8, 1, 8, 8)
+    model.eval()
+    torch.testing.assert_close(model(images), model(images))
+    model.train()
+    torch.manual_seed(0)
+    first = model(images)
+    assert not torch.allclose(first, model(images))
+
+
+@pytest.mark.parametrize("option, value", [("drop_rate", 0.1), ("features_only", True), ("out_indices", (1,))])
+def test_options_not_implemented_are_refused_by_name(option, value):
+    with pytest.raises(ConfigError, match=f"^{option}: mobile_vmoe does not implement it"):
+        timm.create_model("mobile_vmoe", arch=tiny_moe(), **{option: value})
+
+
+def test_arch_must_be_given_and_a_file_that_is_not_yaml_is_never_quoted(tmp_path):
+    with pytest.raises(ConfigError, match="arch: mobile_vmoe needs arch="):
+        timm.create_model("mobile_vmoe")  # arch=None: timm drops it; it built a 1000-class model
+    with pytest.raises(ConfigError, match="arch: .*got 123"):
+        timm.create_model("mobile_vmoe", arch=123)
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    as_yaml = tmp_path / "string.yaml"
+    as_yaml.write_text(secret.read_text())  # valid YAML: one string, which an error quoted
+    for path in (secret, as_yaml):
+        with pytest.raises(ConfigError) as error:
+            timm.create_model("mobile_vmoe", arch=str(path))
+        assert "root:x" not in str(error.value) and str(path) in str(error.value)
