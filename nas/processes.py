@@ -61,12 +61,12 @@ def interrupt_once(signum: int, frame=None) -> None:
 
 
 def treat_signals_as_interruptions(*, once: bool = False) -> None:
-    """SIGTERM and SIGHUP raise KeyboardInterrupt from now on, as SIGINT does (main thread only); `once`:
-    only the first of them does."""
+    """SIGTERM and SIGHUP raise KeyboardInterrupt from now on, as SIGINT does (main thread only; a signal
+    ignored, as under nohup, stays ignored); `once`: only the first of them does."""
     if threading.current_thread() is not threading.main_thread():
         return
     for number in INTERRUPTIONS:
-        if once or number != signal.SIGINT:
+        if (once or number != signal.SIGINT) and signal.getsignal(number) != signal.SIG_IGN:  # nohup: kept
             signal.signal(number, interrupt_once if once else interrupt)
 
 

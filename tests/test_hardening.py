@@ -411,3 +411,18 @@ def test_a_confirmation_run_claimed_by_a_dead_launcher_is_claimed_again(tmp_path
     assert (pairs[0].moe.name, 0) in calls
     states = {t.number: t.state for t in stage.companion(s).get_trials()}
     assert states[orphan.number] == TrialState.FAIL
+
+
+def test_sigterm_and_sighup_interrupt_like_ctrl_c_but_an_ignored_signal_stays_ignored():
+    from nas.processes import interruptible
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        with interruptible():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler runs at the next bytecode
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)
