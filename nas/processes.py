@@ -26,9 +26,25 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 PARENT_POLL_S = 1.0  # elsewhere than Linux: how often a child looks whether its parent is still there
 
 
+RECEIVED: list[str] = []  # the interrupting signals received: an exception raised in a signal handler can
+# be swallowed (a weakref callback, a native library wrapping it), so the signal is remembered too
+
+
 def interrupt(signum: int, frame=None) -> None:
     """A signal handler: raise KeyboardInterrupt naming the signal (`str(error)` is e.g. 'SIGTERM')."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    RECEIVED.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt(RECEIVED[-1])
+
+
+def interrupted() -> str | None:
+    """The interrupting signal received so far, if any (see RECEIVED)."""
+    return RECEIVED[0] if RECEIVED else None
+
+
+def raise_if_interrupted() -> None:
+    """Raise the interruption again where its KeyboardInterrupt was swallowed."""
+    if RECEIVED:
+        raise KeyboardInterrupt(RECEIVED[0])
 
 
 def interruption_name(error: KeyboardInterrupt) -> str:
@@ -45,12 +61,12 @@ def interrupt_once(signum: int, frame=None) -> None:
 
 
 def treat_signals_as_interruptions(*, once: bool = False) -> None:
-    """SIGTERM and SIGHUP raise KeyboardInterrupt from now on, as SIGINT does (main thread only); `once`:
-    only the first of them does."""
+    """SIGTERM and SIGHUP raise KeyboardInterrupt from now on, as SIGINT does (main thread only; a signal
+    ignored, as under nohup, stays ignored); `once`: only the first of them does."""
     if threading.current_thread() is not threading.main_thread():
         return
     for number in INTERRUPTIONS:
-        if once or number != signal.SIGINT:
+        if (once or number != signal.SIGINT) and signal.getsignal(number) != signal.SIG_IGN:  # nohup: kept
             signal.signal(number, interrupt_once if once else interrupt)
 
 
@@ -61,10 +77,12 @@ def interruptible():
         yield
         return
     previous = {number: signal.getsignal(number) for number in INTERRUPTIONS}
+    RECEIVED.clear()
     treat_signals_as_interruptions()
     try:
         yield
     finally:
+        RECEIVED.clear()  # handled: a later run in this process starts uninterrupted
         for number, old in previous.items():
             signal.signal(number, old)
 
@@ -111,5 +129,5 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-__all__ = ["deferred_interruptions", "die_with_parent", "interrupt", "interruptible", "interruption_name",
-           "treat_signals_as_interruptions"]
+__all__ = ["deferred_interruptions", "die_with_parent", "interrupt", "interruptible", "interrupted",
+           "interruption_name", "raise_if_interrupted", "treat_signals_as_interruptions"]

@@ -30,7 +30,13 @@ from nas import liveness
 from nas import record as records
 from nas import trial as steps
 from nas.budget import run_with_budget
-from nas.processes import die_with_parent, interruption_name, treat_signals_as_interruptions
+from nas.processes import (
+    die_with_parent,
+    interrupted,
+    interruption_name,
+    raise_if_interrupted,
+    treat_signals_as_interruptions,
+)
 from nas.record import TrialRecord
 from nas.storage import (
     STORAGE_ERRORS,
@@ -270,6 +276,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: steps.StudyContext,
         except UpdateFinishedTrialError:
             raise
         except Exception as error:
+            if interrupted():  # a library turned the signal's KeyboardInterrupt into its own error
+                fail(f"interrupted ({interrupted()}); its slot is run again when the study resumes", interrupted=True)
+                raise KeyboardInterrupt(interrupted()) from None
             reason = f"{type(error).__name__}: {error}"
             fail(reason)
             log.warning("trial %d failed: %s", trial.number, reason, exc_info=True)
@@ -345,6 +354,7 @@ def _work(cfg: StudyConfig, study: optuna.Study, ctx: steps.StudyContext, url: S
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
     count = 0
     while deadline is None or time.monotonic() < deadline:
+        raise_if_interrupted()  # a signal whose KeyboardInterrupt was swallowed: stop before the next trial
         reclaim(study, cfg)  # a dead worker's trial fails here, and its retry is queued
         trial = claim_trial(study, cfg)
         if trial is not None and cfg.n_trials is not None:
@@ -363,6 +373,7 @@ def _work(cfg: StudyConfig, study: optuna.Study, ctx: steps.StudyContext, url: S
         count += 1
         if on_trial:
             on_trial(study)
+    raise_if_interrupted()
     return count
 
 
