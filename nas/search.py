@@ -29,6 +29,7 @@ from nas import liveness
 from nas import record as records
 from nas import trial as steps
 from nas.budget import run_with_budget
+from nas.latency import verify_front
 from nas.record import TrialRecord
 from nas.storage import (
     STORAGE_ERRORS,
@@ -476,6 +477,7 @@ def run_search(cfg: StudyConfig, *, progress: bool = True, allow_changes: bool =
             if bar:
                 bar.update(study)
                 bar.close()
+        verify_front(study, cfg, ctx.latency_model)  # profiler.latency: predicted+verify
     return study
 
 

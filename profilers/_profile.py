@@ -120,10 +120,14 @@ def format_profile(result: dict) -> str:
     if result["uncounted_ops"]:
         lines.append(f"  uncounted ops: {', '.join(result['uncounted_ops'])}")
     latency = result["latency_ms"]
-    if latency:
+    if latency and "predicted" in latency:
+        model = result["latency_model"]
+        lines.append(f"predicted   {latency['predicted']:.3f} ms  (latency model {model['path']}, "
+                     f"95% within +-{model['bound_pct']:.1f}%)")
+    if latency and "median" in latency:
         lines.append(f"latency     median {latency['median']:.3f} ms  p10 {latency['p10']:.3f}  "
                      f"p90 {latency['p90']:.3f}  cv {latency['cv']:.3f}  ({latency['runs']} runs)")
-    else:
+    elif not latency:
         lines.append(f"latency     unavailable: {result['latency_note']}")
     if result.get("anchor"):
         anchor = result["anchor"]
