@@ -12,7 +12,8 @@ Spaces: `fashion`, fashion-quick's space (28 px, 1 channel) with per-token routi
 routings are calibrated and held out; `vit-tiny`, a ViT-Tiny-sized space at 224 px (patch 16, 197 tokens,
 width 160-224, depth 10-12). Each measurement is appended to a JSON-lines file under `--work`, so an
 interrupted run resumes where it stopped. Goals: >= 95% within +-5%, tau >= 0.9, a prediction under 1 ms,
-a calibration under 3 minutes on 2 cores.
+a calibration under 3 minutes on 2 cores. `--budget-min` stops the held-out measurements early on a loaded
+machine; the JSON then says how many were measured (`holdout_size` of `holdout_planned`).
 
     .venv/bin/python benchmarks/latency_model.py [--spaces fashion,vit-tiny] [--holdout 60] [--size 40]
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -59,17 +61,18 @@ def spaces() -> dict[str, tuple[MobileVMoESpace, dict]]:
 
 
 def held_out(candidates, calibration, count: int, seed: int = 0):
-    """`count` architectures not in the calibration set, the same number of each kind where a kind has enough."""
+    """`count` architectures not in the calibration set, the same number of each kind where a kind has enough,
+    in an order that takes the kinds in turn (so that a run stopped by `--budget-min` still covers each)."""
     taken = {cfg.config_hash() for cfg in calibration}
     rest = [cfg for cfg in candidates if cfg.config_hash() not in taken]
     rng = np.random.default_rng(seed)
     kinds = sorted({kind(cfg) for cfg in rest})
-    chosen = []
+    chosen: list[list] = []
     for index, name in enumerate(kinds):
         members = [cfg for cfg in rest if kind(cfg) == name]
-        share = min(len(members), -(-(count - len(chosen)) // (len(kinds) - index)))
-        chosen += [members[i] for i in rng.choice(len(members), share, replace=False)]
-    return chosen
+        share = min(len(members), -(-(count - sum(map(len, chosen))) // (len(kinds) - index)))
+        chosen.append([members[i] for i in rng.choice(len(members), share, replace=False)])
+    return [cfg for turn in itertools.zip_longest(*chosen) for cfg in turn if cfg is not None]
 
 
 def bootstrap_tau(predicted: np.ndarray, measured: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float]:
@@ -112,8 +115,10 @@ def run_space(name: str, space, data: dict, args) -> dict:
     key = {"backend": "onnxruntime", "threads": 1, "batch": 1, "provider": None, "precision": "fp32",
            "device": device_label(device)}
     model = fit(points, key=key, anchor=anchor, device=device, calibration_s=calibration_s)
+    deadline = time.monotonic() + 60 * args.budget_min
+    until_deadline = lambda items: itertools.takewhile(lambda _: time.monotonic() < deadline, items)  # noqa: E731
     tests, _ = calibrate(holdout, anchor, measurer, resume=work / f"{name}-holdout.jsonl",
-                         progress=lambda items: tqdm(items, desc=f"{name} held out"))
+                         progress=lambda items: tqdm(until_deadline(items), desc=f"{name} held out", total=len(items)))
     load["after"] = os.getloadavg()
     measured = np.array([p.ratio for p in tests])
     predicted = np.array([model.predict_ratio(p.arch) for p in tests])
@@ -122,7 +127,8 @@ def run_space(name: str, space, data: dict, args) -> dict:
     kinds = np.array([kind(p.arch) for p in tests])
     return {
         "space": space.to_dict(), "data": data, "anchor": anchor.name, "anchor_ms": model.anchor_ms,
-        "candidates": len(candidates), "calibration_size": len(points), "holdout_size": len(tests),
+        "candidates": len(candidates), "calibration_size": len(points), "holdout_planned": len(holdout),
+        "holdout_size": len(tests), "holdout_by_kind": {k: int((kinds == k).sum()) for k in sorted(set(kinds))},
         "calibration_s_this_run": calibration_s, "calibration_leave_one_out": model.errors,
         "features": figures(predicted, measured), "flops_only": figures(flops_fit, measured),
         "features_by_kind": {k: error_figures(predicted[kinds == k], measured[kinds == k]) for k in sorted(set(kinds))},
@@ -139,6 +145,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=40)
     parser.add_argument("--work", default="results/benchmarks/latency_model")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--budget-min", type=float, default=float("inf"),
+                        help="stop measuring held-out architectures after this many minutes (a loaded machine)")
     args = parser.parse_args()
     known = spaces()
     result = json.loads(args.out.read_text()) if args.out.exists() else {}

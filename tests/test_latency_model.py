@@ -228,10 +228,14 @@ def test_a_predicted_and_verified_study_reports_both_for_its_front(tmp_path, cap
         assert trial.metrics.latency_ms_measured is None  # the trial itself was not timed
     verified = study.user_attrs["latency_verify"]
     assert {row["trial"] for row in verified["trials"]} >= {0} and verified["bound_pct"] >= 0
+    model = LatencyModel.load(path)
     for row in verified["trials"]:
+        arch = records.read(study.trials[row["trial"]]).arch
         assert row["measured_ms"] > 0 and row["predicted_ms"] == pytest.approx(
-            LatencyModel.load(path).predict(ArchConfig.from_yaml(records.read(study.trials[row["trial"]]).arch.to_yaml()),
-                                            anchor_ms=anchor["latency_ms"]))
+            model.predict(arch, anchor_ms=anchor["latency_ms"]))
+    # The made-up model claims a 0% bound: the real measurements flag it.
+    assert verified["flagged"] and verified["mape"] > verified["bound_pct"]
     report = (tmp_path / "results" / "predicted" / "report.md").read_text()
-    assert "## Latency: predicted against measured" in report
-    assert "latency: predicted against measured" in (tmp_path / "results" / "predicted" / "report.html").read_text()
+    assert "## Latency: predicted against measured" in report and "**flagged**" in report
+    assert "Latency: predicted against measured" in (tmp_path / "results" / "predicted" / "report.html").read_text()
+    assert (tmp_path / "results" / "predicted" / "latency_verify.csv").read_text().startswith("trial,why,name")
