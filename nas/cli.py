@@ -41,13 +41,42 @@ def cmd_profile(args: argparse.Namespace) -> None:
     check_int("--batch", args.batch, 1, MAX_BATCH)
     remote = {"remote_url": args.remote_url} if args.remote_url else {}  # only the remote backend takes it
     anchor = load_arch(args.anchor) if args.anchor else None
+    if args.no_measure and not args.latency_model:
+        raise ConfigError("--no-measure", "needs --latency-model: without measuring, latency comes from a model")
+    model = None
+    if args.latency_model:
+        from profilers.latency_model import LatencyModel
+
+        model = LatencyModel.load(args.latency_model)  # a bad file is refused before anything is measured
     result = profile(load_arch(args.arch), backend=args.backend, threads=args.threads, batch=args.batch,
-                     provider=args.provider, anchor=anchor, **remote)
+                     provider=args.provider, anchor=anchor, measure=not args.no_measure, **remote)
     for warning in result.get("warnings", []):
         print(f"vmoe-nas profile: warning: {warning}", file=sys.stderr)
+    if model:
+        from profilers.latency_model import add_prediction
+
+        add_prediction(result, model)
     if args.json:
         return _print_json(result)
     print(format_profile(result))
+
+
+def cmd_latency_model_fit(args: argparse.Namespace) -> None:
+    from nas.latency import fit_for_study
+    from nas.study import load_study_config
+
+    check_int("--size", args.size, 2)
+    cfg = load_study_config(args.config, backend=args.backend, remote_url=args.remote_url)
+    resume = args.out.with_name(args.out.name + ".partial.jsonl")  # an interrupted calibration resumes from it
+    model = fit_for_study(cfg, size=args.size, resume=resume, progress=not args.no_progress)
+    model.save(args.out)
+    resume.unlink(missing_ok=True)
+    errors = model.errors["features"]
+    print(f"latency model for {model.key['backend']} on {model.key['device']}, threads {model.key['threads']}, "
+          f"batch {model.key['batch']}: {len(model.calibration)} architectures in {model.calibration_s:.0f} s; "
+          f"leave-one-out MAPE {errors['mape']:.1f}%, {100 * errors['within_10']:.0f}% within +-10%, "
+          f"bound {model.bound_pct:.1f}% (FLOPs alone: MAPE {model.errors['flops']['mape']:.1f}%); "
+          f"written to {args.out}")
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -284,8 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", help="ONNX Runtime execution provider, torch device or Core ML compute units")
     p.add_argument("--anchor", help="another architecture timed interleaved with ARCH: their latency ratio holds "
                    "where absolute times drift (local backends)")
+    p.add_argument("--latency-model", help="a latency model file (vmoe-nas latency-model fit): adds "
+                   "latency_ms.predicted beside the measured median")
+    p.add_argument("--no-measure", action="store_true", help="with --latency-model: the predicted latency only, "
+                   "nothing exported or timed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_profile)
+
+    p = commands.add_parser("latency-model", help="fit a latency model of a device on a study's space")
+    actions = p.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("fit", help="measure a calibration set of the study's space on its profiler and fit")
+    p.add_argument("--config", required=True, help="study YAML file or preset whose space and profiler to calibrate")
+    p.add_argument("--backend", help="latency backend (overrides profiler.backend)")
+    p.add_argument("--remote-url", help="profiler agent http://HOST:PORT for --backend remote")
+    p.add_argument("--out", type=Path, required=True, help="the model file to write (JSON)")
+    p.add_argument("--size", type=int, default=40, help="calibration architectures (default 40)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_latency_model_fit)
 
     p = commands.add_parser("search", help="run or resume a search study")
     p.add_argument("--config", default="fashion-quick",

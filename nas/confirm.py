@@ -501,6 +501,9 @@ def confirm(study: optuna.Study, cfg: StudyConfig, *, seeds: int | None = None, 
     record = ConfirmRecord(settings.to_dict(), [_with_accuracies(p, runs, settings) for p in chosen],
                            [r.to_dict() for r in results])
     records.write_confirm(companion(study), record)
+    from nas.latency import verify_front
+
+    verify_front(study, cfg)  # profiler.latency: predicted+verify measures every confirmed arm
     return record
 
 

@@ -610,6 +610,14 @@ def write_report(study: optuna.Study, out_dir, *, objectives: list[str] | None =
     beats = analysis.confirmed if analysis.confirm_settings else analysis.beats_dense
     page = pareto.to_html(include_plotlyjs=True, full_html=True).replace(
         "<head>", f"<head><title>{html.escape(analysis.study_name)}: Pareto fronts</title>", 1)
+    markdown = report_markdown(analysis, counts)
+    verified = study.user_attrs.get("latency_verify")  # profiler.latency: predicted+verify (nas.latency)
+    if verified:
+        from nas.latency import verify_figure, verify_frame, verify_markdown
+
+        figures["latency: predicted against measured"] = verify_figure(verified)
+        markdown += verify_markdown(verified, _table_md)
+        _write(out / "latency_verify.csv", verify_frame(verified).to_csv(index=False))
     if info.dumbbells:  # the confirmed pairs, below the fronts
         page = page.replace("</body>", dumbbell_figure(info.dumbbells).to_html(full_html=False,
                                                                               include_plotlyjs=False) + "</body>", 1)
@@ -619,7 +627,7 @@ def write_report(study: optuna.Study, out_dir, *, objectives: list[str] | None =
         "beats_dense.csv": _write(out / "beats_dense.csv", beats.to_csv(index=False)),
         "pareto.html": _write(out / "pareto.html", page),
         "report.html": _write(out / "report.html", report_html(analysis, figures, analysis.notes + notes, counts)),
-        "report.md": _write(out / "report.md", report_markdown(analysis, counts)),
+        "report.md": _write(out / "report.md", markdown),
     }
 
 

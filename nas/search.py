@@ -30,6 +30,7 @@ from nas import liveness
 from nas import record as records
 from nas import trial as steps
 from nas.budget import run_with_budget
+from nas.latency import verify_front
 from nas.processes import (
     die_with_parent,
     interrupted,
@@ -518,6 +519,7 @@ def run_search(cfg: StudyConfig, *, progress: bool = True, allow_changes: bool =
             if bar:
                 bar.update(study)
                 bar.close()
+        verify_front(study, cfg, ctx.latency_model)  # profiler.latency: predicted+verify
     return study
 
 

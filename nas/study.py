@@ -24,6 +24,7 @@ STUDY_DIR = Path(__file__).parent / "studies"
 log = logging.getLogger("vmoe_nas.study")
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
+LATENCY_MODES = ("measured", "predicted", "predicted+verify")
 BACKENDS = profilers.BACKENDS  # the backend registry: names, and the classes on demand
 # Upper bounds: past them a number is a typo, and would fail deep inside a run (an overflow, a raw MemoryError).
 MAX_COUNT = 2**63 - 1  # trials, steps, images: what storages and torch hold as int64
@@ -93,6 +94,11 @@ class ProfilerSpec:
     # Time each trial interleaved with the space's smallest dense ViT and report latency on that anchor's
     # scale: absolute times drift 5-25% between processes on a shared machine, ratios hold. Local backends.
     anchor: bool = True
+    # Where a trial's latency comes from: `measured` (exported and timed), `predicted` (from the latency model
+    # file `latency_model`, fitted with `vmoe-nas latency-model fit`), or `predicted+verify` (predicted, and
+    # the trials on a Pareto front measured after the search: nas.latency).
+    latency: str = "measured"
+    latency_model: str | None = None
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -105,6 +111,13 @@ class ProfilerSpec:
             raise ConfigError("profiler.remote_url", "the remote backend needs the agent's URL")
         if not isinstance(self.anchor, bool):
             raise ConfigError("profiler.anchor", f"must be true or false, got {self.anchor!r}")
+        if self.latency not in LATENCY_MODES:
+            raise ConfigError("profiler.latency", f"must be one of {', '.join(LATENCY_MODES)}, got {self.latency!r}")
+        if self.latency != "measured" and not self.latency_model:
+            raise ConfigError("profiler.latency_model", f"latency: {self.latency} needs a latency model file "
+                              "(vmoe-nas latency-model fit --config STUDY --out PATH)")
+        if self.latency_model is not None and not isinstance(self.latency_model, str):
+            raise ConfigError("profiler.latency_model", f"must be a file path, got {self.latency_model!r}")
 
     def options(self) -> dict[str, Any]:
         options = {"backend": self.backend, "threads": self.threads, "batch": self.batch}

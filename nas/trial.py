@@ -62,6 +62,7 @@ class StudyContext:
     recipe: Any  # nas.trainer.TrainRecipe: the proxy training of every trial
     superclasses: dict[int, np.ndarray]  # experts -> class-to-group map of the per-image routers
     anchor: Anchor | None = None
+    latency_model: Any = None  # profilers.latency_model.LatencyModel: `profiler.latency_model`, checked
 
 
 def build_context(cfg: StudyConfig, *, anchor: Anchor | None = None, progress: bool = False) -> StudyContext:
@@ -78,7 +79,9 @@ def build_context(cfg: StudyConfig, *, anchor: Anchor | None = None, progress: b
     groups = [g for g in cfg.space.router_groups() if g <= dataset.num_classes]  # more: rejected as invalid
     superclasses = {g: class_groups(dataset, g, cfg.study_dir / "superclasses", progress=progress,
                                     device=recipe.device, num_threads=recipe.num_threads) for g in groups}
-    return StudyContext(cfg, dataset, recipe, superclasses, anchor)
+    from nas.latency import load_for_study
+
+    return StudyContext(cfg, dataset, recipe, superclasses, anchor, load_for_study(cfg))
 
 
 def class_groups(dataset, groups: int, cache_dir: Path, *, progress: bool = False, device: str | None = None,
@@ -176,9 +179,12 @@ def profile_arch(ctx: StudyContext, arch: ArchConfig) -> tuple[dict, Metrics]:
     latency on the anchor's scale where the study has one."""
     from profilers import device_label, profile
 
-    measure = needs_latency(ctx.cfg)
-    anchor = ctx.anchor if measure else None
+    predict = ctx.cfg.profiler.latency != "measured" and needs_latency(ctx.cfg)
+    measure = needs_latency(ctx.cfg) and not predict
+    anchor = ctx.anchor if needs_latency(ctx.cfg) else None
     result = profile(arch, measure=measure, anchor=anchor.arch if anchor else None, **ctx.cfg.profiler.options())
+    if predict:
+        return result, predicted_metrics(ctx, arch, result)
     latency = result.get("latency_ms") or {}
     ratio = result["anchor"]["ratio"] if "anchor" in result else None
     metrics = Metrics(
@@ -189,7 +195,28 @@ def profile_arch(ctx: StudyContext, arch: ArchConfig) -> tuple[dict, Metrics]:
         latency_ms_measured=latency.get("median"), latency_ratio=ratio, latency_cv=latency.get("cv"),
         latency_backend=result.get("backend"), latency_device=device_label(result["device"]) if latency else None,
     )
+    if ctx.latency_model is not None and measure:  # a model given beside measured latency: both, side by side
+        from nas.latency import predicted_latency
+
+        scale = anchor.latency_ms if anchor else None
+        metrics.latency_ms_predicted = predicted_latency(ctx.latency_model, arch, scale)[0]
     return result, metrics
+
+
+def predicted_metrics(ctx: StudyContext, arch: ArchConfig, result: dict) -> Metrics:
+    """The metrics of an unmeasured profile, latency from the study's latency model (on its anchor's scale)."""
+    from nas.latency import predicted_latency
+
+    model = ctx.latency_model
+    predicted, _ = predicted_latency(model, arch, ctx.anchor.latency_ms if ctx.anchor else None)
+    result["latency_ms"] = {"predicted": predicted}
+    result["latency_model"] = {"path": model.path, "bound_pct": model.bound_pct}
+    return Metrics(
+        flops=result["flops"], params_total=result["params_total"], params_active=result["params_active"],
+        size_bytes_fp32=result["size_bytes_fp32"], size_mb=result["size_bytes_fp32"] / 1e6,
+        latency_ms=predicted, latency_ms_predicted=predicted, latency_backend=result.get("backend"),
+        latency_device=model.key["device"],
+    )
 
 
 def check_constraints(constraints: Constraints, metrics: Metrics) -> tuple[dict[str, float], list[str]]:
@@ -282,5 +309,5 @@ def trained_metrics(metrics: Metrics, result) -> Metrics:
 
 
 __all__ = ["Anchor", "StudyContext", "build_context", "check_constraints", "find_reusable", "measure_anchor",
-           "needs_latency", "per_image_correct", "profile_arch", "promotion", "reuse", "running_earlier", "sample",
-           "train_to_rungs", "trained_metrics", "validate"]
+           "needs_latency", "per_image_correct", "predicted_metrics", "profile_arch", "promotion", "reuse",
+           "running_earlier", "sample", "train_to_rungs", "trained_metrics", "validate"]

@@ -138,12 +138,16 @@ def format_profile(result: dict) -> str:
     if result["uncounted_ops"]:
         lines.append(f"  uncounted ops: {', '.join(result['uncounted_ops'])}")
     latency = result["latency_ms"]
-    if latency:
+    if latency and "predicted" in latency:
+        model = result["latency_model"]
+        lines.append(f"predicted   {latency['predicted']:.3f} ms  (latency model {model['path']}, "
+                     f"95% within +-{model['bound_pct']:.1f}%)")
+    if latency and "median" in latency:
         per_batch = (f" per batch of {result['batch']} ({result['latency_ms_per_image']['median']:.3f} ms per image)"
                      if result["batch"] > 1 else "")
         lines.append(f"latency     median {latency['median']:.3f} ms{per_batch}  p10 {latency['p10']:.3f}  "
                      f"p90 {latency['p90']:.3f}  cv {latency['cv']:.3f}  ({latency['runs']} runs)")
-    else:
+    elif not latency:
         lines.append(f"latency     unavailable: {result['latency_note']}")
     if result.get("anchor"):
         anchor = result["anchor"]

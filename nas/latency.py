@@ -1,0 +1,187 @@
+"""A study's latency from a latency model (`profiler.latency: predicted | predicted+verify`).
+
+    model = load_for_study(cfg)                    # None for `measured`; refuses a model of another key
+    fit_for_study(cfg, out="lm.json")              # `vmoe-nas latency-model fit --config STUDY --out lm.json`
+    predicted_latency(ctx, arch)                   # (ms on the study anchor's scale, ratio): the profile step's
+    verify_front(study, cfg)                       # measure the fronts' trials, store both, flag the model
+
+`predicted` scores every trial from the model; `predicted+verify` also measures, after the search, every
+trial on a Pareto front (overall, dense, MoE) and stores the measured latency beside the predicted one; the
+study's `latency_verify` attribute holds the errors, and `flagged` is true when their mean on the fronts
+exceeds the model's stated bound (95% of its leave-one-out errors were within it).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from nas.study import StudyConfig
+from profilers.latency_model import LatencyModel, Measurer, OutOfRange, fit_latency_model
+from search_spaces import ArchConfig
+
+log = logging.getLogger("vmoe_nas.latency")
+VERIFY_ATTR = "latency_verify"
+# The calibration's protocol: short (each point is timed once, interleaved with the anchor), so that a
+# calibration takes minutes; the fit averages the noise of its ~40 points.
+CALIBRATION_PROTOCOL = {"warmup": 5, "min_runs": 20, "min_time_s": 0.3}
+
+
+def model_key_device(cfg: StudyConfig) -> str | None:
+    """The label of the machine the study measures on; None for a remote agent (not asked: the search runs
+    without it)."""
+    from profilers import device_info, device_label
+
+    return None if cfg.profiler.backend == "remote" else device_label(device_info())
+
+
+def load_for_study(cfg: StudyConfig, path: str | Path | None = None) -> LatencyModel | None:
+    """The study's latency model (`profiler.latency_model`, or `path`), checked against its profiler; None
+    when the study measures latency and names no model."""
+    path = path or cfg.profiler.latency_model
+    if not path:
+        return None
+    model = LatencyModel.load(path)
+    check(model, cfg)
+    return model
+
+
+def check(model: LatencyModel, cfg: StudyConfig) -> None:
+    spec = cfg.profiler
+    model.check(backend=spec.backend, device=model_key_device(cfg), threads=spec.threads, batch=spec.batch,
+                precision=(spec.options().get("precision") or "fp32"))
+
+
+def fit_for_study(cfg: StudyConfig, *, size: int = 40, resume: str | Path | None = None, progress: bool = True,
+                  protocol: dict | None = None) -> LatencyModel:
+    """Fit a latency model on a calibration set of the study's space, on its profiler's backend."""
+    from nas.data import load_dataset
+
+    spec = cfg.profiler
+    data = cfg.data
+    dataset = load_dataset(data.name, data_dir=data.data_dir, val_fraction=data.val_fraction, seed=data.seed,
+                           limit=data.limit, **data.folder_options())
+    options = {key: value for key, value in spec.options().items() if key not in ("backend", "threads", "batch",
+                                                                                   "provider")}
+    measurer = Measurer(spec.backend, spec.threads, spec.batch, spec.provider,
+                        {**CALIBRATION_PROTOCOL, **(protocol or {}), **options})
+    bar = _bar("calibrating") if progress else None
+    return fit_latency_model(cfg.space, image_size=dataset.image_size, in_channels=dataset.in_channels,
+                             num_classes=dataset.num_classes, measurer=measurer, size=size, resume=resume,
+                             progress=bar)
+
+
+def _bar(label: str):
+    from tqdm import tqdm
+
+    return lambda items: tqdm(items, desc=label, unit="arch", dynamic_ncols=True)
+
+
+def predicted_latency(model: LatencyModel, arch: ArchConfig, anchor_ms: float | None = None) -> tuple[float, float]:
+    """(milliseconds, ratio to the anchor) of `arch` from `model`; on the scale of a study anchor measured at
+    `anchor_ms` where there is one. An out-of-range architecture is logged, not refused."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", OutOfRange)
+        ratio = model.predict_ratio(arch)
+    for warning in caught:
+        log.warning("%s", warning.message)
+    return ratio * (anchor_ms if anchor_ms is not None else model.anchor_ms), ratio
+
+
+def verify_front(study, cfg: StudyConfig, model: LatencyModel | None = None) -> dict | None:
+    """Measure, interleaved with the study's anchor, every trial on a Pareto front (overall, dense, MoE) and
+    every arm of a confirmation, and store their predicted and measured latencies side by side with the
+    errors, in the study's `latency_verify` attribute (a finished trial's own attributes are frozen); None
+    where the study does not verify. What an earlier call measured is not measured again."""
+    from nas import record as records
+    from nas.pareto import FRONT_COLUMNS, analyze, load_confirmed
+    from nas.trial import Anchor
+
+    if cfg.profiler.latency != "predicted+verify":
+        return None
+    model = model or load_for_study(cfg)
+    attrs = records.read_study(study).anchor
+    anchor = Anchor.from_attrs(attrs) if attrs else None
+    frame = analyze(study).trials
+    front = frame[frame[list(FRONT_COLUMNS.values())].any(axis=1) & frame["latency_ms_predicted"].notna()]
+    archs = {r.number: r.arch for r in records.read_all(study)}
+    wanted = {archs[n].config_hash(): (archs[n], n, "front") for n in front["trial"]}
+    confirmed = load_confirmed(study)
+    for pair in confirmed.pairs if confirmed else []:
+        for arm in ("moe", "dense"):
+            arch = ArchConfig.from_yaml(pair[f"{arm}_yaml"])
+            wanted.setdefault(arch.config_hash(), (arch, pair[f"{arm}_trial"], "confirmed arm"))
+    done = {row["config_hash"]: row for row in (study.user_attrs.get(VERIFY_ATTR) or {}).get("trials", [])}
+    for key, (arch, number, why) in wanted.items():
+        if key not in done:
+            done[key] = measure_beside_prediction(cfg, model, arch, anchor) | {"trial": number, "why": why}
+    summary = summarize([done[key] for key in wanted], model.bound_pct, model.name)
+    study.set_user_attr(VERIFY_ATTR, summary)
+    if summary["flagged"]:
+        log.warning("latency model %s: mean error %.1f%% on %d verified trials exceeds its stated bound of %.1f%%",
+                    model.name, summary["mape"], len(wanted), model.bound_pct)
+    return summary
+
+
+def measure_beside_prediction(cfg: StudyConfig, model: LatencyModel, arch: ArchConfig, anchor) -> dict:
+    """`arch`'s predicted and measured latency on the study anchor's scale, and the prediction's error."""
+    from profilers import profile
+
+    predicted, _ = predicted_latency(model, arch, anchor.latency_ms if anchor else None)
+    result = profile(arch, anchor=anchor.arch if anchor else None, **cfg.profiler.options())
+    median = result["latency_ms"]["median"]
+    measured = result["anchor"]["ratio"] * anchor.latency_ms if anchor else median
+    return {"config_hash": arch.config_hash(), "name": arch.name, "predicted_ms": predicted, "measured_ms": measured,
+            "measured_median_ms": median, "error_pct": 100 * (predicted - measured) / measured}
+
+
+def summarize(rows: list[dict], bound_pct: float, model: str) -> dict:
+    """The fronts' prediction errors and whether they exceed the model's bound."""
+    errors = [abs(row["error_pct"]) for row in rows]
+    mape = sum(errors) / len(errors) if errors else None
+    return {"model": model, "trials": rows, "mape": mape, "max_abs_pct": max(errors, default=None),
+            "bound_pct": bound_pct, "flagged": bool(mape is not None and mape > bound_pct)}
+
+
+# ---------------------------------------------------------------- the report's section
+
+
+def verify_frame(summary: dict):
+    import pandas as pd
+
+    columns = ["trial", "why", "name", "predicted_ms", "measured_ms", "error_pct"]
+    return pd.DataFrame(summary["trials"], columns=columns)
+
+
+def verify_markdown(summary: dict, table: Callable) -> str:
+    """The report's section: the verified trials' predicted and measured latency, and the verdict."""
+    frame = verify_frame(summary)
+    verdict = ("**flagged**: the mean error exceeds the model's stated bound" if summary["flagged"]
+               else "within the model's stated bound")
+    mape = "-" if summary["mape"] is None else f"{summary['mape']:.1f}%"
+    return "\n".join([
+        "\n## Latency: predicted against measured\n",
+        f"Latency model {summary['model']} (95% of its leave-one-out predictions within "
+        f"+-{summary['bound_pct']:.1f}%). "
+        f"Every trial on a Pareto front and every confirmed arm, measured interleaved with the anchor after the "
+        f"search: mean absolute error {mape}, {verdict}.\n",
+        table(frame),
+    ])
+
+
+def verify_figure(summary: dict):
+    """Predicted against measured latency of the verified trials, with the line of perfect prediction."""
+    import plotly.graph_objects as go
+
+    frame = verify_frame(summary)
+    top = max([*frame["predicted_ms"], *frame["measured_ms"], 0]) * 1.05
+    figure = go.Figure([
+        go.Scatter(x=frame["measured_ms"], y=frame["predicted_ms"], mode="markers", name="verified trials",
+                   text=[f"trial {t} ({w}): {n}<br>error {e:+.1f}%" for t, w, n, e in
+                         zip(frame["trial"], frame["why"], frame["name"], frame["error_pct"])], hoverinfo="text"),
+        go.Scatter(x=[0, top], y=[0, top], mode="lines", name="predicted = measured", line={"dash": "dot"}),
+    ])
+    figure.update_layout(xaxis_title="measured latency (ms)", yaxis_title="predicted latency (ms)", height=450)
+    return figure

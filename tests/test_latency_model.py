@@ -1,0 +1,241 @@
+"""The latency model: features, fit, the file (round trip, refusals), calibration (set, resume), the CLI and a
+study that predicts and verifies."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import yaml
+
+from nas.cli import main
+from profilers import ProfileError, device_info, device_label
+from profilers.latency_model import (
+    FEATURES,
+    CalibrationPoint,
+    LatencyModel,
+    OutOfRange,
+    calibrate,
+    calibration_set,
+    features,
+    fit,
+    fit_ratio,
+    kind,
+    space_architectures,
+)
+from search_spaces import ArchConfig
+from search_spaces.mobile_vmoe import MobileVMoESpace
+
+DATA = {"image_size": 16, "in_channels": 1, "num_classes": 12}
+SPACE = MobileVMoESpace(patch_sizes=(4,), depths=(2, 3), widths=(16, 32), head_width=8, mlp_ratios=(2.0,),
+                        num_experts=(0, 4), top_k=(1, 2), placements=("last1",), routings=("per_image", "per_token"))
+TRUE = np.linspace(0.5, 2.0, len(FEATURES))  # made-up costs per feature unit, scaled below
+
+
+def synthetic_ratio(cfg: ArchConfig) -> float:
+    """A latency ratio that is an exact linear function of the features: what the fit must recover."""
+    return float(features(cfg) @ (TRUE / scale()))
+
+
+def scale() -> np.ndarray:
+    x = np.stack([features(cfg) for cfg in space_architectures(SPACE, **DATA)])
+    top = x.max(0)
+    return np.where(top > 0, top, 1.0)
+
+
+def synthetic_model(key: dict | None = None) -> LatencyModel:
+    archs = space_architectures(SPACE, **DATA)
+    points = [CalibrationPoint(cfg, 2.0 * synthetic_ratio(cfg), 2.0) for cfg in archs]
+    key = key or {"backend": "onnxruntime", "threads": 1, "batch": 1, "provider": None, "precision": "fp32",
+                  "device": device_label(device_info())}
+    return fit(points, key=key, anchor=SPACE.smallest_dense(**DATA), device=device_info())
+
+
+def test_the_space_is_enumerated_and_the_calibration_set_covers_every_kind():
+    archs = space_architectures(SPACE, **DATA)
+    # 2 depths x 2 widths dense, and x 2 routings x 2 k for the MoEs (4 experts, last block).
+    assert len(archs) == 4 + 4 * 4
+    chosen = calibration_set(archs, 10)
+    assert {kind(cfg) for cfg in chosen} == {"dense", "per_image-k1", "per_image-k2", "per_token-k1", "per_token-k2"}
+    assert len({cfg.config_hash() for cfg in chosen}) == len(chosen) == 15  # at least 3 of each of 5 kinds
+    biggest_dense = max((c for c in archs if not c.moe), key=lambda c: features(c).sum())
+    assert biggest_dense in chosen  # the extremes come first
+
+
+def test_features_add_up_the_architecture():
+    dense = ArchConfig(**DATA, patch_size=4, depth=2, width=16, num_heads=2, mlp_ratio=2.0)
+    moe = ArchConfig(**DATA, patch_size=4, depth=2, width=16, num_heads=2, mlp_ratio=2.0,
+                     moe={"num_experts": 4, "top_k": 2, "layers": [1], "routing": "per_token"})
+    assert len(features(dense)) == len(FEATURES)
+    f_dense, f_moe = (dict(zip(FEATURES, features(c))) for c in (dense, moe))
+    assert f_dense["linear_macs"] == 2 * 17 * 4 * 16**2
+    assert f_dense["mlp_macs"] == 2 * 17 * 2 * 16 * 32 and f_dense["expert_macs"] == 0
+    assert f_moe["mlp_macs"] == 17 * 2 * 16 * 32 and f_moe["expert_macs"] == 2 * 17 * 2 * 16 * 32
+    assert f_moe["token_experts"] == 4 and f_moe["gathered_weights"] == 0
+    assert features(dense, batch=4)[FEATURES.index("linear_macs")] == 4 * f_dense["linear_macs"]
+
+
+def test_the_fit_recovers_an_exact_linear_cost_and_stays_non_negative():
+    archs = space_architectures(SPACE, **DATA)
+    x = np.stack([features(c) for c in archs])
+    y = np.array([synthetic_ratio(c) for c in archs])
+    coef = fit_ratio(x, y)
+    assert np.all(coef >= 0)
+    np.testing.assert_allclose(x @ coef, y, rtol=1e-6)
+    model = synthetic_model()
+    assert model.errors["features"]["max_abs"] < 1e-3  # leave-one-out on exact data: no error
+    assert model.errors["flops"]["mape"] > model.errors["features"]["mape"]
+    cfg = archs[5]
+    assert model.predict(cfg) == pytest.approx(2.0 * synthetic_ratio(cfg), rel=1e-6)
+    assert model.predict(cfg, anchor_ms=3.0) == pytest.approx(3.0 * synthetic_ratio(cfg), rel=1e-6)
+
+
+def test_the_file_round_trips_and_a_hand_edit_is_refused(tmp_path):
+    model = synthetic_model()
+    path = model.save(tmp_path / "lm.json")
+    loaded = LatencyModel.load(path)
+    cfg = space_architectures(SPACE, **DATA)[7]
+    assert loaded.predict(cfg) == model.predict(cfg)
+    assert len(loaded.calibration) == len(model.calibration) and loaded.errors == model.errors
+
+    data = json.loads(path.read_text())
+    data["coefficients"][3] += 1.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="corrupted or edited by hand"):
+        LatencyModel.load(path)
+    path.write_text(path.read_text()[:-40])  # truncated
+    with pytest.raises(ProfileError, match="not JSON"):
+        LatencyModel.load(path)
+    path.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ProfileError, match="not a latency model file"):
+        LatencyModel.load(path)
+
+
+@pytest.mark.parametrize("field, value", [("backend", "torch"), ("batch", 8), ("threads", 4),
+                                          ("device", "another cpu, 2 cores, Linux"), ("precision", "fp16")])
+def test_a_model_for_another_key_is_refused_by_name(field, value):
+    model = synthetic_model()
+    wanted = {**{name: model.key[name] for name in ("backend", "device", "threads", "batch", "precision")},
+              field: value}
+    with pytest.raises(ProfileError, match=f"is for {field} "):
+        model.check(**wanted)
+    model.check(**{**wanted, field: model.key[field]})  # the right key passes
+
+
+def test_an_architecture_outside_the_calibrated_range_is_predicted_with_a_warning_naming_the_feature():
+    model = synthetic_model()
+    inside = space_architectures(SPACE, **DATA)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.predict(inside)
+    deeper = ArchConfig(**DATA, patch_size=4, depth=6, width=16, num_heads=2, mlp_ratio=2.0)
+    with pytest.warns(OutOfRange, match=r"blocks=6 not in \[2, 3\]"):
+        assert model.predict(deeper) > model.predict(inside)
+
+
+class CountingMeasurer:
+    """A measurer that makes up latencies and counts what it was asked to time."""
+
+    backend, threads, batch, provider, precision = "onnxruntime", 1, 1, None, "fp32"
+
+    def __init__(self, fail_after: int | None = None):
+        self.measured, self.fail_after = [], fail_after
+
+    def measure(self, cfg, anchor):
+        if self.fail_after is not None and len(self.measured) == self.fail_after:
+            raise KeyboardInterrupt  # the calibration is interrupted here
+        self.measured.append(cfg.config_hash())
+        return CalibrationPoint(cfg, 2.0 * synthetic_ratio(cfg), 2.0), {"cpu": "test"}
+
+
+def test_an_interrupted_calibration_resumes_without_measuring_again(tmp_path):
+    archs = calibration_set(space_architectures(SPACE, **DATA), 10)
+    anchor = SPACE.smallest_dense(**DATA)
+    log = tmp_path / "lm.json.partial.jsonl"
+    first = CountingMeasurer(fail_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(archs, anchor, first, resume=log)
+    again = CountingMeasurer()
+    points, device = calibrate(archs, anchor, again, resume=log)
+    assert len(first.measured) == 4 and len(again.measured) == len(archs) - 4
+    assert not set(first.measured) & set(again.measured)
+    assert [p.arch for p in points] == archs and device == {"cpu": "test"}
+
+
+def test_profile_adds_the_prediction_and_refuses_a_bad_model_file(tmp_path, capsys):
+    path = synthetic_model().save(tmp_path / "lm.json")
+    arch = tmp_path / "arch.yaml"
+    arch.write_text(yaml.safe_dump({**DATA, "patch_size": 4, "depth": 2, "width": 16, "num_heads": 2,
+                                    "mlp_ratio": 2.0}))
+    assert main(["profile", str(arch), "--latency-model", str(path), "--no-measure", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = synthetic_model().predict(ArchConfig.load(arch))
+    assert result["latency_ms"] == {"predicted": pytest.approx(expected)}
+    assert result["latency_model"]["out_of_range"] == [] and result["latency_model"]["path"] == str(path)
+
+    assert main(["profile", str(arch), "--latency-model", str(path), "--no-measure", "--batch", "4"]) == 2
+    assert "is for batch 1, not 4" in capsys.readouterr().err
+    path.write_text(path.read_text().replace('"threads": 1', '"threads": 2', 1))
+    assert main(["profile", str(arch), "--latency-model", str(path), "--no-measure"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "corrupted or edited by hand" in err
+    assert main(["profile", str(arch), "--no-measure"]) == 2
+    assert "--no-measure: needs --latency-model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fit_on_the_smoke_study_then_profile_with_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VMOE_NAS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "lm.json"
+    assert main(["latency-model", "fit", "--config", "smoke", "--size", "6", "--out", str(out), "--no-progress"]) == 0
+    assert "written to" in capsys.readouterr().out and not out.with_name("lm.json.partial.jsonl").exists()
+    model = LatencyModel.load(out)
+    assert model.key["backend"] == "onnxruntime" and model.key["device"] == device_label(device_info())
+    assert len(model.calibration) >= 6 and model.errors["features"]["count"] == len(model.calibration)
+    arch = tmp_path / "arch.yaml"
+    model.calibration[-1].arch.save(arch)
+    assert main(["profile", str(arch), "--latency-model", str(out), "--json"]) == 0
+    latency = json.loads(capsys.readouterr().out)["latency_ms"]
+    assert latency["median"] > 0 and latency["predicted"] > 0
+
+
+def test_study_config_latency_keys_are_checked(tmp_path):
+    from nas.study import load_study_config
+    from search_spaces import ConfigError
+
+    with pytest.raises(ConfigError, match="profiler.latency: must be one of measured, predicted, predicted"):
+        load_study_config("smoke", profiler={"latency": "guessed"})
+    with pytest.raises(ConfigError, match="profiler.latency_model: latency: predicted needs a latency model"):
+        load_study_config("smoke", profiler={"latency": "predicted"})
+    cfg = load_study_config("smoke", profiler={"latency": "predicted+verify", "latency_model": "lm.json"})
+    assert "latency" not in cfg.profiler.options()  # what profile() takes is unchanged
+
+
+@pytest.mark.slow
+def test_a_predicted_and_verified_study_reports_both_for_its_front(tmp_path, capsys):
+    from tests.test_search import D16, M16, load, write_study
+
+    path = synthetic_model().save(tmp_path / "lm.json")
+    config = write_study(tmp_path, "predicted", [D16, M16], 2, objectives=["accuracy", "latency"],
+                         profiler={"latency": "predicted+verify", "latency_model": str(path)})
+    assert main(["search", "--config", config, "--no-progress"]) == 0
+    study = load(tmp_path, "predicted")
+    from nas import record as records
+
+    anchor = records.read_study(study).anchor
+    for trial in records.read_all(study):
+        assert trial.metrics.latency_ms == trial.metrics.latency_ms_predicted > 0
+        assert trial.metrics.latency_ms_measured is None  # the trial itself was not timed
+    verified = study.user_attrs["latency_verify"]
+    assert {row["trial"] for row in verified["trials"]} >= {0} and verified["bound_pct"] >= 0
+    model = LatencyModel.load(path)
+    for row in verified["trials"]:
+        arch = records.read(study.trials[row["trial"]]).arch
+        assert row["measured_ms"] > 0 and row["predicted_ms"] == pytest.approx(
+            model.predict(arch, anchor_ms=anchor["latency_ms"]))
+    # The made-up model claims a 0% bound: the real measurements flag it.
+    assert verified["flagged"] and verified["mape"] > verified["bound_pct"]
+    report = (tmp_path / "results" / "predicted" / "report.md").read_text()
+    assert "## Latency: predicted against measured" in report and "**flagged**" in report
+    assert "Latency: predicted against measured" in (tmp_path / "results" / "predicted" / "report.html").read_text()
+    assert (tmp_path / "results" / "predicted" / "latency_verify.csv").read_text().startswith("trial,why,name")
