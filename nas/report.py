@@ -93,6 +93,22 @@ class ParetoPlotInfo:
     title: str
     panels: list[Panel]
     dumbbells: list[Dumbbell] = field(default_factory=list)
+    accuracy_label: str = "validation accuracy (proxy training)"  # what the trials' accuracy is (y axis)
+
+
+# What a trial's accuracy is, by the evaluator that scored it: never one axis for both unlabelled.
+ACCURACY_LABELS = {"train": "validation accuracy (proxy training)",
+                   "supernet": "inherited accuracy (supernet weights, not trained alone)"}
+
+
+def accuracy_label(trials: pd.DataFrame) -> str:
+    kinds = sorted(set(trials["evaluator"].dropna())) if "evaluator" in trials else ["train"]
+    return " / ".join(ACCURACY_LABELS[k] for k in kinds) or ACCURACY_LABELS["train"]
+
+
+def one_shot(analysis: ParetoAnalysis) -> bool:
+    """Whether the study's accuracies are inherited from a supernet (a one-shot study)."""
+    return "evaluator" in analysis.trials and bool((analysis.trials["evaluator"] == "supernet").any())
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -158,7 +174,7 @@ def pareto_plot_info(analysis: ParetoAnalysis) -> ParetoPlotInfo:
     names = ", ".join(o.name for o in analysis.objectives)
     title = (f"{analysis.study_name}: accuracy against cost, {counts.get('dense', 0)} dense and "
              f"{counts.get('moe', 0)} MoE trials (outlined: on the front of {names})")
-    return ParetoPlotInfo(title, panels, _dumbbells(analysis))
+    return ParetoPlotInfo(title, panels, _dumbbells(analysis), accuracy_label(rows))
 
 
 def _confirmed_points(analysis: ParetoAnalysis, column: str) -> list[ConfirmedPoints]:
@@ -249,7 +265,8 @@ def pareto_figure(info: ParetoPlotInfo) -> go.Figure:
             figure.add_annotation(text=panel.note, showarrow=False, xref="paper", yref="paper",  # place by paper
                                   x=(left + right) / 2, y=0.5, xanchor="center")
             figure.update_xaxes(visible=False, row=1, col=col)
-    figure.update_yaxes(title_text="validation accuracy (proxy training)", row=1, col=1)
+    confirmed = any(panel.confirmed for panel in info.panels)
+    figure.update_yaxes(title_text=info.accuracy_label + ("; confirmed: standalone" if confirmed else ""), row=1, col=1)
     if not any(panel.series for panel in info.panels):
         figure.update_yaxes(visible=False)
     figure.update_layout(title={"text": info.title, "font": {"size": 15}}, template="plotly_white",
@@ -374,6 +391,8 @@ def summary_tables(analysis: ParetoAnalysis) -> dict[str, pd.DataFrame]:
                         else len(ranked), "on front": len(analysis.front(which)),
                         "hypervolume": analysis.hypervolume[which]} for which in ("overall", "dense", "moe")])
     front = analysis.front()[["trial", "name", "kind", "accuracy", "flops", "latency_ms", "params_active"]]
+    if one_shot(analysis):  # inherited, never read as a standalone accuracy
+        front = front.rename(columns={"accuracy": "inherited_accuracy"})
     against = analysis.comparisons.head(COMPARISONS_SHOWN)[[
         "trial", "name", "accuracy", "gain_flops", "dense_flops_name", "gain_latency", "dense_latency_name",
         "beats_dense"]]
@@ -387,7 +406,7 @@ def report_markdown(analysis: ParetoAnalysis, counts: dict[str, int]) -> str:
     text = [
         f"# Pareto report: {analysis.study_name}\n",
         "Trials: " + (", ".join(f"{n} {status}" for status, n in counts.items()) or "none")
-        + f". Objectives: {objectives}.\n",
+        + f". Objectives: {objectives}. Trial accuracy: {accuracy_label(analysis.trials)}.\n",
         "## Hypervolume\n",
         f"Reference point: {reference}. The hypervolume is the share of the box between the ideal point "
         "(accuracy 1, zero cost) and the reference point that a front dominates, with each cost divided by "
@@ -397,7 +416,7 @@ def report_markdown(analysis: ParetoAnalysis, counts: dict[str, int]) -> str:
         _table_md(tables["front"]),
         *confirmed_markdown(analysis),
         f"\n## MoE against dense, unconfirmed (one seed, margin {analysis.margin:g})\n",
-        f"{unconfirmed_sentence(analysis)} Gains are in validation accuracy of the proxy training, one seed each; "
+        f"{unconfirmed_sentence(analysis)} Gains are in {accuracy_label(analysis.trials)}, one seed each; "
         f"the best {COMPARISONS_SHOWN} by gain at equal FLOPs:\n",
         _table_md(tables["against dense"]),
     ]
@@ -444,9 +463,25 @@ def confirmed_markdown(analysis: ParetoAnalysis) -> list[str]:
         "validation images, Holm-adjusted over all pairs, is below 0.05.\n",
         _table_md(confirmed_summary(confirmed)),
         "\nEvery pair (beats_dense.csv):\n",
-        _table_md(confirmed[["moe_trial", "moe_name", "comparator", "cost", "dense_name", "moe_accuracy",
-                             "dense_accuracy", "gain_mean", "ci_low", "ci_high", "p_holm", "n_seeds", "verdict"]]),
+        _table_md(with_inherited(analysis, confirmed[[
+            "moe_trial", "moe_name", "comparator", "cost", "dense_name", "moe_accuracy", "dense_accuracy", "gain_mean",
+            "ci_low", "ci_high", "p_holm", "n_seeds", "verdict"]])),
     ]
+
+
+def with_inherited(analysis: ParetoAnalysis, table: pd.DataFrame) -> pd.DataFrame:
+    """In a one-shot study, each confirmed arm's inherited accuracy (its search trial's; '-' for a twin that
+    was no trial) beside its standalone one, both named so."""
+    if not one_shot(analysis):
+        return table
+    inherited = analysis.trials.set_index("trial")["accuracy"]
+    table = table.rename(columns={"moe_accuracy": "moe_standalone", "dense_accuracy": "dense_standalone"})
+    table.insert(table.columns.get_loc("moe_standalone"), "moe_inherited",
+                 analysis.confirmed["moe_trial"].map(inherited))
+    trials = analysis.confirmed["dense_trial"].astype("Int64")
+    table.insert(table.columns.get_loc("dense_standalone"), "dense_inherited",
+                 [inherited.get(t) if not pd.isna(t) else None for t in trials])
+    return table
 
 
 def _status_counts(frame: pd.DataFrame) -> dict[str, int]:
@@ -460,7 +495,8 @@ def _confirmed_html(analysis: ParetoAnalysis) -> list[str]:
     body = [f"<h2>{html.escape(text[0].strip().lstrip('# '))}</h2>", f"<p>{html.escape(text[1].strip())}</p>"]
     if analysis.confirm_settings:
         body += [confirmed_summary(analysis.confirmed).to_html(index=False),
-                 analysis.confirmed.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")]
+                 with_inherited(analysis, analysis.confirmed).to_html(index=False, float_format=lambda v: f"{v:.4g}",
+                                                                      na_rep="-")]
     return body
 
 
