@@ -140,17 +140,20 @@ def rank_agreement(reference: np.ndarray, scores: np.ndarray, *, resamples: int 
     return out
 
 
+def supernet_config(steps: int, random_subnets: int, **evaluator):
+    """fashion-quick's study with a supernet evaluator of its recipe (lr, batch), `steps` supernet steps."""
+    quick = load_study_config(STUDY).recipe()
+    evaluator = {"kind": "supernet", "steps": steps, "batch_size": quick.batch_size, "lr": quick.lr, "augment": False,
+                 "eval_every": max(steps // 4, 1), "random_subnets": random_subnets, "distill": True,
+                 "num_threads": 1, **evaluator}
+    return load_study_config(STUDY, study_name=f"{STUDY}-fidelity", evaluator=evaluator, confirm={"enabled": False})
+
+
 def run_score(args) -> None:
     """Score the finished references with the supernet (trained here on first use, resumable) and the proxies."""
     from nas.supernet import score, train_supernet
 
-    quick = load_study_config(STUDY).recipe()
-    evaluator = {"kind": "supernet", "steps": args.supernet_steps, "batch_size": quick.batch_size,
-                 "lr": quick.lr, "augment": False, "eval_every": args.supernet_steps // 4,
-                 "random_subnets": args.random_subnets, "distill": True, "num_threads": 1}
-    cfg = load_study_config(STUDY, study_name=f"{STUDY}-fidelity", evaluator=evaluator,
-                            confirm={"enabled": False})
-    ctx = build_context(cfg)
+    ctx = build_context(supernet_config(args.supernet_steps, args.random_subnets))
     trained = train_supernet(ctx, progress=args.progress)  # first, so that it trains while references do
     store = load_reference()
     done = store["archs"]

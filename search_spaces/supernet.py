@@ -3,7 +3,8 @@
 Weight entanglement as in AutoFormer (Chen et al. 2021, Cream/AutoFormer's `LinearSuper`, `LayerNormSuper`):
 a subnet of width w, MLP hidden size h and depth d uses the leading slices `[:w]`, `[:h]` of the largest
 layers' weights and the first d blocks. Heads follow the width (q, k and v each sliced to their leading w
-columns, so h heads of a fixed head width are the first h heads). Per patch size, its own patch embedding
+columns, so h heads of a fixed head width are the first h heads; AutoFormer's `qkv_super` interleaves
+q, k, v rows instead, but `VisionMoE` reads qkv as [q | k | v] blocks). Per patch size, its own patch embedding
 and position embedding (their shapes differ: a kernel of p x p, (S/p)^2 + 1 positions), as AutoFormer keeps
 one per supernet and Once-for-All one per resolution.
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,6 +138,7 @@ def test_a_supernet_study_confirming_needs_its_standalone_steps(tmp_path):
     assert error.value.field == "confirm.steps"
 
 
+@pytest.mark.slow
 def test_supernet_checkpoint_of_another_space_is_refused_by_name(tmp_path):
     from nas.supernet import checkpoint_dir, identity, load_supernet, train_supernet
     from nas.trainer import TrainingError
@@ -192,3 +194,44 @@ def test_supernet_command_refuses_a_training_study(tmp_path, capsys):
 
     assert main(["supernet", "--config", "smoke", "--results-dir", str(tmp_path), "--no-progress"]) == 2
     assert "evaluator.kind" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_one_shot_search_from_an_empty_folder_reports_and_exports_inherited_weights(tmp_path, monkeypatch, capsys):
+    """`vmoe-nas search --config smoke-oneshot` (cut to 8 trials): every trial scored by the supernet, the
+    confirmation standalone, the report labels both, and export writes the inherited weights."""
+    import onnxruntime as ort
+
+    from nas import record as records
+    from nas.cli import main
+    from nas.storage import load_study
+
+    monkeypatch.chdir(tmp_path)
+    small = tmp_path / "smoke-oneshot.yaml"
+    data = yaml.safe_load((Path(__file__).parents[1] / "nas/studies/smoke-oneshot.yaml").read_text())
+    data.update(n_trials=8, evaluator={**data["evaluator"], "steps": 10, "eval_every": 5},
+                confirm={**data["confirm"], "seeds": 2, "steps": 10}, data={"name": "synthetic", "limit": 400})
+    small.write_text(yaml.safe_dump(data))
+    assert main(["search", "--config", str(small), "--no-progress"]) == 0
+    study = load_study("smoke-oneshot", results_dir="results")
+    scored = [r for r in records.read_all(study) if r.arch is not None and r.metrics.accuracy is not None]
+    assert scored and {r.evaluator for r in scored} == {"supernet"}
+    assert all(r.train["finetune_steps"] == 0 and r.rung is None for r in scored)
+    report = Path("results/smoke-oneshot/report.md").read_text()
+    assert "inherited accuracy (supernet weights" in report and "inherited_accuracy" in report
+    assert "moe_inherited" in report and "moe_standalone" in report
+    assert main(["export", "--study", "smoke-oneshot", "--pick", "best-moe", "--out", "best", "--no-coreml"]) == 0
+    best = Path("best")
+    assert {"arch.yaml", "model.onnx", "inherited.pt", "train.yaml"} <= {p.name for p in best.iterdir()}
+    weights = torch.load(best / "inherited.pt", weights_only=True)
+    assert yaml.safe_load((best / "train.yaml").read_text().split("\n", 1)[1])["init"] == "inherited.pt"
+    arch = ArchConfig.load(best / "arch.yaml")
+    from nas.study import StudyConfig as Study
+    from nas.supernet import inherited_model
+
+    cfg = Study.from_dict(records.read_study(study).config)
+    model = inherited_model(cfg, arch, Path("results/smoke-oneshot"))
+    assert all(torch.equal(weights["model"][k], v) for k, v in model.state_dict().items())
+    images = torch.randn(2, 1, arch.image_size, arch.image_size)
+    (onnx_logits,) = ort.InferenceSession(str(best / "model.onnx")).run(None, {"images": images.numpy()})
+    assert torch.allclose(torch.from_numpy(onnx_logits), model(images), atol=1e-4)  # the ONNX holds them too
