@@ -40,6 +40,7 @@ from search_spaces.mobile_vmoe import InvalidArchitecture, MobileVMoESpace
 
 REFERENCE = Path(__file__).parent / "fidelity_reference.json"
 OUTPUT = Path("results/benchmarks/evaluator_fidelity.json")
+CHECKPOINTS = Path("results/benchmarks/fidelity-checkpoints")
 STUDY = "fashion-quick"
 PROXY_RUNGS = (100, 300)  # fashion-quick's rungs
 
@@ -95,7 +96,8 @@ def run_reference(args) -> None:
     archs = stratified(space_archs(cfg.space, image_size=data.image_size, in_channels=data.in_channels,
                                    num_classes=data.num_classes), args.archs)
     proxy = dataclasses.replace(ctx.recipe, steps=PROXY_RUNGS[-1], eval_every=PROXY_RUNGS[0], num_threads=1)
-    long = dataclasses.replace(ctx.recipe, steps=args.steps, eval_every=args.steps, num_threads=1)
+    # Checkpointed every 250 steps (and the proxy at its rungs): a killed run resumes inside an architecture.
+    long = dataclasses.replace(ctx.recipe, steps=args.steps, eval_every=250, num_threads=1)
     store = load_reference()
     store.update(study=STUDY, reference_steps=args.steps, batch_size=ctx.recipe.batch_size,
                  proxy_recipe=proxy.to_dict(), reference_recipe=long.to_dict(), order=[a.name for a in archs])
@@ -104,8 +106,9 @@ def run_reference(args) -> None:
             continue
         groups = ctx.superclasses.get(arch.moe.num_experts) if routes_on_superclasses(arch) else None
         tick = time.perf_counter()
-        proxy_run = train(arch, data, proxy, superclasses=groups)
-        reference_run = train(arch, data, long, superclasses=groups)
+        checkpoints = CHECKPOINTS / arch.config_hash()
+        proxy_run = train(arch, data, proxy, superclasses=groups, checkpoint_dir=checkpoints / "proxy")
+        reference_run = train(arch, data, long, superclasses=groups, checkpoint_dir=checkpoints / "reference")
         store["archs"][arch.name] = {
             "arch": arch.to_dict(), "flops": analytic_flops(arch), "moe": arch.is_moe,
             "reference": reference_run.val_accuracy, "reference_steps": args.steps,
