@@ -128,6 +128,26 @@ def cmd_search(args: argparse.Namespace) -> None:
         print(f"Pareto report: {written['report.md']}, plots: {written['pareto.html']}")
 
 
+def cmd_supernet(args: argparse.Namespace) -> None:
+    from nas.study import load_study_config
+    from nas.supernet import train_supernet
+    from nas.trial import build_context
+
+    cfg = load_study_config(args.config, data_dir=args.data_dir, results_dir=args.results_dir, device=args.device)
+    if cfg.evaluator_kind != "supernet":
+        raise ConfigError("evaluator.kind", f"study {cfg.study_name} scores with kind {cfg.evaluator_kind!r}; "
+                                            "a supernet is trained for kind: supernet")
+    ctx = build_context(cfg, progress=not args.no_progress)
+    try:
+        result = train_supernet(ctx, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: run the same command again to resume the supernet of {cfg.study_name}", file=sys.stderr)
+        raise
+    print(f"supernet of {cfg.study_name}: {result.steps} steps, {result.train_images:,} training images, "
+          f"val accuracy of its largest subnet {result.largest_accuracy:.4f}, smallest "
+          f"{result.smallest_accuracy:.4f}; {result.checkpoint}")
+
+
 def _print_confirmed(record) -> None:
     from nas.confirm import latency_warning
     from nas.pareto import confirmed_frame
@@ -354,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "change what a trial means (data, space, evaluator, constraints, profiler); refused otherwise")
     p.add_argument("--no-confirm", action="store_true", help="skip the confirmation stage at the end (see confirm)")
     p.set_defaults(run=cmd_search)
+
+    p = commands.add_parser("supernet", help="train (or resume) the weight-sharing supernet of a kind: supernet study")
+    p.add_argument("--config", required=True, help="study YAML file or preset (smoke-oneshot, fashion-oneshot)")
+    p.add_argument("--data-dir", help="folder holding the data set files")
+    p.add_argument("--results-dir", help="where studies write (default results/)")
+    p.add_argument("--device", help="training device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_supernet)
 
     p = commands.add_parser("confirm", help="retrain the top MoEs and their dense comparators with paired seeds: "
                             "does an MoE beat dense beyond noise?")

@@ -49,6 +49,7 @@ PICK_RULES = {
     "largest-gain-latency": "the same at no more latency",
 }
 ONNX_TOLERANCE = 1e-4  # max |logit difference| between ONNX Runtime and torch
+INHERITED_WEIGHTS = "inherited.pt"  # a one-shot trial's weights from the supernet
 DEFAULT_EPOCHS = 30  # full training: the proxy ran for seconds, the final model for this many epochs
 VERSIONED = ("vmoe-nas", "torch", "onnx", "onnxruntime", "optuna", "coremltools", "numpy")
 
@@ -460,20 +461,32 @@ def export_trial(study: optuna.Study, out_dir, *, trial: int | None = None, pick
             mapping.save(stage / "superclasses.json")
         origin = {"study": study.study_name, "trial": number, "config_hash": cfg.config_hash()}
         config = train_config(study_cfg, epochs=epochs, superclasses=mapping is not None, source=origin)
+        inherited = chosen.evaluator == "supernet"
+        if inherited:  # the weights it was scored with: full training starts from them
+            from nas.supernet import inherited_model
+
+            model = inherited_model(study_cfg, cfg, Path(study_dir) if study_dir else study_cfg.study_dir)
+            torch.save({"arch": cfg.to_dict(), "model": model.state_dict()}, stage / INHERITED_WEIGHTS)
+            config["init"] = INHERITED_WEIGHTS
         (stage / "train.yaml").write_text(f"# Full training of {cfg.name}: vmoe-nas train {out / 'train.yaml'}\n"
                                           + yaml.safe_dump(config, sort_keys=False))
-        with torch.random.fork_rng(devices=[]):  # initial weights from the recipe's seed, not the caller's RNG
-            torch.manual_seed(seed)
-            model = build_model(cfg).eval()
+        if not inherited:
+            with torch.random.fork_rng(devices=[]):  # initial weights from the recipe's seed, not the caller's RNG
+                torch.manual_seed(seed)
+                model = build_model(cfg).eval()
         formats = write_formats(model, stage, ModelInfo.of(cfg, dataset),
                                 [f for f in FORMATS if coreml or f.name != "Core ML"])
         if not coreml:
             formats["Core ML"] = "not written (--no-coreml)"
         stored = {"study": study.study_name, **chosen.to_json()}
         (stage / "trial.json").write_text(json.dumps(stored, indent=1, default=str))
-        (stage / "model_card.md").write_text(model_card(
-            cfg, chosen, study.study_name, study_cfg, analysis, formats=formats, source=source, seed=seed,
-            epochs=epochs, superclasses=mapping is not None, pick=pick))
+        card = model_card(cfg, chosen, study.study_name, study_cfg, analysis, formats=formats, source=source,
+                          seed=seed, epochs=epochs, superclasses=mapping is not None, pick=pick)
+        if inherited:
+            card += (f"\n- `{INHERITED_WEIGHTS}`: the weights it inherited from the study's supernet (its accuracy "
+                     "above is theirs, not a standalone training's); the exported formats hold them too, and "
+                     "`vmoe-nas train` starts from them (`init` in train.yaml).\n")
+        (stage / "model_card.md").write_text(card)
         written = sorted(p.name for p in stage.iterdir() if p.name != EXPORT_MARKER)
     return {name: out / name for name in written}
 

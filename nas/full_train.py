@@ -44,6 +44,7 @@ class TrainConfig:
     superclasses: SuperclassMap | None
     output_dir: Path
     source: dict
+    init: Path | None = None  # initial weights (a one-shot trial's inherited.pt), else the recipe seed's
 
 
 def load_train_config(path) -> TrainConfig:
@@ -73,8 +74,11 @@ def load_train_config(path) -> TrainConfig:
     if superclasses is not None and (not arch.is_moe or superclasses.num_groups != arch.moe.num_experts):
         raise ConfigError("superclasses", f"in {path}: {superclasses.num_groups} groups do not match the "
                                           f"architecture's {arch.moe.num_experts if arch.is_moe else 0} experts")
+    init = folder / str(data["init"]) if data.get("init") else None
+    if init is not None and not init.is_file():
+        raise ConfigError("init", f"in {path}: no weights file at {init}")
     return TrainConfig(path, arch, spec, recipe, superclasses, folder / str(data["output_dir"]),
-                       data.get("source") or {})
+                       data.get("source") or {}, init)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -146,9 +150,10 @@ def _train_and_save(config: TrainConfig, progress: bool) -> dict:
     out = config.output_dir
     dataset = load_dataset(**config.data)
     groups = config.superclasses.class_to_group if config.superclasses is not None else None
+    init = torch.load(config.init, weights_only=True, map_location="cpu")["model"] if config.init else None
     result = train(config.arch, dataset, config.recipe, superclasses=groups, checkpoint_dir=out, progress=progress,
                    evaluate_test=len(dataset.test) > 0, label=f"train {config.arch.name}",
-                   on_eval=_print_accuracy if progress else None)
+                   on_eval=_print_accuracy if progress else None, init_from=init)
     model = result.model.eval()
     torch.save({"arch": config.arch.to_dict(), "model": model.state_dict()}, out / "model.pt")
     info = ModelInfo.of(config.arch, dataset)  # the full data set's normalisation, which the model trained on

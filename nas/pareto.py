@@ -56,7 +56,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             continue  # invalid samples and trials that failed before sampling: nothing to analyse
         row = {"trial": r.number, "name": r.name, "kind": r.kind, "state": r.state.name.lower(), "status": r.status,
                "feasible": r.feasible, "duplicate_of": r.duplicate_of,
-               "eligible": r.status == "complete" and r.duplicate_of is None,
+               "eligible": r.status == "complete" and r.duplicate_of is None, "evaluator": r.evaluator or "train",
                "config_hash": r.arch.config_hash(), **_arch_fields(r.arch), **dataclasses.asdict(r.metrics)}
         row.update({f"constraint_{name}": value for name, value in r.constraints.items()})
         row.update(rung=r.rung, rung_accuracy=", ".join(f"{step}: {acc:.4f}" for step, acc in

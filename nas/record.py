@@ -94,6 +94,9 @@ class TrialRecord:
     constraints: dict[str, float] = field(default_factory=dict)  # Optuna's: <= 0 is feasible
     values: list[float] | None = None
     params: dict[str, Any] = field(default_factory=dict)  # what the sampler chose
+    # What scored its accuracy: "train" (proxy training from scratch) or "supernet" (inherited weights,
+    # nas.supernet); None in records written before one-shot search, all of which trained.
+    evaluator: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The whole record as plain JSON values (export's trial.json)."""
@@ -247,7 +250,7 @@ def _attrs(record: TrialRecord) -> dict[str, Any]:
         attrs["profile"] = record.profile
     if record.arch is not None:
         attrs.update((name, value) for name, value in asdict(record.metrics).items() if value is not None)
-    for key in ("train", "reason", "duplicate_of", "rung", "slot", "worker", "lease_until"):
+    for key in ("train", "reason", "duplicate_of", "rung", "slot", "worker", "lease_until", "evaluator"):
         if getattr(record, key) is not None:
             attrs[key] = getattr(record, key)
     if record.seeds:
@@ -321,7 +324,7 @@ def read(frozen: FrozenTrial) -> TrialRecord:
         slot=attrs.get("slot"), worker=attrs.get("worker"),
         interrupted=bool(attrs.get("interrupted")), constraints=dict(frozen.constraints),
         values=list(frozen.values) if frozen.values is not None else None, params=dict(frozen.params),
-        lease_until=attrs.get("lease_until"),
+        lease_until=attrs.get("lease_until"), evaluator=attrs.get("evaluator"),
         val_correct=_val_correct(attrs),
         started=frozen.datetime_start.timestamp() if frozen.datetime_start else None,
     )

@@ -109,6 +109,22 @@ class ParetoPlotInfo:
     title: str
     panels: list[Panel]
     dumbbells: list[Dumbbell] = field(default_factory=list)
+    accuracy_label: str = "validation accuracy (proxy training)"  # what the trials' accuracy is (y axis)
+
+
+# What a trial's accuracy is, by the evaluator that scored it: never one axis for both unlabelled.
+ACCURACY_LABELS = {"train": "validation accuracy (proxy training)",
+                   "supernet": "inherited accuracy (supernet weights, not trained alone)"}
+
+
+def accuracy_label(trials: pd.DataFrame) -> str:
+    kinds = sorted(set(trials["evaluator"].dropna())) if "evaluator" in trials else ["train"]
+    return " / ".join(ACCURACY_LABELS[k] for k in kinds) or ACCURACY_LABELS["train"]
+
+
+def one_shot(analysis: ParetoAnalysis) -> bool:
+    """Whether the study's accuracies are inherited from a supernet (a one-shot study)."""
+    return "evaluator" in analysis.trials and bool((analysis.trials["evaluator"] == "supernet").any())
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -179,7 +195,7 @@ def pareto_plot_info(analysis: ParetoAnalysis) -> ParetoPlotInfo:
     names = ", ".join(o.name for o in analysis.objectives)
     title = (f"{analysis.study_name}: accuracy against cost, {counts.get('dense', 0)} dense and "
              f"{counts.get('moe', 0)} MoE trials (outlined: on the front of {names})")
-    return ParetoPlotInfo(title, panels, _dumbbells(analysis))
+    return ParetoPlotInfo(title, panels, _dumbbells(analysis), accuracy_label(rows))
 
 
 TWIN_OFFSET = 0.015  # a dense arm on an MoE's cost is drawn this share of the axis span to its left
@@ -298,7 +314,8 @@ def pareto_figure(info: ParetoPlotInfo) -> go.Figure:
             figure.add_annotation(text=panel.note, showarrow=False, xref="paper", yref="paper",  # place by paper
                                   x=(left + right) / 2, y=0.5, xanchor="center")
             figure.update_xaxes(visible=False, row=1, col=col)
-    figure.update_yaxes(title_text="validation accuracy (proxy training)", row=1, col=1)
+    confirmed = any(panel.confirmed for panel in info.panels)
+    figure.update_yaxes(title_text=info.accuracy_label + ("; confirmed: standalone" if confirmed else ""), row=1, col=1)
     if not any(panel.series for panel in info.panels):
         figure.update_yaxes(visible=False)
     figure.update_layout(title={"text": info.title, "font": {"size": 15}}, template="plotly_white",
@@ -438,6 +455,8 @@ def summary_tables(analysis: ParetoAnalysis) -> dict[str, pd.DataFrame]:
                         else len(ranked), "on front": len(analysis.front(which)),
                         "hypervolume": analysis.hypervolume[which]} for which in ("overall", "dense", "moe")])
     front = analysis.front()[["trial", "name", "kind", "accuracy", "flops", "latency_ms", "params_active"]]
+    if one_shot(analysis):  # inherited, never read as a standalone accuracy
+        front = front.rename(columns={"accuracy": "inherited_accuracy"})
     against = analysis.comparisons.head(COMPARISONS_SHOWN)[[
         "trial", "name", "accuracy", "gain_flops", "dense_flops_name", "gain_latency", "dense_latency_name",
         "beats_dense"]]
@@ -451,7 +470,7 @@ def report_markdown(analysis: ParetoAnalysis, counts: dict[str, int]) -> str:
     text = [
         f"# Pareto report: {analysis.study_name}\n",
         "Trials: " + (", ".join(f"{n} {status}" for status, n in counts.items()) or "none")
-        + f". Objectives: {objectives}.\n",
+        + f". Objectives: {objectives}. Trial accuracy: {accuracy_label(analysis.trials)}.\n",
         *([f"**{analysis.no_result[0].upper()}{analysis.no_result[1:]}.**\n"] if analysis.no_result else []),
         "## Hypervolume\n",
         f"Reference point: {reference}. The hypervolume is the share of the box between the ideal point "
@@ -462,7 +481,7 @@ def report_markdown(analysis: ParetoAnalysis, counts: dict[str, int]) -> str:
         _table_md(tables["front"]),
         *confirmed_markdown(analysis),
         f"\n## MoE against dense, unconfirmed (one seed, margin {analysis.margin:g})\n",
-        f"{unconfirmed_sentence(analysis)} Gains are in validation accuracy of the proxy training, one seed each; "
+        f"{unconfirmed_sentence(analysis)} Gains are in {accuracy_label(analysis.trials)}, one seed each; "
         f"the best {COMPARISONS_SHOWN} by gain at equal FLOPs:\n",
         _table_md(tables["against dense"]),
     ]
@@ -504,12 +523,27 @@ def confirmed_markdown(analysis: ParetoAnalysis) -> list[str]:
         + (f" **Warning: {warning}.**" if warning else "") + "\n",
         _table_md(confirmed_summary(confirmed)),
         "\nEvery pair (beats_dense.csv; `also`: the other comparators the same test answers):\n",
-        _table_md(confirmed[PAIR_COLUMNS]),
+        _table_md(with_inherited(analysis, confirmed[PAIR_COLUMNS])),
     ]
 
 
 PAIR_COLUMNS = ["moe_trial", "moe_name", "comparator", "also", "dense_name", "moe_accuracy", "dense_accuracy",
                 "gain_mean", "ci_low", "ci_high", "p_holm", "n_seeds", "verdict", "decided_by"]
+
+
+def with_inherited(analysis: ParetoAnalysis, table: pd.DataFrame) -> pd.DataFrame:
+    """In a one-shot study, each confirmed arm's inherited accuracy (its search trial's; '-' for a twin that
+    was no trial) beside its standalone one, both named so."""
+    if not one_shot(analysis):
+        return table
+    inherited = analysis.trials.set_index("trial")["accuracy"]
+    table = table.rename(columns={"moe_accuracy": "moe_standalone", "dense_accuracy": "dense_standalone"})
+    table.insert(table.columns.get_loc("moe_standalone"), "moe_inherited",
+                 analysis.confirmed["moe_trial"].map(inherited))
+    trials = analysis.confirmed["dense_trial"].astype("Int64")
+    table.insert(table.columns.get_loc("dense_standalone"), "dense_inherited",
+                 [inherited.get(t) if not pd.isna(t) else None for t in trials])
+    return table
 
 
 def confirmed_sentence(analysis: ParetoAnalysis) -> str:
@@ -554,14 +588,25 @@ def pairs_table(confirmed: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def _pairs_html_table(analysis: ParetoAnalysis) -> pd.DataFrame:
+    """pairs_table, with each arm's inherited and standalone accuracies in a one-shot study."""
+    table = pairs_table(analysis.confirmed)
+    if one_shot(analysis):
+        accuracies = with_inherited(analysis, analysis.confirmed[["moe_accuracy", "dense_accuracy"]])
+        for column in reversed(accuracies.columns):
+            table.insert(3, column.replace("_", " "), accuracies[column].map(
+                lambda v: "-" if v is None or pd.isna(v) else f"{v:.4f}"))
+    return table
+
+
 def _confirmed_html(analysis: ParetoAnalysis) -> list[str]:
     text = confirmed_markdown(analysis)
     body = [f"<h2>{html.escape(text[0].strip().lstrip('# '))}</h2>",
             f"<p>{html.escape(text[1].strip()).replace('**', '')}</p>"]
     if analysis.confirm_settings:
         body += [confirmed_summary(analysis.confirmed).to_html(index=False),
-                 "<p>Every pair (all columns in beats_dense.csv):</p>", pairs_table(analysis.confirmed).to_html(
-                     index=False)]
+                 "<p>Every pair (all columns in beats_dense.csv):</p>", _pairs_html_table(analysis).to_html(
+                     index=False, na_rep="-")]
     return body
 
 

@@ -10,6 +10,7 @@ ahead of the workers), and workers claim queued trials atomically; an interrupte
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -172,6 +173,7 @@ def evaluate(ctx: steps.StudyContext, trial: optuna.Trial, record: TrialRecord) 
     """The steps of `nas.trial` for one Optuna trial, storing the record as it grows; returns the
     objective values. Raises TrialPruned for an invalid architecture or a trial stopped early."""
     objectives = ctx.cfg.study_objectives
+    record.evaluator = ctx.cfg.evaluator_kind
     try:
         record.arch = steps.sample(ctx, trial)
         steps.validate(ctx, record.arch)
@@ -198,7 +200,11 @@ def evaluate(ctx: steps.StudyContext, trial: optuna.Trial, record: TrialRecord) 
         return record.objective_values(objectives)
     records.write(trial, record)
 
-    if "accuracy" in ctx.cfg.objectives:
+    if "accuracy" in ctx.cfg.objectives and record.evaluator == "supernet":
+        record.train, scored = steps.inherit(ctx, record.arch)
+        record.metrics = dataclasses.replace(record.metrics, accuracy=scored.accuracy,
+                                             router_accuracy=scored.router_accuracy, train_time_s=scored.train_time_s)
+    elif "accuracy" in ctx.cfg.objectives:
         _, stopped = steps.train_to_rungs(ctx, record.arch,
                                           lambda rung, result: arrive(ctx, trial, record, rung, result))
         if stopped:
@@ -497,6 +503,10 @@ def run_search(cfg: StudyConfig, *, progress: bool = True, allow_changes: bool =
         study = open_study(cfg, url, allow_changes=allow_changes)
         # Super-classes are found before any trial (in view, not inside some worker's first MoE trial).
         ctx = steps.build_context(cfg, progress=progress)
+        if cfg.evaluator_kind == "supernet":  # trained (or resumed) before any trial, in view like the super-classes
+            from nas.supernet import trained_supernet
+
+            trained_supernet(ctx, progress=progress)
         with study_lock(url, cfg.study_name):
             queued = fill_slots(study, cfg)
             if stored_anchor(study) is None:

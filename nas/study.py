@@ -266,6 +266,7 @@ class StudyConfig:
         _check_number("trial_memory_mb", self.trial_memory_mb, minimum=1, maximum=2**40)
         if not isinstance(self.evaluator, dict):
             raise ConfigError("evaluator", f"must be a mapping of training-recipe fields, got {self.evaluator!r}")
+        self.check_supernet()
         self.recipe()  # validates the evaluator fields
         for name in ("storage", "results_dir"):
             value = getattr(self, name)
@@ -289,11 +290,45 @@ class StudyConfig:
             raise ConfigError("devices", f"each worker trains on its own GPU, seen there as cuda; drop "
                                          f"evaluator.device ({self.evaluator['device']}) or the devices")
 
+    def check_supernet(self) -> None:
+        """`evaluator.kind`: train (each trial trains its proxy) or supernet (each trial inherits its weights
+        from the study's supernet, `nas.supernet`), whose options are checked here."""
+        from nas.supernet import EVALUATOR_KINDS
+
+        if self.evaluator_kind not in EVALUATOR_KINDS:
+            raise ConfigError("evaluator.kind", f"must be one of {', '.join(EVALUATOR_KINDS)}, got "
+                                                f"{self.evaluator_kind!r}")
+        if self.evaluator_kind != "supernet":
+            return
+        self.supernet  # noqa: B018 (validates its fields)
+        for name in RUNG_FIELDS:
+            if name in self.evaluator:
+                raise ConfigError(f"evaluator.{name}", "a supernet evaluator trains one supernet: it has no rungs")
+        if self.confirm.enabled and self.confirm.steps is None:
+            raise ConfigError("confirm.steps", "a supernet study confirms by training standalone: give its steps")
+
+    @property
+    def evaluator_kind(self) -> str:
+        return self.evaluator.get("kind", "train")
+
+    @property
+    def supernet(self):
+        """The supernet options of a `kind: supernet` evaluator (`nas.supernet.SupernetSpec`)."""
+        from nas.supernet import SupernetSpec
+
+        return SupernetSpec.of(self.evaluator)
+
     def recipe(self):
-        """The proxy training of every trial; with rungs, its schedule spans the last rung."""
+        """The proxy training of every trial (of the supernet, for `kind: supernet`); with rungs, its schedule
+        spans the last rung."""
         from nas.trainer import TrainRecipe  # the trainer pulls in torch data code; only needed here
 
-        recipe = {k: v for k, v in self.evaluator.items() if k not in RUNG_FIELDS}
+        skip = RUNG_FIELDS + ("kind",)
+        if self.evaluator_kind == "supernet":
+            from nas.supernet import SUPERNET_FIELDS
+
+            skip += SUPERNET_FIELDS
+        recipe = {k: v for k, v in self.evaluator.items() if k not in skip}
         rungs = self.rungs
         if rungs is not None and "max_steps" in self.evaluator:
             recipe["steps"] = rungs.steps[-1]
@@ -304,7 +339,7 @@ class StudyConfig:
 
     @property
     def rungs(self) -> Rungs | None:
-        return Rungs.of(self.evaluator)
+        return None if self.evaluator_kind == "supernet" else Rungs.of(self.evaluator)
 
     @property
     def study_objectives(self) -> list[Objective]:
@@ -374,7 +409,10 @@ def config_changes(stored: dict, current: StudyConfig) -> list[str]:
 
 
 def _comparable(cfg: StudyConfig) -> dict:
-    return {**cfg.to_dict(), "evaluator": cfg.recipe().to_dict()}  # the recipe with its defaults filled in
+    # The recipe with its defaults filled in, and the evaluator's kind and supernet options.
+    supernet = dataclasses.asdict(cfg.supernet) if cfg.evaluator_kind == "supernet" else {}
+    extra = {"kind": cfg.evaluator_kind, **supernet}
+    return {**cfg.to_dict(), "evaluator": {**cfg.recipe().to_dict(), **extra}}
 
 
 def _flat(data: dict, prefix: str = "") -> dict:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,6 +302,18 @@ def per_image_correct(model: torch.nn.Module, dataset) -> np.ndarray:
     return np.concatenate(hits) if hits else np.zeros(0, dtype=bool)
 
 
+def inherit(ctx: StudyContext, arch: ArchConfig) -> tuple[dict, Metrics]:
+    """Score `arch` with the weights it inherits from the study's supernet (`kind: supernet`; trained on first
+    use, then loaded): (the score's record, the metrics' accuracy fields)."""
+    from nas.supernet import score, trained_supernet
+
+    tick = time.perf_counter()
+    scored = score(ctx, trained_supernet(ctx), arch)
+    scored["wall_time_s"] = round(time.perf_counter() - tick, 3)
+    return scored, Metrics(accuracy=scored["accuracy"], router_accuracy=scored["router_accuracy"],
+                           train_time_s=scored["wall_time_s"])
+
+
 def trained_metrics(metrics: Metrics, result) -> Metrics:
     first = result.evals[0][1] if result.evals else result.val_accuracy
     return dataclasses.replace(metrics, accuracy=result.val_accuracy, first_eval_accuracy=first,
@@ -308,6 +321,6 @@ def trained_metrics(metrics: Metrics, result) -> Metrics:
                                images_per_s=result.images_per_s)
 
 
-__all__ = ["Anchor", "StudyContext", "build_context", "check_constraints", "find_reusable", "measure_anchor",
+__all__ = ["Anchor", "StudyContext", "build_context", "check_constraints", "find_reusable", "inherit", "measure_anchor",
            "needs_latency", "per_image_correct", "predicted_metrics", "profile_arch", "promotion", "reuse",
            "running_earlier", "sample", "train_to_rungs", "trained_metrics", "validate"]

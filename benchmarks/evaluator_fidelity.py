@@ -1,0 +1,212 @@
+"""How well does each evaluator rank architectures the way long standalone training does?
+
+Draws architectures from fashion-quick's space, stratified over FLOPs (dense and MoE separately), trains each
+standalone at a long budget as the reference, and scores them with the cheap evaluators:
+
+- the multi-fidelity search's proxies: the accuracy at 100 and at 300 steps of fashion-quick's recipe (one
+  300-step run evaluated at 100, as the search's first rung does: the schedule spans the last rung);
+- the supernet's inherited-weight accuracy (`vmoe-nas supernet` over the same space, then `score`).
+
+Two phases, both resumable:
+
+    python benchmarks/evaluator_fidelity.py reference [--archs 24 --steps 1500]   # hours on 1 thread
+    python benchmarks/evaluator_fidelity.py score [--supernet-steps N]           # the tables
+
+`reference` appends each architecture's runs to benchmarks/fidelity_reference.json as soon as they finish
+(committed in the repo: a later change to an evaluator re-scores without retraining). `score` reads it,
+scores the finished ones with the supernet and writes results/benchmarks/evaluator_fidelity.json: Kendall tau
+and Spearman rho of the reference against each evaluator with bootstrap 95% intervals over architectures,
+top-5 overlap, and the training images each evaluator spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nas.study import load_study_config
+from nas.trainer import train
+from nas.trial import build_context, routes_on_superclasses
+from profilers import analytic_flops
+from search_spaces import ArchConfig
+from search_spaces.mobile_vmoe import InvalidArchitecture, MobileVMoESpace
+
+REFERENCE = Path(__file__).parent / "fidelity_reference.json"
+OUTPUT = Path("results/benchmarks/evaluator_fidelity.json")
+CHECKPOINTS = Path("results/benchmarks/fidelity-checkpoints")
+STUDY = "fashion-quick"
+PROXY_RUNGS = (100, 300)  # fashion-quick's rungs
+
+
+class Fixed:
+    """A Suggester answering from a dict of parameters."""
+
+    def __init__(self, params: dict):
+        self.params = params
+
+    def suggest_categorical(self, name, choices):
+        return self.params[name]
+
+
+def space_archs(space: MobileVMoESpace, *, image_size: int, in_channels: int, num_classes: int) -> list[ArchConfig]:
+    """Every distinct architecture the space samples."""
+    names = ["depth", "width", "patch_size", "mlp_ratio", "num_experts", "top_k", "moe_placement", "routing",
+             "router_loss_weight"]
+    choices = [space.depths, space.widths, space.patch_sizes, space.mlp_ratios, space.num_experts, space.top_k,
+               space.placements, space.routings, space.router_loss_weights]
+    archs = {}
+    for values in itertools.product(*choices):
+        params = dict(zip(names, values))
+        try:
+            arch = space.sample(Fixed(params), image_size=image_size, in_channels=in_channels, num_classes=num_classes)
+        except InvalidArchitecture:
+            continue
+        archs[arch.config_hash()] = arch
+    return list(archs.values())
+
+
+def stratified(archs: list[ArchConfig], count: int, seed: int = 0) -> list[ArchConfig]:
+    """`count` architectures, a third dense and the rest MoE, each kind one per FLOPs stratum (equal-count
+    bins of its kind sorted by FLOPs), in a shuffled order so that any prefix spans the FLOPs range."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for kind_archs, n in (([a for a in archs if not a.is_moe], count // 3),
+                          ([a for a in archs if a.is_moe], count - count // 3)):
+        ordered = sorted(kind_archs, key=lambda a: (analytic_flops(a), a.name))
+        for stratum in np.array_split(np.arange(len(ordered)), n):
+            picked.append(ordered[int(rng.choice(stratum))])
+    return [picked[i] for i in rng.permutation(len(picked))]
+
+
+def load_reference() -> dict:
+    return json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else {"archs": {}}
+
+
+def run_reference(args) -> None:
+    cfg = load_study_config(STUDY)
+    ctx = build_context(cfg, progress=False)
+    data = ctx.dataset
+    archs = stratified(space_archs(cfg.space, image_size=data.image_size, in_channels=data.in_channels,
+                                   num_classes=data.num_classes), args.archs)
+    proxy = dataclasses.replace(ctx.recipe, steps=PROXY_RUNGS[-1], eval_every=PROXY_RUNGS[0], num_threads=1)
+    # Checkpointed every 250 steps (and the proxy at its rungs): a killed run resumes inside an architecture.
+    long = dataclasses.replace(ctx.recipe, steps=args.steps, eval_every=250, num_threads=1)
+    store = load_reference()
+    store.update(study=STUDY, reference_steps=args.steps, batch_size=ctx.recipe.batch_size,
+                 proxy_recipe=proxy.to_dict(), reference_recipe=long.to_dict(), order=[a.name for a in archs])
+    for index, arch in enumerate(archs):
+        if arch.name in store["archs"]:
+            continue
+        groups = ctx.superclasses.get(arch.moe.num_experts) if routes_on_superclasses(arch) else None
+        tick = time.perf_counter()
+        checkpoints = CHECKPOINTS / arch.config_hash()
+        proxy_run = train(arch, data, proxy, superclasses=groups, checkpoint_dir=checkpoints / "proxy")
+        reference_run = train(arch, data, long, superclasses=groups, checkpoint_dir=checkpoints / "reference")
+        store["archs"][arch.name] = {
+            "arch": arch.to_dict(), "flops": analytic_flops(arch), "moe": arch.is_moe,
+            "reference": reference_run.val_accuracy, "reference_steps": args.steps,
+            "proxy": {str(step): acc for step, acc in proxy_run.evals if step in PROXY_RUNGS},
+            "wall_time_s": round(time.perf_counter() - tick, 1),
+        }
+        REFERENCE.write_text(json.dumps(store, indent=1) + "\n")  # each one kept as soon as it is done
+        print(f"[{index + 1}/{len(archs)}] {arch.name}: reference {reference_run.val_accuracy:.4f} proxy "
+              f"{store['archs'][arch.name]['proxy']} ({time.perf_counter() - tick:.0f} s)", flush=True)
+
+
+def rank_agreement(reference: np.ndarray, scores: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> dict:
+    """Kendall tau and Spearman rho of `scores` against `reference`, each with a bootstrap 95% interval
+    (architectures resampled with replacement), and the overlap of their top 5."""
+    from scipy.stats import kendalltau, spearmanr
+
+    rng = np.random.default_rng(seed)
+    n = len(reference)
+    draws = {"kendall_tau": [], "spearman_rho": []}
+    for _ in range(resamples):
+        pick = rng.integers(0, n, n)
+        if len(set(reference[pick])) < 2 or len(set(scores[pick])) < 2:
+            continue  # a resample of one distinct value has no ranking
+        draws["kendall_tau"].append(kendalltau(reference[pick], scores[pick]).statistic)
+        draws["spearman_rho"].append(spearmanr(reference[pick], scores[pick]).statistic)
+    top = min(5, n)
+    out = {"kendall_tau": float(kendalltau(reference, scores).statistic),
+           "spearman_rho": float(spearmanr(reference, scores).statistic),
+           "top5_overlap": len(set(np.argsort(-reference)[:top]) & set(np.argsort(-scores)[:top])), "n": n}
+    for name, values in draws.items():
+        out[f"{name}_ci"] = [float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5))]
+    return out
+
+
+def supernet_config(steps: int, random_subnets: int, **evaluator):
+    """fashion-quick's study with a supernet evaluator of its recipe (lr, batch), `steps` supernet steps."""
+    quick = load_study_config(STUDY).recipe()
+    evaluator = {"kind": "supernet", "steps": steps, "batch_size": quick.batch_size, "lr": quick.lr, "augment": False,
+                 "eval_every": max(steps // 4, 1), "random_subnets": random_subnets, "distill": True,
+                 "num_threads": 1, **evaluator}
+    return load_study_config(STUDY, study_name=f"{STUDY}-fidelity", evaluator=evaluator, confirm={"enabled": False})
+
+
+def run_score(args) -> None:
+    """Score the finished references with the supernet (trained here on first use, resumable) and the proxies."""
+    from nas.supernet import score, train_supernet
+
+    ctx = build_context(supernet_config(args.supernet_steps, args.random_subnets))
+    trained = train_supernet(ctx, progress=args.progress)  # first, so that it trains while references do
+    store = load_reference()
+    done = store["archs"]
+    if len(done) < 3:
+        raise SystemExit(f"{len(done)} reference architectures finished: too few to rank; score again later")
+    names = sorted(done)
+    reference = np.array([done[n]["reference"] for n in names])
+    tick = time.perf_counter()
+    inherited = np.array([score(ctx, trained.net, ArchConfig.from_dict(done[n]["arch"]))["accuracy"] for n in names])
+    scoring_s = time.perf_counter() - tick
+    batch = store["batch_size"]
+    evaluators = {
+        "supernet": (inherited, trained.train_images),
+        "proxy_100": (np.array([done[n]["proxy"]["100"] for n in names]), len(names) * 100 * batch),
+        "proxy_300": (np.array([done[n]["proxy"]["300"] for n in names]), len(names) * 300 * batch),
+    }
+    out = {"study": STUDY, "n_archs": len(names), "reference_steps": store["reference_steps"], "reference_seeds": 1,
+           "supernet": {"steps": trained.steps, "random_subnets": args.random_subnets, "distill": True,
+                        "largest_accuracy": trained.largest_accuracy, "smallest_accuracy": trained.smallest_accuracy,
+                        "wall_time_s": trained.wall_time_s, "scoring_s_per_arch": round(scoring_s / len(names), 3)},
+           "evaluators": {}, "archs": {n: {"flops": done[n]["flops"], "moe": done[n]["moe"],
+                                           "reference": done[n]["reference"], "supernet": float(acc),
+                                           "proxy": done[n]["proxy"]} for n, acc in zip(names, inherited)}}
+    for name, (scores, images) in evaluators.items():
+        out["evaluators"][name] = {**rank_agreement(reference, scores), "training_images": int(images)}
+    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+    OUTPUT.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"{len(names)} architectures, reference {store['reference_steps']} steps (1 seed)")
+    print(f"{'evaluator':>10} {'tau [95% CI]':>24} {'rho [95% CI]':>24} {'top-5':>6} {'train images':>13}")
+    for name, e in out["evaluators"].items():
+        tau, rho = e["kendall_tau_ci"], e["spearman_rho_ci"]
+        print(f"{name:>10} {e['kendall_tau']:+.2f} [{tau[0]:+.2f}, {tau[1]:+.2f}]   {e['spearman_rho']:+.2f} "
+              f"[{rho[0]:+.2f}, {rho[1]:+.2f}] {e['top5_overlap']:>6} {e['training_images']:>13,}")
+    print(f"wrote {OUTPUT}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    reference = commands.add_parser("reference", help="train the reference and proxy runs (resumable)")
+    reference.add_argument("--archs", type=int, default=24)
+    reference.add_argument("--steps", type=int, default=1500)
+    score = commands.add_parser("score", help="rank agreement of each evaluator with the reference")
+    score.add_argument("--supernet-steps", type=int, default=600)
+    score.add_argument("--random-subnets", type=int, default=2)
+    score.add_argument("--progress", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    (run_reference if args.command == "reference" else run_score)(args)
+
+
+if __name__ == "__main__":
+    main()

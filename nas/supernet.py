@@ -1,0 +1,322 @@
+"""One-shot evaluation: train a study's supernet once (`search_spaces.supernet`), then score any candidate
+with its inherited weights in a fraction of a second.
+
+Training (`train_supernet`, `vmoe-nas supernet --config STUDY`) follows BigNAS / AutoFormer's sandwich rule:
+each step runs the space's largest subnet, its smallest and `random_subnets` random ones on one batch and
+sums their gradients; with `distill`, every subnet but the largest learns the largest's (detached) soft
+predictions of that batch, in-place distillation (Yu et al. 2020). Each MoE subnet keeps its super-class
+router loss, with the class grouping of its expert count. The trainer's pieces run it: `Batches`,
+`Schedule`, `Loss`, `evaluate`, `Checkpoint`, devices and precision. Subnets of a step are drawn from
+(seed, step), so a resumed run takes the same steps as one that never stopped.
+
+Checkpoints live in results/<study>/supernet/<key>/, key = a hash of the space, data shape, recipe and
+supernet options: another space's supernet is another folder, and a checkpoint file of another space is
+refused naming what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nas.trainer import (
+    Batches,
+    Checkpoint,
+    Loss,
+    RunState,
+    Schedule,
+    TrainingError,
+    TrainRecipe,
+    _generator,
+    _progress_bar,
+    _recipe_dict,
+    autocast_dtype,
+    available_cores,
+    evaluate,
+    param_groups,
+    resolve_device,
+)
+from search_spaces import ArchConfig, ConfigError
+from search_spaces.config import check_fields
+from search_spaces.supernet import Supernet, extreme_arch, random_arch
+
+EVALUATOR_KINDS = ("train", "supernet")  # standalone proxy training; inherited weights of a supernet
+SUPERNET_DIR = "supernet"
+
+
+@dataclass(frozen=True)
+class SupernetSpec:
+    """The supernet fields of a study's `evaluator` (beside `kind: supernet` and the training recipe)."""
+
+    random_subnets: int = 2  # per step, beside the largest and the smallest (the sandwich rule)
+    distill: bool = True  # in-place distillation: subnets learn the largest's soft predictions
+    finetune_steps: int = 0  # per candidate, after inheriting its weights (0: score the inherited weights)
+    val_images: int | None = None  # validation images a candidate is scored on (None: the whole split)
+
+    def __post_init__(self):
+        for name, minimum in (("random_subnets", 0), ("finetune_steps", 0), ("val_images", 1)):
+            value = getattr(self, name)
+            if value is None and name == "val_images":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"evaluator.{name}", f"must be an integer >= {minimum}, got {value!r}")
+        if not isinstance(self.distill, bool):
+            raise ConfigError("evaluator.distill", f"must be true or false, got {self.distill!r}")
+
+    @classmethod
+    def of(cls, evaluator: dict) -> SupernetSpec:
+        fields = {k: v for k, v in evaluator.items() if k in SUPERNET_FIELDS}
+        return cls(**check_fields(cls, fields, "evaluator"))
+
+
+SUPERNET_FIELDS = tuple(f.name for f in dataclasses.fields(SupernetSpec))
+
+
+def build_supernet(space, dataset) -> Supernet:
+    return Supernet(space, image_size=dataset.image_size, in_channels=dataset.in_channels,
+                    num_classes=dataset.num_classes)
+
+
+def identity(net: Supernet, recipe: TrainRecipe, spec: SupernetSpec, dataset_name: str) -> dict[str, Any]:
+    """What a supernet's weights mean: space, data shape, data set, recipe (less where and how fast it ran:
+    the same supernet on another device) and the training options."""
+    training = {k: v for k, v in dataclasses.asdict(spec).items() if k in ("random_subnets", "distill")}
+    return {**net.identity(), "recipe": _recipe_dict(recipe.to_dict()), "supernet": training, "dataset": dataset_name}
+
+
+def checkpoint_dir(study_dir: Path, ident: dict) -> Path:
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(study_dir) / SUPERNET_DIR / key
+
+
+class SupernetCheckpoint(Checkpoint):
+    """The trainer's checkpoint, identified by the supernet's space, data shape, recipe and options."""
+
+    def __init__(self, path, ident: dict):
+        self.path = Path(path)
+        self.identity = ident
+
+
+@dataclass
+class Sandwich:
+    """The subnets of each step: the largest, the smallest and `random` ones drawn from (seed, step)."""
+
+    space: Any
+    dims: dict  # image_size, in_channels, num_classes
+    random: int
+    seed: int
+
+    def __post_init__(self):
+        self.largest = extreme_arch(self.space, True, **self.dims)
+        self.smallest = extreme_arch(self.space, False, **self.dims)
+
+    def at(self, step: int) -> list[ArchConfig]:
+        generator = _generator(self.seed, step, 3)
+        return [self.largest, self.smallest] + [random_arch(self.space, generator, **self.dims)
+                                                for _ in range(self.random)]
+
+
+@dataclass
+class SupernetResult:
+    net: Supernet
+    steps: int
+    train_images: int  # images through a subnet's forward and backward: batch x subnets x steps
+    largest_accuracy: float | None
+    smallest_accuracy: float | None
+    wall_time_s: float
+    checkpoint: Path
+
+
+def train_supernet(ctx, *, progress: bool = False, stop_at_step: int | None = None) -> SupernetResult:
+    """Train (or resume, or load when finished) the supernet of the study in `ctx` (`nas.trial.StudyContext`)."""
+    cfg, data, recipe = ctx.cfg, ctx.dataset, ctx.recipe
+    spec = cfg.supernet
+    device = resolve_device(recipe.device)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(recipe.num_threads or available_cores())
+    try:
+        torch.manual_seed(recipe.seed)
+        net = build_supernet(cfg.space, data)
+        ident = identity(net, recipe, spec, data.name)
+        folder = checkpoint_dir(cfg.study_dir, ident)
+        run = _SupernetRun(net.to(device), ctx, spec, SupernetCheckpoint(folder / "checkpoint.pt", ident), device)
+        return run.loop(math.inf if stop_at_step is None else stop_at_step, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _SupernetRun:
+    def __init__(self, net: Supernet, ctx, spec: SupernetSpec, checkpoint: SupernetCheckpoint, device):
+        recipe, data = ctx.recipe, ctx.dataset
+        self.net, self.ctx, self.spec, self.recipe, self.device = net, ctx, spec, recipe, device
+        self.checkpoint = checkpoint
+        self.optimizer = torch.optim.AdamW(param_groups(net, recipe.weight_decay), lr=recipe.lr, foreach=True)
+        self.amp = autocast_dtype(recipe.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
+        seed = recipe.seed if recipe.data_seed is None else recipe.data_seed
+        self.batches = Batches(data, recipe.batch_size, seed=seed, augment=recipe.augment, device=device)
+        self.schedule = Schedule.of(recipe, self.batches.per_epoch)
+        if self.schedule.steps is None:
+            raise ConfigError("evaluator.steps", "a supernet trains for a number of steps or epochs, not seconds")
+        dims = {"image_size": data.image_size, "in_channels": data.in_channels, "num_classes": data.num_classes}
+        self.sandwich = Sandwich(ctx.cfg.space, dims, spec.random_subnets, recipe.seed)
+        self.state = checkpoint.restore(net, self.optimizer, self.scaler) or RunState()
+
+    def loss_of(self, arch: ArchConfig) -> Loss:
+        groups = self.ctx.superclasses.get(arch.moe.num_experts) if arch.is_moe else None
+        groups = None if groups is None else torch.as_tensor(np.asarray(groups), dtype=torch.int64, device=self.device)
+        return Loss.of(arch, self.recipe, groups)
+
+    def step(self) -> float:
+        s = self.state
+        lr = self.schedule.lr(self.schedule.progress(s.step))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images, labels = self.batches.at(s.step)
+        self.net.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        teacher, total = None, 0.0
+        for arch in self.sandwich.at(s.step):  # one backward per subnet: only one graph held at a time
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                out = self.net(images, arch, with_aux=True)
+                loss = self.loss_of(arch)(out, labels, teacher)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"supernet: loss of {arch.name} became {loss.item()} at step {s.step} "
+                                    f"(lr {lr:.2e}); try a lower lr or a grad_clip")
+            if self.spec.distill and teacher is None:  # the largest comes first: its predictions teach the rest
+                teacher = F.softmax(out.logits.detach().float(), -1)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.recipe.grad_clip:
+            nn.utils.clip_grad_norm_(self.net.parameters(), self.recipe.grad_clip, foreach=True)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        s.step += 1
+        return total / (2 + self.spec.random_subnets)
+
+    def evaluate(self) -> dict[str, float]:
+        """Val accuracy of the largest and the smallest subnet: the supernet's learning curve."""
+        data = self.ctx.dataset
+        return {name: evaluate(self.net.extract(arch).to(self.device), data.val, data.normalize)["accuracy"]
+                for name, arch in (("largest", self.sandwich.largest), ("smallest", self.sandwich.smallest))}
+
+    def loop(self, stop_at: float, progress: bool) -> SupernetResult:
+        s, steps = self.state, self.schedule.steps
+        every = self.batches.per_epoch if self.recipe.eval_every == "epoch" else self.recipe.eval_every
+        bar = _progress_bar(progress, steps, s.step)
+        bar.set_description("supernet")
+        start, losses = time.perf_counter(), []
+        try:
+            while not s.finished and s.step < stop_at:
+                tick = time.perf_counter()
+                losses.append(self.step())
+                s.train_time += time.perf_counter() - tick
+                bar.update(1)
+                done = s.step >= steps
+                if done or s.step == stop_at or s.step % every == 0:
+                    s.loss_curve.append((s.step, float(np.mean(losses))))
+                    losses = []
+                    s.metrics = self.evaluate()
+                    s.evals.append((s.step, s.metrics["largest"]))
+                    s.finished = done
+                    s.wall_time += time.perf_counter() - start
+                    start = time.perf_counter()
+                    self.checkpoint.save(self.net, self.optimizer, s, self.scaler)
+        finally:
+            bar.close()
+            self.batches.close()
+        return SupernetResult(self.net.cpu().eval(), s.step, self.train_images(s.step),
+                              s.metrics.get("largest"), s.metrics.get("smallest"), round(s.wall_time, 3),
+                              self.checkpoint.path)
+
+    def train_images(self, steps: int) -> int:
+        return steps * self.batches.size * (2 + self.spec.random_subnets)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score(ctx, net: Supernet, arch: ArchConfig) -> dict[str, Any]:
+    """Inherited-weight val accuracy of `arch` (after `finetune_steps` of training from them, when set):
+    {accuracy, router_accuracy, finetune_steps}."""
+    from nas.trial import routes_on_superclasses
+
+    spec, data = ctx.cfg.supernet, ctx.dataset
+    groups = ctx.superclasses.get(arch.moe.num_experts) if routes_on_superclasses(arch) else None
+    model = net.extract(arch)
+    if spec.finetune_steps:
+        from nas.trainer import train
+
+        recipe = dataclasses.replace(ctx.recipe, steps=spec.finetune_steps, epochs=None, seconds=None,
+                                     eval_every=spec.finetune_steps)
+        model = train(arch, data, recipe, superclasses=groups, init_from=model.state_dict()).model
+    val = data.val if spec.val_images is None else _head(data.val, spec.val_images)
+    groups = None if groups is None else torch.as_tensor(np.asarray(groups), dtype=torch.int64)
+    metrics = evaluate(model.to(resolve_device(ctx.recipe.device)), val, data.normalize, groups=groups)
+    return {"accuracy": metrics["accuracy"], "router_accuracy": metrics["router_accuracy"],
+            "finetune_steps": spec.finetune_steps}
+
+
+def _head(split, count: int):
+    """The first `count` images of a split held in memory (a streamed split is scored whole)."""
+    if split.stream is not None or count >= len(split):
+        return split
+    return dataclasses.replace(split, images=split.images[:count], labels=split.labels[:count])
+
+
+_TRAINED: dict[Path, Supernet] = {}  # a process's trained supernets, by checkpoint: loaded once per worker
+
+
+def trained_supernet(ctx, *, progress: bool = False) -> Supernet:
+    """The study's trained supernet: trained here if it is not yet (resuming a checkpoint), else loaded."""
+    net = build_supernet(ctx.cfg.space, ctx.dataset)
+    folder = checkpoint_dir(ctx.cfg.study_dir, identity(net, ctx.recipe, ctx.cfg.supernet, ctx.dataset.name))
+    if folder not in _TRAINED:
+        _TRAINED[folder] = train_supernet(ctx, progress=progress).net
+    return _TRAINED[folder]
+
+
+def load_supernet(path, space, dataset, recipe: TrainRecipe, spec: SupernetSpec) -> Supernet:
+    """A supernet from a checkpoint file, refused (naming what differs) when it holds another space, data
+    shape, recipe or options."""
+    net = build_supernet(space, dataset)
+    checkpoint = SupernetCheckpoint(path, identity(net, recipe, spec, dataset.name))
+    if not Path(path).is_file():
+        raise ConfigError("supernet", f"no supernet checkpoint at {path}")
+    optimizer = torch.optim.AdamW(param_groups(net, recipe.weight_decay))
+    checkpoint.restore(net, optimizer)
+    return net.eval()
+
+
+def inherited_model(study_cfg, arch: ArchConfig, study_dir) -> nn.Module:
+    """`arch` holding the weights it inherits from the trained supernet of the study (`vmoe-nas export`)."""
+    from nas.data import load_dataset
+
+    spec = study_cfg.data
+    dataset = load_dataset(spec.name, data_dir=spec.data_dir, val_fraction=spec.val_fraction, seed=spec.seed,
+                           limit=spec.limit, **spec.folder_options())
+    recipe, options = study_cfg.recipe(), study_cfg.supernet
+    net = build_supernet(study_cfg.space, dataset)
+    folder = checkpoint_dir(study_dir, identity(net, recipe, options, dataset.name))
+    return load_supernet(folder / "checkpoint.pt", study_cfg.space, dataset, recipe, options).extract(arch).eval()
+
+
+__all__ = ["EVALUATOR_KINDS", "SUPERNET_FIELDS", "Sandwich", "SupernetCheckpoint", "SupernetResult", "SupernetSpec",
+           "build_supernet", "checkpoint_dir", "identity", "inherited_model", "load_supernet", "score",
+           "train_supernet", "trained_supernet"]
