@@ -26,7 +26,6 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from nas.confirm import latency_warning
 from nas.pareto import (
     FRONT_COLUMNS,
     ParetoAnalysis,
@@ -513,6 +512,8 @@ def confirmed_markdown(analysis: ParetoAnalysis) -> list[str]:
     if not settings:
         return ["\n## MoE against dense, confirmed\n", "Not confirmed yet: run `vmoe-nas confirm --study "
                 f"{analysis.study_name}` to retrain the top MoEs and their dense comparators with paired seeds.\n"]
+    from nas.confirm import latency_warning  # imports the trainer: only where a confirmation is reported
+
     warning = latency_warning(settings)
     return [
         f"\n## MoE against dense, confirmed ({len(settings['seeds'])} seeds, {settings['steps']} steps, "
