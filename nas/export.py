@@ -3,8 +3,9 @@
 `export_trial(study, out_dir, trial=N)` or `pick="RULE"` writes into one directory: `arch.yaml`,
 `train.yaml` (the full-length recipe `vmoe-nas train` runs), `superclasses.json` when the per-image
 router is trained on super-classes, `model.onnx` (checked against torch), `model.mlpackage` (or a
-`coreml/` trunk and tails for per-image MoEs) when coremltools is there, `trial.json` (the trial as
-stored) and `model_card.md`. The study keeps no weights, so the models are freshly initialised; the
+`coreml/` trunk and tails for per-image MoEs) when coremltools is there, `model.pte` (ExecuTorch,
+XNNPACK, checked against torch) when executorch is there, `trial.json` (the trial as stored) and
+`model_card.md`. The study keeps no weights, so the models are freshly initialised; the
 directory appears whole or not at all.
 """
 
@@ -45,7 +46,7 @@ PICK_RULES = {
 }
 ONNX_TOLERANCE = 1e-4  # max |logit difference| between ONNX Runtime and torch
 DEFAULT_EPOCHS = 30  # full training: the proxy ran for seconds, the final model for this many epochs
-VERSIONED = ("vmoe-nas", "torch", "onnx", "onnxruntime", "optuna", "coremltools", "numpy")
+VERSIONED = ("vmoe-nas", "torch", "onnx", "onnxruntime", "optuna", "coremltools", "executorch", "numpy")
 
 
 class ExportError(ConfigError):
@@ -169,6 +170,29 @@ def export_coreml_quietly(model: torch.nn.Module, out_dir: Path) -> str:
             "Apple devices only.")
 
 
+def export_executorch_checked(model: torch.nn.Module, path: Path) -> str:
+    """Write `model.pte` (profilers._executorch) and check it against torch on inputs that reach every
+    expert; returns the model card's line on it. ExecuTorch is optional and a model may not lower: a note,
+    not an error. A program that computes something else is an error, as for ONNX."""
+    import importlib.util
+
+    if importlib.util.find_spec("executorch") is None:
+        return "not written: executorch is not installed; `pip install 'vmoe-nas[executorch]'`"
+    from profilers._executorch import PTE_TOLERANCE, LoweringError, write_checked_pte
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            delegation, difference, reached = write_checked_pte(model, path)
+    except LoweringError as error:
+        path.unlink(missing_ok=True)
+        return f"not written: {error}"
+    if difference > PTE_TOLERANCE:
+        raise ExportError(path.name, f"executorch.runtime and torch differ by {difference:.2e} > {PTE_TOLERANCE:g}")
+    return (f"`{path.name}`, lowered to XNNPACK for batch 1: {delegation.summary()}. executorch.runtime matches "
+            f"torch to {difference:.1e} on {reached} (tolerance {PTE_TOLERANCE:g}).")
+
+
 # ---------------------------------------------------------------- the files
 
 
@@ -220,7 +244,8 @@ def _fmt_metric(value, unit: str = "") -> str:
 
 
 def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: StudyConfig,
-               analysis: ParetoAnalysis, *, onnx_difference: float, coreml_note: str, source: str | None,
+               analysis: ParetoAnalysis, *, onnx_difference: float, coreml_note: str, executorch_note: str,
+               source: str | None,
                seed: int, epochs: float, superclasses: bool) -> str:
     metrics, profile, train = trial.metrics, trial.profile or {}, trial.train or {}
     recipe = study_cfg.recipe()
@@ -274,6 +299,7 @@ def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: 
         f"(N, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), normalised per channel; output `logits`. "
         f"ONNX Runtime matches torch to {onnx_difference:.1e} (tolerance {ONNX_TOLERANCE:g}).",
         f"- Core ML: {coreml_note}",
+        f"- ExecuTorch: {executorch_note}",
         "- `train.yaml`, `arch.yaml`" + (", `superclasses.json` (the map the trial's router was trained on)"
                                          if superclasses else "")
         + ": what `vmoe-nas train` reads; `trial.json`: the trial as the study stored it.\n",
@@ -316,7 +342,8 @@ def _staging(out: Path, force: bool):
 
 
 def export_trial(study: optuna.Study, out_dir, *, trial: int | None = None, pick: str | None = None,
-                 epochs: float = DEFAULT_EPOCHS, coreml: bool = True, force: bool = False, study_dir=None,
+                 epochs: float = DEFAULT_EPOCHS, coreml: bool = True, executorch: bool = True, force: bool = False,
+                 study_dir=None,
                  margin: float = 0.0, source: str | None = None) -> dict[str, Path]:
     """Export trial `trial`, or the one `pick` chooses (see PICK_RULES), into `out_dir`; returns file kind
     -> path. `study_dir` holds the study's super-class cache (default results/<study>/); `source` says
@@ -352,11 +379,13 @@ def export_trial(study: optuna.Study, out_dir, *, trial: int | None = None, pick
             model = build_model(cfg).eval()
         difference = export_checked_onnx(model, stage / "model.onnx")
         coreml_note = export_coreml_quietly(model, stage) if coreml else "not written (--no-coreml)"
+        executorch_note = (export_executorch_checked(model, stage / "model.pte") if executorch
+                           else "not written (--no-executorch)")
         stored = {"study": study.study_name, **chosen.to_json()}
         (stage / "trial.json").write_text(json.dumps(stored, indent=1, default=str))
         (stage / "model_card.md").write_text(model_card(
             cfg, chosen, study.study_name, study_cfg, analysis, onnx_difference=difference, coreml_note=coreml_note,
-            source=source, seed=seed, epochs=epochs, superclasses=mapping is not None))
+            executorch_note=executorch_note, source=source, seed=seed, epochs=epochs, superclasses=mapping is not None))
         written = sorted(p.name for p in stage.iterdir())
     return {name: out / name for name in written}
 
@@ -373,5 +402,6 @@ def _stored_trial(study: optuna.Study, number: int) -> TrialRecord:
     return chosen
 
 
-__all__ = ["DEFAULT_EPOCHS", "ExportError", "PICK_RULES", "export_checked_onnx", "export_trial", "first_line",
+__all__ = ["DEFAULT_EPOCHS", "ExportError", "PICK_RULES", "export_checked_onnx", "export_executorch_checked",
+           "export_trial", "first_line",
            "onnx_max_difference", "pick_trial", "rebuilt_costs", "train_config"]
