@@ -245,8 +245,7 @@ def _fmt_metric(value, unit: str = "") -> str:
 
 def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: StudyConfig,
                analysis: ParetoAnalysis, *, onnx_difference: float, coreml_note: str, executorch_note: str,
-               source: str | None,
-               seed: int, epochs: float, superclasses: bool) -> str:
+               source: str | None, seed: int, epochs: float, superclasses: bool) -> str:
     metrics, profile, train = trial.metrics, trial.profile or {}, trial.train or {}
     recipe = study_cfg.recipe()
     budget = ", ".join(f"{k} {getattr(recipe, k):g}" for k in ("epochs", "steps", "seconds") if getattr(recipe, k))

@@ -5,8 +5,9 @@ with `XnnpackPartitioner`, which hands each run of ops XNNPACK takes to one dele
 rest on ExecuTorch's portable (reference) kernels. Every split costs a call and a copy, and the portable
 kernels are slow, so the model is lowered in `XnnpackForm`: the same numbers as `VisionMoE` in eval mode,
 in ops XNNPACK takes. What XNNPACK has no operator for stays portable, once per model where it can:
-- routing: `topk` (XNNPACK has no top-k, argmax or sort), one per model;
-- the gather of the chosen experts: `index` (XNNPACK has no gather), one per model, on a table of
+- routing: `topk` (XNNPACK has no top-k, argmax or sort), one per model, and the reshape of its int64
+  indices for the gather (XNNPACK takes floats only);
+- the gather of the chosen experts: `index_select` (XNNPACK has no gather), one per model, on a table of
   every MoE layer's expert weights side by side; the layers slice their share out inside the delegate;
 - per_token MoE layers keep their own form (their token grouping is data-dependent).
 The form writes LayerNorm as 4D means (XNNPACK's mean is a global average pool over the two inner
@@ -104,9 +105,7 @@ class XnnpackForm(nn.Module):
         return mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight, mlp.fc2_bias
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        x = model.patch_embed(images).flatten(2).transpose(1, 2)  # (B, num_patches, C)
-        x = F.pad(x, (0, 0, 1, 0)) + self.start  # (B, N, C): as cat([cls, x]) + pos_embed
+        model, x = self.model, self.embed(images)
         routing, experts = Routing(), {}
         for index, block in enumerate(model.blocks):
             if index == model.router_block:
@@ -116,6 +115,17 @@ class XnnpackForm(nn.Module):
             x = x + (self._moe(h, *experts[index]) if index in experts else block.mlp(h, routing))
         # LayerNorm is per token: normalising the class token alone is the model's norm-then-select.
         return model.head(layer_norm(model.norm, first_token(x)))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.model.patch_embed(images).flatten(2).transpose(1, 2)  # (B, num_patches, C)
+        return F.pad(x, (0, 0, 1, 0)) + self.start  # (B, N, C): as cat([cls, x]) + pos_embed
+
+    def router_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The per-image router's logits: the blocks before it only."""
+        model, x, routing = self.model, self.embed(images), Routing()
+        for block in model.blocks[: model.router_block]:
+            x = block(x, routing)
+        return model.router.linear(first_token(x))
 
     def _route(self, class_token: torch.Tensor, routing: Routing) -> dict[int, tuple]:
         """Top-k experts and renormalised gates per image, and each MoE layer's gathered expert weights."""
@@ -127,7 +137,9 @@ class XnnpackForm(nn.Module):
             total = total + slot
         gates = [slot / total for slot in slots]  # k = 1: exactly 1, unused
         B, k = chosen.shape
-        rows = self.expert_table[chosen]  # (B, k, all experts' weights): one portable `index`, no int64 reshape
+        # index_select copies whole rows; the portable `index` kernel (expert_table[chosen]) computes every
+        # element's source apart and was 3x slower on a 28 px MoE than the model without it.
+        rows = self.expert_table.index_select(0, chosen.reshape(B * k)).reshape(B, k, -1)  # (B, k, weights)
         experts, offset = {}, 0
         for index in self.moe_blocks:
             tensors = []
@@ -261,25 +273,40 @@ def cached_executorch(cfg: ArchConfig, batch: int) -> Path:
 PTE_TOLERANCE = 1e-4  # max |logit difference| between executorch.runtime and torch, as for ONNX Runtime
 
 
-def images_reaching_experts(model: VisionMoE, *, seed: int = 0, candidates: int = 512) -> tuple[torch.Tensor, str]:
-    """Random images (of `candidates`, at several scales) that the eager router sends, together, to every
-    expert it sends any of them to; three images for a model without a per-image router. Returns them and
-    a phrase saying which experts they reach."""
+def images_reaching_experts(model: VisionMoE, *, seed: int = 0, candidates: int = 64,
+                            steps: int = 100) -> tuple[torch.Tensor, str]:
+    """Images that the eager router sends, together, to every expert: random ones (of `candidates`, at
+    several scales) first, then, for each expert none of them reaches, one image optimised towards it (a
+    freshly initialised router favours a few experts). Three random images for a model without a per-image
+    router. Returns them and a phrase saying which experts they reach."""
     cfg = model.cfg
     generator = torch.Generator().manual_seed(seed)
     pool = torch.randn(candidates, cfg.in_channels, cfg.image_size, cfg.image_size, generator=generator)
     pool *= torch.logspace(-1, 1, candidates)[torch.randperm(candidates, generator=generator), None, None, None]
     if model.router is None:
         return pool[:3], "random inputs (no per-image router)"
-    routing = Routing()
-    with eval_mode(model), torch.no_grad():
-        model.forward_features(pool, routing)
-    picked, reached = [], set()
-    for index, experts in enumerate(routing.experts.tolist()):
-        if not set(experts) <= reached:
-            picked.append(index)
-            reached |= set(experts)
-    return pool[picked], f"{len(picked)} inputs routed to {len(reached)} of {cfg.moe.num_experts} experts"
+    form = XnnpackForm(model)
+    with eval_mode(model):
+        with torch.no_grad():
+            chosen = form.router_logits(pool).topk(cfg.moe.top_k).indices.tolist()
+        picked, reached = [], set()
+        for image, experts in zip(pool, chosen):
+            if not set(experts) <= reached:
+                picked.append(image)
+                reached |= set(experts)
+        for expert in sorted(set(range(cfg.moe.num_experts)) - reached):
+            image = pool[:1].clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([image], lr=0.05)
+            for _ in range(steps):
+                logits = form.router_logits(image)
+                if expert in logits.topk(cfg.moe.top_k).indices[0].tolist():
+                    picked.append(image.detach()[0])
+                    reached.add(expert)
+                    break
+                optimizer.zero_grad()
+                (image.grad,) = torch.autograd.grad(-logits.log_softmax(-1)[0, expert], image)  # no weight grads
+                optimizer.step()
+    return torch.stack(picked), f"{len(picked)} inputs routed to {len(reached)} of {cfg.moe.num_experts} experts"
 
 
 def write_checked_pte(model: VisionMoE, path: Path) -> tuple[Delegation, float, str]:
