@@ -14,7 +14,7 @@ from profilers._export import as_model, package_version
 from profilers._flops import count_flops
 from search_spaces import ArchConfig, VisionMoE, build_model, count_params
 
-LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "fvcore", "coremltools", "numpy")
+LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "fvcore", "coremltools", "executorch", "numpy")
 
 
 def cpu_model() -> str:
