@@ -8,12 +8,13 @@ STUDY ?= fashion-quick
 .PHONY: run test data lint benchmarks clean
 
 # torch and torchvision first and together, pinned: a lone or unpinned request resolves to other builds and
-# pulls gigabytes; the project then installs against them (timm, optuna-dashboard, ...).
+# pulls gigabytes; the project then installs against them (timm, optuna-dashboard, executorch, ...), pinned
+# again so that no extra's resolution replaces them.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev,coreml,postgres]'
+	$(PY) -m pip install -q -e '.[dev,coreml,postgres,executorch]' torch==2.14.1 torchvision==0.29.1
 	touch $(STAMP)
 
 data:

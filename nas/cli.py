@@ -263,8 +263,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     url = parse_storage(args.storage) if args.storage else existing_storage(study_dir)
     study = load_study(args.study, storage=url, results_dir=args.results_dir)
     paths = export_trial(study, args.out, trial=args.trial, pick=args.pick, epochs=args.epochs,
-                         coreml=not args.no_coreml, force=args.force, study_dir=study_dir, margin=args.margin,
-                         source=url.redacted)
+                         coreml=not args.no_coreml, executorch=not args.no_executorch, force=args.force,
+                         study_dir=study_dir, margin=args.margin, source=url.redacted)
     card = paths["model_card.md"].read_text().splitlines()
     print(f"exported {card[0].lstrip('# ')} to {args.out}: " + ", ".join(sorted(paths)))
     for line in card:
@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="tpe, nsga2, gp or random")
     p.add_argument("--seed", type=int, help="sampler seed")
     p.add_argument("--results-dir", help="where studies write (default results/)")
-    p.add_argument("--backend", help="latency backend (overrides profiler.backend): onnxruntime, torch, coreml, remote")
+    p.add_argument("--backend", help="latency backend (overrides profiler.backend): onnxruntime, torch, coreml, "
+                   "executorch, remote")
     p.add_argument("--remote-url", help="profiler agent http://HOST:PORT for --backend remote")
     p.add_argument("--device", help="training device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--devices", help="cuda:0,cuda:1,...: one worker process per GPU (pinned by CUDA_VISIBLE_DEVICES)")
@@ -413,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--backend", default="onnxruntime", choices=AgentBackends(), metavar="BACKEND",
                    help="runtime that measures, one of %(choices)s: onnxruntime takes ONNX, coreml zipped ML "
-                   "programs, torch an arch YAML")
+                   "programs, executorch a .pte, torch an arch YAML")
     p.add_argument("--token-file", help="file holding the bearer token every request must carry (default: "
                    "$VMOE_PROFILER_TOKEN; never on the command line, where ps shows it)")
     p.add_argument("--insecure-no-token", action="store_true",
@@ -445,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help="epochs of full training in train.yaml")
     p.add_argument("--margin", type=float, default=0.0, help="accuracy gain over dense the largest-gain rules need")
     p.add_argument("--no-coreml", action="store_true", help="skip the Core ML conversion")
+    p.add_argument("--no-executorch", action="store_true", help="skip the ExecuTorch program (model.pte)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(run=cmd_export)
 

@@ -3,7 +3,8 @@
 `export_trial(study, out_dir, trial=N)` or `pick="RULE"` writes into one directory: `arch.yaml`,
 `train.yaml` (the full-length recipe `vmoe-nas train` runs), `superclasses.json` when the per-image
 router is trained on super-classes, each of FORMATS: `model.onnx` (checked against torch), `model.mlpackage`
-(or a `coreml/` trunk, tails and `routing.json` for per-image MoEs) when coremltools is there; `input.json`
+(or a `coreml/` trunk, tails and `routing.json` for per-image MoEs) when coremltools is there, `model.pte`
+(ExecuTorch, XNNPACK, checked against torch) when executorch is there; `input.json`
 (normalisation, class names, routing facts, also in each file's metadata), `trial.json` (the trial as
 stored) and `model_card.md`. The study keeps no weights, so the models are freshly initialised; the
 directory appears whole or not at all.
@@ -51,7 +52,7 @@ PICK_RULES = {
 ONNX_TOLERANCE = 1e-4  # max |logit difference| between ONNX Runtime and torch
 INHERITED_WEIGHTS = "inherited.pt"  # a one-shot trial's weights from the supernet
 DEFAULT_EPOCHS = 30  # full training: the proxy ran for seconds, the final model for this many epochs
-VERSIONED = ("vmoe-nas", "torch", "onnx", "onnxruntime", "optuna", "coremltools", "numpy")
+VERSIONED = ("vmoe-nas", "torch", "onnx", "onnxruntime", "optuna", "coremltools", "executorch", "numpy")
 
 
 class ExportError(ConfigError):
@@ -215,9 +216,6 @@ class Format:
     write: Callable[[torch.nn.Module, Path, ModelInfo], str]
 
 
-FORMATS = (Format("ONNX", ("model.onnx",), write_onnx), Format("Core ML", ("model.mlpackage", "coreml"), write_coreml))
-
-
 def formats_in(folder: Path) -> list[Format]:
     """The formats an export wrote in `folder` (ONNX, which every export writes, always)."""
     return [f for f in FORMATS if f.name == "ONNX" or any((folder / p).exists() for p in f.paths)]
@@ -227,6 +225,37 @@ def write_formats(model: torch.nn.Module, folder: Path, info: ModelInfo, formats
     """Write `model` in each of `formats` and `input.json` into `folder`; returns format name -> its line."""
     (folder / "input.json").write_text(json.dumps(info.to_dict(), indent=1))
     return {f.name: f.write(model, folder, info) for f in formats}
+
+
+def export_executorch_checked(model: torch.nn.Module, path: Path) -> str:
+    """Write `model.pte` (profilers._executorch) and check it against torch on inputs that reach every
+    expert; returns the model card's line on it. ExecuTorch is optional and a model may not lower: a note,
+    not an error. A program that computes something else is an error, as for ONNX."""
+    import importlib.util
+
+    if importlib.util.find_spec("executorch") is None:
+        return "not written: executorch is not installed; `pip install 'vmoe-nas[executorch]'`"
+    from profilers._executorch import PTE_TOLERANCE, LoweringError, write_checked_pte
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            delegation, difference, reached = write_checked_pte(model, path)
+    except LoweringError as error:
+        path.unlink(missing_ok=True)
+        return f"not written: {error}"
+    if difference > PTE_TOLERANCE:
+        raise ExportError(path.name, f"executorch.runtime and torch differ by {difference:.2e} > {PTE_TOLERANCE:g}")
+    return (f"`{path.name}`, lowered to XNNPACK for batch 1: {delegation.summary()}. executorch.runtime matches "
+            f"torch to {difference:.1e} on {reached} (tolerance {PTE_TOLERANCE:g}).")
+
+
+def write_executorch(model: torch.nn.Module, folder: Path, info: ModelInfo) -> str:
+    return export_executorch_checked(model, folder / "model.pte")
+
+
+FORMATS = (Format("ONNX", ("model.onnx",), write_onnx), Format("Core ML", ("model.mlpackage", "coreml"), write_coreml),
+           Format("ExecuTorch", ("model.pte",), write_executorch))
 
 
 # ---------------------------------------------------------------- the files
@@ -431,7 +460,8 @@ def _staging(out: Path, force: bool):
 
 
 def export_trial(study: optuna.Study, out_dir, *, trial: int | None = None, pick: str | None = None,
-                 epochs: float = DEFAULT_EPOCHS, coreml: bool = True, force: bool = False, study_dir=None,
+                 epochs: float = DEFAULT_EPOCHS, coreml: bool = True, executorch: bool = True, force: bool = False,
+                 study_dir=None,
                  margin: float = 0.0, source: str | None = None) -> dict[str, Path]:
     """Export trial `trial`, or the one `pick` chooses (see PICK_RULES), into `out_dir`; returns file kind
     -> path. `study_dir` holds the study's super-class cache (default results/<study>/); `source` says
@@ -474,10 +504,10 @@ def export_trial(study: optuna.Study, out_dir, *, trial: int | None = None, pick
             with torch.random.fork_rng(devices=[]):  # initial weights from the recipe's seed, not the caller's RNG
                 torch.manual_seed(seed)
                 model = build_model(cfg).eval()
+        skipped = {"Core ML": None if coreml else "coreml", "ExecuTorch": None if executorch else "executorch"}
         formats = write_formats(model, stage, ModelInfo.of(cfg, dataset),
-                                [f for f in FORMATS if coreml or f.name != "Core ML"])
-        if not coreml:
-            formats["Core ML"] = "not written (--no-coreml)"
+                                [f for f in FORMATS if skipped.get(f.name) is None])
+        formats.update((name, "not written (--no-" + flag + ")") for name, flag in skipped.items() if flag)
         stored = {"study": study.study_name, **chosen.to_json()}
         (stage / "trial.json").write_text(json.dumps(stored, indent=1, default=str))
         card = model_card(cfg, chosen, study.study_name, study_cfg, analysis, formats=formats, source=source,
@@ -503,6 +533,6 @@ def _stored_trial(study: optuna.Study, number: int) -> TrialRecord:
     return chosen
 
 
-__all__ = ["DEFAULT_EPOCHS", "FORMATS", "ExportError", "Format", "PICK_RULES", "export_checked_onnx", "export_trial",
-           "first_line", "formats_in", "onnx_max_difference", "pick_trial", "rebuilt_costs", "train_config",
-           "write_formats"]
+__all__ = ["DEFAULT_EPOCHS", "FORMATS", "ExportError", "Format", "PICK_RULES", "export_checked_onnx",
+           "export_executorch_checked", "export_trial", "first_line", "formats_in", "onnx_max_difference", "pick_trial",
+           "rebuilt_costs", "train_config", "write_formats"]

@@ -231,6 +231,7 @@ BACKENDS = Registry({
     "onnxruntime": "profilers._onnxruntime:OnnxRuntimeBackend",
     "torch": "profilers._torch:TorchBackend",
     "coreml": "profilers._coreml_backend:CoreMLBackend",
+    "executorch": "profilers._executorch:ExecuTorchBackend",
     "remote": "profilers.remote:RemoteBackend",
 })
 register_backend = BACKENDS.register

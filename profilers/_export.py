@@ -24,8 +24,8 @@ from search_spaces import ArchConfig, VisionMoE, build_model
 CACHE_ENV = "VMOE_NAS_CACHE"
 DEFAULT_CACHE = Path("results/cache")
 # What an export depends on besides the config: the exporters, and the code of the model and its forms.
-EXPORTERS = ("onnxscript", "coremltools")  # with torch and onnx, whose versions are read off the modules
-EXPORT_CODE = ("search_spaces/model.py", "profilers/_export.py", "profilers/_coreml.py")
+EXPORTERS = ("onnxscript", "coremltools", "executorch")  # with torch and onnx, whose versions are read off the modules
+EXPORT_CODE = ("search_spaces/model.py", "profilers/_export.py", "profilers/_coreml.py", "profilers/_executorch.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -16,7 +16,7 @@ from profilers._latency import MAX_BATCH, MAX_THREADS
 from search_spaces import ArchConfig, VisionMoE, build_model, count_params
 from search_spaces.config import check_int
 
-LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "fvcore", "coremltools", "numpy")
+LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "fvcore", "coremltools", "executorch", "numpy")
 
 
 def cpu_model() -> str:

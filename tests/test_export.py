@@ -74,7 +74,7 @@ def test_export_of_the_moe_rebuilds_the_trial(results, tmp_path, monkeypatch, ca
     monkeypatch.setattr(profilers, "export_coreml", broken_converter)  # Core ML failing must not fail the export
     out = tmp_path / "moe"
     assert main(["export", "--study", STUDY, "--results-dir", str(results), "--pick", "best-moe", "--out", str(out),
-                 "--epochs", "2"]) == 0
+                 "--epochs", "2", "--no-executorch"]) == 0  # tests/test_executorch.py lowers it
     assert f"vmoe-nas train {out / 'train.yaml'}" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {"arch.yaml", "train.yaml", "superclasses.json", "model.onnx",
                                                "model_card.md", "trial.json", "input.json", EXPORT_MARKER}
@@ -117,7 +117,7 @@ def test_export_of_the_moe_rebuilds_the_trial(results, tmp_path, monkeypatch, ca
 
 def test_export_of_the_dense_trial_writes_core_ml(results, tmp_path):
     pytest.importorskip("coremltools")
-    paths = export_trial(load_study(STUDY, results_dir=results), tmp_path / "dense", trial=0,
+    paths = export_trial(load_study(STUDY, results_dir=results), tmp_path / "dense", trial=0, executorch=False,
                          study_dir=results / STUDY)
     assert paths["model.mlpackage"].is_dir() and "superclasses.json" not in paths
     assert load_train_config(paths["train.yaml"]).superclasses is None
@@ -131,7 +131,7 @@ def test_an_interrupted_export_leaves_no_directory_and_keeps_the_old_one(results
     monkeypatch.setattr(nas.export, "export_checked_onnx", interrupt)
     s = load_study(STUDY, results_dir=results)
     with pytest.raises(KeyboardInterrupt):
-        export_trial(s, tmp_path / "new", trial=1, coreml=False, study_dir=results / STUDY)
+        export_trial(s, tmp_path / "new", trial=1, coreml=False, executorch=False, study_dir=results / STUDY)
     assert list(tmp_path.iterdir()) == []  # neither new/ nor a hidden partial one
 
     old = tmp_path / "old"
@@ -139,34 +139,34 @@ def test_an_interrupted_export_leaves_no_directory_and_keeps_the_old_one(results
     (old / "arch.yaml").write_text("kept")
     (old / EXPORT_MARKER).touch()  # an earlier export: --force may replace it
     with pytest.raises(ExportError, match="exists; pass --force"):
-        export_trial(s, old, trial=1, coreml=False)
+        export_trial(s, old, trial=1, coreml=False, executorch=False)
     with pytest.raises(KeyboardInterrupt):
-        export_trial(s, old, trial=1, coreml=False, force=True, study_dir=results / STUDY)
+        export_trial(s, old, trial=1, coreml=False, executorch=False, force=True, study_dir=results / STUDY)
     assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "arch.yaml").read_text() == "kept"
 
 
 def test_export_force_after_an_export_killed_mid_swap_completes(results, tmp_path):
     s = load_study(STUDY, results_dir=results)
     out = tmp_path / "chosen"
-    export_trial(s, out, trial=1, coreml=False, study_dir=results / STUDY)
+    export_trial(s, out, trial=1, coreml=False, executorch=False, study_dir=results / STUDY)
     (tmp_path / ".chosen.old").mkdir()  # left by an export killed after moving the old folder aside
     (tmp_path / ".chosen.old" / "arch.yaml").write_text("stale")
-    paths = export_trial(s, out, trial=0, coreml=False, force=True, study_dir=results / STUDY)
+    paths = export_trial(s, out, trial=0, coreml=False, executorch=False, force=True, study_dir=results / STUDY)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chosen"] and paths["arch.yaml"].read_text() != "stale"
 
     os.replace(out, tmp_path / ".chosen.old")  # killed between the renames: only the old export is whole
-    export_trial(s, out, trial=1, coreml=False, force=True, study_dir=results / STUDY)
+    export_trial(s, out, trial=1, coreml=False, executorch=False, force=True, study_dir=results / STUDY)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chosen"]
 
 
 def test_export_force_never_deletes_a_training_run(results, tmp_path):
     s = load_study(STUDY, results_dir=results)
     out = tmp_path / "chosen"
-    export_trial(s, out, trial=1, coreml=False, study_dir=results / STUDY)
+    export_trial(s, out, trial=1, coreml=False, executorch=False, study_dir=results / STUDY)
     (out / "run").mkdir()
     (out / "run" / "model.pt").write_text("trained for hours")
     with pytest.raises(ExportError, match="holds a training run"):
-        export_trial(s, out, trial=0, coreml=False, force=True, study_dir=results / STUDY)
+        export_trial(s, out, trial=0, coreml=False, executorch=False, force=True, study_dir=results / STUDY)
     assert (out / "run" / "model.pt").read_text() == "trained for hours"
 
 

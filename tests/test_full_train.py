@@ -31,7 +31,8 @@ def exported(tmp_path_factory):
     """The study's MoE exported as `vmoe-nas export` does, with a 16-step budget in its train.yaml."""
     results = tiny_study_results(tmp_path_factory)
     out = tmp_path_factory.mktemp("export") / "moe"
-    export_trial(load_study(STUDY, results_dir=results), out, trial=1, coreml=False, study_dir=results / STUDY)
+    export_trial(load_study(STUDY, results_dir=results), out, trial=1, coreml=False, executorch=False,
+                 study_dir=results / STUDY)
     config = yaml.safe_load((out / "train.yaml").read_text())
     config["recipe"].update(epochs=None, steps=STEPS, eval_every=EVAL_EVERY)
     (out / "train.yaml").write_text(yaml.safe_dump(config))

@@ -23,7 +23,8 @@ def test_import_profilers_pulls_in_no_runtime_no_http_stack_and_no_warning_filte
         import fvcore.nn, numpy, onnx, torch, search_spaces  # what profilers builds on, and their filters
         before = list(warnings.filters)
         import profilers
-        heavy = [m for m in ("httpx", "starlette", "uvicorn", "onnxruntime", "coremltools") if m in sys.modules]
+        heavy = [m for m in ("httpx", "starlette", "uvicorn", "onnxruntime", "coremltools", "executorch")
+                 if m in sys.modules]
         print(heavy, [f for f in warnings.filters if f not in before])
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -31,10 +32,10 @@ def test_import_profilers_pulls_in_no_runtime_no_http_stack_and_no_warning_filte
 
 
 def test_every_backend_is_listed_by_name_and_loads_on_demand():
-    assert list(BACKENDS) == ["onnxruntime", "torch", "coreml", "remote"]
-    assert BACKENDS.agent_backends() == ["onnxruntime", "torch", "coreml"]
+    assert list(BACKENDS) == ["onnxruntime", "torch", "coreml", "executorch", "remote"]
+    assert BACKENDS.agent_backends() == ["onnxruntime", "torch", "coreml", "executorch"]
     assert {BACKENDS[name].content_type for name in BACKENDS.agent_backends()} == {
-        "application/onnx", "application/yaml", "application/zip"}
+        "application/onnx", "application/yaml", "application/zip", "application/x-executorch"}
     assert profilers.RemoteBackend is BACKENDS["remote"]
     assert "tensorrt" not in BACKENDS and [] not in BACKENDS  # a study config's value may be anything
     from nas.study import BACKENDS as study_backends
