@@ -148,8 +148,9 @@ def check_sqlite(path: Path) -> None:
     except sqlite3.DatabaseError as error:
         problems = [str(error)]
     if problems != ["ok"]:
-        raise StorageError(f"{path} is damaged, not a study SQLite can read ({'; '.join(problems)[:300]}): restore "
-                           "it from a copy; its trials cannot be read")
+        said = " ".join("; ".join(problems).split())[:300]  # one line: SQLite's rows hold newlines
+        raise StorageError(f"{path} is damaged, not a study SQLite can read ({said}): restore it from a copy; "
+                           "its trials cannot be read")
 
 
 def study_lock(url: str | StorageURL, study_name: str):
