@@ -11,7 +11,6 @@ import itertools
 import json
 from dataclasses import dataclass
 
-from profilers import tail_name
 from search_spaces import ArchConfig
 
 NORMALISE = "x = (pixel / 255 - mean) / std, per channel, pixels in 0..255"
@@ -60,6 +59,8 @@ class ModelInfo:
 def coreml_routing(arch: ArchConfig, *, batch: int) -> dict:
     """coreml/routing.json of a per-image MoE's trunk and tails (profilers.export_coreml): the tail file of
     each set of k experts, keyed by their sorted indices, and how to run it."""
+    from profilers import tail_name  # not at import: the CLI reads nas.export's PICK_RULES without onnx
+
     k = arch.moe.top_k
     tails = {"-".join(map(str, experts)): f"{tail_name(experts)}.mlpackage"
              for experts in itertools.combinations(range(arch.moe.num_experts), k)}
