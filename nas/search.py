@@ -286,6 +286,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: steps.StudyContext,
             if interrupted():  # a library turned the signal's KeyboardInterrupt into its own error
                 fail(f"interrupted ({interrupted()}); its slot is run again when the study resumes", interrupted=True)
                 raise KeyboardInterrupt(interrupted()) from None
+            if is_disk_full(error):  # the machine's disk, not the architecture: no retry used, the worker stops
+                said = " ".join(str(error).split())[:200]
+                fail(f"no space left ({said}); its slot is run again when the study resumes", interrupted=True)
+                raise
             reason = f"{type(error).__name__}: {error}"
             fail(reason)
             log.warning("trial %d failed: %s", trial.number, reason, exc_info=True)

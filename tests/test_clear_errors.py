@@ -12,10 +12,13 @@ from optuna.trial import TrialState, create_trial
 from pareto_trials import arch, study, trial
 from test_faults import study_yaml
 
+import nas.trial
+from nas import record as records
 from nas import search
 from nas.cli import main
+from nas.liveness import RETRY_ATTR
 from nas.record import TrialRecord, frozen_attrs
-from nas.storage import NoSpaceLeft
+from nas.storage import NoSpaceLeft, load_study
 from nas.study import load_study_config
 
 
@@ -86,3 +89,22 @@ def test_a_full_disk_under_the_study_storage_says_no_space_left(tmp_path, monkey
     monkeypatch.setattr(search, "_work", disk_full)
     with pytest.raises(NoSpaceLeft, match=f"no space left on {re.escape(str(cfg.study_dir))}: the study storage"):
         search.run_worker(cfg)
+
+
+def test_a_full_disk_during_a_trial_stops_the_worker_and_uses_no_retry(tmp_path, monkeypatch):
+    """A trial that filled the disk was failed for good (an architecture's failure), or reclaimed later as a dead
+    worker's, using a retry: the disk is the machine's problem, so the slot runs again when the study resumes."""
+    cfg = load_study_config(study_yaml(tmp_path, "fills", n_trials=1, steps=2))
+
+    def fills_the_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "checkpoint.pt"))
+
+    monkeypatch.setattr(nas.trial, "train_to_rungs", fills_the_disk)
+    with pytest.raises(NoSpaceLeft, match="no space left on"):
+        search.run_search(cfg, progress=False)
+    first = records.read_all(load_study("fills", results_dir=tmp_path / "results"))
+    assert [(r.interrupted, r.reason.startswith("no space left")) for r in first] == [(True, True)]
+    monkeypatch.undo()
+    trials = search.run_search(cfg, progress=False).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert RETRY_ATTR not in trials[1].system_attrs  # a new run of the slot, not a retry of a failed architecture
