@@ -219,7 +219,7 @@ class _SupernetRun:
     def loop(self, stop_at: float, progress: bool) -> SupernetResult:
         s, steps = self.state, self.schedule.steps
         every = self.batches.per_epoch if self.recipe.eval_every == "epoch" else self.recipe.eval_every
-        bar = _progress_bar(progress, steps, s.step)
+        bar = _progress_bar(progress, steps, s.step, "supernet")
         bar.set_description("supernet")
         start, losses = time.perf_counter(), []
         try:

@@ -222,7 +222,7 @@ class VisionMoE(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.width) * 0.02)
-        rates = torch.linspace(0, drop_path_rate, cfg.depth).tolist()
+        rates = [drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # no tensor: builds on meta
         self.blocks = nn.ModuleList(Block(cfg, _make_mlp(cfg, i), rates[i]) for i in range(cfg.depth))
         per_image = cfg.is_moe and cfg.moe.routing == "per_image"
         self.router = (PerImageRouter(cfg.width, cfg.moe.num_experts, cfg.moe.top_k,

@@ -156,7 +156,7 @@ def test_training_writes_every_format_the_export_wrote_from_the_trained_weights(
     coremltools = pytest.importorskip("coremltools")
     results = tiny_study_results(tmp_path_factory)
     out = tmp_path / "dense"
-    export_trial(load_study(STUDY, results_dir=results), out, trial=0, study_dir=results / STUDY)
+    export_trial(load_study(STUDY, results_dir=results), out, trial=0, study_dir=results / STUDY, executorch=False)
     assert (out / "model.mlpackage").is_dir()
     config = yaml.safe_load((out / "train.yaml").read_text())
     config["recipe"].update(epochs=None, steps=4, eval_every=4)

@@ -43,7 +43,7 @@ def real_trial(kind: str, accuracy: float, latency: float, width: int = 16) -> d
     a = arch(kind, width)
     t = trial(kind, accuracy, profilers.count_flops(a).total, latency, width=width)
     total, active = count_params(build_model(a))
-    t["user_attrs"]["metrics"].update(params_total=total, params_active=active)
+    t["user_attrs"].update(params_total=total, params_active=active)  # record version 4: flat metrics
     return t
 
 
