@@ -46,6 +46,7 @@ from nas.storage import (
     StorageError,
     StorageURL,
     default_storage,
+    first_line,
     is_disk_full,
     make_storage,
     parse_storage,
@@ -287,8 +288,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: steps.StudyContext,
                 fail(f"interrupted ({interrupted()}); its slot is run again when the study resumes", interrupted=True)
                 raise KeyboardInterrupt(interrupted()) from None
             if is_disk_full(error):  # the machine's disk, not the architecture: no retry used, the worker stops
-                said = " ".join(str(error).split())[:200]
-                fail(f"no space left ({said}); its slot is run again when the study resumes", interrupted=True)
+                fail(f"no space left ({first_line(error)}); its slot is run again when the study resumes",
+                     interrupted=True)
                 raise
             reason = f"{type(error).__name__}: {error}"
             fail(reason)

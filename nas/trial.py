@@ -180,23 +180,25 @@ def profile_arch(ctx: StudyContext, arch: ArchConfig) -> tuple[dict, Metrics]:
     latency on the anchor's scale where the study has one."""
     from profilers import device_label, profile
 
-    predict = ctx.cfg.profiler.latency != "measured" and needs_latency(ctx.cfg)
-    measure = needs_latency(ctx.cfg) and not predict
-    anchor = ctx.anchor if needs_latency(ctx.cfg) else None
-    result = profile(arch, measure=measure, anchor=anchor.arch if anchor else None, **ctx.cfg.profiler.options())
+    wanted = needs_latency(ctx.cfg)
+    predict = wanted and ctx.cfg.profiler.latency != "measured"
+    anchor = ctx.anchor if wanted else None
+    result = profile(arch, measure=wanted and not predict, anchor=anchor.arch if anchor else None,
+                     **ctx.cfg.profiler.options())
+    costs = Metrics(flops=result["flops"], params_total=result["params_total"], params_active=result["params_active"],
+                    size_bytes_fp32=result["size_bytes_fp32"], size_mb=result["size_bytes_fp32"] / 1e6)
     if predict:
-        return result, predicted_metrics(ctx, arch, result)
+        return result, predicted_metrics(ctx, arch, result, costs)
     latency = result.get("latency_ms") or {}
     ratio = result["anchor"]["ratio"] if "anchor" in result else None
-    metrics = Metrics(
-        flops=result["flops"], params_total=result["params_total"], params_active=result["params_active"],
-        size_bytes_fp32=result["size_bytes_fp32"], size_mb=result["size_bytes_fp32"] / 1e6,
+    metrics = dataclasses.replace(
+        costs,
         # On the anchor's scale where there is one: its latency at the study's start times this trial's ratio.
         latency_ms=ratio * anchor.latency_ms if ratio else latency.get("median"),
         latency_ms_measured=latency.get("median"), latency_ratio=ratio, latency_cv=latency.get("cv"),
         latency_backend=result.get("backend"), latency_device=device_label(result["device"]) if latency else None,
     )
-    if ctx.latency_model is not None and measure:  # a model given beside measured latency: both, side by side
+    if ctx.latency_model is not None and wanted:  # a model given beside measured latency: both, side by side
         from nas.latency import predicted_latency
 
         scale = anchor.latency_ms if anchor else None
@@ -204,20 +206,16 @@ def profile_arch(ctx: StudyContext, arch: ArchConfig) -> tuple[dict, Metrics]:
     return result, metrics
 
 
-def predicted_metrics(ctx: StudyContext, arch: ArchConfig, result: dict) -> Metrics:
-    """The metrics of an unmeasured profile, latency from the study's latency model (on its anchor's scale)."""
+def predicted_metrics(ctx: StudyContext, arch: ArchConfig, result: dict, costs: Metrics) -> Metrics:
+    """`costs` with latency from the study's latency model (on its anchor's scale), for an unmeasured profile."""
     from nas.latency import predicted_latency
 
     model = ctx.latency_model
     predicted, _ = predicted_latency(model, arch, ctx.anchor.latency_ms if ctx.anchor else None)
     result["latency_ms"] = {"predicted": predicted}
     result["latency_model"] = {"path": model.path, "bound_pct": model.bound_pct}
-    return Metrics(
-        flops=result["flops"], params_total=result["params_total"], params_active=result["params_active"],
-        size_bytes_fp32=result["size_bytes_fp32"], size_mb=result["size_bytes_fp32"] / 1e6,
-        latency_ms=predicted, latency_ms_predicted=predicted, latency_backend=result.get("backend"),
-        latency_device=model.key["device"],
-    )
+    return dataclasses.replace(costs, latency_ms=predicted, latency_ms_predicted=predicted,
+                               latency_backend=result.get("backend"), latency_device=model.key["device"])
 
 
 def check_constraints(constraints: Constraints, metrics: Metrics) -> tuple[dict[str, float], list[str]]:
