@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from nas.config import ConfigError
 from nas.data import Dataset, Split
 from nas.trainer import Loss, TrainRecipe, _Run, available_cores, param_groups, resolve_device
-from search_spaces import ArchConfig, ConfigError, ModelOutput, load_arch
+from search_spaces import ArchConfig, ModelOutput, load_arch
 
 OUT = Path("results/benchmarks/train_throughput.json")
 

@@ -46,13 +46,14 @@ from optuna.trial import TrialState
 
 from nas import liveness, stats
 from nas import record as records
+from nas.config import ConfigError
 from nas.liveness import LEASE_INTERVALS
 from nas.objectives import objectives_for
 from nas.processes import die_with_parent
 from nas.record import ConfirmRecord, ConfirmRun, TrialRecord
 from nas.study import StudyConfig
 from nas.trial import per_image_correct
-from search_spaces import ArchConfig, ConfigError, build_model
+from search_spaces import ArchConfig, build_model
 
 log = logging.getLogger("vmoe_nas.confirm")
 CLAIM_ATTR = "claim"  # a companion trial's user attribute: the key of the run a launcher is training

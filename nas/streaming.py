@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nas.config import MAX_NUMBER, ConfigError, check_int, first_line, shown
 from nas.data import (
     IMAGE_SUFFIXES,
     DataError,
@@ -43,8 +44,6 @@ from nas.data import (
     check_pixels,
     image_files,
 )
-from search_spaces import ConfigError
-from search_spaces.config import shown
 
 log = logging.getLogger("vmoe_nas.data")
 
@@ -74,8 +73,8 @@ class FolderOptions:
 
     def __post_init__(self):
         for name in ("image_size", "classes", "per_class"):
-            _check_int(name, getattr(self, name), minimum=1 if name != "image_size" else 4)
-        _check_int("workers", self.workers, minimum=0, maximum=256)
+            check_int(f"data.{name}", getattr(self, name), 1 if name != "image_size" else 4, MAX_NUMBER, optional=True)
+        check_int("data.workers", self.workers, 0, 256, optional=True)
         if not (self.stream == "auto" or isinstance(self.stream, bool)):
             raise ConfigError("data.stream", f"must be auto, true or false, got {self.stream!r}")
         if isinstance(self.max_memory_mb, bool) or not isinstance(self.max_memory_mb, (int, float)) \
@@ -88,11 +87,6 @@ class FolderOptions:
         from nas.trainer import available_cores
 
         return min(8, available_cores() - 1) if self.workers is None else self.workers
-
-
-def _check_int(name: str, value, *, minimum: int, maximum: int = 2**63 - 1) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum):
-        raise ConfigError(f"data.{name}", f"must be an integer in [{minimum}, {maximum:,}], got {shown(value)}")
 
 
 # --- files --------------------------------------------------------------------------------------------------
@@ -275,7 +269,7 @@ def _reason(error: Exception) -> str:
     """torchvision's message without its source location ('decode_jpeg, .../decode_jpeg.cpp:171, Image is ...')."""
     if isinstance(error, DataFormatError):  # says the file already
         return str(error).split(" (", 1)[-1].removesuffix(")")
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = first_line(error)
     return re.sub(r"^\w+, \S+:\d+, ", "", text)
 
 

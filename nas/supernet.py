@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas.config import ConfigError, check_fields
 from nas.trainer import (
     Batches,
     Checkpoint,
@@ -47,8 +48,7 @@ from nas.trainer import (
     param_groups,
     resolve_device,
 )
-from search_spaces import ArchConfig, ConfigError
-from search_spaces.config import check_fields
+from search_spaces import ArchConfig
 from search_spaces.supernet import Supernet, extreme_arch, random_arch
 
 EVALUATOR_KINDS = ("train", "supernet")  # standalone proxy training; inherited weights of a supernet

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas.config import MAX_SEED, ConfigError, check_number, first_line, from_mapping, shown
 from nas.data import Dataset, Split
 from nas.processes import deferred_interruptions
-from search_spaces import ArchConfig, ConfigError, build_model
-from search_spaces.config import MAX_SEED, from_mapping, shown
+from search_spaces import ArchConfig, build_model
 from search_spaces.model import ModelOutput, PerTokenExperts
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -46,7 +46,6 @@ LOG_EVERY = 10  # steps per loss-curve point: the curve stays small enough to st
 EVAL_BATCH = 1024
 MAX_BATCH_SIZE = 65536  # images per step: past it a batch of ImageNet images outgrows any accelerator's memory
 MAX_STEPS = 10**12  # steps or epochs: past it a budget is a typo
-MAX_NUMBER = 2**63 - 1  # any other recipe number: int64, as checkpoints and storages keep them
 
 
 class TrainingError(RuntimeError):
@@ -95,25 +94,25 @@ class TrainRecipe:
         if all(getattr(self, name) is None for name in ("epochs", "steps", "seconds")):
             raise ConfigError("epochs", "a budget is needed: set epochs, steps or seconds")
         for name in ("epochs", "steps", "seconds", "grad_clip"):
-            _check_number(name, getattr(self, name), optional=True, positive=True, integer=name == "steps")
+            check_number(name, getattr(self, name), optional=True, positive=True, integer=name == "steps")
         for name in ("batch_size", "seed"):
-            _check_number(name, getattr(self, name), integer=True, positive=name == "batch_size")
-        _check_number("data_seed", self.data_seed, optional=True, integer=True)
-        _check_number("num_threads", self.num_threads, optional=True, positive=True, integer=True)
+            check_number(name, getattr(self, name), integer=True, positive=name == "batch_size")
+        check_number("data_seed", self.data_seed, optional=True, integer=True)
+        check_number("num_threads", self.num_threads, optional=True, positive=True, integer=True)
         for name, maximum in (("seed", MAX_SEED), ("data_seed", MAX_SEED), ("batch_size", MAX_BATCH_SIZE),
                               ("num_threads", 1024), ("steps", MAX_STEPS), ("epochs", MAX_STEPS),
                               ("seconds", 10**9), ("eval_every", MAX_STEPS)):
             value = getattr(self, name)
             if isinstance(value, (int, float)) and value > maximum:
                 raise ConfigError(name, f"must be <= {maximum:,}, got {shown(value)}")
-        _check_number("lr", self.lr, positive=True)
-        _check_number("checkpoint_every_s", self.checkpoint_every_s, positive=True)
+        check_number("lr", self.lr, positive=True)
+        check_number("checkpoint_every_s", self.checkpoint_every_s, positive=True)
         for name in ("weight_decay", "label_smoothing", "aux_loss_weight", "warmup_fraction"):
-            _check_number(name, getattr(self, name))
+            check_number(name, getattr(self, name))
         if self.warmup_fraction >= 1 or self.label_smoothing >= 1:
             raise ConfigError("warmup_fraction" if self.warmup_fraction >= 1 else "label_smoothing", "must be < 1")
         if self.eval_every != "epoch":
-            _check_number("eval_every", self.eval_every, positive=True, integer=True)
+            check_number("eval_every", self.eval_every, positive=True, integer=True)
         for name in ("augment", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
@@ -121,7 +120,7 @@ class TrainRecipe:
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("mixup", "cutmix"):
-            _check_number(name, getattr(self, name))
+            check_number(name, getattr(self, name))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,18 +130,6 @@ class TrainRecipe:
         if not isinstance(data, dict):  # callers prefix the fields' names with their section's
             raise ConfigError("recipe", f"must be a mapping of recipe fields, got {type(data).__name__}")
         return from_mapping(cls, data, "")
-
-
-def _check_number(name, value, *, optional=False, positive=False, integer=False) -> None:
-    if value is None and optional:
-        return
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-        raise ConfigError(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ConfigError(name, f"must be {'> 0' if positive else '>= 0'}, got {value}")
-    if value > MAX_NUMBER:
-        raise ConfigError(name, f"must be <= {MAX_NUMBER:,}, got {shown(value)}")
 
 
 def parse_device(name: Any) -> tuple[str, int | None]:
@@ -406,8 +393,8 @@ class Checkpoint:
         try:
             payload = torch.load(self.path, weights_only=True, map_location="cpu")
         except Exception as error:  # torn, foreign or planted: say which file, not a pickle traceback
-            lines = str(error).splitlines() or [type(error).__name__]
-            why = next((line for line in lines if "GLOBAL" in line), lines[0])  # what a planted file pickles
+            # a planted file's GLOBAL line says what it pickles
+            why = next((line for line in str(error).splitlines() if "GLOBAL" in line), first_line(error))
             raise CheckpointError(f"cannot read checkpoint {self.path} ({why}); only tensors and plain data are "
                                 f"loaded; delete it to restart") from None
         for key, value in self.identity.items():
@@ -453,7 +440,7 @@ def train(cfg: ArchConfig, dataset: Dataset, recipe: TrainRecipe, *, superclasse
     """
     _check_fits(cfg, dataset)
     if stop_at_step is not None:
-        _check_number("stop_at_step", stop_at_step, positive=True, integer=True)
+        check_number("stop_at_step", stop_at_step, positive=True, integer=True)
     groups = _router_targets(cfg, dataset, superclasses)
     device = resolve_device(recipe.device)
     previous = torch.get_num_threads(), torch.get_float32_matmul_precision()

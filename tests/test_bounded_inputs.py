@@ -20,11 +20,12 @@ from test_faults import study_yaml
 
 from nas import record as records
 from nas.cli import main
+from nas.config import ConfigError
 from nas.data import DataError, DataFormatError, load_dataset
 from nas.search import fill_slots, open_study, run_worker, storage_url
 from nas.study import load_study_config
 from profilers import profile
-from search_spaces import ArchConfig, ConfigError
+from search_spaces import ArchConfig
 
 from image_folders import write_jpegs, write_png_bomb
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from nas.cli import main
+from nas.config import ConfigError
 from nas.data import load_dataset
 from nas.search import worker_env
 from nas.study import load_study_config
 from nas.trainer import Batches, TrainRecipe, autocast_dtype, parse_device, resolve_device, train
-from search_spaces import ConfigError
 
 from archs import tiny, tiny_moe
 

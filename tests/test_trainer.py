@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from nas import trainer
+from nas.config import ConfigError
 from nas.data import load_dataset
 from nas.trainer import (
     Batches,
@@ -27,7 +28,7 @@ from nas.trainer import (
     param_groups,
     train,
 )
-from search_spaces import ConfigError, build_model
+from search_spaces import build_model
 from search_spaces.model import ModelOutput
 
 from archs import tiny, tiny_moe
