@@ -63,7 +63,7 @@ def routing(model, data: Dataset, groups: np.ndarray) -> dict:
 
 def compare(results: dict[str, dict], baseline: str, *, margin: float = 0.0) -> list[stats.PairedResult]:
     """Every other arm against `baseline`, paired by seed, Holm-adjusted over the family."""
-    return stats.study([
+    return stats.holm_adjusted([
         stats.paired(arm["correct"], results[baseline]["correct"], name=name, cost="flops", margin=margin)
         for name, arm in results.items() if name != baseline
     ])

@@ -129,7 +129,7 @@ def decided_by(ci_low: float | None, ci_high: float | None, p: float, *, margin:
 def paired(moe_correct: np.ndarray, dense_correct: np.ndarray, *, name: str = "", cost: str = "flops",
            margin: float = 0.0, confidence: float = 0.95, alpha: float = 0.05) -> PairedResult:
     """One pair from per-image correctness, (n_seeds, n_images) booleans per arm, row i of both trained with
-    seed i. Its `p_holm` is its own p; `study` adjusts a family of pairs."""
+    seed i. Its `p_holm` is its own p; `holm_adjusted` adjusts a family of pairs."""
     moe, dense = (np.asarray(a, dtype=bool) for a in (moe_correct, dense_correct))
     if moe.ndim != 2 or moe.shape != dense.shape or not moe.size:
         raise ValueError(f"{name or 'pair'}: moe_correct and dense_correct must both be (n_seeds, n_images), "
@@ -146,12 +146,18 @@ def paired(moe_correct: np.ndarray, dense_correct: np.ndarray, *, name: str = ""
     )
 
 
-def study(results: Sequence[PairedResult]) -> list[PairedResult]:
+def holm_adjusted(results: Sequence[PairedResult]) -> list[PairedResult]:
     """The pairs of one study with Holm-adjusted p-values and their verdicts redone on them."""
     adjusted = holm([r.p_value for r in results])
     return [replace(r, p_holm=float(p), verdict=verdict(r.ci_low, r.ci_high, float(p), margin=r.margin,
                                                         alpha=r.alpha))
             for r, p in zip(results, adjusted)]
+
+
+def arm_interval(accuracies: list[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95% t-interval; NaN for one seed) of one arm's accuracies over seeds."""
+    mean, low, high = t_interval(np.asarray(accuracies))
+    return mean, (high - low) / 2 if math.isfinite(high) else math.nan
 
 
 def mutual_information(a: np.ndarray, b: np.ndarray) -> float:
@@ -172,5 +178,5 @@ def purity(experts: np.ndarray, groups: np.ndarray) -> float:
     return float(sum(np.bincount(groups[experts == e]).max() for e in np.unique(experts)) / len(experts))
 
 
-__all__ = ["VERDICTS", "PairedResult", "decided_by", "holm", "mcnemar_midp", "mutual_information", "paired",
-           "purity", "study", "t_interval", "verdict"]
+__all__ = ["VERDICTS", "PairedResult", "arm_interval", "decided_by", "holm", "holm_adjusted", "mcnemar_midp",
+           "mutual_information", "paired", "purity", "t_interval", "verdict"]
