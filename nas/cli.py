@@ -201,8 +201,8 @@ def cmd_confirm(args: argparse.Namespace) -> None:
 
 def cmd_superclasses(args: argparse.Namespace) -> None:
     from nas.data import load_dataset
+    from nas.devices import resolve_device
     from nas.superclasses import cache_name, superclasses_for
-    from nas.trainer import resolve_device
 
     resolve_device(args.device)  # before the data set is read
     dataset = load_dataset(args.data, data_dir=args.data_dir)
@@ -274,8 +274,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from nas.devices import resolve_device
     from nas.full_train import load_train_config, run_training
-    from nas.trainer import CHECKPOINT_NAME, TrainingInterrupted, resolve_device
+    from nas.trainer import CHECKPOINT_NAME, TrainingInterrupted
 
     run = load_train_config(args.config).output_dir
     if args.device:

@@ -24,10 +24,12 @@ import torch
 from nas.config import ConfigError, first_line, read_yaml
 from nas.data import load_dataset
 from nas.deploy import ModelInfo
+from nas.devices import resolve_device
 from nas.export import FORMATS, formats_in, versions
+from nas.recipe import TrainRecipe
 from nas.streaming import FOLDER_FIELDS
 from nas.superclasses import SuperclassMap
-from nas.trainer import CHECKPOINT_NAME, TrainRecipe, resolve_device, train
+from nas.trainer import CHECKPOINT_NAME, train
 from search_spaces import ArchConfig
 
 DATA_FIELDS = ("name", "data_dir", "val_fraction", "seed", "limit", *FOLDER_FIELDS)  # load_dataset's arguments

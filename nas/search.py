@@ -492,7 +492,7 @@ def print_superclasses(ctx: steps.StudyContext) -> None:
 def run_search(cfg: StudyConfig, *, progress: bool = True, allow_changes: bool = False) -> optuna.Study:
     """Run (or resume) the study in `cfg` with `cfg.workers` processes; returns the study. `allow_changes`:
     see `open_study`."""
-    from nas.trainer import resolve_device
+    from nas.devices import resolve_device
 
     for device in cfg.devices or [cfg.recipe().device]:  # absent: one error before anything is stored
         resolve_device(device)

@@ -34,16 +34,9 @@ import numpy as np
 import torch
 
 from nas.config import MAX_NUMBER, ConfigError, check_int, first_line, shown
-from nas.data import (
-    IMAGE_SUFFIXES,
-    DataError,
-    DataFormatError,
-    DataNotFoundError,
-    Dataset,
-    Split,
-    check_pixels,
-    image_files,
-)
+from nas.datasets import DataError, DataFormatError, DataNotFoundError, Dataset, Split
+from nas.devices import available_cores
+from nas.image_files import IMAGE_SUFFIXES, check_pixels, image_files
 
 log = logging.getLogger("vmoe_nas.data")
 
@@ -84,8 +77,6 @@ class FolderOptions:
             raise ConfigError("data.corrupt", f"must be skip or error, got {self.corrupt!r}")
 
     def decode_workers(self) -> int:
-        from nas.trainer import available_cores
-
         return min(8, available_cores() - 1) if self.workers is None else self.workers
 
 

@@ -265,7 +265,7 @@ class StudyConfig:
         self.enqueued_params()  # every entry resolves to parameters of the space
 
     def check_devices(self) -> None:
-        from nas.trainer import parse_device
+        from nas.devices import parse_device
 
         if not isinstance(self.devices, list) or not all(isinstance(d, str) for d in self.devices):
             raise ConfigError("devices", f"must list devices such as cuda:0, cuda:1, got {self.devices!r}")
@@ -307,7 +307,7 @@ class StudyConfig:
     def recipe(self):
         """The proxy training of every trial (of the supernet, for `kind: supernet`); with rungs, its schedule
         spans the last rung."""
-        from nas.trainer import TrainRecipe  # the trainer pulls in torch data code; only needed here
+        from nas.recipe import TrainRecipe  # the trainer pulls in torch data code; only needed here
 
         skip = RUNG_FIELDS + ("kind",)
         if self.evaluator_kind == "supernet":
