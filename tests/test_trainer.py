@@ -379,3 +379,13 @@ def test_mixup_and_cutmix_are_seeded_by_step(data):
     for field, value in (("mixup", -1.0), ("device", "tpu"), ("precision", "fp8"), ("compile", "yes")):
         with pytest.raises(ConfigError, match=field):
             TrainRecipe.from_dict({"steps": 5, field: value})
+
+
+def test_a_checkpoint_holding_the_retired_stopped_early_field_resumes(data, tmp_path):
+    """Checkpoints written before `stopped_early` was removed from RunState still resume."""
+    cfg, recipe = tiny(num_classes=CLASSES), quick(steps=20, eval_every=10)
+    train(cfg, data, recipe, checkpoint_dir=tmp_path, stop_at_step=10)
+    path = tmp_path / trainer.CHECKPOINT_NAME
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "state": {**payload["state"], "stopped_early": False}}, path)
+    assert train(cfg, data, recipe, checkpoint_dir=tmp_path).steps == 20
