@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from nas import streaming
 from nas.datasets import DataError, DataFormatError, DataNotFoundError, Dataset, RawArrays, Split
@@ -233,8 +234,6 @@ def _read_images(folder: Path, classes: list[str], size: int | None) -> tuple[np
     """All images under folder/<class>/, resized to the first one's size (which must be square); grey if all
     are, else RGB. Each file is read and closed in turn: a folder may hold more images than a process may open
     files, and only the resized pixels are kept."""
-    from PIL import Image
-
     paths = [(folder / name / file, c) for c, name in enumerate(classes) if (folder / name).is_dir()
              for file in image_files(folder / name)]
     if not paths:

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-from scipy import stats
 
 VERDICTS = ("beats", "ties", "loses")
 
@@ -78,6 +77,8 @@ def t_interval(diffs: np.ndarray, confidence: float = 0.95) -> tuple[float, floa
     sem = float(diffs.std(ddof=1)) / math.sqrt(len(diffs))
     if sem == 0:
         return mean, mean, mean
+    from scipy import stats  # deferred: importing scipy sets process-wide warning filters (tests/test_search.py)
+
     low, high = stats.t.interval(confidence, len(diffs) - 1, loc=mean, scale=sem)
     return mean, float(low), float(high)
 
@@ -89,6 +90,8 @@ def mcnemar_midp(b: int, c: int) -> float:
     if n == 0:
         return 1.0
     low = min(b, c)  # the exact p doubles P(X <= low); the mid-p counts P(X = low) only half
+    from scipy import stats  # deferred: importing scipy sets process-wide warning filters (tests/test_search.py)
+
     return float(min(1.0, 2 * stats.binom.cdf(low, n, 0.5) - stats.binom.pmf(low, n, 0.5)))
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from nas.config import MAX_NUMBER, ConfigError, check_int, first_line, shown
 from nas.datasets import DataError, DataFormatError, DataNotFoundError, Dataset, Split
@@ -205,8 +206,7 @@ def decode(path: str, channels: int | None = None) -> torch.Tensor:
     """(C, H, W) uint8 of the image file; grey or RGB as asked (CMYK and palette images converted), as stored
     when `channels` is None. Its header is read first: an image of more than MAX_IMAGE_PIXELS is refused, as
     the in-memory reader refuses it."""
-    from PIL import Image
-    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.io import ImageReadMode, decode_image  # deferred: torchvision takes seconds to import
 
     try:
         with Image.open(path) as image:
@@ -218,7 +218,7 @@ def decode(path: str, channels: int | None = None) -> torch.Tensor:
 
 
 def eval_transform(size: int):
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # deferred: torchvision takes seconds to import
 
     return v2.Compose([v2.Resize(math.floor(size / CROP_PCT), antialias=True), v2.CenterCrop(size)])
 
@@ -226,7 +226,7 @@ def eval_transform(size: int):
 def train_transform(size: int, *, flip: bool):
     """The standard ImageNet train transform on uint8 tensors: random-resized crop, flip, RandAugment (2 ops at
     magnitude 9, timm's rand-m9-n2)."""
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # deferred: torchvision takes seconds to import
 
     return v2.Compose([v2.RandomResizedCrop(size, antialias=True),
                        v2.RandomHorizontalFlip() if flip else v2.Identity(), v2.RandAugment(num_ops=2, magnitude=9)])
@@ -401,8 +401,6 @@ def streams_by_default(path: str, max_memory_mb: float) -> bool:
     """Whether an image folder given no folder options is read here rather than by `nas.data`'s in-memory
     reader: when it has MANY_FILES or more (that reader holds each file open until all are read) or would
     exceed `max_memory_mb` in memory at its first image's size."""
-    from PIL import Image
-
     train_dir, _, folders, _ = layout("imagefolder", Path(path))
     files = list_files(train_dir, folders)
     try:

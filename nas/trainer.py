@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from nas.batches import Batches
 from nas.config import ConfigError, check_number, first_line
@@ -405,7 +406,7 @@ def _mixer(recipe: TrainRecipe, num_classes: int):
     """timm's Mixup (mixup and/or cutmix, one mix per batch, labels smoothed) when the recipe asks for it."""
     if not (recipe.mixup or recipe.cutmix):
         return None
-    from timm.data import Mixup
+    from timm.data import Mixup  # deferred: timm takes seconds to import, and most recipes mix nothing
 
     return Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.label_smoothing,
                  num_classes=num_classes)
@@ -440,8 +441,6 @@ def _token_load_hooks(model: nn.Module) -> list[_TokenLoadHook]:
 
 
 def progress_bar(enabled: bool, total: int | None, initial: int, label: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, disable=not enabled, desc=label, unit="step", dynamic_ncols=True)
 
 
