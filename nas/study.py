@@ -205,7 +205,7 @@ class StudyConfig:
     seed: int = 0
     n_trials: int | None = 20
     timeout: float | None = None  # seconds; the study stops starting trials after it
-    # A nas.trainer.TrainRecipe as YAML, whose budget is `steps`, `epochs` or `seconds`, or multi-fidelity
+    # A nas.recipe.TrainRecipe as YAML, whose budget is `steps`, `epochs` or `seconds`, or multi-fidelity
     # rungs: `min_steps`, `max_steps` and `reduction_factor` (see `Rungs`).
     evaluator: dict = field(default_factory=lambda: {"epochs": 1})
     profiler: ProfilerSpec = field(default_factory=ProfilerSpec)
