@@ -102,7 +102,9 @@ def dominated_volume(loss: np.ndarray, reference: np.ndarray) -> float:
         x, lowest_y = loss[order, 0], np.minimum.accumulate(loss[order, 1])
         widths = np.diff(np.append(x, reference[0]))  # from each row's x to the next row's (the last: reference)
         return float((widths * (reference[1] - lowest_y)).sum())
-    dominated = ((loss[:, None] <= loss[None]).all(-1) & (loss[:, None] < loss[None]).any(-1)).any(0)
+    no_worse = np.logical_and.reduce([column[:, None] <= column[None] for column in loss.T])  # per column: fast
+    better = np.logical_or.reduce([column[:, None] < column[None] for column in loss.T])
+    dominated = (no_worse & better).any(0)
     loss = loss[~dominated]  # dominated rows add nothing; dropping them first keeps the slices small
     loss = loss[np.argsort(loss[:, -1], kind="stable")]
     tops = np.append(loss[1:, -1], reference[-1])
