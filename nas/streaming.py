@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nas.config import MAX_NUMBER, ConfigError, check_int, first_line, shown
+from nas.config import MAX_NUMBER, ConfigError, check_int, check_number, first_line
 from nas.datasets import DataError, DataFormatError, DataNotFoundError, Dataset, Split
 from nas.devices import available_cores
 from nas.image_files import IMAGE_SUFFIXES, check_pixels, image_files
@@ -71,9 +71,7 @@ class FolderOptions:
         check_int("data.workers", self.workers, 0, 256, optional=True)
         if not (self.stream == "auto" or isinstance(self.stream, bool)):
             raise ConfigError("data.stream", f"must be auto, true or false, got {self.stream!r}")
-        if isinstance(self.max_memory_mb, bool) or not isinstance(self.max_memory_mb, (int, float)) \
-                or not 0 < self.max_memory_mb <= 2**40:
-            raise ConfigError("data.max_memory_mb", f"must be a number in (0, 2**40], got {shown(self.max_memory_mb)}")
+        check_number("data.max_memory_mb", self.max_memory_mb, positive=True, maximum=2**40)
         if self.corrupt not in CORRUPT_CHOICES:
             raise ConfigError("data.corrupt", f"must be skip or error, got {self.corrupt!r}")
 

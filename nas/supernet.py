@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas.batches import Batches, seeded_generator
-from nas.config import ConfigError, check_fields
+from nas.config import MAX_NUMBER, ConfigError, check_fields, check_int
 from nas.devices import autocast_dtype, available_cores, resolve_device
 from nas.recipe import Schedule, TrainRecipe, param_groups, recipe_identity
 from nas.trainer import Checkpoint, Loss, RunState, TrainingError, evaluate, progress_bar
@@ -53,11 +53,7 @@ class SupernetSpec:
 
     def __post_init__(self):
         for name, minimum in (("random_subnets", 0), ("finetune_steps", 0), ("val_images", 1)):
-            value = getattr(self, name)
-            if value is None and name == "val_images":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"evaluator.{name}", f"must be an integer >= {minimum}, got {value!r}")
+            check_int(f"evaluator.{name}", getattr(self, name), minimum, MAX_NUMBER, optional=name == "val_images")
         if not isinstance(self.distill, bool):
             raise ConfigError("evaluator.distill", f"must be true or false, got {self.distill!r}")
 
