@@ -15,8 +15,9 @@ import torch
 
 from nas import stats
 from nas.confirm import twin_init
-from nas.data import Dataset
-from nas.trainer import TrainRecipe, train
+from nas.datasets import Dataset
+from nas.recipe import TrainRecipe
+from nas.trainer import train
 from nas.trial import per_image_correct
 from profilers import analytic_flops
 from search_spaces import ArchConfig, build_model, count_params
@@ -63,7 +64,7 @@ def routing(model, data: Dataset, groups: np.ndarray) -> dict:
 
 def compare(results: dict[str, dict], baseline: str, *, margin: float = 0.0) -> list[stats.PairedResult]:
     """Every other arm against `baseline`, paired by seed, Holm-adjusted over the family."""
-    return stats.study([
+    return stats.holm_adjusted([
         stats.paired(arm["correct"], results[baseline]["correct"], name=name, cost="flops", margin=margin)
         for name, arm in results.items() if name != baseline
     ])

@@ -31,7 +31,7 @@ import yaml
 from PIL import Image
 
 from nas.data import load_dataset
-from nas.trainer import available_cores
+from nas.devices import available_cores
 
 OUT = Path("results/benchmarks/data_throughput.json")
 

@@ -17,8 +17,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from nas.data import load_dataset
+from nas.recipe import TrainRecipe
 from nas.superclasses import DISCOVERY_RECIPE, superclasses_for
-from nas.trainer import TrainRecipe, train
+from nas.trainer import train
 from search_spaces import build_model, count_params, load_arch
 
 OUT = Path("results/benchmarks/fashion_dense_vs_moe.json")

@@ -27,7 +27,7 @@ from pathlib import Path
 from _paired import compare, report, run_arms, table
 
 from nas.data import load_dataset
-from nas.trainer import TrainRecipe
+from nas.recipe import TrainRecipe
 from search_spaces import ArchConfig, MoEConfig
 
 OUT = Path("results/benchmarks/positive_control.json")

@@ -20,7 +20,7 @@ from pathlib import Path
 from _paired import compare, report, run_arms, table
 
 from nas.data import load_dataset
-from nas.trainer import TrainRecipe
+from nas.recipe import TrainRecipe
 from search_spaces import ArchConfig, MoEConfig
 
 OUT = Path("results/benchmarks/routing_ablation")

@@ -28,9 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from nas.data import Dataset, Split
-from nas.trainer import Loss, TrainRecipe, _Run, available_cores, param_groups, resolve_device
-from search_spaces import ArchConfig, ConfigError, ModelOutput, load_arch
+from nas.config import ConfigError
+from nas.datasets import Dataset, Split
+from nas.devices import available_cores, resolve_device
+from nas.recipe import TrainRecipe, param_groups
+from nas.trainer import Loss, _Run
+from search_spaces import ArchConfig, ModelOutput, load_arch
 
 OUT = Path("results/benchmarks/train_throughput.json")
 

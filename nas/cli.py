@@ -9,12 +9,12 @@ import math
 import sys
 from pathlib import Path
 
+from nas.config import ConfigError, check_int, first_line
 from nas.export import DEFAULT_EPOCHS, PICK_RULES
 from nas.objectives import OBJECTIVES
 from nas.processes import interruptible
 from profilers import BACKENDS, MAX_BATCH, MAX_THREADS
-from search_spaces import ConfigError, describe, load_arch
-from search_spaces.config import check_int
+from search_spaces import describe, load_arch
 
 
 def _print_json(data: dict) -> None:
@@ -201,8 +201,8 @@ def cmd_confirm(args: argparse.Namespace) -> None:
 
 def cmd_superclasses(args: argparse.Namespace) -> None:
     from nas.data import load_dataset
+    from nas.devices import resolve_device
     from nas.superclasses import cache_name, superclasses_for
-    from nas.trainer import resolve_device
 
     resolve_device(args.device)  # before the data set is read
     dataset = load_dataset(args.data, data_dir=args.data_dir)
@@ -274,8 +274,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from nas.devices import resolve_device
     from nas.full_train import load_train_config, run_training
-    from nas.trainer import CHECKPOINT_NAME, TrainingInterrupted, resolve_device
+    from nas.trainer import CHECKPOINT_NAME, TrainingInterrupted
 
     run = load_train_config(args.config).output_dir
     if args.device:
@@ -461,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Errors a user can fix get one line naming what to fix, not a traceback. Named by module, so that a command
 # imports only what it uses: an error class whose module was never imported cannot have been raised.
-USER_ERRORS = {"search_spaces.config": "ConfigError", "nas.data": "DataError", "nas.superclasses": "SuperclassError",
+USER_ERRORS = {"nas.config": "ConfigError", "nas.data": "DataError", "nas.superclasses": "SuperclassError",
                "nas.storage": "StorageError", "nas.trainer": "TrainingError", "profilers._errors": "ProfileError",
                "builtins": "FileNotFoundError"}
 
@@ -476,7 +477,7 @@ def storage_failure(error: BaseException) -> str | None:
     storage = sys.modules.get("nas.storage")
     if storage is None or not isinstance(error, storage.STORAGE_ERRORS):
         return None
-    return f"the study storage failed: {storage.first_line(storage.root_cause(error))}"
+    return f"the study storage failed: {first_line(storage.root_cause(error))}"
 
 
 def main(argv: list[str] | None = None) -> int:

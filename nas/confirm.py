@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import multiprocessing
 import os
 import threading
@@ -46,13 +45,15 @@ from optuna.trial import TrialState
 
 from nas import liveness, stats
 from nas import record as records
+from nas.config import ConfigError
+from nas.fronts import non_dominated_rank
 from nas.liveness import LEASE_INTERVALS
 from nas.objectives import objectives_for
 from nas.processes import die_with_parent
 from nas.record import ConfirmRecord, ConfirmRun, TrialRecord
 from nas.study import StudyConfig
 from nas.trial import per_image_correct
-from search_spaces import ArchConfig, ConfigError, build_model
+from search_spaces import ArchConfig, build_model
 
 log = logging.getLogger("vmoe_nas.confirm")
 CLAIM_ATTR = "claim"  # a companion trial's user attribute: the key of the run a launcher is training
@@ -137,8 +138,6 @@ def top_moes(rs: list[TrialRecord], k: int, objectives: list[str]) -> list[Trial
     """The top `k` MoEs by the MoE fronts of the study's objectives: the front's, most accurate first, then
     (where the front holds fewer than `k`) the next front's, so a study whose best MoE dominates the others
     still confirms `k`."""
-    from nas.pareto import non_dominated_rank
-
     objs = objectives_for(objectives)
     moes = [r for r in eligible(rs) if r.kind == "moe" and all(r.metrics.value(o) is not None for o in objs)]
     if not moes:
@@ -317,7 +316,7 @@ def compare(pairs: list[Pair], runs: dict[str, ConfirmRun], settings: Settings) 
         arms = [np.stack([runs[records.run_key(a, s, settings.steps)].correct for s in settings.seeds])
                 for a in (p.moe, p.dense)]
         results.append(stats.paired(*arms, name=p.name, cost=p.cost, margin=settings.margin))
-    return stats.study(results)
+    return stats.holm_adjusted(results)
 
 
 class Claims:
@@ -514,12 +513,6 @@ def _with_accuracies(pair: Pair, runs: dict[str, ConfirmRun], settings: Settings
     return {**pair.to_dict(), "moe_accuracies": accuracy["moe"], "dense_accuracies": accuracy["dense"]}
 
 
-def arm_interval(accuracies: list[float]) -> tuple[float, float]:
-    """(mean, half-width of its 95% t-interval; NaN for one seed) of one arm's accuracies over seeds."""
-    mean, low, high = stats.t_interval(np.asarray(accuracies))
-    return mean, (high - low) / 2 if math.isfinite(high) else math.nan
-
-
-__all__ = ["COSTS", "INTERDECILE_SDS", "Pair", "Settings", "arm_interval", "arm_recipe", "best_dense", "companion",
+__all__ = ["COSTS", "INTERDECILE_SDS", "Pair", "Settings", "arm_recipe", "best_dense", "companion",
            "compare", "confirm", "eligible", "latency_band", "latency_warning", "run_missing", "runs_needed",
            "select_pairs", "settings_for", "stored_runs", "timing_spread", "top_moes", "train_arm", "twin_init"]

@@ -8,7 +8,7 @@
 - `imagenet:PATH`: `train/` and `val/` with one folder per synset, streamed from disk (`nas.streaming`), as
   is an image folder given folder options (`image_size`, `stream`, ...) or too big for `max_memory_mb`;
 - `npz:PATH`: arrays `x`, `y`, optional `superclass`, `x_test`, `y_test`, `class_names`;
-- `synthetic[:key=value,...]`: procedural images with a planted class hierarchy (see `make_synthetic`).
+- `synthetic[:key=value,...]`: procedural images with a planted class hierarchy (see `nas.synthetic.make_synthetic`).
 
 The training set is split into train/val by a seeded permutation. The test split is never touched by the
 search; only final training evaluates on it.
@@ -17,97 +17,24 @@ search; only final training evaluates on it.
 from __future__ import annotations
 
 import gzip
-import logging
 import os
 import pickle
-import stat
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+
+from nas import streaming
+from nas.datasets import DataError, DataFormatError, DataNotFoundError, Dataset, RawArrays, Split
+from nas.image_files import IMAGE_SUFFIXES, check_pixels, image_files
+from nas.synthetic import load_synthetic
 
 DATA_DIR_ENV = "VMOE_NAS_DATA_DIR"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-MAX_IMAGE_PIXELS = 89_478_485  # PIL's decompression-bomb limit, for both image-folder readers: 256 MiB as RGB
-log = logging.getLogger("vmoe_nas.data")
-
-
-class DataError(ValueError):
-    """A data set could not be loaded; the message says where it looked and what it expected."""
-
-
-class DataNotFoundError(DataError):
-    pass
-
-
-class DataFormatError(DataError):
-    pass
-
-
-@dataclass(frozen=True)
-class Split:
-    images: torch.Tensor  # (N, C, H, W) uint8; (0, C, H, W) when the split streams from disk
-    labels: torch.Tensor  # (N,) int64
-    stream: Any = None  # nas.streaming.StreamedSplit: the split is read from disk batch by batch
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def chunks(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(uint8 images, labels) in order, `size` at a time, from memory or from disk."""
-        if self.stream is not None:
-            yield from self.stream.chunks(size)
-            return
-        for start in range(0, len(self), size):
-            yield self.images[start : start + size], self.labels[start : start + size]
-
-
-@dataclass(frozen=True)
-class Dataset:
-    name: str
-    train: Split
-    val: Split
-    test: Split
-    num_classes: int
-    class_names: tuple[str, ...]
-    mean: tuple[float, ...]  # per channel, of the train split, on the [0, 1] scale
-    std: tuple[float, ...]
-    superclasses: np.ndarray | None  # (num_classes,) class -> group, when the data set brings them
-    flip_ok: bool  # whether a horizontal flip keeps every label
-
-    @property
-    def in_channels(self) -> int:
-        return self.train.images.shape[1]
-
-    @property
-    def image_size(self) -> int:
-        return self.train.images.shape[-1]
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> float32, zero mean and unit variance per channel."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1) * 255
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1) * 255
-        return (images.float() - mean) / std
-
-
-@dataclass
-class _Raw:
-    """What a loader returns: numpy arrays, NCHW uint8 images and int labels."""
-
-    x: np.ndarray
-    y: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    class_names: tuple[str, ...]
-    superclasses: np.ndarray | None = None
-    flip_ok: bool = False
 
 
 def load_dataset(name: str, *, data_dir=None, val_fraction: float = 0.1, seed: int = 0, limit: int | None = None,
@@ -122,13 +49,11 @@ def load_dataset(name: str, *, data_dir=None, val_fraction: float = 0.1, seed: i
         raise DataError(f"limit must be a positive number of training images, got {limit}")
     kind, _, arg = name.partition(":")
     loaders = {"fashion-mnist": _fashion_mnist, "cifar10": _cifar10, "cifar100": _cifar100,
-               "imagefolder": _imagefolder, "imagenet": None, "npz": _npz, "synthetic": _synthetic}
+               "imagefolder": _imagefolder, "imagenet": None, "npz": _npz, "synthetic": load_synthetic}
     if kind not in loaders:
         raise DataError(f"unknown data set {name!r}; expected one of {', '.join(loaders)} "
                         "(imagefolder:PATH, imagenet:PATH, npz:PATH, synthetic[:key=value,...])")
     if kind in ("imagefolder", "imagenet"):
-        from nas import streaming
-
         options = streaming.FolderOptions(**folder_options)
         if kind == "imagenet" or folder_options or streaming.streams_by_default(arg, options.max_memory_mb):
             return streaming.load_folder(name, kind, arg, val_fraction=val_fraction, seed=seed, limit=limit,
@@ -140,7 +65,7 @@ def load_dataset(name: str, *, data_dir=None, val_fraction: float = 0.1, seed: i
     return _assemble(name, raw, val_fraction, seed, limit)
 
 
-def _assemble(name: str, raw: _Raw, val_fraction: float, seed: int, limit: int | None) -> Dataset:
+def _assemble(name: str, raw: RawArrays, val_fraction: float, seed: int, limit: int | None) -> Dataset:
     order = torch.randperm(len(raw.y), generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(len(order) * val_fraction))
     if n_val >= len(order):
@@ -165,7 +90,7 @@ def _assemble(name: str, raw: _Raw, val_fraction: float, seed: int, limit: int |
     )
 
 
-def _check_raw(raw: _Raw, name: str) -> None:
+def _check_raw(raw: RawArrays, name: str) -> None:
     k = len(raw.class_names)
     for x, y, split in ((raw.x, raw.y, "train"), (raw.x_test, raw.y_test, "test")):
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[2] != x.shape[3]:
@@ -212,7 +137,7 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(shape)
 
 
-def _fashion_mnist(arg: str, data_dir) -> _Raw:
+def _fashion_mnist(arg: str, data_dir) -> RawArrays:
     folder = _find_dir("fashion-mnist", data_dir, "fashion-mnist", "train-images-idx3-ubyte", FASHION_MNIST_DIR)
     files = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -221,7 +146,7 @@ def _fashion_mnist(arg: str, data_dir) -> _Raw:
             if not path.is_file() and not path.with_name(path.name + ".gz").is_file():
                 raise DataNotFoundError(f"fashion-mnist: {folder} lacks {path.name}[.gz]")
             files[split, part] = read_idx(path)
-    return _Raw(files["train", "images"][:, None], files["train", "labels"],
+    return RawArrays(files["train", "images"][:, None], files["train", "labels"],
                 files["test", "images"][:, None], files["test", "labels"], FASHION_MNIST_CLASSES, flip_ok=True)
 
 
@@ -265,18 +190,18 @@ def _cifar_images(batch: dict, path: Path) -> np.ndarray:
     return data.reshape(-1, 3, 32, 32)
 
 
-def _cifar10(arg: str, data_dir) -> _Raw:
+def _cifar10(arg: str, data_dir) -> RawArrays:
     folder = _find_dir("cifar10", data_dir, "cifar-10-batches-py", "data_batch_1")
     train = [_unpickle(folder / f"data_batch_{i}", b"data", b"labels") for i in range(1, 6)]
     test = _unpickle(folder / "test_batch", b"data", b"labels")
     names = [n.decode() for n in _unpickle(folder / "batches.meta", b"label_names")[b"label_names"]]
-    return _Raw(np.concatenate([_cifar_images(b, folder) for b in train]),
+    return RawArrays(np.concatenate([_cifar_images(b, folder) for b in train]),
                 np.concatenate([b[b"labels"] for b in train]).astype(np.int64),
                 _cifar_images(test, folder / "test_batch"), np.asarray(test[b"labels"], np.int64),
                 tuple(names), flip_ok=True)
 
 
-def _cifar100(arg: str, data_dir) -> _Raw:
+def _cifar100(arg: str, data_dir) -> RawArrays:
     folder = _find_dir("cifar100", data_dir, "cifar-100-python", "train")
     keys = (b"data", b"fine_labels", b"coarse_labels")
     train, test = (_unpickle(folder / name, *keys) for name in ("train", "test"))
@@ -284,7 +209,7 @@ def _cifar100(arg: str, data_dir) -> _Raw:
     fine, coarse = np.asarray(train[b"fine_labels"], np.int64), np.asarray(train[b"coarse_labels"], np.int64)
     superclasses = np.zeros(len(meta[b"fine_label_names"]), np.int64)
     superclasses[fine] = coarse  # every fine class lies in exactly one coarse class
-    return _Raw(_cifar_images(train, folder / "train"), fine, _cifar_images(test, folder / "test"),
+    return RawArrays(_cifar_images(train, folder / "train"), fine, _cifar_images(test, folder / "test"),
                 np.asarray(test[b"fine_labels"], np.int64), tuple(n.decode() for n in meta[b"fine_label_names"]),
                 superclasses=superclasses, flip_ok=True)
 
@@ -292,7 +217,7 @@ def _cifar100(arg: str, data_dir) -> _Raw:
 # --- image folders and npz ------------------------------------------------------------------------------
 
 
-def _imagefolder(arg: str, data_dir) -> _Raw:
+def _imagefolder(arg: str, data_dir) -> RawArrays:
     root = Path(arg)
     split_dirs = (root / "train", root / "test") if (root / "train").is_dir() else (root, None)
     classes = sorted(p.name for p in split_dirs[0].iterdir() if p.is_dir()) if split_dirs[0].is_dir() else []
@@ -302,45 +227,13 @@ def _imagefolder(arg: str, data_dir) -> _Raw:
     x, y = _read_images(split_dirs[0], classes, size=None)
     x_test, y_test = (_read_images(split_dirs[1], classes, size=x.shape[-1]) if split_dirs[1]
                       else (np.zeros((0, *x.shape[1:]), np.uint8), np.zeros(0, np.int64)))
-    return _Raw(x, y, x_test, y_test, tuple(classes))
-
-
-def image_files(folder: Path) -> list[str]:
-    """The names of the image files in `folder`, sorted. Entries named like images that are not regular files
-    (a FIFO, whose read blocks forever; a device, a folder) are skipped and counted in the log; a link that
-    loops or dangles is a DataFormatError naming it."""
-    names, skipped = [], 0
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if not entry.name.lower().endswith(IMAGE_SUFFIXES):
-                continue
-            try:
-                mode = entry.stat().st_mode  # through links
-            except OSError as error:
-                raise DataFormatError(f"cannot read {entry.path} ({error.strerror})") from None
-            if stat.S_ISREG(mode):
-                names.append(entry.name)
-            else:
-                skipped += 1
-    if skipped:
-        log.warning("skipped %d entries of %s named like images that are not regular files", skipped, folder)
-    return sorted(names)
-
-
-def check_pixels(path: str | Path, image) -> None:
-    """A DataFormatError if the opened PIL `image` (its header read, nothing decoded) has more pixels than
-    MAX_IMAGE_PIXELS: a 389 KB PNG can decode to 20000 x 20000."""
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise DataFormatError(f"cannot read {path} ({image.width} x {image.height} pixels, more than "
-                              f"MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS:,}: a decompression bomb?)")
+    return RawArrays(x, y, x_test, y_test, tuple(classes))
 
 
 def _read_images(folder: Path, classes: list[str], size: int | None) -> tuple[np.ndarray, np.ndarray]:
     """All images under folder/<class>/, resized to the first one's size (which must be square); grey if all
     are, else RGB. Each file is read and closed in turn: a folder may hold more images than a process may open
     files, and only the resized pixels are kept."""
-    from PIL import Image
-
     paths = [(folder / name / file, c) for c, name in enumerate(classes) if (folder / name).is_dir()
              for file in image_files(folder / name)]
     if not paths:
@@ -364,7 +257,7 @@ def _read_images(folder: Path, classes: list[str], size: int | None) -> tuple[np
     return x, np.array([c for _, c in paths], np.int64)
 
 
-def _npz(arg: str, data_dir) -> _Raw:
+def _npz(arg: str, data_dir) -> RawArrays:
     path = Path(arg)
     if not path.is_file():
         raise DataNotFoundError(f"npz: no file at {path}; expected an .npz with arrays x, y (optional superclass)")
@@ -381,7 +274,7 @@ def _npz(arg: str, data_dir) -> _Raw:
     names = tuple(map(str, names)) if names is not None else tuple(str(c) for c in range(num_classes))
     x_test = arrays.get("x_test", arrays["x"][:0])
     superclass = arrays.get("superclass")
-    return _Raw(_nchw(arrays["x"], path), y, _nchw(x_test, path), arrays.get("y_test", y[:0]).astype(np.int64),
+    return RawArrays(_nchw(arrays["x"], path), y, _nchw(x_test, path), arrays.get("y_test", y[:0]).astype(np.int64),
                 names, superclasses=None if superclass is None else superclass.astype(np.int64))
 
 
@@ -396,168 +289,6 @@ def _nchw(x: np.ndarray, path: Path) -> np.ndarray:
     return x
 
 
-# --- synthetic ------------------------------------------------------------------------------------------
-
-SYNTHETIC_DEFAULTS = dict(size=16, channels=1, classes=12, groups=4, train=6000, test=1000, seed=0, mode="hierarchy",
-                          bins=96)
-SYNTHETIC_MODES = ("hierarchy", "specialised", "lookup")
-CUE_KINDS = ("frequency", "orientation", "position", "size")  # mode=specialised: group g's classes differ by kind g
-
-
-def make_synthetic(*, size=16, channels=1, classes=12, groups=4, train=6000, test=1000, seed=0,
-                   mode="hierarchy", bins=96) -> _Raw:
-    """Images with a planted two-level hierarchy: each super-class has a smooth coarse pattern that all its
-    classes share, and each class adds a fainter pattern of its own; per-image smooth noise of the fine
-    pattern's strength, pixel noise and contrast jitter on top. The super-class is easy to see (a router
-    learns it fast); the class within it is harder, so classes of one super-class are confused with each
-    other, which is what super-class discovery looks for.
-
-    `mode="specialised"` plants specialisation instead: the super-class is still told by its coarse pattern,
-    but within super-class g the classes differ by a cue of g's own kind (`CUE_KINDS[g]`): the frequency of
-    a grating at a random orientation and phase, the orientation of a grating of random frequency and phase,
-    the position of a blob, or the size of a blob at a random place. Each cue needs its own invariant
-    features, so a dense MLP of fixed width must hold all of them where each expert of a per-image MoE
-    routed by super-class holds one.
-
-    `mode="lookup"` plants a demand for capacity that each super-class makes on its own: the image shows its
-    super-class's coarse pattern and, in its top-left quarter, a grey level v in [0, 1); the class is
-    `table[g][floor(bins * v + g / groups)]`, a random table per super-class, its bins shifted by 1/groups of
-    a bin from one super-class to the next, so no two super-classes share a bin boundary. A dense MLP must
-    hold every super-class's table (groups x bins boundaries), an expert routed by super-class one table."""
-    if mode == "specialised":
-        return _specialised(size, channels, classes, groups, train, test, np.random.default_rng(seed))
-    if mode == "lookup":
-        return _lookup(size, channels, classes, groups, train, test, bins, np.random.default_rng(seed))
-    rng = np.random.default_rng(seed)
-    group_of = rng.permutation(np.arange(classes) * groups // classes)  # shuffled: groups are not index blocks
-    templates = _group_patterns(rng, groups, channels, size)[group_of]  # (classes, C, S, S)
-    templates += 0.5 * _smooth(rng.normal(size=(classes, channels, 4, 4)), size)
-
-    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
-        y = rng.integers(0, classes, n)
-        contrast = rng.uniform(0.7, 1.3, (n, 1, 1, 1))
-        nuisance = 0.35 * _smooth(rng.normal(size=(n, channels, 4, 4)), size)
-        x = contrast * templates[y] + nuisance + 0.3 * rng.normal(size=(n, channels, size, size))
-        return np.clip(128 + 50 * x, 0, 255).astype(np.uint8), y
-
-    x, y = sample(train)
-    x_test, y_test = sample(test)
-    names = tuple(f"g{group_of[c]}-c{c}" for c in range(classes))
-    return _Raw(x, y, x_test, y_test, names, superclasses=group_of.astype(np.int64), flip_ok=False)
-
-
-def _group_patterns(rng: np.random.Generator, groups: int, channels: int, size: int) -> np.ndarray:
-    """(groups, C, S, S): smooth coarse patterns, orthogonal while 3x3xC allows, unit std."""
-    coarse = rng.normal(size=(max(groups, 9 * channels), 9 * channels))
-    coarse = np.linalg.qr(coarse.T)[0].T[:groups] if groups <= 9 * channels else coarse[:groups]
-    return _smooth(coarse.reshape(groups, channels, 3, 3), size)
-
-
-def _specialised(size: int, channels: int, classes: int, groups: int, train: int, test: int,
-                 rng: np.random.Generator) -> _Raw:
-    group_of = rng.permutation(np.arange(classes) * groups // classes)
-    rank = np.array([(group_of[:c] == group_of[c]).sum() for c in range(classes)])  # class's index in its group
-    per_group = np.bincount(group_of, minlength=groups)
-    patterns = _group_patterns(rng, groups, channels, size)
-    yy, xx = (np.mgrid[:size, :size] + 0.5) / size  # pixel centres in [0, 1]
-
-    def cue(kind: str, value: np.ndarray, n: int) -> np.ndarray:
-        """(n, S, S) unit-scale images of one cue kind; `value` in [0, 1) picks the class's setting."""
-        phase = rng.uniform(0, 2 * np.pi, (n, 1, 1))
-        if kind in ("frequency", "orientation"):
-            if kind == "frequency":  # 1.5 to size/4 cycles per image, at any orientation
-                cycles, angle = 1.5 + value * (size / 4 - 1.5), rng.uniform(0, np.pi, n)
-            else:  # evenly spread over half a turn, at 2-3 cycles per image
-                cycles, angle = rng.uniform(2, 3, n), np.pi * value
-            along = xx * np.cos(angle)[:, None, None] + yy * np.sin(angle)[:, None, None]
-            return np.cos(2 * np.pi * cycles[:, None, None] * along + phase)
-        if kind == "position":  # on a ring around the centre, jittered
-            centre = 0.5 + 0.28 * np.stack([np.cos(2 * np.pi * value), np.sin(2 * np.pi * value)], -1)
-            centre = centre + rng.normal(0, 0.03, (n, 2))
-            radius = np.full(n, 0.12)
-        else:  # size: radius 0.07 to 0.3 of the image, anywhere it fits
-            radius = 0.07 + value * 0.23
-            centre = rng.uniform(radius[:, None], 1 - radius[:, None], (n, 2))
-        dist2 = (yy - centre[:, 0, None, None]) ** 2 + (xx - centre[:, 1, None, None]) ** 2
-        return 2 * np.exp(-dist2 / (2 * (radius[:, None, None] / 2) ** 2)) - 0.5
-
-    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
-        y = rng.integers(0, classes, n)
-        fine = np.zeros((n, size, size))
-        for g in range(groups):
-            mine = np.flatnonzero(group_of[y] == g)
-            fine[mine] = cue(CUE_KINDS[g], rank[y[mine]] / per_group[g], len(mine))
-        contrast = rng.uniform(0.7, 1.3, (n, 1, 1, 1))
-        x = contrast * (patterns[group_of[y]] + fine[:, None]) + 0.3 * rng.normal(size=(n, channels, size, size))
-        return np.clip(128 + 40 * x, 0, 255).astype(np.uint8), y
-
-    x, y = sample(train)
-    x_test, y_test = sample(test)
-    names = tuple(f"g{group_of[c]}-{CUE_KINDS[group_of[c]]}{rank[c]}" for c in range(classes))
-    return _Raw(x, y, x_test, y_test, names, superclasses=group_of.astype(np.int64), flip_ok=False)
-
-
-def _lookup(size: int, channels: int, classes: int, groups: int, train: int, test: int, bins: int,
-            rng: np.random.Generator) -> _Raw:
-    group_of = np.arange(classes) * groups // classes  # classes of a group are consecutive: tables index them
-    first = np.searchsorted(group_of, np.arange(groups))
-    per_group = np.bincount(group_of, minlength=groups)
-    patterns = _group_patterns(rng, groups, channels, size)
-    table = first[:, None] + rng.integers(0, per_group[:, None], (groups, bins + 1))  # (groups, bins + 1) -> class
-    half = size // 2
-
-    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
-        g = rng.integers(0, groups, n)
-        level = rng.uniform(0, 1, n)
-        x = patterns[g]
-        x[:, :, :half, :half] = 2.5 * (2 * level - 1)[:, None, None, None]  # 28 to 228 in pixels, ~2 per bin
-        x = x + 0.05 * rng.normal(size=x.shape)
-        return np.clip(128 + 40 * x, 0, 255).astype(np.uint8), table[g, np.floor(bins * level + g / groups).astype(int)]
-
-    x, y = sample(train)
-    x_test, y_test = sample(test)
-    names = tuple(f"g{group_of[c]}-lookup{c - first[group_of[c]]}" for c in range(classes))
-    return _Raw(x, y, x_test, y_test, names, superclasses=group_of.astype(np.int64), flip_ok=False)
-
-
-def _smooth(noise: np.ndarray, size: int) -> np.ndarray:
-    """(n, C, h, w) noise -> (n, C, size, size), bilinearly upsampled, unit std per pattern."""
-    up = torch.nn.functional.interpolate(torch.from_numpy(noise).float(), size=(size, size), mode="bilinear")
-    up = up - up.mean(dim=(1, 2, 3), keepdim=True)
-    return (up / up.std(dim=(1, 2, 3), keepdim=True)).numpy()
-
-
-def _synthetic(arg: str, data_dir) -> _Raw:
-    options, given = dict(SYNTHETIC_DEFAULTS), set()
-    for item in filter(None, arg.split(",")):
-        key, _, value = item.partition("=")
-        given.add(key)
-        if key == "mode" and value in SYNTHETIC_MODES:
-            options[key] = value
-        elif key in options and key != "mode" and value.isdigit():
-            options[key] = int(value)
-        else:
-            raise DataError(f"synthetic: bad option {item!r}; expected key=integer with key in "
-                            f"{', '.join(k for k in options if k != 'mode')}, or mode={'|'.join(SYNTHETIC_MODES)}")
-    if not 1 <= options["groups"] <= options["classes"] or options["size"] < 4 or options["bins"] < 1:
-        raise DataError(f"synthetic: need 1 <= groups <= classes, size >= 4 and bins >= 1, got {options}")
-    if options["mode"] == "specialised" and options["groups"] > len(CUE_KINDS):
-        raise DataError(f"synthetic: mode=specialised has {len(CUE_KINDS)} cue kinds ({', '.join(CUE_KINDS)}), "
-                        f"one per group, so groups must be <= {len(CUE_KINDS)}, got {options['groups']}")
-    if options["mode"] != "lookup" and "bins" in given:
-        raise DataError(f"synthetic: bins is an option of mode=lookup, not of mode={options['mode']}")
-    pixels = (options["train"] + options["test"]) * options["channels"] * options["size"] ** 2
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if 8 * pixels > memory:  # torch, unlike numpy, fails on a huge request with a bare RuntimeError
-        raise DataError(f"synthetic: {arg!r} needs {8 * pixels / 2**30:.3g} GiB to generate (8 bytes a pixel), more "
-                        f"than this machine's {memory / 2**30:.3g} GiB")
-    try:
-        return make_synthetic(**options)
-    except MemoryError as error:  # numpy refuses a huge request up front: train, test, size or bins too large
-        raise DataError(f"synthetic: {arg!r} does not fit in memory ({error})") from None
-
-
 __all__ = [
-    "DATA_DIR_ENV", "DataError", "DataFormatError", "DataNotFoundError", "Dataset", "Split", "load_dataset",
-    "make_synthetic", "read_idx",
+    "DATA_DIR_ENV", "load_dataset", "read_idx",
 ]

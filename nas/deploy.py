@@ -19,13 +19,13 @@ NORMALISE = "x = (pixel / 255 - mean) / std, per channel, pixels in 0..255"
 @dataclass(frozen=True)
 class ModelInfo:
     arch: ArchConfig
-    mean: tuple[float, ...]  # per channel, on the [0, 1] scale (nas.data.Dataset.mean)
+    mean: tuple[float, ...]  # per channel, on the [0, 1] scale (nas.datasets.Dataset.mean)
     std: tuple[float, ...]
     class_names: tuple[str, ...]  # logit i is class_names[i]
 
     @classmethod
     def of(cls, arch: ArchConfig, dataset) -> ModelInfo:
-        """The info of `arch` trained on `dataset` (a nas.data.Dataset: its normalisation and class names)."""
+        """The info of `arch` trained on `dataset` (a nas.datasets.Dataset: its normalisation and class names)."""
         return cls(arch, tuple(dataset.mean), tuple(dataset.std), tuple(dataset.class_names))
 
     def routing(self) -> dict:

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 import yaml
 
+from nas.config import ConfigError, first_line
 from nas.deploy import ModelInfo, coreml_routing
 from nas.study import StudyConfig
-from search_spaces import ArchConfig, ConfigError, build_model, count_params
+from search_spaces import ArchConfig, build_model, count_params
 
 if TYPE_CHECKING:  # the CLI reads PICK_RULES to build its help: no Optuna or pandas for that
     import optuna
@@ -166,10 +167,6 @@ def rebuilt_costs(cfg: ArchConfig, metrics: Metrics) -> dict[str, int]:
     return costs
 
 
-def first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-
-
 def write_onnx(model: torch.nn.Module, folder: Path, info: ModelInfo) -> str:
     difference = export_checked_onnx(model, folder / "model.onnx", info.metadata())
     return (f"`model.onnx`, input and routing facts in its metadata_props; ONNX Runtime matches torch to "
@@ -194,7 +191,7 @@ def write_coreml(model: torch.nn.Module, folder: Path, info: ModelInfo) -> str:
     except Exception as error:  # coremltools raises anything from its converters; the ONNX model stands
         for partial in (folder / "coreml", folder / "model.mlpackage"):
             shutil.rmtree(partial, ignore_errors=True)
-        return f"not written: the Core ML conversion failed ({first_line(error)})"
+        return f"not written: the Core ML conversion failed ({first_line(error, typed=True)})"
     names = ", ".join(str(p.relative_to(folder)) for p in result.programs.values())
     how = "one program"
     if per_image:
@@ -534,5 +531,5 @@ def _stored_trial(study: optuna.Study, number: int) -> TrialRecord:
 
 
 __all__ = ["DEFAULT_EPOCHS", "FORMATS", "ExportError", "Format", "PICK_RULES", "export_checked_onnx",
-           "export_executorch_checked", "export_trial", "first_line", "formats_in", "onnx_max_difference", "pick_trial",
+           "export_executorch_checked", "export_trial", "formats_in", "onnx_max_difference", "pick_trial",
            "rebuilt_costs", "train_config", "write_formats"]

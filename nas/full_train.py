@@ -21,14 +21,16 @@ from pathlib import Path
 
 import torch
 
+from nas.config import ConfigError, first_line, read_yaml
 from nas.data import load_dataset
 from nas.deploy import ModelInfo
-from nas.export import FORMATS, first_line, formats_in, versions
+from nas.devices import resolve_device
+from nas.export import FORMATS, formats_in, versions
+from nas.recipe import TrainRecipe
 from nas.streaming import FOLDER_FIELDS
 from nas.superclasses import SuperclassMap
-from nas.trainer import CHECKPOINT_NAME, TrainRecipe, resolve_device, train
-from search_spaces import ArchConfig, ConfigError
-from search_spaces.config import read_yaml
+from nas.trainer import CHECKPOINT_NAME, train
+from search_spaces import ArchConfig
 
 DATA_FIELDS = ("name", "data_dir", "val_fraction", "seed", "limit", *FOLDER_FIELDS)  # load_dataset's arguments
 RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "model.pt", "input.json", *(p for f in FORMATS for p in f.paths))
@@ -107,7 +109,7 @@ def _write_format(fmt, model, out: Path, info: ModelInfo) -> str:
     except Exception as error:
         for path in fmt.paths:
             _remove(out / path)
-        return f"not written: {first_line(error)}"
+        return f"not written: {first_line(error, typed=True)}"
 
 
 def run_training(path, *, force: bool = False, progress: bool = True, device: str | None = None) -> dict:

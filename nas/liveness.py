@@ -33,6 +33,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState, create_trial
 
 from nas import record as records
+from nas.config import first_line
 from nas.record import TrialRecord
 
 log = logging.getLogger("vmoe_nas.liveness")
@@ -96,7 +97,7 @@ def lease(trial: optuna.Trial, interval: float):
             try:
                 records.renew_lease(trial, lease_until(interval))
             except Exception as error:  # noqa: BLE001 - any storage failure: try again next interval
-                log.warning("trial %d: lease renewal failed: %s", trial.number, str(error).splitlines()[0])
+                log.warning("trial %d: lease renewal failed: %s", trial.number, first_line(error))
 
     thread = threading.Thread(target=renew, daemon=True, name=f"lease-{trial.number}")
     thread.start()

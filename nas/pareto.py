@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import optuna
 import pandas as pd
-from optuna._hypervolume import compute_hypervolume
 from optuna.trial import TrialState
 
 from nas import record as records
+from nas.fronts import hypervolume, non_dominated_rank, reference_point
 from nas.objectives import Objective, objectives_for
 from nas.record import METRIC_COLUMNS, TEXT_METRICS
+from nas.stats import arm_interval, decided_by
 
 ARCH_COLUMNS = ["image_size", "in_channels", "patch_size", "num_classes", "depth", "width", "num_heads", "mlp_ratio",
                 "num_experts", "top_k", "moe_layers", "routing", "router_loss_weight"]
-COSTS = {"flops": "flops", "latency_ms": "latency"}  # cost column -> its short name: what MoE and dense compare at
-COST_REFERENCE_FACTOR = 1.1  # a cost's reference point: 10% above the costliest trial, so it still counts
+COST_COLUMNS = {"flops": "flops", "latency_ms": "latency"}  # cost column -> short name: MoE and dense compare at each
 FRONT_COLUMNS = {"overall": "on_front", "dense": "on_dense_front", "moe": "on_moe_front"}  # front -> flag column
 
 
@@ -72,85 +72,6 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return frame.astype({"eligible": bool, "feasible": bool})
 
 
-# ---------------------------------------------------------------- non-dominated sorting and hypervolume
-
-
-def _losses(values: np.ndarray, maximize: list[bool]) -> np.ndarray:
-    """Every objective as one to minimise."""
-    return np.where(maximize, -1.0, 1.0) * np.asarray(values, dtype=float).reshape(len(values), len(maximize))
-
-
-def non_dominated_rank(values: np.ndarray, maximize: list[bool]) -> np.ndarray:
-    """Rank of each row (0: the Pareto front; k: the front once ranks < k are removed). A row dominates
-    another when it is no worse in every objective and better in one, so identical rows share a rank."""
-    loss = _losses(values, maximize)
-    no_worse = (loss[:, None, :] <= loss[None, :, :]).all(-1)
-    better = (loss[:, None, :] < loss[None, :, :]).any(-1)
-    dominates = no_worse & better  # [i, j]: row i dominates row j
-    rank = np.full(len(loss), -1)
-    remaining = np.ones(len(loss), dtype=bool)
-    level = 0
-    while remaining.any():
-        front = remaining & ~dominates[remaining].any(0)
-        rank[front] = level
-        remaining &= ~front
-        level += 1
-    return rank
-
-
-def crowding_distance(values: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-    """NSGA-II's crowding distance of each row within its front: the sum over objectives of the gap between
-    its neighbours, divided by the front's range; a front's extremes get infinity. Larger is lonelier."""
-    values = np.asarray(values, dtype=float).reshape(len(ranks), -1)
-    distance = np.zeros(len(values))
-    for level in np.unique(ranks):
-        members = np.flatnonzero(ranks == level)
-        if len(members) < 3:
-            distance[members] = np.inf
-            continue
-        for column in values[members].T:
-            order = np.argsort(column, kind="stable")
-            distance[members[order[[0, -1]]]] = np.inf
-            span = column[order[-1]] - column[order[0]]
-            if span > 0:
-                distance[members[order[1:-1]]] += (column[order[2:]] - column[order[:-2]]) / span
-    return distance
-
-
-def preference_order(values: np.ndarray, maximize: list[bool]) -> np.ndarray:
-    """Row indices best first: by non-dominated rank, then by crowding distance (lonelier first), then row."""
-    ranks = non_dominated_rank(values, maximize)
-    crowding = crowding_distance(_losses(values, maximize), ranks)
-    return np.lexsort((np.arange(len(ranks)), -crowding, ranks))
-
-
-def reference_point(values: np.ndarray, objectives: list[Objective]) -> np.ndarray:
-    """Accuracy's reference is 0 (no accuracy); a cost's is 10% above the largest cost in `values`."""
-    values = np.asarray(values, dtype=float).reshape(-1, len(objectives))
-    reference = []
-    for i, objective in enumerate(objectives):
-        if objective.maximize:
-            reference.append(0.0)
-            continue
-        worst = np.nanmax(values[:, i]) if np.isfinite(values[:, i]).any() else np.nan  # NaN: nothing to refer to
-        reference.append(COST_REFERENCE_FACTOR * worst if not worst <= 0 else 1.0)  # all-zero costs: any scale
-    return np.asarray(reference)
-
-
-def hypervolume(values: np.ndarray, objectives: list[Objective], reference: np.ndarray) -> float:
-    """The share of the box between the ideal point (accuracy 1, cost 0) and `reference` that the rows
-    dominate: costs are divided by their reference, so the result lies in [0, 1] for any units."""
-    values = np.asarray(values, dtype=float).reshape(-1, len(objectives))
-    if not len(values):
-        return 0.0
-    maximize = [o.maximize for o in objectives]
-    scale = np.where(maximize, 1.0, np.asarray(reference, dtype=float))
-    loss = _losses(values / scale, maximize)
-    ref = _losses(np.asarray(reference, dtype=float)[None] / scale, maximize)[0]
-    inside = (loss <= ref).all(1)  # rows worse than the reference in some objective add nothing
-    return float(compute_hypervolume(loss[inside], ref)) if inside.any() else 0.0
-
-
 # ---------------------------------------------------------------- beats dense
 
 
@@ -164,7 +85,7 @@ def beats_dense(frame: pd.DataFrame, *, margin: float = 0.0) -> pd.DataFrame:
     for _, m in moe.iterrows():
         record = {"trial": m["trial"], "name": m["name"], "accuracy": m["accuracy"], "flops": m["flops"],
                   "latency_ms": m["latency_ms"], "params_active": m["params_active"]}
-        for cost, short in COSTS.items():
+        for cost, short in COST_COLUMNS.items():
             cheaper = dense[dense[cost] <= m[cost]]  # NaN costs compare False: no baseline without a number
             best = cheaper.sort_values(["accuracy", cost, "trial"], ascending=[False, True, True]).head(1)
             found = len(best) == 1
@@ -176,7 +97,7 @@ def beats_dense(frame: pd.DataFrame, *, margin: float = 0.0) -> pd.DataFrame:
                            f"gain_{short}": gain, f"beats_{short}": bool(gain > margin)})  # NaN > x is False
         out.append(record)
     columns = ["trial", "name", "accuracy", "flops", "latency_ms", "params_active"]
-    for short in COSTS.values():
+    for short in COST_COLUMNS.values():
         columns += [f"dense_{short}_trial", f"dense_{short}_name", f"dense_{short}_accuracy", f"dense_{short}_cost",
                     f"gain_{short}", f"beats_{short}"]
     table = pd.DataFrame(out, columns=columns)
@@ -200,9 +121,6 @@ def confirmed_frame(confirmed: records.ConfirmRecord | None) -> pd.DataFrame:
     answers (`also`, e.g. "latency" where the twin is also the best dense of no more latency), each arm's mean
     accuracy over seeds and the half width of its 95% interval, the paired gain with its interval, the
     Holm-adjusted p, the verdict and the test that decided it (`nas.stats.decided_by`)."""
-    from nas.confirm import arm_interval
-    from nas.stats import decided_by
-
     rows = []
     for pair, result in zip(confirmed.pairs if confirmed else [], confirmed.results if confirmed else []):
         (moe_acc, moe_hw), (dense_acc, dense_hw) = (arm_interval(pair[f"{arm}_accuracies"]) for arm in ("moe", "dense"))
@@ -367,7 +285,6 @@ def analyze_frame(frame: pd.DataFrame, objectives: list[Objective], *, study_nam
     )
 
 
-__all__ = ["CONFIRMED_COLUMNS", "FRONT_COLUMNS", "ParetoAnalysis", "analyze", "analyze_frame", "answered",
-           "beats_dense", "confirmed_at", "confirmed_frame", "confirmed_summary", "crowding_distance",
-           "failure_reasons", "hypervolume",
-           "load_confirmed", "non_dominated_rank", "preference_order", "reference_point", "trials_frame"]
+__all__ = ["CONFIRMED_COLUMNS", "COST_COLUMNS", "FRONT_COLUMNS", "ParetoAnalysis", "analyze", "analyze_frame",
+           "answered", "beats_dense", "confirmed_at", "confirmed_frame", "confirmed_summary", "failure_reasons",
+           "load_confirmed", "trials_frame"]

@@ -26,14 +26,13 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from nas.fronts import hypervolume, non_dominated_rank
 from nas.pareto import (
     FRONT_COLUMNS,
     ParetoAnalysis,
     analyze,
     confirmed_at,
     confirmed_summary,
-    hypervolume,
-    non_dominated_rank,
 )
 from nas.storage import NoSpaceLeft
 

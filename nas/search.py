@@ -31,6 +31,7 @@ from nas import liveness
 from nas import record as records
 from nas import trial as steps
 from nas.budget import run_with_budget
+from nas.config import ConfigError, first_line
 from nas.latency import verify_front
 from nas.processes import (
     die_with_parent,
@@ -46,7 +47,6 @@ from nas.storage import (
     StorageError,
     StorageURL,
     default_storage,
-    first_line,
     is_disk_full,
     make_storage,
     parse_storage,
@@ -54,7 +54,6 @@ from nas.storage import (
 )
 from nas.study import StudyConfig, config_changes
 from profilers.remote import AgentClient, ProfilerUnreachable
-from search_spaces import ConfigError
 from search_spaces.mobile_vmoe import InvalidArchitecture
 
 log = logging.getLogger("vmoe_nas.search")
@@ -103,7 +102,7 @@ def open_study(cfg: StudyConfig, url: StorageURL, *, worker_index: int = 0,
     except Exception as error:  # e.g. the database went away between connect and create
         if isinstance(error, ValueError) and "direction" in str(error):
             raise StorageError(f"study {cfg.study_name!r} exists with other objectives: {error}") from None
-        raise StorageError(f"cannot open study {cfg.study_name!r}: {str(error).splitlines()[0]}") from None
+        raise StorageError(f"cannot open study {cfg.study_name!r}: {first_line(error)}") from None
     stored = records.read_study(study)
     # The config as run, minus the storage URL's credentials: a study never holds its own password.
     config = {**cfg.to_dict(), "storage": url.redacted if cfg.storage else None}
@@ -334,7 +333,7 @@ def run_worker(cfg: StudyConfig, worker_index: int = 0, *, study: optuna.Study |
                               "run the same command again to resume") from None
         if not isinstance(error, STORAGE_ERRORS):
             raise
-        reason = str(error).strip().splitlines()[0]
+        reason = first_line(error)
         raise StorageError(
             f"storage {url.redacted} became unreachable ({reason}); finished trials are kept there: "
             "run the same command again to resume"
@@ -493,7 +492,7 @@ def print_superclasses(ctx: steps.StudyContext) -> None:
 def run_search(cfg: StudyConfig, *, progress: bool = True, allow_changes: bool = False) -> optuna.Study:
     """Run (or resume) the study in `cfg` with `cfg.workers` processes; returns the study. `allow_changes`:
     see `open_study`."""
-    from nas.trainer import resolve_device
+    from nas.devices import resolve_device
 
     for device in cfg.devices or [cfg.recipe().device]:  # absent: one error before anything is stored
         resolve_device(device)

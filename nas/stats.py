@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-from scipy import stats
 
 VERDICTS = ("beats", "ties", "loses")
 
@@ -78,6 +77,8 @@ def t_interval(diffs: np.ndarray, confidence: float = 0.95) -> tuple[float, floa
     sem = float(diffs.std(ddof=1)) / math.sqrt(len(diffs))
     if sem == 0:
         return mean, mean, mean
+    from scipy import stats  # deferred: importing scipy sets process-wide warning filters (tests/test_search.py)
+
     low, high = stats.t.interval(confidence, len(diffs) - 1, loc=mean, scale=sem)
     return mean, float(low), float(high)
 
@@ -89,6 +90,8 @@ def mcnemar_midp(b: int, c: int) -> float:
     if n == 0:
         return 1.0
     low = min(b, c)  # the exact p doubles P(X <= low); the mid-p counts P(X = low) only half
+    from scipy import stats  # deferred: importing scipy sets process-wide warning filters (tests/test_search.py)
+
     return float(min(1.0, 2 * stats.binom.cdf(low, n, 0.5) - stats.binom.pmf(low, n, 0.5)))
 
 
@@ -129,7 +132,7 @@ def decided_by(ci_low: float | None, ci_high: float | None, p: float, *, margin:
 def paired(moe_correct: np.ndarray, dense_correct: np.ndarray, *, name: str = "", cost: str = "flops",
            margin: float = 0.0, confidence: float = 0.95, alpha: float = 0.05) -> PairedResult:
     """One pair from per-image correctness, (n_seeds, n_images) booleans per arm, row i of both trained with
-    seed i. Its `p_holm` is its own p; `study` adjusts a family of pairs."""
+    seed i. Its `p_holm` is its own p; `holm_adjusted` adjusts a family of pairs."""
     moe, dense = (np.asarray(a, dtype=bool) for a in (moe_correct, dense_correct))
     if moe.ndim != 2 or moe.shape != dense.shape or not moe.size:
         raise ValueError(f"{name or 'pair'}: moe_correct and dense_correct must both be (n_seeds, n_images), "
@@ -146,12 +149,18 @@ def paired(moe_correct: np.ndarray, dense_correct: np.ndarray, *, name: str = ""
     )
 
 
-def study(results: Sequence[PairedResult]) -> list[PairedResult]:
+def holm_adjusted(results: Sequence[PairedResult]) -> list[PairedResult]:
     """The pairs of one study with Holm-adjusted p-values and their verdicts redone on them."""
     adjusted = holm([r.p_value for r in results])
     return [replace(r, p_holm=float(p), verdict=verdict(r.ci_low, r.ci_high, float(p), margin=r.margin,
                                                         alpha=r.alpha))
             for r, p in zip(results, adjusted)]
+
+
+def arm_interval(accuracies: list[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95% t-interval; NaN for one seed) of one arm's accuracies over seeds."""
+    mean, low, high = t_interval(np.asarray(accuracies))
+    return mean, (high - low) / 2 if math.isfinite(high) else math.nan
 
 
 def mutual_information(a: np.ndarray, b: np.ndarray) -> float:
@@ -172,5 +181,5 @@ def purity(experts: np.ndarray, groups: np.ndarray) -> float:
     return float(sum(np.bincount(groups[experts == e]).max() for e in np.unique(experts)) / len(experts))
 
 
-__all__ = ["VERDICTS", "PairedResult", "decided_by", "holm", "mcnemar_midp", "mutual_information", "paired",
-           "purity", "study", "t_interval", "verdict"]
+__all__ = ["VERDICTS", "PairedResult", "arm_interval", "decided_by", "holm", "holm_adjusted", "mcnemar_midp",
+           "mutual_information", "paired", "purity", "t_interval", "verdict"]

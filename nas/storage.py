@@ -23,6 +23,8 @@ import sqlalchemy
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
+from nas.config import first_line
+
 # What a storage raises when its database is gone: Optuna wraps SQLAlchemy's errors, mostly.
 STORAGE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
 SCHEMA_LOCK = "vmoe-nas: Optuna's tables"  # an advisory lock's key: no study name has a space
@@ -126,10 +128,6 @@ def make_storage(url: str | StorageURL) -> optuna.storages.BaseStorage:
             return RDBStorage(url.sqlalchemy_url, engine_kwargs={"pool_pre_ping": True})
     except Exception as error:  # SQLAlchemy's errors, a missing driver: all mean "cannot open it"
         raise StorageError(f"cannot open storage {url.redacted}: {first_line(error)}") from None
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def root_cause(error: BaseException) -> BaseException:

@@ -32,19 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from nas.data import (
-    IMAGE_SUFFIXES,
-    DataError,
-    DataFormatError,
-    DataNotFoundError,
-    Dataset,
-    Split,
-    check_pixels,
-    image_files,
-)
-from search_spaces import ConfigError
-from search_spaces.config import shown
+from nas.config import MAX_NUMBER, ConfigError, check_int, check_number, first_line
+from nas.datasets import DataError, DataFormatError, DataNotFoundError, Dataset, Split
+from nas.devices import available_cores
+from nas.image_files import IMAGE_SUFFIXES, check_pixels, image_files
 
 log = logging.getLogger("vmoe_nas.data")
 
@@ -74,25 +67,16 @@ class FolderOptions:
 
     def __post_init__(self):
         for name in ("image_size", "classes", "per_class"):
-            _check_int(name, getattr(self, name), minimum=1 if name != "image_size" else 4)
-        _check_int("workers", self.workers, minimum=0, maximum=256)
+            check_int(f"data.{name}", getattr(self, name), 1 if name != "image_size" else 4, MAX_NUMBER, optional=True)
+        check_int("data.workers", self.workers, 0, 256, optional=True)
         if not (self.stream == "auto" or isinstance(self.stream, bool)):
             raise ConfigError("data.stream", f"must be auto, true or false, got {self.stream!r}")
-        if isinstance(self.max_memory_mb, bool) or not isinstance(self.max_memory_mb, (int, float)) \
-                or not 0 < self.max_memory_mb <= 2**40:
-            raise ConfigError("data.max_memory_mb", f"must be a number in (0, 2**40], got {shown(self.max_memory_mb)}")
+        check_number("data.max_memory_mb", self.max_memory_mb, positive=True, maximum=2**40)
         if self.corrupt not in CORRUPT_CHOICES:
             raise ConfigError("data.corrupt", f"must be skip or error, got {self.corrupt!r}")
 
     def decode_workers(self) -> int:
-        from nas.trainer import available_cores
-
         return min(8, available_cores() - 1) if self.workers is None else self.workers
-
-
-def _check_int(name: str, value, *, minimum: int, maximum: int = 2**63 - 1) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum):
-        raise ConfigError(f"data.{name}", f"must be an integer in [{minimum}, {maximum:,}], got {shown(value)}")
 
 
 # --- files --------------------------------------------------------------------------------------------------
@@ -220,8 +204,7 @@ def decode(path: str, channels: int | None = None) -> torch.Tensor:
     """(C, H, W) uint8 of the image file; grey or RGB as asked (CMYK and palette images converted), as stored
     when `channels` is None. Its header is read first: an image of more than MAX_IMAGE_PIXELS is refused, as
     the in-memory reader refuses it."""
-    from PIL import Image
-    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.io import ImageReadMode, decode_image  # deferred: torchvision takes seconds to import
 
     try:
         with Image.open(path) as image:
@@ -233,7 +216,7 @@ def decode(path: str, channels: int | None = None) -> torch.Tensor:
 
 
 def eval_transform(size: int):
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # deferred: torchvision takes seconds to import
 
     return v2.Compose([v2.Resize(math.floor(size / CROP_PCT), antialias=True), v2.CenterCrop(size)])
 
@@ -241,7 +224,7 @@ def eval_transform(size: int):
 def train_transform(size: int, *, flip: bool):
     """The standard ImageNet train transform on uint8 tensors: random-resized crop, flip, RandAugment (2 ops at
     magnitude 9, timm's rand-m9-n2)."""
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # deferred: torchvision takes seconds to import
 
     return v2.Compose([v2.RandomResizedCrop(size, antialias=True),
                        v2.RandomHorizontalFlip() if flip else v2.Identity(), v2.RandAugment(num_ops=2, magnitude=9)])
@@ -275,7 +258,7 @@ def _reason(error: Exception) -> str:
     """torchvision's message without its source location ('decode_jpeg, .../decode_jpeg.cpp:171, Image is ...')."""
     if isinstance(error, DataFormatError):  # says the file already
         return str(error).split(" (", 1)[-1].removesuffix(")")
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = first_line(error)
     return re.sub(r"^\w+, \S+:\d+, ", "", text)
 
 
@@ -416,8 +399,6 @@ def streams_by_default(path: str, max_memory_mb: float) -> bool:
     """Whether an image folder given no folder options is read here rather than by `nas.data`'s in-memory
     reader: when it has MANY_FILES or more (that reader holds each file open until all are read) or would
     exceed `max_memory_mb` in memory at its first image's size."""
-    from PIL import Image
-
     train_dir, _, folders, _ = layout("imagefolder", Path(path))
     files = list_files(train_dir, folders)
     try:

@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 
 import profilers
+from nas.config import MAX_SEED, ConfigError, check_fields, check_number, from_mapping, is_file, read_yaml
 from nas.objectives import OBJECTIVES, Objective, objectives_for
-from search_spaces import ArchConfig, ConfigError, load_arch
-from search_spaces.config import MAX_SEED, check_fields, from_mapping, is_file, is_number, read_yaml, shown
+from search_spaces import ArchConfig, load_arch
 from search_spaces.mobile_vmoe import SPACES, MobileVMoESpace
 
 STUDY_DIR = Path(__file__).parent / "studies"
@@ -39,17 +39,6 @@ def _section(cls: type, data: Any, where: str):
     return cls() if data is None else from_mapping(cls, data, where)
 
 
-def _check_number(name: str, value: Any, *, minimum: float = 0, maximum: float = MAX_COUNT, integer: bool = False,
-                  optional: bool = True):
-    if value is None and optional:
-        return
-    if not is_number(value) or (integer and not isinstance(value, int)) or value < minimum:
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(name, f"must be {kind} >= {minimum:g}{' or null' if optional else ''}, got {shown(value)}")
-    if value > maximum:
-        raise ConfigError(name, f"must be <= {maximum:,}, got {shown(value)}")
-
-
 @dataclass
 class DataSpec:
     name: str = "fashion-mnist"  # a data set name understood by nas.data.load_dataset
@@ -69,8 +58,8 @@ class DataSpec:
     def validate(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError("data.name", f"must name a data set, got {self.name!r}")
-        _check_number("data.limit", self.limit, minimum=1, maximum=MAX_COUNT, integer=True)
-        _check_number("data.seed", self.seed, maximum=MAX_SEED, integer=True, optional=False)
+        check_number("data.limit", self.limit, minimum=1, maximum=MAX_COUNT, integer=True, optional=True)
+        check_number("data.seed", self.seed, maximum=MAX_SEED, integer=True)
         if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
             raise ConfigError("data.val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
         from nas.streaming import FolderOptions
@@ -103,10 +92,8 @@ class ProfilerSpec:
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError("profiler.backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        _check_number("profiler.threads", self.threads, minimum=1, maximum=profilers.MAX_THREADS, integer=True,
-                      optional=False)
-        _check_number("profiler.batch", self.batch, minimum=1, maximum=profilers.MAX_BATCH, integer=True,
-                      optional=False)
+        check_number("profiler.threads", self.threads, minimum=1, maximum=profilers.MAX_THREADS, integer=True)
+        check_number("profiler.batch", self.batch, minimum=1, maximum=profilers.MAX_BATCH, integer=True)
         if self.backend == "remote" and not self.remote_url:
             raise ConfigError("profiler.remote_url", "the remote backend needs the agent's URL")
         if not isinstance(self.anchor, bool):
@@ -137,7 +124,7 @@ class Constraints:
 
     def validate(self) -> None:
         for f in fields(self):
-            _check_number(f"constraints.{f.name}", getattr(self, f.name), minimum=1e-12)
+            check_number(f"constraints.{f.name}", getattr(self, f.name), minimum=1e-12, optional=True)
 
     def active(self) -> dict[str, tuple[str, float]]:
         """constraint name -> (metric key, limit), for the limits that are set."""
@@ -165,11 +152,11 @@ class ConfirmSpec:
     def validate(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ConfigError("confirm.enabled", f"must be true or false, got {self.enabled!r}")
-        _check_number("confirm.seeds", self.seeds, minimum=1, maximum=MAX_CONFIRM_SEEDS, integer=True, optional=False)
-        _check_number("confirm.pairs", self.pairs, minimum=1, maximum=MAX_CONFIRM_PAIRS, integer=True, optional=False)
-        _check_number("confirm.steps", self.steps, minimum=1, maximum=MAX_COUNT, integer=True)
-        _check_number("confirm.margin", self.margin, maximum=1, optional=False)  # a fraction of the images
-        _check_number("confirm.max_latency_band", self.max_latency_band, minimum=0, optional=False)
+        check_number("confirm.seeds", self.seeds, minimum=1, maximum=MAX_CONFIRM_SEEDS, integer=True)
+        check_number("confirm.pairs", self.pairs, minimum=1, maximum=MAX_CONFIRM_PAIRS, integer=True)
+        check_number("confirm.steps", self.steps, minimum=1, maximum=MAX_COUNT, integer=True, optional=True)
+        check_number("confirm.margin", self.margin, maximum=1)  # a fraction of the images
+        check_number("confirm.max_latency_band", self.max_latency_band, minimum=0)
 
 
 RUNG_FIELDS = ("min_steps", "max_steps", "reduction_factor")  # the evaluator's multi-fidelity schedule
@@ -196,9 +183,9 @@ class Rungs:
                 raise ConfigError(f"evaluator.{name}", "give either a budget or min_steps/max_steps, not both")
         low, high = evaluator.get("min_steps"), evaluator.get("max_steps")
         factor = evaluator.get("reduction_factor", 3)
-        _check_number("evaluator.min_steps", low, minimum=1, maximum=MAX_COUNT, integer=True, optional=False)
-        _check_number("evaluator.max_steps", high, minimum=1, maximum=MAX_COUNT, integer=True, optional=False)
-        _check_number("evaluator.reduction_factor", factor, minimum=2, maximum=MAX_COUNT, integer=True, optional=False)
+        check_number("evaluator.min_steps", low, minimum=1, maximum=MAX_COUNT, integer=True)
+        check_number("evaluator.max_steps", high, minimum=1, maximum=MAX_COUNT, integer=True)
+        check_number("evaluator.reduction_factor", factor, minimum=2, maximum=MAX_COUNT, integer=True)
         if high < low:
             raise ConfigError("evaluator.max_steps", f"must be >= min_steps ({low}), got {high}")
         steps = [low]
@@ -218,7 +205,7 @@ class StudyConfig:
     seed: int = 0
     n_trials: int | None = 20
     timeout: float | None = None  # seconds; the study stops starting trials after it
-    # A nas.trainer.TrainRecipe as YAML, whose budget is `steps`, `epochs` or `seconds`, or multi-fidelity
+    # A nas.recipe.TrainRecipe as YAML, whose budget is `steps`, `epochs` or `seconds`, or multi-fidelity
     # rungs: `min_steps`, `max_steps` and `reduction_factor` (see `Rungs`).
     evaluator: dict = field(default_factory=lambda: {"epochs": 1})
     profiler: ProfilerSpec = field(default_factory=ProfilerSpec)
@@ -250,20 +237,19 @@ class StudyConfig:
         self.constraints.validate()
         if self.sampler not in SAMPLERS:
             raise ConfigError("sampler", f"must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        _check_number("seed", self.seed, maximum=MAX_SEED, integer=True, optional=False)
-        _check_number("n_trials", self.n_trials, minimum=1, maximum=MAX_COUNT, integer=True)
-        _check_number("timeout", self.timeout, minimum=1e-9, maximum=MAX_SECONDS)
+        check_number("seed", self.seed, maximum=MAX_SEED, integer=True)
+        check_number("n_trials", self.n_trials, minimum=1, maximum=MAX_COUNT, integer=True, optional=True)
+        check_number("timeout", self.timeout, minimum=1e-9, maximum=MAX_SECONDS, optional=True)
         if self.n_trials is None and self.timeout is None:
             raise ConfigError("n_trials", "set n_trials, timeout or both, or the study never ends")
         self.profiler.validate()
         self.confirm.validate()
-        _check_number("workers", self.workers, minimum=1, maximum=MAX_PROCESSES, integer=True, optional=False)
+        check_number("workers", self.workers, minimum=1, maximum=MAX_PROCESSES, integer=True)
         self.check_devices()
-        _check_number("heartbeat_interval", self.heartbeat_interval, minimum=1, maximum=MAX_SECONDS, integer=True,
-                      optional=False)
-        _check_number("max_retries", self.max_retries, maximum=1000, integer=True, optional=False)
-        _check_number("trial_timeout", self.trial_timeout, minimum=1e-9, maximum=MAX_SECONDS)
-        _check_number("trial_memory_mb", self.trial_memory_mb, minimum=1, maximum=2**40)
+        check_number("heartbeat_interval", self.heartbeat_interval, minimum=1, maximum=MAX_SECONDS, integer=True)
+        check_number("max_retries", self.max_retries, maximum=1000, integer=True)
+        check_number("trial_timeout", self.trial_timeout, minimum=1e-9, maximum=MAX_SECONDS, optional=True)
+        check_number("trial_memory_mb", self.trial_memory_mb, minimum=1, maximum=2**40, optional=True)
         if not isinstance(self.evaluator, dict):
             raise ConfigError("evaluator", f"must be a mapping of training-recipe fields, got {self.evaluator!r}")
         self.check_supernet()
@@ -279,7 +265,7 @@ class StudyConfig:
         self.enqueued_params()  # every entry resolves to parameters of the space
 
     def check_devices(self) -> None:
-        from nas.trainer import parse_device
+        from nas.devices import parse_device
 
         if not isinstance(self.devices, list) or not all(isinstance(d, str) for d in self.devices):
             raise ConfigError("devices", f"must list devices such as cuda:0, cuda:1, got {self.devices!r}")
@@ -321,7 +307,7 @@ class StudyConfig:
     def recipe(self):
         """The proxy training of every trial (of the supernet, for `kind: supernet`); with rungs, its schedule
         spans the last rung."""
-        from nas.trainer import TrainRecipe  # the trainer pulls in torch data code; only needed here
+        from nas.recipe import TrainRecipe  # the trainer pulls in torch data code; only needed here
 
         skip = RUNG_FIELDS + ("kind",)
         if self.evaluator_kind == "supernet":

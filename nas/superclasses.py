@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nas.data import Dataset
-from nas.trainer import Schedule, TrainRecipe, train
+from nas.datasets import Dataset
+from nas.recipe import Schedule, TrainRecipe
+from nas.trainer import train
 from search_spaces import ArchConfig
 
 # Discovery's default budget: enough for a dense model to make class-specific mistakes, not a final model.

@@ -30,25 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.trainer import (
-    Batches,
-    Checkpoint,
-    Loss,
-    RunState,
-    Schedule,
-    TrainingError,
-    TrainRecipe,
-    _generator,
-    _progress_bar,
-    _recipe_dict,
-    autocast_dtype,
-    available_cores,
-    evaluate,
-    param_groups,
-    resolve_device,
-)
-from search_spaces import ArchConfig, ConfigError
-from search_spaces.config import check_fields
+from nas.batches import Batches, seeded_generator
+from nas.config import MAX_NUMBER, ConfigError, check_fields, check_int
+from nas.devices import autocast_dtype, available_cores, resolve_device
+from nas.recipe import Schedule, TrainRecipe, param_groups, recipe_identity
+from nas.trainer import Checkpoint, Loss, RunState, TrainingError, evaluate, progress_bar
+from search_spaces import ArchConfig
 from search_spaces.supernet import Supernet, extreme_arch, random_arch
 
 EVALUATOR_KINDS = ("train", "supernet")  # standalone proxy training; inherited weights of a supernet
@@ -66,11 +53,7 @@ class SupernetSpec:
 
     def __post_init__(self):
         for name, minimum in (("random_subnets", 0), ("finetune_steps", 0), ("val_images", 1)):
-            value = getattr(self, name)
-            if value is None and name == "val_images":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"evaluator.{name}", f"must be an integer >= {minimum}, got {value!r}")
+            check_int(f"evaluator.{name}", getattr(self, name), minimum, MAX_NUMBER, optional=name == "val_images")
         if not isinstance(self.distill, bool):
             raise ConfigError("evaluator.distill", f"must be true or false, got {self.distill!r}")
 
@@ -92,7 +75,8 @@ def identity(net: Supernet, recipe: TrainRecipe, spec: SupernetSpec, dataset_nam
     """What a supernet's weights mean: space, data shape, data set, recipe (less where and how fast it ran:
     the same supernet on another device) and the training options."""
     training = {k: v for k, v in dataclasses.asdict(spec).items() if k in ("random_subnets", "distill")}
-    return {**net.identity(), "recipe": _recipe_dict(recipe.to_dict()), "supernet": training, "dataset": dataset_name}
+    return {**net.identity(), "recipe": recipe_identity(recipe.to_dict()), "supernet": training,
+            "dataset": dataset_name}
 
 
 def checkpoint_dir(study_dir: Path, ident: dict) -> Path:
@@ -122,7 +106,7 @@ class Sandwich:
         self.smallest = extreme_arch(self.space, False, **self.dims)
 
     def at(self, step: int) -> list[ArchConfig]:
-        generator = _generator(self.seed, step, 3)
+        generator = seeded_generator(self.seed, step, 3)
         return [self.largest, self.smallest] + [random_arch(self.space, generator, **self.dims)
                                                 for _ in range(self.random)]
 
@@ -219,7 +203,7 @@ class _SupernetRun:
     def loop(self, stop_at: float, progress: bool) -> SupernetResult:
         s, steps = self.state, self.schedule.steps
         every = self.batches.per_epoch if self.recipe.eval_every == "epoch" else self.recipe.eval_every
-        bar = _progress_bar(progress, steps, s.step, "supernet")
+        bar = progress_bar(progress, steps, s.step, "supernet")
         bar.set_description("supernet")
         start, losses = time.perf_counter(), []
         try:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nas.fronts import non_dominated_rank, preference_order
 from nas.objectives import Objective
 from nas.record import Metrics, TrialRecord
 from nas.study import Constraints, Rungs, StudyConfig
@@ -246,8 +247,6 @@ def promotion(record: TrialRecord, reached: list[TrialRecord], rung: int, rungs:
     numbers = sorted(pool)
     values = np.array([[pool[n].rung_accuracy[rung], *(pool[n].metrics.value(o) for o in costs)] for n in numbers],
                       dtype=float)
-    from nas.pareto import non_dominated_rank, preference_order
-
     maximize = [True] + [False] * len(costs)
     order = [numbers[i] for i in preference_order(values, maximize)]
     position, keep = order.index(record.number), max(1, len(order) // rungs.reduction_factor)

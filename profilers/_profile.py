@@ -9,12 +9,12 @@ import sys
 
 import torch
 
+from nas.config import check_int
 from profilers._backends import get_backend
 from profilers._export import as_model, package_version
 from profilers._flops import count_flops
 from profilers._latency import MAX_BATCH, MAX_THREADS
 from search_spaces import ArchConfig, VisionMoE, build_model, count_params
-from search_spaces.config import check_int
 
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "fvcore", "coremltools", "executorch", "numpy")
 

@@ -8,11 +8,11 @@ import copy
 import torch
 import yaml
 
+from nas.config import safe_yaml_load
 from profilers._backends import LocalBackend, Payload, Runnable, check_size, model_form
 from profilers._errors import PayloadError, ProfileError
 from profilers._export import eval_mode, example_images
 from search_spaces import ArchConfig, build_model
-from search_spaces.config import safe_yaml_load
 
 MAX_YAML_BYTES = 64 * 1024  # an architecture is a few hundred bytes
 DEVICES = ("cpu", "cuda")

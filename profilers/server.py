@@ -41,12 +41,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from nas.config import ConfigError
 from profilers._backends import BACKENDS, AgentLimits, get_backend
 from profilers._errors import PayloadError
 from profilers._latency import MAX_BATCH, MAX_THREADS, MIN_RUNS, MIN_TIME_S, WARMUP
 from profilers._profile import device_info
 from profilers.remote import TOKEN_ENV
-from search_spaces import ConfigError
 
 log = logging.getLogger("vmoe_nas.agent")
 

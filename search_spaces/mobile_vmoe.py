@@ -13,18 +13,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
-from search_spaces.config import (
-    MAX_CHOICES,
-    MAX_DEPTH,
-    ROUTINGS,
-    ArchConfig,
-    ConfigError,
-    MoEConfig,
-    check_int,
-    from_mapping,
-    is_number,
-    shown,
-)
+from nas.config import ConfigError, check_int, from_mapping, is_number, shown
+from search_spaces.config import MAX_CHOICES, MAX_DEPTH, ROUTINGS, ArchConfig, MoEConfig
 
 PLACEMENTS = ("last1", "last2", "last3", "alternate")  # or explicit lists such as "4,5"
 # trial parameter -> the space field listing its choices

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search_spaces.config import ArchConfig, ConfigError, is_number, shown
+from nas.config import ConfigError, is_number, shown
+from search_spaces.config import ArchConfig
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from search_spaces.config import ArchConfig, ConfigError, is_file, shown
+from nas.config import ConfigError, is_file, shown
+from search_spaces.config import ArchConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 

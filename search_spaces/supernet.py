@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from search_spaces.config import ArchConfig, ConfigError, shown
+from nas.config import ConfigError, shown
+from search_spaces.config import ArchConfig
 from search_spaces.mobile_vmoe import InvalidArchitecture, MobileVMoESpace
 from search_spaces.model import Attention, Experts, Mlp, ModelOutput, VisionMoE, _init_linear, build_model
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
-from search_spaces.config import ArchConfig, ConfigError, is_file, shown
+from nas.config import ConfigError, is_file, shown
+from search_spaces.config import ArchConfig
 from search_spaces.model import VisionMoE, build_model
 from search_spaces.presets import load_arch
 

@@ -22,12 +22,12 @@ import profilers
 import profilers._export
 import profilers.server
 from nas.cli import main
+from nas.config import ConfigError
 from profilers import cached_onnx, export_coreml
 from profilers._coreml_backend import PIPELINE_FILE
 from profilers._export import build_once
 from profilers.remote import TOKEN_ENV
 from profilers.server import MAX_ERROR_CHARS, OPTIONS, AgentSettings, PayloadError, create_app, measure, serve
-from search_spaces import ConfigError
 
 from archs import tiny, tiny_moe
 

@@ -9,8 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nas.cli import main
+from nas.config import ConfigError
 from nas.study import StudyConfig, load_study_config
-from search_spaces import ArchConfig, ConfigError, MoEConfig
+from search_spaces import ArchConfig, MoEConfig
 
 junk = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True), st.text(max_size=6),

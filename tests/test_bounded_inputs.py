@@ -20,11 +20,13 @@ from test_faults import study_yaml
 
 from nas import record as records
 from nas.cli import main
-from nas.data import DataError, DataFormatError, load_dataset
+from nas.config import ConfigError
+from nas.data import load_dataset
+from nas.datasets import DataError, DataFormatError
 from nas.search import fill_slots, open_study, run_worker, storage_url
 from nas.study import load_study_config
 from profilers import profile
-from search_spaces import ArchConfig, ConfigError
+from search_spaces import ArchConfig
 
 from image_folders import write_jpegs, write_png_bomb
 
@@ -185,7 +187,7 @@ def test_a_decompression_bomb_is_refused_by_both_readers(tmp_path, bomb, reader)
 @pytest.mark.parametrize("reader", READERS)
 def test_both_readers_cap_pixels_at_max_image_pixels(tmp_path, reader, monkeypatch):
     """The cap is one number for both readers (here lowered below a 64 x 64 image)."""
-    monkeypatch.setattr("nas.data.MAX_IMAGE_PIXELS", 32 * 32)
+    monkeypatch.setattr("nas.image_files.MAX_IMAGE_PIXELS", 32 * 32)
     root, path = folder_with(tmp_path, "large.png", lambda p: write_png_bomb(p, side=64))
     with pytest.raises(DataFormatError, match="64 x 64 pixels, more than MAX_IMAGE_PIXELS=1,024"):
         load_dataset(f"imagefolder:{root}", corrupt="error", **READERS[reader])

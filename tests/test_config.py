@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from search_spaces import ArchConfig, ConfigError, MoEConfig, build_model, count_params, load_arch, preset_names
+from nas.config import ConfigError
+from search_spaces import ArchConfig, MoEConfig, build_model, count_params, load_arch, preset_names
 
 from archs import tiny, tiny_moe
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from nas.data import DataError, DataFormatError, DataNotFoundError, load_dataset, make_synthetic
+from nas.data import load_dataset
+from nas.datasets import DataError, DataFormatError, DataNotFoundError
+from nas.synthetic import make_synthetic
 
 RNG = np.random.default_rng(0)
 

@@ -6,12 +6,15 @@ import os
 import pytest
 import torch
 
+from nas.batches import Batches
 from nas.cli import main
+from nas.config import ConfigError
 from nas.data import load_dataset
+from nas.devices import autocast_dtype, parse_device, resolve_device
+from nas.recipe import TrainRecipe
 from nas.search import worker_env
 from nas.study import load_study_config
-from nas.trainer import Batches, TrainRecipe, autocast_dtype, parse_device, resolve_device, train
-from search_spaces import ConfigError
+from nas.trainer import train
 
 from archs import tiny, tiny_moe
 

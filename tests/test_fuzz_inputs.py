@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nas.cli import main
-from search_spaces import ArchConfig, ConfigError
-from search_spaces.config import safe_yaml_load
+from nas.config import ConfigError, safe_yaml_load
+from search_spaces import ArchConfig
 from search_spaces.mobile_vmoe import PARAMS
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -250,7 +250,7 @@ def test_a_finished_trial_logs_no_lease_renewal_failure(tmp_path, monkeypatch, c
 
 def tiny_run(tmp_path, **recipe):
     from nas.data import load_dataset
-    from nas.trainer import TrainRecipe
+    from nas.recipe import TrainRecipe
 
     data = load_dataset("synthetic", limit=256)
     fields = {"steps": 12, "batch_size": 32, "eval_every": 12, "num_threads": 1, **recipe}

@@ -200,8 +200,8 @@ def test_fit_on_the_smoke_study_then_profile_with_the_model(tmp_path, capsys, mo
 
 
 def test_study_config_latency_keys_are_checked(tmp_path):
+    from nas.config import ConfigError
     from nas.study import load_study_config
-    from search_spaces import ConfigError
 
     with pytest.raises(ConfigError, match="profiler.latency: must be one of measured, predicted, predicted"):
         load_study_config("smoke", profiler={"latency": "guessed"})

@@ -191,8 +191,9 @@ def test_end_to_end_router_learns_to_route_by_super_class():
     weight decay only scaled it), routes images elsewhere than its initial weights would on the same features,
     and its experts line up with the super-classes far better than chance."""
     from nas.data import load_dataset
+    from nas.recipe import TrainRecipe
     from nas.stats import mutual_information
-    from nas.trainer import TrainRecipe, train
+    from nas.trainer import train
 
     data = load_dataset("synthetic:train=2000,test=10")
     cfg = tiny(image_size=16, depth=4, width=32, num_classes=12,

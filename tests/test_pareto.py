@@ -8,15 +8,11 @@ import pandas as pd
 import pytest
 from pareto_trials import study, trial
 
+from nas.fronts import crowding_distance, hypervolume, non_dominated_rank, preference_order, reference_point
 from nas.objectives import objectives_for
 from nas.pareto import (
     analyze,
     beats_dense,
-    crowding_distance,
-    hypervolume,
-    non_dominated_rank,
-    preference_order,
-    reference_point,
     trials_frame,
 )
 

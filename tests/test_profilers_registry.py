@@ -8,9 +8,9 @@ import textwrap
 import pytest
 
 import profilers
+from nas.config import ConfigError
 from profilers import BACKENDS, BackendResult, LatencyStats, LocalBackend, Payload, Runnable, register_backend
 from profilers.server import AgentSettings, device_description, measure
-from search_spaces import ConfigError
 
 from archs import tiny
 

@@ -21,12 +21,12 @@ from onnx import TensorProto, helper
 import profilers
 import profilers.server
 from nas.cli import main
+from nas.config import ConfigError
 from profilers import ProfileError, ProfilerUnreachable, RemoteBackend, RemoteProfilerError, get_backend
 from profilers._coreml import CoreMLExport
 from profilers._coreml_backend import PIPELINE_FILE, coreml_zip, unpack_coreml
 from profilers.remote import TOKEN_ENV
 from profilers.server import AgentSettings, PayloadError, create_app, is_loopback, measure, serve
-from search_spaces import ConfigError
 
 from archs import tiny, tiny_moe
 

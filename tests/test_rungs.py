@@ -45,7 +45,7 @@ def fake_trainer(monkeypatch):
         steps = stop_at_step or recipe.steps
         accuracy = curve(cfg, steps)
         return TrainResult(val_accuracy=accuracy, router_accuracy=None, expert_load=None, loss_curve=[],
-                           steps=steps, epochs=0.0, wall_time_s=0.0, images_per_s=0.0, stopped_early=False,
+                           steps=steps, epochs=0.0, wall_time_s=0.0, images_per_s=0.0,
                            evals=[(steps, accuracy)], model=build_model(cfg))  # untrained: scored per image
 
     monkeypatch.setattr(nas.trainer, "train", train)

@@ -1,7 +1,8 @@
 import optuna
 import pytest
 
-from search_spaces import ConfigError, load_arch
+from nas.config import ConfigError
+from search_spaces import load_arch
 from search_spaces.mobile_vmoe import InvalidArchitecture, MobileVMoESpace, placement_layers
 
 

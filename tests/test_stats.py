@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from nas.stats import holm, mcnemar_midp, mutual_information, paired, purity, study, t_interval, verdict
+from nas.stats import holm, holm_adjusted, mcnemar_midp, mutual_information, paired, purity, t_interval, verdict
 
 
 def arms(moe_acc, dense_acc, n_images=1000, seed=0):
@@ -91,7 +91,7 @@ def test_study_applies_holm_across_pairs():
     extra = [(np.arange(1000) >= 850) & (np.arange(1000) < 850 + k) for k in (2, 2, 3)]  # MoE also gets these
     weak = paired(np.stack([dense | e for e in extra]), np.stack([dense] * 3), name="weak")  # b = 7, c = 0
     alone = [strong.verdict, weak.verdict]
-    adjusted = study([strong, weak, *(paired(*arms([0.85] * 3, [0.85] * 3, seed=s)) for s in range(8))])
+    adjusted = holm_adjusted([strong, weak, *(paired(*arms([0.85] * 3, [0.85] * 3, seed=s)) for s in range(8))])
     assert [r.p_holm for r in adjusted] == pytest.approx(holm([r.p_value for r in adjusted]).tolist())
     assert alone == ["beats", "beats"]
     assert weak.p_value < 0.05 < adjusted[1].p_holm  # a weak win does not survive ten comparisons

@@ -10,12 +10,16 @@ import pytest
 import torch
 import yaml
 
-from nas.data import DataError, DataFormatError, DataNotFoundError, load_dataset
+from nas.batches import Batches
+from nas.config import ConfigError
+from nas.data import load_dataset
+from nas.datasets import DataError, DataFormatError, DataNotFoundError
 from nas.full_train import run_training
+from nas.recipe import TrainRecipe
 from nas.search import run_search
 from nas.study import load_study_config
-from nas.trainer import Batches, TrainRecipe, train
-from search_spaces import ArchConfig, ConfigError
+from nas.trainer import train
+from search_spaces import ArchConfig
 
 from image_folders import write_corrupt, write_jpegs
 

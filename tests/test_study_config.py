@@ -2,8 +2,8 @@ import optuna
 import pytest
 import yaml
 
+from nas.config import ConfigError
 from nas.study import Rungs, StudyConfig, load_study_config, study_preset_names
-from search_spaces import ConfigError
 
 
 def test_presets_load_and_round_trip(tmp_path):

@@ -10,8 +10,9 @@ import torch
 from nas import superclasses
 from nas.cli import main
 from nas.data import load_dataset
+from nas.recipe import TrainRecipe
 from nas.superclasses import SuperclassError, SuperclassMap, cluster_confusion, superclasses_for
-from nas.trainer import TrainRecipe, train
+from nas.trainer import train
 
 from archs import tiny
 

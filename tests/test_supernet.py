@@ -13,8 +13,9 @@ import pytest
 import torch
 import yaml
 
+from nas.config import ConfigError
 from nas.study import StudyConfig, load_study_config
-from search_spaces import ArchConfig, ConfigError, MoEConfig
+from search_spaces import ArchConfig, MoEConfig
 from search_spaces.mobile_vmoe import MobileVMoESpace
 from search_spaces.supernet import Supernet, SupernetError, extreme_arch, random_arch
 

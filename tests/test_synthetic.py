@@ -5,7 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from nas.data import CUE_KINDS, DataError, load_dataset, make_synthetic
+from nas.data import load_dataset
+from nas.datasets import DataError
+from nas.synthetic import CUE_KINDS, make_synthetic
 
 
 @pytest.fixture(scope="module")

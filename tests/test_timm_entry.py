@@ -8,8 +8,9 @@ import timm
 import torch
 from timm.data import resolve_data_config
 
+from nas.config import ConfigError
 from nas.trainer import Loss
-from search_spaces import ConfigError, VisionMoE
+from search_spaces import VisionMoE
 from search_spaces.model import Routing
 from search_spaces.timm_entry import mobile_vmoe_loss, router_loss
 
