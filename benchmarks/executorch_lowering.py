@@ -1,7 +1,7 @@
 """How the model family lowers to ExecuTorch's XNNPACK backend, before and after `XnnpackForm`.
 
 Per model (dense, per-image k=1 and k=2, at 28 and 224 px), the model as it is ("before") and in
-`profilers._executorch.XnnpackForm` ("after") are exported at batch 1 and lowered with XnnpackPartitioner:
+`profilers.XnnpackForm` ("after") are exported at batch 1 and lowered with XnnpackPartitioner:
 delegate calls, ops left on portable kernels, lowering time, the largest |logit difference| of the `.pte`
 (run in executorch.runtime) to eager torch on images that reach every expert the router picks, and the
 latency of both programs against ONNX Runtime (1 thread each), the three timed interleaved in one process
@@ -21,8 +21,16 @@ from pathlib import Path
 
 import torch
 
-from profilers import device_info, export_onnx, measure_interleaved, ort_inference
-from profilers._executorch import XnnpackForm, images_reaching_experts, load_pte, lower
+from profilers import (
+    XnnpackForm,
+    device_info,
+    export_onnx,
+    images_reaching_experts,
+    load_pte,
+    lower,
+    measure_interleaved,
+    ort_inference,
+)
 from search_spaces import ArchConfig, build_model, load_arch
 
 OUT = Path("results/benchmarks/executorch_lowering.json")

@@ -46,11 +46,11 @@ def main() -> None:
     alone, anchored, medians = [], [], {"dense": [], "moe": []}
     for repeat in range(args.repeats):
         d, m = profile(dense), profile(moe)
-        medians["dense"].append(d["latency_ms"]["median"])
-        medians["moe"].append(m["latency_ms"]["median"])
-        alone.append(m["latency_ms"]["median"] / d["latency_ms"]["median"])
+        medians["dense"].append(d.latency.median)
+        medians["moe"].append(m.latency.median)
+        alone.append(m.latency.median / d.latency.median)
         d, m = profile(dense, anchor=anchor), profile(moe, anchor=anchor)
-        anchored.append(m["anchor"]["ratio"] / d["anchor"]["ratio"])
+        anchored.append(m.anchor.ratio / d.anchor.ratio)
         print(f"repeat {repeat + 1}/{args.repeats}: alone {alone[-1]:.3f}, anchored {anchored[-1]:.3f}")
     result = {
         "models": {"anchor": anchor.name, "dense": dense.name, "moe": moe.name},

@@ -33,8 +33,7 @@ from tqdm import tqdm
 
 from nas.latency import CALIBRATION_PROTOCOL
 from nas.study import load_study_config
-from profilers import device_info, device_label
-from profilers._flops import analytic_flops
+from profilers import analytic_flops, device_info, device_label
 from profilers.latency_model import (
     Measurer,
     calibrate,

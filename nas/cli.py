@@ -50,14 +50,14 @@ def cmd_profile(args: argparse.Namespace) -> None:
         model = LatencyModel.load(args.latency_model)  # a bad file is refused before anything is measured
     result = profile(load_arch(args.arch), backend=args.backend, threads=args.threads, batch=args.batch,
                      provider=args.provider, anchor=anchor, measure=not args.no_measure, **remote)
-    for warning in result.get("warnings", []):
+    for warning in result.warnings or []:
         print(f"vmoe-nas profile: warning: {warning}", file=sys.stderr)
     if model:
         from profilers.latency_model import add_prediction
 
-        add_prediction(result, model)
+        result = add_prediction(result, model)
     if args.json:
-        return _print_json(result)
+        return _print_json(result.to_dict())
     print(format_profile(result))
 
 

@@ -106,7 +106,8 @@ def timing_spread(latency: dict | None) -> float | None:
 
 def latency_band(rs: list[TrialRecord]) -> float:
     """The latency tie band: the median over measured trials of a timing's robust relative spread (0: none)."""
-    spreads = [s for r in rs if (s := timing_spread((r.profile or {}).get("latency_ms"))) is not None]
+    timings = [r.profile.latency.to_dict() for r in rs if r.profile and r.profile.latency]
+    spreads = [s for t in timings if (s := timing_spread(t)) is not None]
     return float(np.median(spreads)) if spreads else 0.0
 
 

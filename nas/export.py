@@ -313,13 +313,12 @@ def _fmt_metric(value, unit: str = "") -> str:
 def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: StudyConfig,
                analysis: ParetoAnalysis, *, formats: dict[str, str], source: str | None,
                seed: int, epochs: float, superclasses: bool, pick: str | None = None) -> str:
-    metrics, profile, train = trial.metrics, trial.profile or {}, trial.train or {}
+    metrics, profile, train = trial.metrics, trial.profile, trial.train or {}
     recipe = study_cfg.recipe()
     budget = ", ".join(f"{k} {getattr(recipe, k):g}" for k in ("epochs", "steps", "seconds") if getattr(recipe, k))
     limit = f"{study_cfg.data.limit:,} training images" if study_cfg.data.limit else "the full training split"
-    latency = profile.get("latency_ms") or {}
-    anchor = profile.get("anchor")
-    anchored = (f"; {anchor['ratio']:.3g}x the study's latency anchor {anchor['name']}, timed interleaved with it "
+    latency, anchor = (profile.latency, profile.anchor) if profile else (None, None)
+    anchored = (f"; {anchor.ratio:.3g}x the study's latency anchor {anchor.name}, timed interleaved with it "
                 f"(this run's own median: {_fmt_metric(metrics.latency_ms_measured, ' ms')})" if anchor else "")
     rows = [
         ("validation accuracy", _fmt_metric(metrics.accuracy),
@@ -331,8 +330,8 @@ def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: 
          f"{_fmt_metric(metrics.params_active)}", "search_spaces.count_params; active: k of E experts"),
         ("size (fp32)", _fmt_metric(metrics.size_mb, " MB"), "4 bytes per parameter"),
         ("latency", _fmt_metric(metrics.latency_ms, " ms"),
-         f"median, {profile.get('backend')}, batch {profile.get('batch')}, {profile.get('threads')} thread(s), "
-         f"cv {_fmt_metric(latency.get('cv'))}, on {metrics.latency_device or 'an unrecorded device'}"
+         f"median, {profile and profile.backend}, batch {profile and profile.batch}, {profile and profile.threads} "
+         f"thread(s), cv {_fmt_metric(latency and latency.cv)}, on {metrics.latency_device or 'an unrecorded device'}"
          f"{anchored}"),
     ]
     table = "| metric | value | how |\n|---|---|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)

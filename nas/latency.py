@@ -131,8 +131,8 @@ def measure_beside_prediction(cfg: StudyConfig, model: LatencyModel, arch: ArchC
 
     predicted, _ = predicted_latency(model, arch, anchor.latency_ms if anchor else None)
     result = profile(arch, anchor=anchor.arch if anchor else None, **cfg.profiler.options())
-    median = result["latency_ms"]["median"]
-    measured = result["anchor"]["ratio"] * anchor.latency_ms if anchor else median
+    median = result.latency.median
+    measured = result.anchor.ratio * anchor.latency_ms if anchor else median
     return {"config_hash": arch.config_hash(), "name": arch.name, "predicted_ms": predicted, "measured_ms": measured,
             "measured_median_ms": median, "error_pct": 100 * (predicted - measured) / measured}
 

@@ -1,8 +1,8 @@
 """What a trial is: one typed record, read from and written to an Optuna trial in this module only.
 
 A search trial stores everything a later command needs as Optuna user attributes, so the storage alone
-rebuilds any model: the architecture (its YAML), the full profile, the training record and each metric as
-its own attribute; the accuracy at each rung is an intermediate value.
+rebuilds any model: the architecture (its YAML), its profile (`profilers.ProfileResult`), the training record
+and each metric as its own attribute; the accuracy at each rung is an intermediate value.
 `write(trial, record)` and `read(frozen_trial)` are the only places that spell those attribute names; the
 layout is versioned (`record_version`), and `read` still understands studies written before it was.
 `read_study` and `write_study` do the same for what a study stores about itself.
@@ -22,13 +22,15 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.objectives import Objective
+from profilers import ProfileResult
 from search_spaces import ArchConfig
 
 # 1: before versioning (also stored `arch` as a dict and a `status`); 2: per-image correctness as two attributes,
 # `val_correct_bits` and `n_val`; 3: it is one attribute, so a reader never sees half of it; 4: this layout, where
 # the metrics are flat attributes and the rung accuracies Optuna's intermediate values (version 3 kept them in a
-# `metrics` dict and a `rung_accuracy` list), which optuna-dashboard sorts by and plots as learning curves
-VERSION = 4
+# `metrics` dict and a `rung_accuracy` list), which optuna-dashboard sorts by and plots as learning curves; 5: the
+# profile without what its architecture gives again (`ProfileResult.to_dict(derived=False)`; 4 stored it all)
+VERSION = 5
 VERSION_ATTR = "record_version"
 CONSTRAINED_ATTR = "constraints_set"  # the trial's constraints are stored (in Optuna's system attributes)
 
@@ -75,7 +77,7 @@ class TrialRecord:
     number: int | None = None
     state: TrialState = TrialState.RUNNING
     arch: ArchConfig | None = None
-    profile: dict | None = None  # profilers.profile's full result
+    profile: ProfileResult | None = None
     metrics: Metrics = field(default_factory=Metrics)
     train: dict | None = None  # nas.trainer.TrainResult.to_dict()
     reason: str | None = None  # why it failed, was stopped or is infeasible
@@ -103,6 +105,7 @@ class TrialRecord:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data.update(state=self.state.name, status=self.status, arch=self.arch.to_dict() if self.arch else None,
                     metrics=asdict(self.metrics), record_version=VERSION,
+                    profile=self.profile.to_dict() if self.profile else None,
                     val_correct=None if self.val_correct is None else pack_bits(self.val_correct))
         return data
 
@@ -247,7 +250,7 @@ def _attrs(record: TrialRecord) -> dict[str, Any]:
         # The YAML is the architecture; name and hash are kept beside it for the dashboard and for lookups.
         attrs.update(arch_yaml=record.arch.to_yaml(), name=record.arch.name, config_hash=record.arch.config_hash())
     if record.profile is not None:
-        attrs["profile"] = record.profile
+        attrs["profile"] = record.profile.to_dict(derived=False)
     if record.arch is not None:
         attrs.update((name, value) for name, value in asdict(record.metrics).items() if value is not None)
     for key in ("train", "reason", "duplicate_of", "rung", "slot", "worker", "lease_until", "evaluator"):
@@ -315,7 +318,8 @@ def read(frozen: FrozenTrial) -> TrialRecord:
         raise ValueError(f"trial {frozen.number} was written by a newer vmoe-nas (record version {version})")
     arch = ArchConfig.from_yaml(attrs["arch_yaml"]) if "arch_yaml" in attrs else None
     return TrialRecord(
-        number=frozen.number, state=frozen.state, arch=arch, profile=attrs.get("profile"),
+        number=frozen.number, state=frozen.state, arch=arch,
+        profile=ProfileResult.from_dict(attrs["profile"], arch) if "profile" in attrs else None,
         metrics=Metrics.from_dict(attrs if version >= 4 else attrs.get("metrics")), train=attrs.get("train"),
         reason=attrs.get("reason"), duplicate_of=attrs.get("duplicate_of"),
         rung=attrs.get("rung", (attrs.get("train") or {}).get("steps")), seeds=list(attrs.get("seeds", [])),

@@ -29,6 +29,7 @@ from nas.fronts import non_dominated_rank, preference_order
 from nas.objectives import Objective
 from nas.record import Metrics, TrialRecord
 from nas.study import Constraints, Rungs, StudyConfig
+from profilers import Prediction, ProfileResult
 from search_spaces import ArchConfig
 from search_spaces.mobile_vmoe import InvalidArchitecture
 
@@ -106,23 +107,24 @@ def measure_anchor(cfg: StudyConfig, dataset) -> Anchor | None:
     """Measure the space's smallest dense ViT alone, for 3x the usual time; None where the study needs no
     anchor (latency not used, `profiler.anchor: false`, a remote agent measuring one model at a time on a
     device kept for it) or the backend cannot measure here (Core ML off macOS)."""
-    from profilers import MIN_TIME_S, device_label, profile
+    from profilers import MIN_TIME_S, device_label, profile  # not at import: profile loads ONNX and fvcore
 
     if not (cfg.profiler.anchor and cfg.profiler.backend != "remote" and needs_latency(cfg)):
         return None
     arch = cfg.space.smallest_dense(image_size=dataset.image_size, in_channels=dataset.in_channels,
                                     num_classes=dataset.num_classes)
     result = profile(arch, **cfg.profiler.options(), min_time_s=3 * MIN_TIME_S)
-    if result["latency_ms"] is None:
+    if result.latency is None:
         return None
     from nas.confirm import timing_spread
 
-    spread, limit = timing_spread(result["latency_ms"]), cfg.confirm.max_latency_band
+    latency = result.latency.to_dict()
+    spread, limit = timing_spread(latency), cfg.confirm.max_latency_band
     if spread is not None and spread > limit:
         log.warning("latency anchor %s: its timings spread %.0f%%, beyond the limit of %.0f%% "
                     "(confirm.max_latency_band): a loaded machine; latency verdicts will be unreliable",
                     arch.name, 100 * spread, 100 * limit)
-    return Anchor(arch, result["latency_ms"]["median"], result["latency_ms"], device_label(result["device"]))
+    return Anchor(arch, result.latency.median, latency, device_label(result.device))
 
 
 # ---------------------------------------------------------------- the steps
@@ -176,28 +178,30 @@ def reuse(record: TrialRecord, original: TrialRecord) -> TrialRecord:
     )
 
 
-def profile_arch(ctx: StudyContext, arch: ArchConfig) -> tuple[dict, Metrics]:
+def profile_arch(ctx: StudyContext, arch: ArchConfig) -> tuple[ProfileResult, Metrics]:
     """The full profile (latency only when an objective or a constraint needs it) and the flat metrics;
     latency on the anchor's scale where the study has one."""
-    from profilers import device_label, profile
+    from profilers import device_label, profile  # not at import: profile loads ONNX and fvcore
 
     wanted = needs_latency(ctx.cfg)
     predict = wanted and ctx.cfg.profiler.latency != "measured"
     anchor = ctx.anchor if wanted else None
     result = profile(arch, measure=wanted and not predict, anchor=anchor.arch if anchor else None,
                      **ctx.cfg.profiler.options())
-    costs = Metrics(flops=result["flops"], params_total=result["params_total"], params_active=result["params_active"],
-                    size_bytes_fp32=result["size_bytes_fp32"], size_mb=result["size_bytes_fp32"] / 1e6)
+    size = result.size_bytes()["size_bytes_fp32"]
+    costs = Metrics(flops=result.flops, params_total=result.params_total, params_active=result.params_active,
+                    size_bytes_fp32=size, size_mb=size / 1e6)
     if predict:
-        return result, predicted_metrics(ctx, arch, result, costs)
-    latency = result.get("latency_ms") or {}
-    ratio = result["anchor"]["ratio"] if "anchor" in result else None
+        return predicted_metrics(ctx, arch, result, costs)
+    latency = result.latency
+    median, cv = (latency.median, latency.cv) if latency else (None, None)
+    ratio = result.anchor.ratio if result.anchor else None
     metrics = dataclasses.replace(
         costs,
         # On the anchor's scale where there is one: its latency at the study's start times this trial's ratio.
-        latency_ms=ratio * anchor.latency_ms if ratio else latency.get("median"),
-        latency_ms_measured=latency.get("median"), latency_ratio=ratio, latency_cv=latency.get("cv"),
-        latency_backend=result.get("backend"), latency_device=device_label(result["device"]) if latency else None,
+        latency_ms=ratio * anchor.latency_ms if ratio else median,
+        latency_ms_measured=median, latency_ratio=ratio, latency_cv=cv,
+        latency_backend=result.backend, latency_device=device_label(result.device) if latency else None,
     )
     if ctx.latency_model is not None and wanted:  # a model given beside measured latency: both, side by side
         from nas.latency import predicted_latency
@@ -207,16 +211,16 @@ def profile_arch(ctx: StudyContext, arch: ArchConfig) -> tuple[dict, Metrics]:
     return result, metrics
 
 
-def predicted_metrics(ctx: StudyContext, arch: ArchConfig, result: dict, costs: Metrics) -> Metrics:
-    """`costs` with latency from the study's latency model (on its anchor's scale), for an unmeasured profile."""
+def predicted_metrics(ctx: StudyContext, arch: ArchConfig, result: ProfileResult,
+                      costs: Metrics) -> tuple[ProfileResult, Metrics]:
+    """An unmeasured profile and its `costs` with latency from the study's latency model (on its anchor's scale)."""
     from nas.latency import predicted_latency
 
     model = ctx.latency_model
     predicted, _ = predicted_latency(model, arch, ctx.anchor.latency_ms if ctx.anchor else None)
-    result["latency_ms"] = {"predicted": predicted}
-    result["latency_model"] = {"path": model.path, "bound_pct": model.bound_pct}
-    return dataclasses.replace(costs, latency_ms=predicted, latency_ms_predicted=predicted,
-                               latency_backend=result.get("backend"), latency_device=model.key["device"])
+    result = dataclasses.replace(result, prediction=Prediction(predicted, model.path, model.bound_pct))
+    return result, dataclasses.replace(costs, latency_ms=predicted, latency_ms_predicted=predicted,
+                                       latency_backend=result.backend, latency_device=model.key["device"])
 
 
 def check_constraints(constraints: Constraints, metrics: Metrics) -> tuple[dict[str, float], list[str]]:

@@ -1,7 +1,8 @@
-"""`profile`: every cost figure of one architecture as one JSON-ready dict, and its readable table."""
+"""`profile`: every cost figure of one architecture as one `ProfileResult`, and its readable table."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import subprocess
@@ -14,6 +15,7 @@ from profilers._backends import get_backend
 from profilers._export import as_model, package_version
 from profilers._flops import count_flops
 from profilers._latency import MAX_BATCH, MAX_THREADS
+from profilers._result import AnchorTiming, ProfileResult
 from search_spaces import ArchConfig, VisionMoE, build_model, count_params
 
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "fvcore", "coremltools", "executorch", "numpy")
@@ -56,59 +58,50 @@ def device_label(device: dict) -> str:
 def profile(
     model_or_cfg: ArchConfig | VisionMoE, *, backend: str = "onnxruntime", threads: int = 1, batch: int = 1,
     measure: bool = True, provider: str | None = None, anchor: ArchConfig | None = None, **backend_options,
-) -> dict:
+) -> ProfileResult:
     """Parameters, sizes, FLOPs per image and (unless `measure=False`, the cheap path for filtering)
     latency on `backend` at `batch` with `threads`. A config is exported through the artifact cache; a
     model (e.g. trained) is exported afresh. `backend_options` go to the backend: the protocol's
     warmup / min_runs / min_time_s, and coreml's precision / all_tails.
 
-    With an `anchor` config, a local backend times the model and the anchor interleaved; `anchor` in the
-    result holds the anchor's latency and `ratio`, the model's median over the anchor's: a figure that
+    With an `anchor` config, a local backend times the model and the anchor interleaved; the result's
+    `anchor` holds the anchor's latency and `ratio`, the model's median over the anchor's: a figure that
     holds across processes and hours, where absolute times drift by 5-25% on a shared machine."""
     check_int("threads", threads, 1, MAX_THREADS)
     check_int("batch", batch, 1, MAX_BATCH)
     model = as_model(model_or_cfg)
-    cfg = model.cfg
     runner = get_backend(backend, **backend_options)  # fails fast on a bad name or option, even unmeasured
     total, active = count_params(model)
     flops = count_flops(model)
-    result = {
-        "name": cfg.name, "config_hash": cfg.config_hash(), "arch": cfg.to_dict(),
-        "params_total": total, "params_active": active,
-        "flops": flops.total, "flops_by_module": flops.by_module, "uncounted_ops": flops.uncounted_ops,
-        "size_bytes_fp32": 4 * total, "size_bytes_fp16": 2 * total,
-        "size_bytes_fp32_active": 4 * active, "size_bytes_fp16_active": 2 * active,
-        "latency_ms": None, "latency_note": "not measured (measure=False)",
-        "backend": backend, "provider": provider, "threads": threads, "batch": batch,
-        "export_form": runner.form(model), "artifact": None, "device": device_info(),
-    }
-    if measure:
-        cache = isinstance(model_or_cfg, ArchConfig)  # a given model may carry trained weights: no cache
-        run = runner.run(model, batch=batch, threads=threads, provider=provider, cache=cache,
-                         anchor=build_model(anchor) if anchor else None)
-        result.update(
-            latency_ms=run.latency.to_dict() if run.latency else None, latency_note=run.note,
-            provider=run.provider, export_form=run.export_form, artifact=run.artifact,
-        )
-        if run.anchor:
-            result["anchor"] = {"name": anchor.name, "config_hash": anchor.config_hash(),
-                                "latency_ms": run.anchor.to_dict(), "ratio": run.latency.median / run.anchor.median}
-        if run.device:  # measured elsewhere (the remote backend): the latency belongs to that machine
-            result["device"] = run.device
-        else:
-            result["device"]["versions"].update(run.versions)
-        if run.latency:  # every latency figure is per call: one batch of `batch` images
-            result["latency_unit"] = f"ms per call, one batch of {batch} image{'s' * (batch > 1)}"
-            result["latency_ms_per_image"] = {k: run.latency.to_dict()[k] / batch for k in ("median", "p10", "p90")}
-        result["warnings"] = measurement_warnings(result)
-    return result
+    counted = ProfileResult(
+        arch=model.cfg, params_total=total, params_active=active, flops=flops.total,
+        flops_by_module=flops.by_module, uncounted_ops=flops.uncounted_ops, backend=backend, provider=provider,
+        threads=threads, batch=batch, export_form=runner.form(model), device=device_info(),
+        latency_note="not measured (measure=False)",
+    )
+    if not measure:
+        return counted
+    cache = isinstance(model_or_cfg, ArchConfig)  # a given model may carry trained weights: no cache
+    run = runner.run(model, batch=batch, threads=threads, provider=provider, cache=cache,
+                     anchor=build_model(anchor) if anchor else None)
+    device = counted.device
+    if run.device:  # measured elsewhere (the remote backend): the latency belongs to that machine
+        device = run.device
+    else:
+        device["versions"].update(run.versions)
+    timing = (AnchorTiming(anchor.name, anchor.config_hash(), run.anchor, run.latency.median / run.anchor.median)
+              if run.anchor else None)
+    return dataclasses.replace(
+        counted, latency=run.latency, latency_note=run.note, provider=run.provider, export_form=run.export_form,
+        artifact=run.artifact, device=device, anchor=timing,
+        warnings=measurement_warnings(device, threads, measured=run.latency is not None),
+    )
 
 
-def measurement_warnings(result: dict) -> list[str]:
-    """What makes a latency of `result` doubtful: more threads than the measuring machine lets this process use."""
-    device, threads = result["device"], result["threads"]
+def measurement_warnings(device: dict, threads: int, *, measured: bool) -> list[str]:
+    """What makes a latency measured on `device` doubtful: more threads than that machine lets this process use."""
     cores = device.get("cores_available") or device.get("cores")
-    if result["latency_ms"] and cores and threads > cores:
+    if measured and cores and threads > cores:
         return [f"--threads {threads} on a machine with {cores} available core{'s' * (cores > 1)}: the threads share "
                 "cores, so this latency is not what that many cores would give"]
     return []
@@ -121,41 +114,40 @@ def _si(value: float, unit: str) -> str:
     return f"{value:g} {unit}"
 
 
-def format_profile(result: dict) -> str:
+def format_profile(result: ProfileResult) -> str:
     """The readable table `vmoe-nas profile` prints."""
-    flops = result["flops"]
-    size = {key: _si(result[f"size_bytes_{key}"], "B") for key in ("fp32", "fp32_active", "fp16", "fp16_active")}
+    flops = result.flops
+    size = {key: _si(value, "B") for key, value in result.size_bytes().items()}
     lines = [
-        f"{result['name']}  (hash {result['config_hash']})",
-        f"params      {result['params_total']:,} total, {result['params_active']:,} active per image",
-        f"size        fp32 {size['fp32']} ({size['fp32_active']} active), "
-        f"fp16 {size['fp16']} ({size['fp16_active']} active)",
+        f"{result.name}  (hash {result.config_hash})",
+        f"params      {result.params_total:,} total, {result.params_active:,} active per image",
+        f"size        fp32 {size['size_bytes_fp32']} ({size['size_bytes_fp32_active']} active), "
+        f"fp16 {size['size_bytes_fp16']} ({size['size_bytes_fp16_active']} active)",
         f"FLOPs       {_si(flops, 'FLOP')} per image (active; 1 multiply-add = 1 FLOP)",
     ]
-    for module, count in sorted(result["flops_by_module"].items(), key=lambda item: -item[1]):
+    for module, count in sorted(result.flops_by_module.items(), key=lambda item: -item[1]):
         if count:
             lines.append(f"  {module:<12}{_si(count, 'FLOP'):>12}  {100 * count / flops:5.1f}%")
-    if result["uncounted_ops"]:
-        lines.append(f"  uncounted ops: {', '.join(result['uncounted_ops'])}")
-    latency = result["latency_ms"]
-    if latency and "predicted" in latency:
-        model = result["latency_model"]
-        lines.append(f"predicted   {latency['predicted']:.3f} ms  (latency model {model['path']}, "
-                     f"95% within +-{model['bound_pct']:.1f}%)")
-    if latency and "median" in latency:
-        per_batch = (f" per batch of {result['batch']} ({result['latency_ms_per_image']['median']:.3f} ms per image)"
-                     if result["batch"] > 1 else "")
-        lines.append(f"latency     median {latency['median']:.3f} ms{per_batch}  p10 {latency['p10']:.3f}  "
-                     f"p90 {latency['p90']:.3f}  cv {latency['cv']:.3f}  ({latency['runs']} runs)")
-    elif not latency:
-        lines.append(f"latency     unavailable: {result['latency_note']}")
-    if result.get("anchor"):
-        anchor = result["anchor"]
-        lines.append(f"anchor      {anchor['name']}: median {anchor['latency_ms']['median']:.3f} ms, "
-                     f"timed interleaved; ratio {anchor['ratio']:.3f}")
+    if result.uncounted_ops:
+        lines.append(f"  uncounted ops: {', '.join(result.uncounted_ops)}")
+    prediction, latency = result.prediction, result.latency
+    if prediction:
+        lines.append(f"predicted   {prediction.ms:.3f} ms  (latency model {prediction.path}, "
+                     f"95% within +-{prediction.bound_pct:.1f}%)")
+    if latency:
+        per_batch = (f" per batch of {result.batch} ({result.latency_ms_per_image()['median']:.3f} ms per image)"
+                     if result.batch > 1 else "")
+        lines.append(f"latency     median {latency.median:.3f} ms{per_batch}  p10 {latency.p10:.3f}  "
+                     f"p90 {latency.p90:.3f}  cv {latency.cv:.3f}  ({latency.runs} runs)")
+    elif not prediction:
+        lines.append(f"latency     unavailable: {result.latency_note}")
+    if result.anchor:
+        anchor = result.anchor
+        lines.append(f"anchor      {anchor.name}: median {anchor.latency.median:.3f} ms, "
+                     f"timed interleaved; ratio {anchor.ratio:.3f}")
     lines += [
-        f"backend     {result['backend']} ({result['provider'] or 'default'}), threads {result['threads']}, "
-        f"batch {result['batch']}, form {result['export_form']}",
-        f"device      {device_label(result['device'])}",
+        f"backend     {result.backend} ({result.provider or 'default'}), threads {result.threads}, "
+        f"batch {result.batch}, form {result.export_form}",
+        f"device      {device_label(result.device)}",
     ]
     return "\n".join(lines)

@@ -29,12 +29,13 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from profilers._errors import ProfileError
+from profilers._result import Prediction, ProfileResult
 from search_spaces import ArchConfig
 
 FORMAT = "vmoe-nas-latency-model"
@@ -264,24 +265,21 @@ class LatencyModel:
         )
 
 
-def add_prediction(result: dict, model: LatencyModel) -> dict:
-    """`profile`'s result with `latency_ms.predicted` (beside the measured median, or alone when nothing was
-    measured) and `latency_model` (its file, stated bound and any out-of-range feature); refuses a model of
-    another backend, device, threads, batch or precision."""
+def add_prediction(result: ProfileResult, model: LatencyModel) -> ProfileResult:
+    """`result` with the model's prediction (beside the measured latency, or alone when nothing was measured):
+    its file, stated bound and any out-of-range feature; refuses a model of another backend, device, threads,
+    batch or precision."""
     from profilers._profile import device_label
 
-    measured = result["latency_ms"] is not None
-    remote_unmeasured = result["backend"] == "remote" and not measured  # the agent, not this machine: not asked
-    model.check(backend=result["backend"], device=None if remote_unmeasured else device_label(result["device"]),
-                threads=result["threads"], batch=result["batch"], precision=result.get("precision") or "fp32")
-    cfg = ArchConfig.from_dict(result["arch"])
+    remote_unmeasured = result.backend == "remote" and result.latency is None  # the agent, not this machine: not asked
+    # A profile records no precision option: the model is checked for the default, fp32.
+    model.check(backend=result.backend, device=None if remote_unmeasured else device_label(result.device),
+                threads=result.threads, batch=result.batch)
     start = time.perf_counter()
-    predicted = model.predict(cfg)
+    predicted = model.predict(result.arch)
     elapsed = time.perf_counter() - start
-    result["latency_ms"] = {**(result["latency_ms"] or {}), "predicted": predicted}
-    result["latency_model"] = {"path": model.path, "bound_pct": model.bound_pct, "prediction_s": elapsed,
-                               "out_of_range": model.out_of_range(features(cfg, model.key["batch"]))}
-    return result
+    return replace(result, prediction=Prediction(predicted, model.path, model.bound_pct, elapsed,
+                                                 model.out_of_range(features(result.arch, model.key["batch"]))))
 
 
 def checksum(body: dict) -> str:

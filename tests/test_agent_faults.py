@@ -15,17 +15,15 @@ from pathlib import Path
 import httpx
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 from onnx.external_data_helper import set_external_data
 
 import profilers
-import profilers._export
 import profilers.server
 from nas.cli import main
 from nas.config import ConfigError
-from profilers import cached_onnx, export_coreml
-from profilers._coreml_backend import PIPELINE_FILE
-from profilers._export import build_once
+from profilers import PIPELINE_FILE, build_once, cached_onnx, export_coreml, onnx_cache_path, proto_messages
 from profilers.remote import TOKEN_ENV
 from profilers.server import MAX_ERROR_CHARS, OPTIONS, AgentSettings, PayloadError, create_app, measure, serve
 
@@ -140,7 +138,6 @@ def spec_naming(program: Path, weights: str) -> bytes:
     """The package's model spec, its weight file renamed to `weights`."""
     import coremltools as ct
 
-    from profilers._backends import proto_messages
 
     spec = ct.utils.load_spec(str(program))
     for blob in proto_messages(spec, "BlobFileValue"):
@@ -335,13 +332,13 @@ def test_a_corrupt_cached_onnx_file_is_rebuilt(tmp_path, monkeypatch):
 
 def test_the_cache_key_follows_the_exporters_versions(monkeypatch):
     cfg = tiny()
-    before = profilers._export.onnx_cache_path(cfg)
+    before = onnx_cache_path(cfg)
     assert cfg.config_hash() in before.name
-    monkeypatch.setattr(profilers._export.torch, "__version__", "0.0.0+other")
-    assert profilers._export.onnx_cache_path(cfg) != before
+    monkeypatch.setattr(torch, "__version__", "0.0.0+other")
+    assert onnx_cache_path(cfg) != before
     monkeypatch.undo()
-    monkeypatch.setattr(profilers._export.onnx, "__version__", "0.0.0+other")
-    assert profilers._export.onnx_cache_path(cfg) != before
+    monkeypatch.setattr(onnx, "__version__", "0.0.0+other")
+    assert onnx_cache_path(cfg) != before
 
 
 def test_temporary_names_are_unique_within_a_process(tmp_path):

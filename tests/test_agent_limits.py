@@ -11,8 +11,7 @@ from io import BytesIO
 import httpx
 import pytest
 
-from profilers import ProfilerBusy
-from profilers._coreml_backend import PIPELINE_FILE
+from profilers import PIPELINE_FILE, ProfilerBusy
 from profilers.remote import AgentClient
 from profilers.server import AgentSettings, create_app, quiet_descriptor_errors
 

@@ -1,6 +1,8 @@
 """The confirmation stage: which pairs, common random numbers across a pair, resuming after a kill, and the
 smoke study confirmed end to end from the command line."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,6 +16,7 @@ from nas.cli import main
 from nas.data import load_dataset
 from nas.study import load_study_config
 from nas.trial import StudyContext
+from profilers import LatencyStats, profile
 
 
 def hand_records(spread=0.1):
@@ -25,7 +28,8 @@ def hand_records(spread=0.1):
     for r in rs:
         median = r.metrics.latency_ms
         half = spread * stage.INTERDECILE_SDS * median / 2
-        r.profile = {"latency_ms": {"median": median, "p10": median - half, "p90": median + half, "cv": 5.0}}
+        timing = LatencyStats(median=median, p10=median - half, p90=median + half, mean=median, std=0.0, cv=5.0, runs=9)
+        r.profile = dataclasses.replace(profile(r.arch, measure=False), latency=timing)
     return rs
 
 

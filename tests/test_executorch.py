@@ -15,7 +15,7 @@ from tiny_study import STUDY, tiny_study_results
 
 import profilers
 from nas.cli import main
-from profilers._executorch import Delegation, LoweringError, XnnpackForm, check_kernels
+from profilers import Delegation, LoweringError, XnnpackForm, cached_executorch, check_kernels, lower
 from profilers.server import AgentSettings, create_app, measure
 from search_spaces import ArchConfig, build_model
 
@@ -48,8 +48,6 @@ def cache(tmp_path_factory):
 def dense_pte(cache, monkeypatch) -> bytes:
     """The cached batch-1 program of tiny(): lowered by the first test that asks, read by the others."""
     monkeypatch.setenv(profilers.CACHE_ENV, str(cache))
-    from profilers._executorch import cached_executorch
-
     return cached_executorch(tiny(), 1).read_bytes()
 
 
@@ -107,8 +105,6 @@ def test_an_agent_refuses_a_bad_pte_naming_why(dense_pte, damage, options, messa
 @pytest.mark.slow
 def test_a_model_that_fails_to_lower_is_one_error_naming_the_op(monkeypatch):
     from executorch.runtime import Runtime
-
-    from profilers._executorch import lower
 
     class Inverse(torch.nn.Module):
         def forward(self, x):

@@ -2,6 +2,7 @@
 model card, the `pareto` console, beats_dense.csv and the plots give the confirmed verdicts; each distinct
 (MoE, dense) pair is tested once; a `ties` says which test decided; latency verdicts from noisy timings say so."""
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -179,8 +180,10 @@ def test_an_anchor_that_spreads_beyond_the_limit_is_warned_about(monkeypatch, ca
     from nas.trial import measure_anchor
 
     wide = {"median": 1.0, "p10": 0.5, "p90": 2.5, "mean": 1.2, "std": 0.5, "cv": 0.4, "runs": 10}
-    monkeypatch.setattr(profilers, "profile", lambda arch, **kw: {"latency_ms": wide, "device": {
-        "cpu": "x", "cores": 1, "os": "linux"}})
+    counted = profilers.profile  # the costs counted, the latency and device replaced
+    monkeypatch.setattr(profilers, "profile", lambda arch, **kw: dataclasses.replace(
+        counted(arch, measure=False), latency=profilers.LatencyStats(**wide), device={
+            "cpu": "x", "cores": 1, "os": "linux"}))
     data = type("Data", (), {"image_size": 16, "in_channels": 1, "num_classes": 12})
     with caplog.at_level(logging.WARNING, "vmoe_nas.trial"):
         assert measure_anchor(load_study_config("smoke"), data).latency_ms == 1.0
@@ -201,7 +204,7 @@ def test_profile_warns_of_more_threads_than_cores_and_says_a_batch_median_is_per
     assert "warning: --threads 4 on a machine with 1 available core" in err and result["warnings"]
     assert result["latency_unit"] == "ms per call, one batch of 8 images"
     assert result["latency_ms_per_image"]["median"] == pytest.approx(result["latency_ms"]["median"] / 8)
-    assert "per batch of 8 (" in profilers.format_profile(result)
+    assert "per batch of 8 (" in profilers.format_profile(profilers.ProfileResult.from_dict(result))
 
 
 # ---------------------------------------------------------------- (b) the plots and the per-pair table

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import profilers
-import profilers._coreml
-from profilers import ProfileError, export_coreml, format_profile, profile
-from profilers._coreml import Tail, Trunk, masked_per_token
+import profilers._coreml  # private on purpose: the coremltools conversion is replaced where export calls it
+from profilers import ProfileError, Tail, Trunk, export_coreml, format_profile, masked_per_token, profile
 from search_spaces import build_model
 from search_spaces.model import PerTokenExperts
 
@@ -62,12 +61,13 @@ def ops(path) -> set[str]:
 
 def test_coreml_profile_exports_trunk_and_one_tail_without_gathers(tmp_path, monkeypatch):
     monkeypatch.setenv(profilers.CACHE_ENV, str(tmp_path))
-    result = profile(tiny_moe(experts=3, top_k=2), backend="coreml", warmup=1, min_runs=3, min_time_s=0)
+    profiled = profile(tiny_moe(experts=3, top_k=2), backend="coreml", warmup=1, min_runs=3, min_time_s=0)
+    result = profiled.to_dict()
     if sys.platform == "darwin":
         assert result["export_form"] == "per_image:trunk+tails (measured: trunk then tail-0-1)"
         assert result["latency_ms"]["runs"] >= 3
     else:  # nothing measured: no "(measured: ...)" beside "latency unavailable"
-        assert result["export_form"] == "per_image:trunk+tails" and "measured:" not in format_profile(result)
+        assert result["export_form"] == "per_image:trunk+tails" and "measured:" not in format_profile(profiled)
         assert result["latency_ms"] is None and "need macOS" in result["latency_note"]
     programs = sorted(p.name for p in tmp_path.glob("coreml/*/*"))
     assert programs == ["tail-0-1.mlpackage", "trunk.mlpackage"]  # every tail costs the same: one is measured

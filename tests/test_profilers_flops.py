@@ -5,8 +5,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
-from profilers import analytic_flops, count_flops
-from profilers._flops import COUNTED_OPS
+from profilers import COUNTED_OPS, analytic_flops, count_flops
 from search_spaces import build_model, load_arch
 
 from archs import tiny, tiny_moe

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import profilers._latency as latency
+import profilers._latency as latency  # private on purpose: its clock is replaced where the protocol reads it
 from profilers import LatencyStats, measure_interleaved, measure_latency
 
 

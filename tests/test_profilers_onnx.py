@@ -10,9 +10,17 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-import profilers._export
-from profilers import ProfileError, analytic_flops, cache_dir, export_onnx, onnxruntime_latency, profile
-from profilers._export import build_once, onnx_cache_path
+import profilers._export  # private on purpose: the cache's exporter is replaced where the cache calls it
+from profilers import (
+    ProfileError,
+    analytic_flops,
+    build_once,
+    cache_dir,
+    export_onnx,
+    onnx_cache_path,
+    onnxruntime_latency,
+    profile,
+)
 from search_spaces import build_model, count_params
 
 from archs import tiny, tiny_moe
@@ -117,7 +125,7 @@ def test_unknown_provider_names_the_available_ones(exported):
 def test_profile_is_json_and_reuses_the_cached_export(monkeypatch, exported):
     cfg, path = exported[0].cfg, exported[1]
     monkeypatch.setattr(profilers._export, "export_onnx", lambda *a, **k: pytest.fail("exported twice"))
-    second = profile(cfg, threads=2, batch=4, **FAST)
+    second = profile(cfg, threads=2, batch=4, **FAST).to_dict()
     assert second["artifact"] == str(path)
     assert json.loads(json.dumps(second))["latency_ms"].keys() == {"median", "p10", "p90", "mean", "std", "cv", "runs"}
     assert (second["backend"], second["provider"], second["threads"], second["batch"]) == (
@@ -130,7 +138,7 @@ def test_profile_is_json_and_reuses_the_cached_export(monkeypatch, exported):
 def test_cheap_profile_counts_without_exporting_or_measuring(monkeypatch):
     monkeypatch.setattr(profilers._export, "export_onnx", lambda *a, **k: pytest.fail("exported"))
     cfg = tiny_moe(experts=4, top_k=2, routing="per_token")
-    result = profile(cfg, measure=False)
+    result = profile(cfg, measure=False).to_dict()
     total, active = count_params(build_model(cfg))
     assert (result["params_total"], result["params_active"]) == (total, active)
     assert result["flops"] == analytic_flops(cfg) == sum(result["flops_by_module"].values())
@@ -143,7 +151,7 @@ def test_cheap_profile_counts_without_exporting_or_measuring(monkeypatch):
 def test_torch_backend_measures_a_given_model_and_restores_threads():
     model = build_model(tiny_moe(routing="per_token"))
     threads = torch.get_num_threads()
-    result = profile(model, backend="torch", threads=1, batch=2, **FAST)
+    result = profile(model, backend="torch", threads=1, batch=2, **FAST).to_dict()
     assert result["latency_ms"]["runs"] >= 3 and result["provider"] == "cpu" and result["artifact"] is None
     assert torch.get_num_threads() == threads and model.training  # the caller's model and settings, untouched
 
@@ -151,12 +159,12 @@ def test_torch_backend_measures_a_given_model_and_restores_threads():
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_profile_with_an_anchor_times_both_and_gives_their_ratio(backend):
     anchor_cfg = tiny()
-    result = profile(tiny_moe(), backend=backend, anchor=anchor_cfg, **FAST)
+    result = profile(tiny_moe(), backend=backend, anchor=anchor_cfg, **FAST).to_dict()
     anchor = result["anchor"]
     assert (anchor["name"], anchor["config_hash"]) == (anchor_cfg.name, anchor_cfg.config_hash())
     assert anchor["latency_ms"]["runs"] >= FAST["min_runs"] and result["latency_ms"]["runs"] >= FAST["min_runs"]
     assert anchor["ratio"] == result["latency_ms"]["median"] / anchor["latency_ms"]["median"]
-    assert "anchor" not in profile(tiny_moe(), backend=backend, **FAST)
+    assert "anchor" not in profile(tiny_moe(), backend=backend, **FAST).to_dict()
 
 
 def test_bad_backend_and_provider_are_profile_errors():

@@ -87,7 +87,7 @@ def test_the_agent_measures_a_registered_backend_through_the_registry(echo):
     assert (result.provider, result.export_form, result.batch, result.versions) == (
         "echo-device", "echo-form", 2, {"echo": "1"})
     assert result.latency.runs >= FAST["min_runs"]
-    assert profilers.profile(tiny(), backend="echo", **FAST)["provider"] == "echo-device"
+    assert profilers.profile(tiny(), backend="echo", **FAST).provider == "echo-device"
 
 
 def test_an_agent_of_a_backend_without_payload_is_refused():

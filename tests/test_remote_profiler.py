@@ -22,9 +22,17 @@ import profilers
 import profilers.server
 from nas.cli import main
 from nas.config import ConfigError
-from profilers import ProfileError, ProfilerUnreachable, RemoteBackend, RemoteProfilerError, get_backend
-from profilers._coreml import CoreMLExport
-from profilers._coreml_backend import PIPELINE_FILE, coreml_zip, unpack_coreml
+from profilers import (
+    PIPELINE_FILE,
+    CoreMLExport,
+    ProfileError,
+    ProfilerUnreachable,
+    RemoteBackend,
+    RemoteProfilerError,
+    coreml_zip,
+    get_backend,
+    unpack_coreml,
+)
 from profilers.remote import TOKEN_ENV
 from profilers.server import AgentSettings, PayloadError, create_app, is_loopback, measure, serve
 
@@ -98,9 +106,9 @@ def onnx_bytes() -> bytes:
 def test_remote_profile_has_the_fields_of_a_local_one(agent, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     cfg = tiny_moe()
-    local = profilers.profile(cfg, **FAST)  # exports while the agent starts
+    local = profilers.profile(cfg, **FAST).to_dict()  # exports while the agent starts
     url = agent.url
-    remote = profilers.profile(cfg, backend="remote", remote_url=url, **FAST)
+    remote = profilers.profile(cfg, backend="remote", remote_url=url, **FAST).to_dict()
     assert remote.keys() == local.keys()
     for key in ("config_hash", "params_total", "params_active", "flops", "size_bytes_fp32", "export_form", "threads"):
         assert remote[key] == local[key], key
@@ -284,7 +292,7 @@ def test_study_with_the_remote_backend_completes(agent, tmp_path, monkeypatch):
     trials = records.read_all(run_search(cfg, progress=False))
     assert len(trials) == 2 and all(t.status == "complete" for t in trials)
     for trial in trials:
-        assert trial.profile["device"]["remote_url"] == agent.url
+        assert trial.profile.device["remote_url"] == agent.url
         assert trial.metrics.latency_device.endswith(f"(agent {agent.url})")
         assert trial.metrics.latency_ms > 0
 

@@ -128,7 +128,7 @@ def test_latency_is_reported_on_the_scale_of_the_study_anchor(tmp_path):
     assert (arch.depth, arch.width, arch.patch_size, arch.moe) == (2, 16, 4, None)  # SPACE's smallest dense
     for trial in records.read_all(study):
         metrics = trial.metrics
-        assert trial.profile["anchor"]["config_hash"] == arch.config_hash()
+        assert trial.profile.anchor.config_hash == arch.config_hash()
         assert metrics.latency_ms == pytest.approx(metrics.latency_ratio * anchor["latency_ms"])
         assert trial.values[1] == metrics.latency_ms and metrics.latency_ms_measured > 0
     report = (tmp_path / "results" / "anchor" / "report.md").read_text()

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 from optuna.trial import FixedTrial, TrialState
 
+import profilers
 from nas import record as records
 from nas.objectives import OBJECTIVES
 from nas.record import Metrics, TrialRecord
@@ -47,7 +48,7 @@ def test_the_steps_run_without_optuna(ctx):
     assert set(ctx.superclasses) == {4}  # the space's only router size the 12 classes allow
     profile, metrics = profile_arch(ctx, arch)
     assert metrics.params_active == count_params(build_model(arch))[1]
-    assert metrics.flops == profile["flops"] and metrics.latency_ms is None  # no latency objective: not measured
+    assert metrics.flops == profile.flops and metrics.latency_ms is None  # no latency objective: not measured
     values, broken = check_constraints(Constraints(max_flops=metrics.flops / 2), metrics)
     assert values == {"max_flops": pytest.approx(1.0)} and broken == [f"flops={metrics.flops:.4g} > max_flops="
                                                                       f"{metrics.flops / 2:g}"]
@@ -96,7 +97,8 @@ def test_a_record_round_trips_through_optuna():
     arch = ArchConfig(image_size=16, in_channels=1, patch_size=4, num_classes=12, depth=2, width=16, num_heads=2,
                       moe={"num_experts": 4, "layers": [1]})
     original = TrialRecord(arch=arch, metrics=Metrics(accuracy=0.7, flops=123), train={"steps": 9}, rung=9, seeds=[0],
-                           reason="why", duplicate_of=None, slot=3, worker="host:1", profile={"flops": 123})
+                           reason="why", duplicate_of=None, slot=3, worker="host:1",
+                           profile=profilers.profile(arch, measure=False))
     study = optuna.create_study(directions=["maximize", "minimize"])
     trial = study.ask()
     records.write(trial, dataclasses.replace(original, constraints={"max_flops": -0.5}))
