@@ -16,8 +16,8 @@ import torch
 from nas import stats
 from nas.confirm import twin_init
 from nas.data import Dataset
+from nas.evaluation import per_image_correct
 from nas.trainer import TrainRecipe, train
-from nas.trial import per_image_correct
 from profilers import analytic_flops
 from search_spaces import ArchConfig, build_model, count_params
 

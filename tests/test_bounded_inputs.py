@@ -21,8 +21,10 @@ from test_faults import study_yaml
 from nas import record as records
 from nas.cli import main
 from nas.data import DataError, DataFormatError, load_dataset
-from nas.search import fill_slots, open_study, run_worker, storage_url
+from nas.opening import open_study
+from nas.search import run_worker
 from nas.study import load_study_config
+from nas.trial_store import fill_slots, storage_url
 from profilers import profile
 from search_spaces import ArchConfig, ConfigError
 
