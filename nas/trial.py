@@ -23,9 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from nas.data import Dataset
+from nas import trainer
+from nas.data import Dataset, load_dataset
+from nas.latency import load_for_study
 from nas.record import Metrics, TrialRecord
 from nas.study import Constraints, StudyConfig
+from nas.superclasses import superclasses_for
+from nas.supernet import score, trained_supernet
 from nas.trainer import TrainRecipe, TrainResult
 from profilers.latency_model import LatencyModel
 from search_spaces import ArchConfig
@@ -69,8 +73,6 @@ class StudyContext:
 def build_context(cfg: StudyConfig, *, anchor: Anchor | None = None, progress: bool = False) -> StudyContext:
     """Load the data set and find the class groupings the space's routers need (discovered once per study
     and cached under results/<study>/superclasses/, where every worker finds them)."""
-    from nas.data import load_dataset
-
     spec = cfg.data
     dataset = load_dataset(spec.name, data_dir=spec.data_dir, val_fraction=spec.val_fraction, seed=spec.seed,
                            limit=spec.limit, **spec.folder_options())
@@ -80,8 +82,6 @@ def build_context(cfg: StudyConfig, *, anchor: Anchor | None = None, progress: b
     groups = [g for g in cfg.space.router_groups() if g <= dataset.num_classes]  # more: rejected as invalid
     superclasses = {g: class_groups(dataset, g, cfg.study_dir / "superclasses", progress=progress,
                                     device=recipe.device, num_threads=recipe.num_threads) for g in groups}
-    from nas.latency import load_for_study
-
     return StudyContext(cfg, dataset, recipe, superclasses, anchor, load_for_study(cfg))
 
 
@@ -89,8 +89,6 @@ def class_groups(dataset, groups: int, cache_dir: Path, *, progress: bool = Fals
                  num_threads: int | None = None) -> np.ndarray:
     """class -> super-class for `groups` experts: the data set's own, or discovered from confusion (on `device`,
     with the evaluator's `num_threads`)."""
-    from nas.superclasses import superclasses_for
-
     mapping = superclasses_for(dataset, groups, cache_dir=cache_dir, progress=progress, device=device,
                                num_threads=num_threads)
     log.info("super-classes for %d experts (%s): %s", groups, mapping.source, mapping.class_to_group.tolist())
@@ -234,8 +232,6 @@ def train_to_rungs(ctx: StudyContext, arch: ArchConfig, decide: Callable[[int, T
     or interrupted at a rung costs only the steps it ran, and a retry resumes). `decide(rung, result)`
     after each rung returns the reason to stop, or None. Returns the last TrainResult and the reason it
     stopped (None if it ran to the end)."""
-    from nas import trainer
-
     groups = ctx.superclasses.get(arch.moe.num_experts) if routes_on_superclasses(arch) else None
     rungs = ctx.cfg.rungs.steps if ctx.cfg.rungs else (None,)
     # Keyed by architecture and recipe: a retry of the trial, or a resumed study, finds its run here.
@@ -262,8 +258,6 @@ def train_to_rungs(ctx: StudyContext, arch: ArchConfig, decide: Callable[[int, T
 def inherit(ctx: StudyContext, arch: ArchConfig) -> tuple[dict, Metrics]:
     """Score `arch` with the weights it inherits from the study's supernet (`kind: supernet`; trained on first
     use, then loaded): (the score's record, the metrics' accuracy fields)."""
-    from nas.supernet import score, trained_supernet
-
     tick = time.perf_counter()
     scored = score(ctx, trained_supernet(ctx), arch)
     scored["wall_time_s"] = round(time.perf_counter() - tick, 3)

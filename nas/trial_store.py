@@ -36,7 +36,6 @@ from nas.study import StudyConfig
 log = logging.getLogger("vmoe_nas.trial_store")
 LIVE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 RETRY_ATTR = "failed_trial"  # Optuna's system attribute naming the trial a retry replaces
-LEASE_ATTR = "lease_until"
 
 
 def storage_url(cfg: StudyConfig) -> StorageURL:
@@ -113,7 +112,7 @@ def _report_rungs(storage: optuna.storages.BaseStorage, trial_id: int, record: T
 
 
 def renew_lease(trial: optuna.Trial, until: float) -> None:
-    trial.set_user_attr(LEASE_ATTR, until)
+    trial.set_user_attr(records.LEASE_ATTR, until)
 
 
 @contextmanager
@@ -245,6 +244,6 @@ def retry_count(study: optuna.Study, number: int) -> int:
     return count
 
 
-__all__ = ["LEASE_ATTR", "RETRY_ATTR", "attach", "claim_trial", "fill_slots", "lease", "optuna_verbosity", "reclaim",
+__all__ = ["LIVE_STATES", "RETRY_ATTR", "attach", "claim_trial", "fill_slots", "lease", "optuna_verbosity", "reclaim",
            "reclaim_dead_trials", "renew_lease", "requeue_free_slots", "retry_count", "storage_of", "storage_url",
            "stored_trial", "trial_id", "write", "write_stored"]

@@ -101,11 +101,11 @@ def test_study_end_to_end(tmp_path, failing_moe, capsys):
 
 
 def test_superclasses_are_discovered_once_before_the_trials(tmp_path, monkeypatch, capsys):
-    import nas.superclasses
+    import nas.trial
 
     calls = []
-    discover = nas.superclasses.superclasses_for
-    monkeypatch.setattr(nas.superclasses, "superclasses_for",
+    discover = nas.trial.superclasses_for
+    monkeypatch.setattr(nas.trial, "superclasses_for",
                         lambda data, groups, **kw: calls.append(groups) or discover(data, groups, **kw))
     m3 = {**M16, "num_experts": 3}  # synthetic data has 4 super-classes of its own, not 3: discovered
     config = write_study(tmp_path, "groups", [m3, D16, {**m3, "width": 24}], 3, space={**SPACE, "num_experts": [0, 3]})
