@@ -16,9 +16,9 @@ import torch
 from nas import stats
 from nas.confirm import twin_init
 from nas.datasets import Dataset
+from nas.evaluation import per_image_correct
 from nas.recipe import TrainRecipe
 from nas.trainer import train
-from nas.trial import per_image_correct
 from profilers import analytic_flops
 from search_spaces import ArchConfig, build_model, count_params
 

@@ -117,7 +117,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(f"study {cfg.study_name} finished: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
     if cfg.confirm.enabled and not args.no_confirm:
         from nas.confirm import confirm
-        from nas.search import storage_url
+        from nas.trial_store import storage_url
 
         _print_confirmed(confirm(study, cfg, workers=cfg.workers, progress=not args.no_progress,
                                  storage=storage_url(cfg)))  # launchers sharing it share the runs

@@ -43,16 +43,16 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from nas import liveness, stats
+from nas import liveness, stats, trial_store
 from nas import record as records
 from nas.config import ConfigError
+from nas.evaluation import per_image_correct
 from nas.fronts import non_dominated_rank
 from nas.liveness import LEASE_INTERVALS
 from nas.objectives import objectives_for
 from nas.processes import die_with_parent
 from nas.record import ConfirmRecord, ConfirmRun, TrialRecord
 from nas.study import StudyConfig
-from nas.trial import per_image_correct
 from search_spaces import ArchConfig, build_model
 
 log = logging.getLogger("vmoe_nas.confirm")
@@ -130,7 +130,7 @@ def latency_warning(settings: dict) -> str | None:
             "noisy come from a loaded machine; measure again on a quiet one, or raise the limit in the study config")
 
 
-def eligible(rs: list[TrialRecord]) -> list[TrialRecord]:
+def comparable(rs: list[TrialRecord]) -> list[TrialRecord]:
     """Trials that completed the top rung, feasible, not re-runs: the ones comparable with each other."""
     return [r for r in rs if r.status == "complete" and r.duplicate_of is None and r.metrics.accuracy is not None]
 
@@ -140,7 +140,7 @@ def top_moes(rs: list[TrialRecord], k: int, objectives: list[str]) -> list[Trial
     (where the front holds fewer than `k`) the next front's, so a study whose best MoE dominates the others
     still confirms `k`."""
     objs = objectives_for(objectives)
-    moes = [r for r in eligible(rs) if r.kind == "moe" and all(r.metrics.value(o) is not None for o in objs)]
+    moes = [r for r in comparable(rs) if r.kind == "moe" and all(r.metrics.value(o) is not None for o in objs)]
     if not moes:
         return []
     values = np.array([[r.metrics.value(o) for o in objs] for r in moes], dtype=float)
@@ -160,7 +160,7 @@ def best_dense(dense: list[TrialRecord], metric: str, limit: float | None) -> Tr
 def select_pairs(rs: list[TrialRecord], k: int, objectives: list[str], *, band: float | None = None) -> list[Pair]:
     """The pairs to confirm (see the module docstring); `band` defaults to `latency_band(rs)`."""
     band = latency_band(rs) if band is None else band
-    dense = [r for r in eligible(rs) if r.kind == "dense"]
+    dense = [r for r in comparable(rs) if r.kind == "dense"]
     by_hash = {r.arch.config_hash(): r for r in dense}
     pairs = []
     for m in top_moes(rs, k, objectives):
@@ -292,13 +292,9 @@ def _run_in_worker(arch_yaml: str, seed: int, steps: int) -> ConfirmRun:
 
 def companion(study: optuna.Study) -> optuna.Study:
     """The confirm study of `study`, in the same storage, created on first use."""
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "created" / "using an existing study" each time
-    try:
-        return optuna.create_study(study_name=records.confirm_study_name(study.study_name), storage=study._storage,
-                                   direction="maximize", load_if_exists=True)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
+    with trial_store.optuna_verbosity():  # not "created" / "using an existing study" each time
+        return optuna.create_study(study_name=records.confirm_study_name(study.study_name),
+                                   storage=trial_store.storage_of(study), direction="maximize", load_if_exists=True)
 
 
 def stored_runs(confirm_study: optuna.Study) -> dict[str, ConfirmRun]:
@@ -339,7 +335,7 @@ class Claims:
             with self.guard:
                 for trial in self.held.values():
                     try:
-                        records.renew_lease(trial, liveness.lease_until(self.interval))
+                        trial_store.renew_lease(trial, liveness.lease_until(self.interval))
                     except Exception as error:  # noqa: BLE001 - any storage failure: try again next interval
                         log.warning("confirm run %d: lease renewal failed: %s", trial.number, error)
 
@@ -515,5 +511,5 @@ def _with_accuracies(pair: Pair, runs: dict[str, ConfirmRun], settings: Settings
 
 
 __all__ = ["COSTS", "INTERDECILE_SDS", "Pair", "Settings", "arm_recipe", "best_dense", "companion",
-           "compare", "confirm", "eligible", "latency_band", "latency_warning", "run_missing", "runs_needed",
+           "comparable", "compare", "confirm", "latency_band", "latency_warning", "run_missing", "runs_needed",
            "select_pairs", "settings_for", "stored_runs", "timing_spread", "top_moes", "train_arm", "twin_init"]

@@ -1,4 +1,5 @@
-"""Workers that die: a lease on every running trial, and reclaiming the trials of workers that are gone.
+"""Workers that die: who runs a trial, and when its worker counts as gone (the rule; `nas.trial_store` holds
+the lease and does the reclaiming in the storage).
 
 Optuna's heartbeats exist on RDB storages only; a journal file has none, so a trial whose worker was killed
 (kill -9, the OOM killer, a lost machine) would stay RUNNING for ever, holding its slot. Instead, on every
@@ -7,8 +8,8 @@ intervals). Any worker reclaims a running trial when its worker process is gone 
 longer exists) or its lease has expired (any host): the trial fails, marked interrupted, and a retry of the
 same architecture is queued in its slot, at most `max_retries` times (after that the failure is final, so a
 trial that kills its worker every time cannot loop). Exactly one worker wins a reclaim: the storage moves a
-trial out of RUNNING once. The retry carries Optuna's `failed_trial` system attribute, as Optuna's own retry
-callbacks do (`optuna.storages.RetryFailedTrialCallback.retried_trial_number`).
+trial out of RUNNING once (`nas.trial_store.reclaim_dead_trials`). The retry carries Optuna's `failed_trial`
+system attribute, as Optuna's own retry callbacks do (`optuna.storages.RetryFailedTrialCallback.retried_trial_number`).
 
 A worker's identity is `host:boot id:pid namespace:start time:pid`. A hostname and a pid do not name a
 process: containers with host networking, Kubernetes `hostNetwork` pods and cloned machines share hostnames,
@@ -23,23 +24,16 @@ import logging
 import os
 import socket
 import subprocess
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import optuna
-from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState, create_trial
+from optuna.trial import TrialState
 
-from nas import record as records
-from nas.config import first_line
 from nas.record import TrialRecord
 
 log = logging.getLogger("vmoe_nas.liveness")
 LEASE_INTERVALS = 3  # a lease lasts this many renewal intervals: two missed renewals are tolerated
 UNNAMED_GRACE_S = 60.0  # a claimed trial without its worker's name yet: how long before it counts as dead
-RETRY_ATTR = "failed_trial"  # Optuna's system attribute naming the trial a retry replaces
 
 
 def boot_id() -> str:
@@ -85,29 +79,6 @@ def lease_until(interval: float) -> float:
     return time.time() + LEASE_INTERVALS * interval
 
 
-@contextmanager
-def lease(trial: optuna.Trial, interval: float):
-    """Hold a lease on `trial` while the block runs: renewed every `interval` seconds by a thread that keeps
-    trying through storage errors (the trial itself meets a lost storage and reports it)."""
-    records.renew_lease(trial, lease_until(interval))
-    stop = threading.Event()
-
-    def renew():
-        while not stop.wait(interval):
-            try:
-                records.renew_lease(trial, lease_until(interval))
-            except Exception as error:  # noqa: BLE001 - any storage failure: try again next interval
-                log.warning("trial %d: lease renewal failed: %s", trial.number, first_line(error))
-
-    thread = threading.Thread(target=renew, daemon=True, name=f"lease-{trial.number}")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` runs: it exists and is not a zombie (killed, not yet reaped by its parent)."""
     try:
@@ -139,45 +110,4 @@ def is_dead(record: TrialRecord, *, now: float, grace_s: float) -> bool:
     return now > record.lease_until
 
 
-def reclaim_dead_trials(study: optuna.Study, *, max_retries: int, grace_s: float) -> list[int]:
-    """Fail every running trial whose worker is gone and queue its retry; returns the trials reclaimed."""
-    storage = study._storage  # the study's own storage (a cache around RDB storages): one view of the states
-    study_id = storage.get_study_id_from_name(study.study_name)
-    reclaimed = []
-    now = time.time()
-    running = records.read_all(study, (TrialState.RUNNING,))
-    for dead in (r for r in running if is_dead(r, now=now, grace_s=grace_s)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, dead.number)
-        retries = retry_count(study, dead.number)
-        final = retries >= max_retries
-        reason = (f"its worker {dead.worker or '(unknown)'} died or stopped renewing its lease; "
-                  + ("retries exhausted" if final else "retried in a new trial of the same slot"))
-        dead.reason, dead.interrupted = reason, not final  # interrupted: its retry holds the slot
-        try:
-            records.write_stored(storage, trial_id, dead)
-            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                continue
-        except UpdateFinishedTrialError:
-            continue  # another worker reclaimed it, or it just finished
-        reclaimed.append(dead.number)
-        log.warning("trial %d: %s", dead.number, reason)
-        if not final:
-            frozen = study._storage.get_trial(trial_id)
-            study.add_trial(create_trial(
-                state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
-                user_attrs=records.enqueue_attrs(dead.slot), system_attrs={RETRY_ATTR: dead.number},
-            ))
-    return reclaimed
-
-
-def retry_count(study: optuna.Study, number: int) -> int:
-    """How many times the trial `number` is itself a retry (the chain of `failed_trial` back to the first)."""
-    trials = study.get_trials(deepcopy=False)
-    count, current = 0, trials[number]
-    while RETRY_ATTR in current.system_attrs:
-        count += 1
-        current = trials[current.system_attrs[RETRY_ATTR]]
-    return count
-
-
-__all__ = ["is_dead", "lease", "reclaim_dead_trials", "retry_count", "worker_id"]
+__all__ = ["LEASE_INTERVALS", "is_dead", "lease_until", "local_pid", "pid_alive", "worker_id"]

@@ -28,6 +28,7 @@ from nas.fronts import hypervolume, non_dominated_rank, reference_point
 from nas.objectives import Objective, objectives_for
 from nas.record import METRIC_COLUMNS, TEXT_METRICS
 from nas.stats import arm_interval, decided_by
+from nas.trial_store import storage_of
 
 ARCH_COLUMNS = ["image_size", "in_channels", "patch_size", "num_classes", "depth", "width", "num_heads", "mlp_ratio",
                 "num_experts", "top_k", "moe_layers", "routing", "router_loss_weight"]
@@ -174,7 +175,8 @@ def confirmed_at(confirmed: pd.DataFrame, cost: str) -> pd.DataFrame:
 def load_confirmed(study: optuna.Study) -> records.ConfirmRecord | None:
     """The confirmation stored beside `study` (its companion study in the same storage), if any."""
     try:
-        companion = optuna.load_study(study_name=records.confirm_study_name(study.study_name), storage=study._storage)
+        companion = optuna.load_study(study_name=records.confirm_study_name(study.study_name),
+                                      storage=storage_of(study))
     except KeyError:
         return None
     confirmed = records.read_confirm(companion)

@@ -1,10 +1,11 @@
-"""What a trial is: one typed record, read from and written to an Optuna trial in this module only.
+"""What a trial is: one typed record, and the Optuna trial attributes that store it, spelled in this module only.
 
 A search trial stores everything a later command needs as Optuna user attributes, so the storage alone
 rebuilds any model: the architecture (its YAML), its profile (`profilers.ProfileResult`), the training record
 and each metric as its own attribute; the accuracy at each rung is an intermediate value.
-`write(trial, record)` and `read(frozen_trial)` are the only places that spell those attribute names; the
-layout is versioned (`record_version`), and `read` still understands studies written before it was.
+`user_attrs(record)` and `read(frozen_trial)` are the only places that spell those attribute names (a running
+trial's record is written through `nas.trial_store.write`, which owns the storage); the layout is versioned
+(`record_version`), and `read` still understands studies written before it was.
 `read_study` and `write_study` do the same for what a study stores about itself.
 
 Whether a trial finished, failed or was stopped is Optuna's state; a record's `status` is derived from
@@ -32,6 +33,7 @@ from search_spaces import ArchConfig
 # profile without what its architecture gives again (`ProfileResult.to_dict(derived=False)`; 4 stored it all)
 VERSION = 5
 VERSION_ATTR = "record_version"
+LEASE_ATTR = "lease_until"  # renewed by the running trial's worker (nas.trial_store.lease)
 CONSTRAINED_ATTR = "constraints_set"  # the trial's constraints are stored (in Optuna's system attributes)
 
 
@@ -244,7 +246,9 @@ def enqueue_attrs(slot: int) -> dict[str, Any]:
     return {VERSION_ATTR: VERSION, "slot": slot}
 
 
-def _attrs(record: TrialRecord) -> dict[str, Any]:
+def user_attrs(record: TrialRecord) -> dict[str, Any]:
+    """The user attributes that store `record` (`nas.trial_store.write`; `optuna.trial.create_trial` in tests
+    and copies of studies, where its `intermediate_values` are the record's `rung_accuracy`)."""
     attrs: dict[str, Any] = {VERSION_ATTR: VERSION}
     if record.arch is not None:
         # The YAML is the architecture; name and hash are kept beside it for the dashboard and for lookups.
@@ -253,7 +257,7 @@ def _attrs(record: TrialRecord) -> dict[str, Any]:
         attrs["profile"] = record.profile.to_dict(derived=False)
     if record.arch is not None:
         attrs.update((name, value) for name, value in asdict(record.metrics).items() if value is not None)
-    for key in ("train", "reason", "duplicate_of", "rung", "slot", "worker", "lease_until", "evaluator"):
+    for key in ("train", "reason", "duplicate_of", "rung", "slot", "worker", LEASE_ATTR, "evaluator"):
         if getattr(record, key) is not None:
             attrs[key] = getattr(record, key)
     if record.seeds:
@@ -264,50 +268,6 @@ def _attrs(record: TrialRecord) -> dict[str, Any]:
     if record.interrupted:
         attrs["interrupted"] = True
     return attrs
-
-
-def write(trial: optuna.Trial, record: TrialRecord) -> None:
-    """Store `record` on a running trial: the user attributes that changed, its new rung accuracies, and, the
-    first time it has them, its constraints (Optuna keeps a trial's constraints as first set)."""
-    stored = trial.user_attrs
-    for key, value in _attrs(record).items():
-        if stored.get(key) != value:
-            trial.set_user_attr(key, value)
-    _report_rungs(trial.storage, trial._trial_id, record)
-    if record.constraints and not stored.get(CONSTRAINED_ATTR):
-        for name, value in record.constraints.items():
-            trial.set_constraint(name, value)
-        trial.set_user_attr(CONSTRAINED_ATTR, True)
-
-
-def write_stored(storage: optuna.storages.BaseStorage, trial_id: int, record: TrialRecord) -> None:
-    """Like `write`, for a trial another worker runs (by storage and trial id): its changed user attributes."""
-    stored = storage.get_trial(trial_id).user_attrs
-    for key, value in _attrs(record).items():
-        if stored.get(key) != value:
-            storage.set_trial_user_attr(trial_id, key, value)
-    _report_rungs(storage, trial_id, record)
-
-
-def _report_rungs(storage: optuna.storages.BaseStorage, trial_id: int, record: TrialRecord) -> None:
-    """The rung accuracies not yet stored, as intermediate values (what `Trial.report` stores; it refuses
-    multi-objective studies, whose dashboards plot them all the same)."""
-    if not record.rung_accuracy:
-        return
-    reported = storage.get_trial(trial_id).intermediate_values
-    for step, accuracy in sorted(record.rung_accuracy.items()):
-        if step not in reported:
-            storage.set_trial_intermediate_value(trial_id, step, accuracy)
-
-
-def renew_lease(trial: optuna.Trial, until: float) -> None:
-    trial.set_user_attr("lease_until", until)
-
-
-def frozen_attrs(record: TrialRecord) -> dict[str, Any]:
-    """The user attributes of `record`, for `optuna.trial.create_trial` (tests, copies of studies; its
-    `intermediate_values` are the record's `rung_accuracy`)."""
-    return _attrs(record)
 
 
 def read(frozen: FrozenTrial) -> TrialRecord:
@@ -328,7 +288,7 @@ def read(frozen: FrozenTrial) -> TrialRecord:
         slot=attrs.get("slot"), worker=attrs.get("worker"),
         interrupted=bool(attrs.get("interrupted")), constraints=dict(frozen.constraints),
         values=list(frozen.values) if frozen.values is not None else None, params=dict(frozen.params),
-        lease_until=attrs.get("lease_until"), evaluator=attrs.get("evaluator"),
+        lease_until=attrs.get(LEASE_ATTR), evaluator=attrs.get("evaluator"),
         val_correct=_val_correct(attrs),
         started=frozen.datetime_start.timestamp() if frozen.datetime_start else None,
     )
@@ -352,6 +312,5 @@ def read_all(study: optuna.Study, states: tuple[TrialState, ...] | None = None) 
 
 
 __all__ = ["METRIC_COLUMNS", "TEXT_METRICS", "ConfirmRecord", "ConfirmRun", "Metrics", "StudyRecord", "TrialRecord",
-           "confirm_run_attrs", "confirm_study_name", "enqueue_attrs", "frozen_attrs", "read", "read_all",
-           "read_confirm", "read_confirm_run", "read_study", "renew_lease", "run_key", "running", "write",
-           "write_confirm", "write_stored", "write_study"]
+           "confirm_run_attrs", "confirm_study_name", "enqueue_attrs", "read", "read_all", "read_confirm",
+           "read_confirm_run", "read_study", "run_key", "running", "user_attrs", "write_confirm", "write_study"]

@@ -35,6 +35,7 @@ from nas.pareto import (
     confirmed_summary,
 )
 from nas.storage import NoSpaceLeft
+from nas.trial_store import optuna_verbosity
 
 KINDS = {"dense": ("dense ViT", "#1f77b4"), "moe": ("Mobile V-MoE", "#d62728")}  # kind -> (label, colour)
 PANELS = (("flops", "FLOPs per image"), ("latency_ms", "latency (ms)"))  # x axes, accuracy on y
@@ -367,14 +368,9 @@ def hypervolume_figure(history: HypervolumeHistory) -> go.Figure:
 def _quiet_optuna():
     """Optuna's in-memory view of the analysis: neither its "study created" logs nor its experimental-feature
     warnings (metric names) belong on the console of a report."""
-    previous = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            yield
-    finally:
-        optuna.logging.set_verbosity(previous)
+    with optuna_verbosity(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def _analysed_study(study: optuna.Study, analysis: ParetoAnalysis) -> optuna.Study:

@@ -6,6 +6,7 @@ Shipped presets (`nas/studies/*.yaml`) are picked by bare name (`smoke`, `fashio
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass, field, fields
@@ -164,7 +165,7 @@ RUNG_FIELDS = ("min_steps", "max_steps", "reduction_factor")  # the evaluator's 
 
 @dataclass(frozen=True)
 class Rungs:
-    """Successive halving by training steps (asynchronous, per kind: see `nas.trial.promotion`). A trial is
+    """Successive halving by training steps (asynchronous, per kind: see `nas.rung_policy.MOASHA`). A trial is
     evaluated at each rung and goes on to the next only if it is among the best 1/`reduction_factor` of the
     trials of its kind that reached the rung; the last rung is the full budget, and a trial's last
     evaluation never stops it. One rung (a single budget) stops no trial."""
@@ -212,7 +213,7 @@ class StudyConfig:
     storage: str | None = None  # default: a SQLite file (journal file with --workers > 1) in results/<study>/
     workers: int = 1
     devices: list = field(default_factory=list)  # cuda:N per worker process (round robin), pinned in each as `cuda`
-    heartbeat_interval: int = 10  # seconds; RDB storages mark a trial whose worker went silent as failed
+    heartbeat_interval: int = 10  # seconds between lease renewals; a trial whose lease lapses is reclaimed
     max_retries: int = 1  # times a trial whose worker died is re-queued for another worker
     trial_timeout: float | None = None  # seconds a trial may run before it is stopped and recorded as failed
     trial_memory_mb: float | None = None  # resident memory of the worker a trial may reach, likewise
@@ -306,7 +307,14 @@ class StudyConfig:
 
     def recipe(self):
         """The proxy training of every trial (of the supernet, for `kind: supernet`); with rungs, its schedule
-        spans the last rung."""
+        spans the last rung. Parsed once per evaluator (one `confirm` asks for it several times); an evaluator
+        replaced or changed in place is parsed again."""
+        cached = getattr(self, "_parsed_recipe", None)
+        if cached is None or cached[0] != self.evaluator:
+            self._parsed_recipe = (copy.deepcopy(self.evaluator), self._parse_recipe())
+        return self._parsed_recipe[1]
+
+    def _parse_recipe(self):
         from nas.recipe import TrainRecipe  # the trainer pulls in torch data code; only needed here
 
         skip = RUNG_FIELDS + ("kind",)
@@ -374,41 +382,6 @@ class StudyConfig:
         data["space"] = _space_from_dict(data.get("space"))
         data["enqueue"] = data.get("enqueue") or []
         return cls(**data)
-
-
-# What may differ when a study resumes: how it runs, not what its trials mean. Everything else (data, space,
-# objectives, constraints, evaluator, early stopping, profiler) changed mid-study would mix incomparable results.
-RUN_SETTINGS = ("n_trials", "timeout", "workers", "storage", "results_dir", "heartbeat_interval", "max_retries",
-                "trial_timeout", "trial_memory_mb", "sampler", "seed", "enqueue", "data.data_dir", "confirm")
-
-
-def config_changes(stored: dict, current: StudyConfig) -> list[str]:
-    """The fields (dotted) of `current` that differ from the stored config of a study, run settings aside."""
-    try:
-        before = _flat(_comparable(StudyConfig.from_dict(stored)))
-    except ConfigError as error:  # written by another version, or by hand: compare what can be read
-        log.debug("stored study config does not load (%s); comparing it as stored", error)
-        before = _flat(stored)
-    after = _flat(_comparable(current))
-    return sorted(key for key in before.keys() | after.keys()
-                  if before.get(key) != after.get(key) and not key.startswith(RUN_SETTINGS))
-
-
-def _comparable(cfg: StudyConfig) -> dict:
-    # The recipe with its defaults filled in, and the evaluator's kind and supernet options.
-    supernet = dataclasses.asdict(cfg.supernet) if cfg.evaluator_kind == "supernet" else {}
-    extra = {"kind": cfg.evaluator_kind, **supernet}
-    return {**cfg.to_dict(), "evaluator": {**cfg.recipe().to_dict(), **extra}}
-
-
-def _flat(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _space_from_dict(data: Any) -> MobileVMoESpace:

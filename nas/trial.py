@@ -3,8 +3,8 @@
     sample -> validate -> find reusable result -> profile -> check constraints -> train rung by rung -> record
 
 Each step takes the `StudyContext` and plain values (an `ArchConfig`, `Metrics`, `TrialRecord`s) and is
-callable in a test without Optuna; `nas.search.run_trial` is the thin loop that feeds them one Optuna
-trial and stores the record (`nas.record.write`).
+callable in a test without Optuna; `nas.runner.TrialRunner` feeds them one Optuna trial and stores its record
+after each step; which trials go on at a rung is `nas.rung_policy`'s.
 """
 
 from __future__ import annotations
@@ -20,16 +20,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
-from nas.fronts import non_dominated_rank, preference_order
-from nas.objectives import Objective
+from nas import trainer
+from nas.data import load_dataset
+from nas.datasets import Dataset
+from nas.latency import load_for_study
+from nas.recipe import TrainRecipe
 from nas.record import Metrics, TrialRecord
-from nas.study import Constraints, Rungs, StudyConfig
+from nas.study import Constraints, StudyConfig
+from nas.superclasses import superclasses_for
+from nas.supernet import score, trained_supernet
+from nas.trainer import TrainResult
 from profilers import Prediction, ProfileResult
+from profilers.latency_model import LatencyModel
 from search_spaces import ArchConfig
 from search_spaces.mobile_vmoe import InvalidArchitecture
 
@@ -61,18 +66,16 @@ class StudyContext:
     """What every trial of a study shares, built once per process."""
 
     cfg: StudyConfig
-    dataset: Any  # nas.data.Dataset
-    recipe: Any  # nas.trainer.TrainRecipe: the proxy training of every trial
+    dataset: Dataset
+    recipe: TrainRecipe  # the proxy training of every trial
     superclasses: dict[int, np.ndarray]  # experts -> class-to-group map of the per-image routers
     anchor: Anchor | None = None
-    latency_model: Any = None  # profilers.latency_model.LatencyModel: `profiler.latency_model`, checked
+    latency_model: LatencyModel | None = None  # `profiler.latency_model`, checked
 
 
 def build_context(cfg: StudyConfig, *, anchor: Anchor | None = None, progress: bool = False) -> StudyContext:
     """Load the data set and find the class groupings the space's routers need (discovered once per study
     and cached under results/<study>/superclasses/, where every worker finds them)."""
-    from nas.data import load_dataset
-
     spec = cfg.data
     dataset = load_dataset(spec.name, data_dir=spec.data_dir, val_fraction=spec.val_fraction, seed=spec.seed,
                            limit=spec.limit, **spec.folder_options())
@@ -82,8 +85,6 @@ def build_context(cfg: StudyConfig, *, anchor: Anchor | None = None, progress: b
     groups = [g for g in cfg.space.router_groups() if g <= dataset.num_classes]  # more: rejected as invalid
     superclasses = {g: class_groups(dataset, g, cfg.study_dir / "superclasses", progress=progress,
                                     device=recipe.device, num_threads=recipe.num_threads) for g in groups}
-    from nas.latency import load_for_study
-
     return StudyContext(cfg, dataset, recipe, superclasses, anchor, load_for_study(cfg))
 
 
@@ -91,8 +92,6 @@ def class_groups(dataset, groups: int, cache_dir: Path, *, progress: bool = Fals
                  num_threads: int | None = None) -> np.ndarray:
     """class -> super-class for `groups` experts: the data set's own, or discovered from confusion (on `device`,
     with the evaluator's `num_threads`)."""
-    from nas.superclasses import superclasses_for
-
     mapping = superclasses_for(dataset, groups, cache_dir=cache_dir, progress=progress, device=device,
                                num_threads=num_threads)
     log.info("super-classes for %d experts (%s): %s", groups, mapping.source, mapping.class_to_group.tolist())
@@ -234,40 +233,11 @@ def check_constraints(constraints: Constraints, metrics: Metrics) -> tuple[dict[
     return values, broken
 
 
-def promotion(record: TrialRecord, reached: list[TrialRecord], rung: int, rungs: Rungs,
-              objectives: list[Objective]) -> str | None:
-    """Whether `record`, evaluated at `rung`, goes on (None) or stops (the reason): it goes on when it is
-    among the best max(1, n // reduction_factor) of the n trials of its kind (dense or MoE) that reached the
-    rung, itself included, ranked by non-dominated sorting on (accuracy at the rung, the study's costs)
-    with ties broken by crowding distance: the multi-objective ASHA of Schmucker et al. (2021). While fewer
-    than reduction_factor trials have reached the rung, it goes on when no other dominates it (single-
-    objective ASHA's bootstrap, "the best so far", is this for one objective). Its last rung stops no trial.
-    `reached`: every trial's record (other kinds and rungs are skipped)."""
-    if rung == rungs.steps[-1]:
-        return None
-    costs = [o for o in objectives if o.metric != "accuracy"]
-    pool = {r.number: r for r in reached if r.kind == record.kind and rung in r.rung_accuracy}
-    pool[record.number] = record
-    numbers = sorted(pool)
-    values = np.array([[pool[n].rung_accuracy[rung], *(pool[n].metrics.value(o) for o in costs)] for n in numbers],
-                      dtype=float)
-    maximize = [True] + [False] * len(costs)
-    order = [numbers[i] for i in preference_order(values, maximize)]
-    position, keep = order.index(record.number), max(1, len(order) // rungs.reduction_factor)
-    bootstrap = len(order) < rungs.reduction_factor
-    if position < keep or bootstrap and non_dominated_rank(values, maximize)[numbers.index(record.number)] == 0:
-        return None
-    return (f"stopped at rung {rung} steps: ranked {position + 1} of {len(order)} {record.kind} trials there on "
-            f"accuracy{''.join(', ' + o.name for o in costs)}; the best {keep} go on")
-
-
-def train_to_rungs(ctx: StudyContext, arch: ArchConfig, decide: Callable[[int, Any], str | None]):
+def train_to_rungs(ctx: StudyContext, arch: ArchConfig, decide: Callable[[int, TrainResult], str | None]):
     """Proxy-train `arch` rung by rung, each continuing the last from its checkpoint (so a trial stopped
     or interrupted at a rung costs only the steps it ran, and a retry resumes). `decide(rung, result)`
     after each rung returns the reason to stop, or None. Returns the last TrainResult and the reason it
     stopped (None if it ran to the end)."""
-    from nas import trainer
-
     groups = ctx.superclasses.get(arch.moe.num_experts) if routes_on_superclasses(arch) else None
     rungs = ctx.cfg.rungs.steps if ctx.cfg.rungs else (None,)
     # Keyed by architecture and recipe: a retry of the trial, or a resumed study, finds its run here.
@@ -291,23 +261,9 @@ def train_to_rungs(ctx: StudyContext, arch: ArchConfig, decide: Callable[[int, A
     raise AssertionError("unreachable: the last rung returns")
 
 
-@torch.inference_mode()
-def per_image_correct(model: torch.nn.Module, dataset) -> np.ndarray:
-    """(n_val,) bool: which validation images `model` classifies right."""
-    model.eval()
-    from nas.trainer import EVAL_BATCH
-
-    hits = []
-    for images, labels in dataset.val.chunks(EVAL_BATCH):  # held in memory or streamed from disk alike
-        hits.append((model(dataset.normalize(images)).argmax(-1) == labels).numpy())
-    return np.concatenate(hits) if hits else np.zeros(0, dtype=bool)
-
-
 def inherit(ctx: StudyContext, arch: ArchConfig) -> tuple[dict, Metrics]:
     """Score `arch` with the weights it inherits from the study's supernet (`kind: supernet`; trained on first
     use, then loaded): (the score's record, the metrics' accuracy fields)."""
-    from nas.supernet import score, trained_supernet
-
     tick = time.perf_counter()
     scored = score(ctx, trained_supernet(ctx), arch)
     scored["wall_time_s"] = round(time.perf_counter() - tick, 3)
@@ -323,5 +279,5 @@ def trained_metrics(metrics: Metrics, result) -> Metrics:
 
 
 __all__ = ["Anchor", "StudyContext", "build_context", "check_constraints", "find_reusable", "inherit", "measure_anchor",
-           "needs_latency", "per_image_correct", "predicted_metrics", "profile_arch", "promotion", "reuse",
+           "needs_latency", "predicted_metrics", "profile_arch", "reuse",
            "running_earlier", "sample", "train_to_rungs", "trained_metrics", "validate"]

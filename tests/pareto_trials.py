@@ -3,7 +3,7 @@
 import optuna
 
 from nas.objectives import OBJECTIVES
-from nas.record import Metrics, TrialRecord, frozen_attrs
+from nas.record import Metrics, TrialRecord, user_attrs
 from search_spaces import ArchConfig
 
 
@@ -19,7 +19,7 @@ def trial(kind: str, accuracy: float, flops: float, latency: float | None = None
     metrics = Metrics(accuracy=accuracy, flops=flops, latency_ms=latency, params_active=1000 * width,
                       params_total=2000 * width, size_bytes_fp32=8000 * width, size_mb=0.008 * width,
                       latency_backend="onnxruntime" if latency is not None else None)
-    attrs = frozen_attrs(TrialRecord(arch=arch(kind, width), metrics=metrics, duplicate_of=duplicate_of))
+    attrs = user_attrs(TrialRecord(arch=arch(kind, width), metrics=metrics, duplicate_of=duplicate_of))
     return {"user_attrs": attrs, "constraints": None if constraint is None else {"max_flops": constraint}}
 
 

@@ -23,8 +23,10 @@ from nas.cli import main
 from nas.config import ConfigError
 from nas.data import load_dataset
 from nas.datasets import DataError, DataFormatError
-from nas.search import fill_slots, open_study, run_worker, storage_url
+from nas.opening import open_study
+from nas.search import run_worker
 from nas.study import load_study_config
+from nas.trial_store import fill_slots, storage_url
 from profilers import profile
 from search_spaces import ArchConfig
 

@@ -12,14 +12,14 @@ from optuna.trial import TrialState, create_trial
 from pareto_trials import arch, study, trial
 from test_faults import study_yaml
 
-import nas.trial
+import nas.runner
 from nas import record as records
 from nas import search
 from nas.cli import main
-from nas.liveness import RETRY_ATTR
-from nas.record import TrialRecord, frozen_attrs
+from nas.record import TrialRecord, user_attrs
 from nas.storage import NoSpaceLeft, load_study
 from nas.study import load_study_config
+from nas.trial_store import RETRY_ATTR
 
 
 def test_pareto_of_a_study_file_with_garbage_inside_is_one_error(tmp_path, capsys):
@@ -38,7 +38,7 @@ def test_pareto_of_a_study_file_with_garbage_inside_is_one_error(tmp_path, capsy
 
 def failed(reason: str, with_arch: bool = True):
     record = TrialRecord(arch=arch("moe") if with_arch else None, reason=reason)
-    return create_trial(state=TrialState.FAIL, user_attrs=frozen_attrs(record))
+    return create_trial(state=TrialState.FAIL, user_attrs=user_attrs(record))
 
 
 def test_pareto_of_a_study_where_no_trial_completed_says_how_many_failed_and_why(tmp_path, capsys):
@@ -99,7 +99,7 @@ def test_a_full_disk_during_a_trial_stops_the_worker_and_uses_no_retry(tmp_path,
     def fills_the_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "checkpoint.pt"))
 
-    monkeypatch.setattr(nas.trial, "train_to_rungs", fills_the_disk)
+    monkeypatch.setattr(nas.runner, "train_to_rungs", fills_the_disk)
     with pytest.raises(NoSpaceLeft, match="no space left on"):
         search.run_search(cfg, progress=False)
     first = records.read_all(load_study("fills", results_dir=tmp_path / "results"))

@@ -16,12 +16,12 @@ import yaml
 from budget_targets import fail, hold_memory, swallow_everything
 from optuna.trial import TrialState, create_trial
 
-from nas import liveness
+from nas import liveness, trial_store
 from nas import record as records
 from nas.budget import BudgetExceeded, run_with_budget
 from nas.cli import main
 from nas.record import Metrics, TrialRecord
-from nas.search import wait_for_reusable
+from nas.runner import wait_for_reusable
 from nas.storage import load_study
 from nas.study import StudyConfig, load_study_config
 from search_spaces import ArchConfig
@@ -74,7 +74,7 @@ def assert_exactly_n_finished(study_name, results, n_trials, killed_pid: int):
     (dead,) = [t for t in trials if t.worker and t.worker.endswith(f":{killed_pid}") and t.state == TrialState.FAIL]
     assert dead.interrupted and "died" in dead.reason
     study = load_study(study_name, results_dir=results)
-    assert any(t.system_attrs.get(liveness.RETRY_ATTR) == dead.number for t in study.trials)  # Optuna's marker
+    assert any(t.system_attrs.get(trial_store.RETRY_ATTR) == dead.number for t in study.trials)  # Optuna's marker
 
 
 @pytest.mark.slow
@@ -122,7 +122,7 @@ def dead_worker() -> str:
 
 def add_running(study, worker: str, lease_until=None, arch=ARCH) -> int:
     record = TrialRecord(arch=arch, metrics=Metrics(), slot=len(study.trials), worker=worker, lease_until=lease_until)
-    study.add_trial(create_trial(state=TrialState.WAITING, user_attrs=records.frozen_attrs(record)))
+    study.add_trial(create_trial(state=TrialState.WAITING, user_attrs=records.user_attrs(record)))
     trial = study.ask()  # takes the waiting trial, RUNNING now
     return trial.number
 
@@ -134,24 +134,24 @@ def test_reclaiming_fails_dead_workers_trials_and_queues_one_retry_each():
     # Same host, process alive, lease late (a loaded machine starved its renewing thread): alive.
     alive = add_running(study, liveness.worker_id(), lease_until=time.time() - 60)
     remote = add_running(study, "elsewhere:2", lease_until=time.time() + 60)
-    assert sorted(liveness.reclaim_dead_trials(study, max_retries=1, grace_s=30)) == [dead, lapsed]
-    assert liveness.reclaim_dead_trials(study, max_retries=1, grace_s=30) == []  # once only
+    assert sorted(trial_store.reclaim_dead_trials(study, max_retries=1, grace_s=30)) == [dead, lapsed]
+    assert trial_store.reclaim_dead_trials(study, max_retries=1, grace_s=30) == []  # once only
     states = {t.number: t.state for t in study.trials}
     assert (states[dead], states[lapsed], states[alive], states[remote]) == (TrialState.FAIL, TrialState.FAIL,
                                                                             TrialState.RUNNING, TrialState.RUNNING)
     retries = [t for t in study.trials if t.state == TrialState.WAITING]
-    assert sorted(t.system_attrs[liveness.RETRY_ATTR] for t in retries) == [dead, lapsed]
+    assert sorted(t.system_attrs[trial_store.RETRY_ATTR] for t in retries) == [dead, lapsed]
     assert sorted(records.read(t).slot for t in retries) == [dead, lapsed]  # each retry takes its slot
 
 
 def test_a_trial_that_keeps_killing_its_worker_is_retried_max_retries_times():
     study = optuna.create_study()
     first = add_running(study, dead_worker())
-    liveness.reclaim_dead_trials(study, max_retries=1, grace_s=30)
+    trial_store.reclaim_dead_trials(study, max_retries=1, grace_s=30)
     retry = study.ask()  # the retry, claimed by a worker that dies too
     retry.set_user_attr("worker", dead_worker())
-    liveness.reclaim_dead_trials(study, max_retries=1, grace_s=30)
-    assert liveness.retry_count(study, retry.number) == 1
+    trial_store.reclaim_dead_trials(study, max_retries=1, grace_s=30)
+    assert trial_store.retry_count(study, retry.number) == 1
     final = records.read(study.trials[retry.number])
     assert final.state == TrialState.FAIL and not final.interrupted and "retries exhausted" in final.reason
     assert not [t for t in study.trials if t.state == TrialState.WAITING] and first == 0
@@ -179,7 +179,7 @@ def test_a_lease_keeps_renewing_through_storage_errors():
                 raise RuntimeError("database went away for a moment")
 
     trial = FlakyTrial()
-    with liveness.lease(trial, 0.05):
+    with trial_store.lease(trial, 0.05):
         time.sleep(0.5)
     assert len(trial.calls) >= 4  # renewed after the failed renewal, not stopped by it
 
@@ -227,8 +227,9 @@ def test_several_workers_on_a_sqlite_study_are_refused(tmp_path, capsys):
 def test_filling_slots_while_a_trial_is_reclaimed_queues_no_second_trial_for_its_slot(tmp_path):
     """The race CI met on PostgreSQL (7 trials for 6 slots): a launcher filled the slots in the moment between
     a reclaimed trial's failure and its retry. Reclaiming takes the study lock, as filling slots does."""
-    from nas.search import fill_slots, open_study, reclaim, storage_url
+    from nas.opening import open_study
     from nas.storage import study_lock
+    from nas.trial_store import fill_slots, reclaim, storage_url
 
     cfg = StudyConfig.from_dict({"study_name": "race", "results_dir": str(tmp_path), "n_trials": 2, "workers": 2,
                                  "data": {"name": "synthetic"}, "heartbeat_interval": 1})
@@ -260,13 +261,15 @@ def test_filling_slots_while_a_trial_is_reclaimed_queues_no_second_trial_for_its
 def test_a_slot_left_free_by_a_worker_killed_mid_reclaim_is_run_before_the_study_ends(tmp_path):
     """A worker killed after failing a dead worker's trial but before queueing its retry leaves that slot with
     no trial: the workers still running queue it before they leave, so the study runs all n_trials."""
-    from nas.search import fill_slots, open_study, run_worker, storage_url
+    from nas.opening import open_study
+    from nas.search import run_worker
+    from nas.trial_store import fill_slots, storage_url
 
     cfg = load_study_config(study_yaml(tmp_path, "lost-slot", n_trials=2, steps=5))
     study = open_study(cfg, storage_url(cfg))
     fill_slots(study, cfg)
     dead = study.ask()  # slot 0: failed by a reclaim that was killed before queueing the retry
-    records.write(dead, TrialRecord(number=dead.number, slot=0, interrupted=True, reason="its worker died"))
+    trial_store.write(dead, TrialRecord(number=dead.number, slot=0, interrupted=True, reason="its worker died"))
     study.tell(dead, state=TrialState.FAIL)
     assert run_worker(cfg) == 2
     finished = [r for r in records.read_all(study) if r.state in (TrialState.COMPLETE, TrialState.PRUNED)]

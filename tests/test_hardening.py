@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 from test_faults import ARCH, add_running, dead_pid, local_worker, study_yaml
 
-from nas import liveness
+from nas import liveness, trial_store
 from nas import record as records
 from nas.storage import load_study, make_storage
 
@@ -38,7 +38,7 @@ def test_only_a_worker_of_this_boot_and_pid_namespace_is_judged_by_its_pid():
     dead = add_running(study, local_worker(dead_pid(), started="1"), lease_until=time.time() + 60)
     old_style = add_running(study, f"{socket.gethostname()}:{os.getpid()}", lease_until=time.time() - 1)
     alive = add_running(study, me, lease_until=time.time() - 60)  # its lease is late, its process runs
-    reclaimed = liveness.reclaim_dead_trials(study, max_retries=1, grace_s=30)
+    reclaimed = trial_store.reclaim_dead_trials(study, max_retries=1, grace_s=30)
     assert sorted(reclaimed) == sorted([dead_elsewhere, pid_reused, dead, old_style])
     assert {t.number for t in study.trials if t.state == TrialState.RUNNING} == {alive_elsewhere, alive}
 
@@ -144,7 +144,7 @@ def test_two_sigterms_on_one_slot_are_interruptions_not_crashes(tmp_path, kind):
     assert sorted(t.slot for t in finished) == [0, 1], output  # each slot once: no retries used up
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert all(t.interrupted and "interrupted (SIGTERM)" in t.reason for t in failed)
-    assert not any(liveness.RETRY_ATTR in t.system_attrs
+    assert not any(trial_store.RETRY_ATTR in t.system_attrs
                    for t in optuna.load_study(study_name=name, storage=make_storage(storage)).trials)
 
 

@@ -9,12 +9,15 @@ from optuna.trial import TrialState
 
 import nas.trainer
 from nas import record as records
-from nas import trial as steps
 from nas.cli import main
-from nas.search import fill_slots, open_study, run_worker, storage_url
+from nas.opening import open_study
+from nas.rung_policy import MOASHA, Continue
+from nas.search import run_worker
 from nas.storage import load_study
 from nas.study import load_study_config
 from nas.trainer import TrainResult
+from nas.trial import build_context
+from nas.trial_store import fill_slots, storage_url
 from search_spaces import build_model
 
 SPACE = {"patch_sizes": [4], "depths": [2], "widths": [16, 24, 32], "head_width": 8, "mlp_ratios": [2.0],
@@ -112,20 +115,21 @@ def test_two_workers_decide_exactly(tmp_path, fake_trainer, monkeypatch):
     """Two workers (threads) on a journal: each decision sees every earlier arrival at its rung. Replaying the
     logged decisions in the order they were made gives the same answers."""
     decisions, lock = [], threading.Lock()
-    real_promotion = steps.promotion
+    real_decide = MOASHA.decide
 
-    def logged(record, reached, rung, rungs, objectives):
-        verdict = real_promotion(record, reached, rung, rungs, objectives)
+    def logged(policy, record, reached):
+        verdict = real_decide(policy, record, reached)
         with lock:
-            decisions.append((record.number, record.kind, rung, record.rung_accuracy[rung], verdict))
+            reason = None if isinstance(verdict, Continue) else verdict.reason
+            decisions.append((record.number, record.kind, record.rung, record.rung_accuracy[record.rung], reason))
         return verdict
 
-    monkeypatch.setattr(steps, "promotion", logged)
+    monkeypatch.setattr(MOASHA, "decide", logged)
     cfg = load_study_config(write_study(tmp_path, "two", ["accuracy"], RUNGS), workers=2,
                             storage=f"journal:{tmp_path / 'two.log'}")
     study = open_study(cfg, storage_url(cfg))
     fill_slots(study, cfg)
-    ctx = steps.build_context(cfg)
+    ctx = build_context(cfg)
     workers = [threading.Thread(target=run_worker, args=(cfg, index), kwargs={"ctx": ctx}) for index in range(2)]
     for worker in workers:
         worker.start()

@@ -101,11 +101,11 @@ def test_study_end_to_end(tmp_path, failing_moe, capsys):
 
 
 def test_superclasses_are_discovered_once_before_the_trials(tmp_path, monkeypatch, capsys):
-    import nas.superclasses
+    import nas.trial
 
     calls = []
-    discover = nas.superclasses.superclasses_for
-    monkeypatch.setattr(nas.superclasses, "superclasses_for",
+    discover = nas.trial.superclasses_for
+    monkeypatch.setattr(nas.trial, "superclasses_for",
                         lambda data, groups, **kw: calls.append(groups) or discover(data, groups, **kw))
     m3 = {**M16, "num_experts": 3}  # synthetic data has 4 super-classes of its own, not 3: discovered
     config = write_study(tmp_path, "groups", [m3, D16, {**m3, "width": 24}], 3, space={**SPACE, "num_experts": [0, 3]})
@@ -139,8 +139,9 @@ def test_latency_is_reported_on_the_scale_of_the_study_anchor(tmp_path):
 
 
 def test_the_study_names_its_objectives_for_optuna_dashboard(tmp_path):
-    from nas.search import open_study, storage_url
+    from nas.opening import open_study
     from nas.study import load_study_config
+    from nas.trial_store import storage_url
 
     cfg = load_study_config(write_study(tmp_path, "named", [], 1))
     assert open_study(cfg, storage_url(cfg)).metric_names == ["accuracy", "flops"]  # not "Objective 0, 1"
@@ -152,7 +153,7 @@ def test_the_summary_counts_an_interrupted_trial_as_interrupted_not_failed(tmp_p
     study = optuna.create_study(directions=["maximize", "minimize"])
     arch = ArchConfig(image_size=16, in_channels=1, patch_size=4, num_classes=12, depth=2, width=16, num_heads=2)
     for state, interrupted in ((TrialState.COMPLETE, False), (TrialState.FAIL, True), (TrialState.FAIL, False)):
-        attrs = records.frozen_attrs(records.TrialRecord(arch=arch, interrupted=interrupted))
+        attrs = records.user_attrs(records.TrialRecord(arch=arch, interrupted=interrupted))
         study.add_trial(optuna.trial.create_trial(state=state, values=[0.5, 1.0] if state == TrialState.COMPLETE
                                                   else None, user_attrs=attrs))
     monkeypatch.setattr(nas.search, "run_search", lambda cfg, **kwargs: study)

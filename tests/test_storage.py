@@ -14,6 +14,7 @@ from concurrent_open import open_at_once
 from pareto_trials import study, trial
 
 from nas import record as records
+from nas import trial_store
 from nas.pareto import analyze
 from nas.storage import StorageError, existing_storage, load_study, make_storage, parse_storage, study_lock
 
@@ -92,7 +93,7 @@ def test_per_image_correctness_is_one_attribute_a_reader_never_sees_half_of(tmp_
     s = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
     correct = np.array([True, False, True, True, False, False, True, False, True])
     running = s.ask()
-    records.write(running, records.TrialRecord(number=running.number, val_correct=correct))
+    trial_store.write(running, records.TrialRecord(number=running.number, val_correct=correct))
     assert [k for k in running.user_attrs if "correct" in k or k == "n_val"] == ["val_correct"]
     (got,) = records.read_all(s)
     assert (got.val_correct == correct).all()

@@ -7,6 +7,7 @@ from optuna.trial import FixedTrial, TrialState
 
 import profilers
 from nas import record as records
+from nas import trial_store
 from nas.objectives import OBJECTIVES
 from nas.record import Metrics, TrialRecord
 from nas.study import Constraints, StudyConfig
@@ -88,7 +89,7 @@ def test_status_is_derived_from_the_state_never_stored():
     assert record(0, None, TrialState.PRUNED).status == "invalid"
     assert record(0, arch, TrialState.FAIL).status == "failed"
     assert record(0, arch, TrialState.FAIL, interrupted=True).status == "interrupted"  # its slot runs again
-    assert "status" not in records.frozen_attrs(record(0, arch))
+    assert "status" not in records.user_attrs(record(0, arch))
 
 
 def test_a_record_round_trips_through_optuna():
@@ -101,7 +102,7 @@ def test_a_record_round_trips_through_optuna():
                            profile=profilers.profile(arch, measure=False))
     study = optuna.create_study(directions=["maximize", "minimize"])
     trial = study.ask()
-    records.write(trial, dataclasses.replace(original, constraints={"max_flops": -0.5}))
+    trial_store.write(trial, dataclasses.replace(original, constraints={"max_flops": -0.5}))
     study.tell(trial, original.objective_values([OBJECTIVES["accuracy"], OBJECTIVES["flops"]]))
     back = records.read(study.trials[0])
     assert back.arch == arch and back.metrics == original.metrics and back.train == original.train
@@ -118,9 +119,9 @@ def test_metrics_are_flat_attributes_and_rung_accuracies_intermediate_values():
     study = optuna.create_study(directions=["maximize", "minimize"])  # Trial.report refuses multi-objective
     trial = study.ask()
     record = TrialRecord(arch=arch, metrics=Metrics(accuracy=0.7, flops=123), rung_accuracy={3: 0.5})
-    records.write(trial, record)
+    trial_store.write(trial, record)
     record.rung_accuracy[9] = 0.7
-    records.write(trial, record)
+    trial_store.write(trial, record)
     stored = study.trials[0]
     assert stored.intermediate_values == {3: 0.5, 9: 0.7}
     assert (stored.user_attrs["accuracy"], stored.user_attrs["flops"]) == (0.7, 123)
@@ -137,3 +138,26 @@ def test_a_version_3_record_still_reads():
              "rung_accuracy": [[3, 0.5], [9, 0.7]], "rung": 9}
     back = records.read(optuna.trial.create_trial(values=[0.7, 123.0], user_attrs=attrs))
     assert back.metrics == Metrics(accuracy=0.7, flops=123) and back.rung_accuracy == {3: 0.5, 9: 0.7}
+
+
+def test_the_runner_stores_the_record_once_per_step_as_it_grows(ctx, monkeypatch):
+    import optuna
+
+    from nas.runner import TrialRunner
+
+    study = optuna.create_study(directions=ctx.cfg.directions)
+    study.enqueue_trial(DENSE)
+    trial = study.ask()
+    stored = []
+    write = trial_store.write
+    monkeypatch.setattr(trial_store, "write", lambda t, r: stored.append(dataclasses.replace(r)) or write(t, r))
+    runner = TrialRunner(ctx, trial)
+    values = runner.run_steps()
+    # sample, profile (and constraints), the one rung (stored before its decision), the end of training
+    assert len(stored) == 4
+    assert stored[0].arch is not None and stored[0].profile is None
+    assert stored[1].metrics.flops is not None and stored[1].metrics.accuracy is None
+    assert stored[2].rung == 6 and stored[2].rung_accuracy == {6: stored[2].metrics.accuracy}
+    back = records.read(study.get_trials(deepcopy=False)[0])
+    assert back.arch == runner.record.arch and back.metrics == runner.record.metrics and back.rung == 6
+    assert values == [runner.record.metrics.accuracy, runner.record.metrics.flops]
