@@ -2,8 +2,8 @@
 
 from optuna.trial import TrialState
 
-from nas.objectives import objectives_for
 from nas.fronts import preference_order
+from nas.objectives import objectives_for
 from nas.record import Metrics, TrialRecord
 from nas.rung_policy import MOASHA, Continue, Stop
 from nas.study import Rungs
