@@ -23,7 +23,8 @@ import torch
 
 from nas.data import load_dataset
 from nas.deploy import ModelInfo
-from nas.export import FORMATS, first_line, formats_in, versions
+from nas.export import versions
+from nas.formats import FORMATS, first_line, formats_in
 from nas.streaming import FOLDER_FIELDS
 from nas.superclasses import SuperclassMap
 from nas.trainer import CHECKPOINT_NAME, TrainRecipe, resolve_device, train

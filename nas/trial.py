@@ -114,7 +114,7 @@ def measure_anchor(cfg: StudyConfig, dataset) -> Anchor | None:
     result = profile(arch, **cfg.profiler.options(), min_time_s=3 * MIN_TIME_S)
     if result["latency_ms"] is None:
         return None
-    from nas.confirm import timing_spread
+    from nas.pairs import timing_spread
 
     spread, limit = timing_spread(result["latency_ms"]), cfg.confirm.max_latency_band
     if spread is not None and spread > limit:

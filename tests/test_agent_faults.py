@@ -3,11 +3,7 @@ runaway measurements, YAML bombs, rebinding, odd zips; and the artifact cache un
 
 import asyncio
 import json
-import os
 import socket
-import subprocess
-import sys
-import time
 import zipfile
 from io import BytesIO
 from pathlib import Path
@@ -43,37 +39,11 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv(profilers.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
+def agent(start_agent):
     """An onnxruntime agent on loopback whose headers deadline is 1 s; its URL once it answers."""
-    port, log = free_port(), tmp_path_factory.mktemp("agent") / "agent.log"
-    code = (f"from profilers.server import serve; serve(port={port}, max_upload_mb=1, timeout_s=60, "
-            "header_timeout_s=1)")
-    with open(log, "w") as output:
-        process = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, TOKEN_ENV: TOKEN},
-                                   stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):  # up to 60 s
-            assert process.poll() is None, log.read_text()[-2000:]
-            try:
-                if httpx.get(f"{url}/device", headers=AUTH).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    serve = "from profilers.server import serve; serve(port={}, max_upload_mb=1, timeout_s=60, header_timeout_s=1)"
+    return start_agent(lambda port: ["-c", serve.format(port)], TOKEN).url
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from test_profilers_coreml import IMAGES, sharp_router
 
 from nas.deploy import ModelInfo, coreml_routing
-from nas.export import export_checked_onnx, write_coreml
+from nas.formats import export_checked_onnx, write_coreml
 from profilers._coreml import Tail, Trunk, tail_name
 from search_spaces import build_model
 

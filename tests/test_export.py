@@ -15,11 +15,12 @@ import yaml
 from pareto_trials import study, trial
 from tiny_study import STUDY, tiny_study_results
 
-import nas.export
+import nas.formats
 import profilers
 from nas.cli import main
 from nas.data import load_dataset
-from nas.export import EXPORT_MARKER, ExportError, export_trial, pick_trial
+from nas.export import EXPORT_MARKER, export_trial, pick_trial
+from nas.formats import ExportError
 from nas.full_train import load_train_config
 from nas.pareto import analyze
 from nas.storage import load_study
@@ -128,7 +129,7 @@ def test_an_interrupted_export_leaves_no_directory_and_keeps_the_old_one(results
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(nas.export, "export_checked_onnx", interrupt)
+    monkeypatch.setattr(nas.formats, "export_checked_onnx", interrupt)
     s = load_study(STUDY, results_dir=results)
     with pytest.raises(KeyboardInterrupt):
         export_trial(s, tmp_path / "new", trial=1, coreml=False, executorch=False, study_dir=results / STUDY)

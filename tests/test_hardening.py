@@ -397,6 +397,7 @@ def test_a_confirmation_run_claimed_by_a_dead_launcher_is_claimed_again(tmp_path
     from test_confirm import fake_run
 
     from nas import confirm as stage
+    from nas.pairs import select_pairs
     from nas.study import load_study_config
 
     url = hand_study(tmp_path)
@@ -405,7 +406,7 @@ def test_a_confirmation_run_claimed_by_a_dead_launcher_is_claimed_again(tmp_path
     monkeypatch.setattr("nas.trial.build_context", lambda cfg: None)
     train_arm, calls = fake_run({True: 0.8, False: 0.6})
     monkeypatch.setattr(stage, "train_arm", train_arm)
-    pairs = stage.select_pairs(records.read_all(s), 1, cfg.objectives)
+    pairs = select_pairs(records.read_all(s), 1, cfg.objectives)
     first_key = records.run_key(pairs[0].moe, 0, 60)
     orphan = stage.companion(s).ask()  # claimed by a launcher killed with -9
     orphan.set_user_attr(stage.CLAIM_ATTR, first_key)
