@@ -63,6 +63,7 @@ def asgi_post(app, path="/profile", **kwargs) -> httpx.Response:
 # ---------------------------------------------------------------- 6: idle and slow connections
 
 
+@pytest.mark.slow
 def test_idle_and_slow_sockets_do_not_starve_an_authenticated_client(agent, onnx_bytes):
     host, port = agent.removeprefix("http://").split(":")
     idle = [socket.create_connection((host, int(port))) for _ in range(20)]
@@ -118,6 +119,7 @@ def spec_naming(program: Path, weights: str) -> bytes:
     return spec.SerializeToString()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("planted", ["absolute", "parent", "device"])
 def test_a_manifest_path_outside_the_package_is_refused(coreml_program, tmp_path, planted):
     outside = tmp_path / "outside.mlmodel"  # a valid spec, so reading it would succeed
@@ -181,6 +183,7 @@ def test_external_data_anywhere_in_an_onnx_model_is_refused(model, tmp_path, mon
 # ---------------------------------------------------------------- 9: bounded measurements
 
 
+@pytest.mark.slow
 def test_a_running_measurement_is_stopped_at_the_timeout(onnx_bytes):
     app = create_app(AgentSettings(timeout_s=8))
     endless = {"warmup": 0, "min_runs": 1, "min_time_s": 60}  # far past the timeout
@@ -190,6 +193,7 @@ def test_a_running_measurement_is_stopped_at_the_timeout(onnx_bytes):
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("knob", ["warmup", "min_runs", "min_time_s", "batch", "threads"])
 def test_every_knob_over_its_cap_is_a_400_naming_it(agent, onnx_bytes, knob):
     over = OPTIONS[knob][2] * 2 + 1
@@ -226,6 +230,7 @@ def test_a_yaml_alias_bomb_is_refused_with_a_short_message():
     assert len(str(refused.value)) < MAX_ERROR_CHARS
 
 
+@pytest.mark.slow
 def test_error_messages_are_capped():
     long_yaml = ("image_size: " + "9" * 20000).encode()  # a message quoting the value would be as long
     response = asgi_post(create_app(AgentSettings(backend="torch")), content=long_yaml,
@@ -270,6 +275,7 @@ def test_cli_takes_the_token_from_a_file_never_the_command_line(monkeypatch, tmp
     assert "--token" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_zip_with_a_file_and_a_folder_of_one_name_is_a_400_without_paths():
     spec = json.dumps({"form": "dense", "pipeline": ["model"], "arch": tiny().to_dict()})
     buffer = BytesIO()
@@ -295,6 +301,7 @@ def test_an_internal_error_names_no_path():
 # ---------------------------------------------------------------- 14: the artifact cache
 
 
+@pytest.mark.slow
 def test_a_corrupt_cached_onnx_file_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv(profilers.CACHE_ENV, str(tmp_path))
     path = cached_onnx(tiny_moe())

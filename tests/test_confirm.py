@@ -110,6 +110,7 @@ def fake_run(correct_rate: dict):
     return train_arm, calls
 
 
+@pytest.mark.slow
 def test_confirm_resumes_after_a_kill_and_reruns_only_the_missing_runs(tmp_path, monkeypatch):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     s = study([trial("moe", 0.80, 100, 1.0), trial("dense", 0.70, 100, 0.95), trial("dense", 0.75, 90, 1.08, width=24)],
@@ -188,6 +189,7 @@ def test_confirm_command_refuses_bad_flags_and_names_a_missing_study(tmp_path, c
     assert "stores no config" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_dense_trials_search_run_is_its_seed_0_and_is_not_trained_again(tmp_path, monkeypatch):
     import yaml
 

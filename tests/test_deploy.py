@@ -37,6 +37,7 @@ def test_the_routing_file_names_the_tail_to_run_and_its_inputs(top_k):
     assert len(routing["tails"]) == 3 and routing["trunk"]["outputs"] == ["features", "experts", "gates"]
 
 
+@pytest.mark.slow
 def test_onnx_metadata_holds_the_input_and_routing_facts(tmp_path):
     cfg = tiny_moe(experts=4, top_k=2, routing="per_token")
     info = ModelInfo(cfg, **INFO)
@@ -50,6 +51,7 @@ def test_onnx_metadata_holds_the_input_and_routing_facts(tmp_path):
     assert dense["routing"] == "dense" and "num_experts" not in dense
 
 
+@pytest.mark.slow
 def test_core_ml_programs_carry_the_facts_and_the_routing_file(tmp_path):
     ct = pytest.importorskip("coremltools")
     cfg = tiny_moe(experts=3, top_k=2)

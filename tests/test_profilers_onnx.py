@@ -71,6 +71,7 @@ def exported(request, cache):
     return model, path, model.training
 
 
+@pytest.mark.slow
 def test_export_gives_a_training_model_back_in_training_mode(exported):
     assert exported[2]
 
@@ -148,6 +149,7 @@ def test_torch_backend_measures_a_given_model_and_restores_threads():
     assert torch.get_num_threads() == threads and model.training  # the caller's model and settings, untouched
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_profile_with_an_anchor_times_both_and_gives_their_ratio(backend):
     anchor_cfg = tiny()

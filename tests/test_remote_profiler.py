@@ -53,6 +53,7 @@ def onnx_bytes() -> bytes:
     return profilers.cached_onnx(tiny_moe()).read_bytes()  # the export the first test made
 
 
+@pytest.mark.slow
 def test_remote_profile_has_the_fields_of_a_local_one(agent, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     cfg = tiny_moe()
@@ -72,6 +73,7 @@ def test_remote_profile_has_the_fields_of_a_local_one(agent, monkeypatch):
     assert isinstance(get_backend("remote", remote_url=url), RemoteBackend)
 
 
+@pytest.mark.slow
 def test_cli_profile_with_remote_url(agent, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     arch = tiny_moe().save(tmp_path / "arch.yaml")  # the first test's architecture: its export is cached
@@ -82,6 +84,7 @@ def test_cli_profile_with_remote_url(agent, tmp_path, monkeypatch, capsys):
     assert "--backend remote" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_token_is_required_when_set(agent, onnx_bytes, monkeypatch):
     url = agent.url
     for headers in ({}, auth("wrong"), {"Authorization": TOKEN}):
@@ -109,6 +112,7 @@ def external_data_model() -> bytes:
     return helper.make_model(graph).SerializeToString()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, headers, params, status, message", [
     pytest.param(os.urandom(3 * 2**20), ONNX, {}, 413, "limit", id="oversized"),
     pytest.param(b"\x08\x07garbage" * 100, ONNX, {}, 400, "not a valid ONNX", id="garbage"),
@@ -145,6 +149,7 @@ def test_agent_refuses_to_listen_off_loopback_without_a_token(monkeypatch):
     assert not is_loopback("0.0.0.0") and not is_loopback("phone.local")
 
 
+@pytest.mark.slow
 def test_measurement_past_the_timeout_is_a_504(onnx_bytes):
     async def post() -> httpx.Response:
         transport = httpx.ASGITransport(create_app(AgentSettings(timeout_s=0.2)))
