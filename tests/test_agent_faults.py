@@ -241,6 +241,7 @@ def test_error_messages_are_capped():
 # ---------------------------------------------------------------- 11: token, Host, odd zips, 500s
 
 
+@pytest.mark.slow
 def test_a_foreign_host_header_is_refused_on_loopback(onnx_bytes):
     app = create_app(AgentSettings())
     for host in ("evil.example", "evil.example:8765", "127.0.0.1.evil.example"):

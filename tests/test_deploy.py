@@ -18,6 +18,7 @@ from archs import tiny, tiny_moe
 INFO = dict(mean=(0.25,), std=(0.5,), class_names=tuple("abcde"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_the_routing_file_names_the_tail_to_run_and_its_inputs(top_k):
     cfg = tiny_moe(experts=3, top_k=top_k)
