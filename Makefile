@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 STUDY ?= fashion-quick
 
-.PHONY: run test data lint benchmarks clean
+.PHONY: run test test-fast data lint benchmarks clean
 
 # torch and torchvision first and together, pinned: a lone or unpinned request resolves to other builds and
 # pulls gigabytes; the project then installs against them (timm, optuna-dashboard, executorch, ...), pinned
@@ -27,6 +27,10 @@ run: $(STAMP) data
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The developer's lane: every test not marked slow (no subprocess, none over ~3 s). CI runs `make test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m 'not slow'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check search_spaces profilers nas tests benchmarks

@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 
 from nas import record as records
-from nas.confirm import compare, run_missing, select_pairs, settings_for
+from nas.confirm import compare, run_missing, settings_for
+from nas.pairs import select_pairs
 from nas.storage import load_study
 from nas.study import StudyConfig
 

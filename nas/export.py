@@ -13,14 +13,10 @@ directory appears whole or not at all.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import platform
 import shutil
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -30,8 +26,8 @@ import numpy as np
 import torch
 import yaml
 
-from nas.config import ConfigError, first_line
-from nas.deploy import ModelInfo, coreml_routing
+from nas.deploy import ModelInfo
+from nas.formats import FORMATS, ExportError, write_formats
 from nas.study import StudyConfig
 from search_spaces import ArchConfig, build_model, count_params
 
@@ -50,14 +46,9 @@ PICK_RULES = {
                           "confirmed (a `beats` verdict) where the study was confirmed, else one seed's",
     "largest-gain-latency": "the same at no more latency",
 }
-ONNX_TOLERANCE = 1e-4  # max |logit difference| between ONNX Runtime and torch
 INHERITED_WEIGHTS = "inherited.pt"  # a one-shot trial's weights from the supernet
 DEFAULT_EPOCHS = 30  # full training: the proxy ran for seconds, the final model for this many epochs
 VERSIONED = ("vmoe-nas", "torch", "onnx", "onnxruntime", "optuna", "coremltools", "executorch", "numpy")
-
-
-class ExportError(ConfigError):
-    """A trial cannot be picked or exported; the field names the option or file at fault."""
 
 
 # ---------------------------------------------------------------- picking a trial
@@ -126,32 +117,6 @@ def _largest_confirmed_gain(analysis: ParetoAnalysis, cost: str) -> int:
 # ---------------------------------------------------------------- checks
 
 
-def onnx_max_difference(model: torch.nn.Module, path: Path, *, batch: int = 3, seed: int = 0) -> float:
-    """Largest |logit difference| between ONNX Runtime running `path` and torch running `model`, on a
-    random batch (of another size than the export's example: the batch dimension must be dynamic)."""
-    import onnxruntime as ort  # only export and training need it, not every CLI command
-
-    cfg = model.cfg
-    images = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size,
-                         generator=torch.Generator().manual_seed(seed))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (onnx_logits,) = session.run(None, {"images": images.numpy()})
-    with torch.no_grad():
-        torch_logits = model.eval()(images).numpy()
-    return float(np.abs(onnx_logits - torch_logits).max())
-
-
-def export_checked_onnx(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> float:
-    """Export `model` (checked by onnx.checker in profilers.export_onnx) and compare it with torch."""
-    from profilers import export_onnx
-
-    export_onnx(model, path, metadata=metadata)
-    difference = onnx_max_difference(model, path)
-    if difference > ONNX_TOLERANCE:
-        raise ExportError(path.name, f"ONNX Runtime and torch differ by {difference:.2e} > {ONNX_TOLERANCE:g}")
-    return difference
-
-
 def rebuilt_costs(cfg: ArchConfig, metrics: Metrics) -> dict[str, int]:
     """Params and FLOPs of the rebuilt architecture, which must be those the trial recorded."""
     from profilers import count_flops
@@ -165,94 +130,6 @@ def rebuilt_costs(cfg: ArchConfig, metrics: Metrics) -> dict[str, int]:
             raise ExportError("arch", f"the rebuilt {cfg.name} has {key}={value}, the trial recorded "
                                       f"{recorded}: the model code changed since the study")
     return costs
-
-
-def write_onnx(model: torch.nn.Module, folder: Path, info: ModelInfo) -> str:
-    difference = export_checked_onnx(model, folder / "model.onnx", info.metadata())
-    return (f"`model.onnx`, input and routing facts in its metadata_props; ONNX Runtime matches torch to "
-            f"{difference:.1e} (tolerance {ONNX_TOLERANCE:g})")
-
-
-def write_coreml(model: torch.nn.Module, folder: Path, info: ModelInfo) -> str:
-    """Core ML programs of `model` via profilers.export_coreml, with `info` in each, and for a per-image MoE
-    `coreml/routing.json`. Core ML is optional: a missing coremltools or a failed conversion is a note."""
-    try:
-        from profilers import coreml_form, export_coreml
-
-        # coremltools prints import warnings and progress bars: a CLI's output is not the place
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            per_image = coreml_form(model.cfg) == "per_image:trunk+tails"
-            result = export_coreml(model, folder / "coreml" if per_image else folder, precision="fp16",
-                                   metadata=info.metadata(), description=info.description())
-    except ImportError as error:
-        return f"not written: coremltools is not installed ({error}); `pip install 'vmoe-nas[coreml]'`"
-    except Exception as error:  # coremltools raises anything from its converters; the ONNX model stands
-        for partial in (folder / "coreml", folder / "model.mlpackage"):
-            shutil.rmtree(partial, ignore_errors=True)
-        return f"not written: the Core ML conversion failed ({first_line(error, typed=True)})"
-    names = ", ".join(str(p.relative_to(folder)) for p in result.programs.values())
-    how = "one program"
-    if per_image:
-        routing = coreml_routing(model.cfg, batch=1)
-        (folder / "coreml" / "routing.json").write_text(json.dumps(routing, indent=1))
-        how = ("one image per call: an app runs the trunk, then the tail of the experts the router picked, "
-               "as `coreml/routing.json` says")
-    return (f"form {result.form}, fp16 ML programs: {names}, input and routing facts in each one's metadata; "
-            f"{how}. Converted here, not run: Core ML runs on Apple devices only.")
-
-
-@dataclass(frozen=True)
-class Format:
-    """A deployable format: the paths it writes in a folder (how `vmoe-nas train` tells which formats an export
-    wrote) and its writer, which returns the model card's line on what it wrote."""
-
-    name: str
-    paths: tuple[str, ...]
-    write: Callable[[torch.nn.Module, Path, ModelInfo], str]
-
-
-def formats_in(folder: Path) -> list[Format]:
-    """The formats an export wrote in `folder` (ONNX, which every export writes, always)."""
-    return [f for f in FORMATS if f.name == "ONNX" or any((folder / p).exists() for p in f.paths)]
-
-
-def write_formats(model: torch.nn.Module, folder: Path, info: ModelInfo, formats) -> dict[str, str]:
-    """Write `model` in each of `formats` and `input.json` into `folder`; returns format name -> its line."""
-    (folder / "input.json").write_text(json.dumps(info.to_dict(), indent=1))
-    return {f.name: f.write(model, folder, info) for f in formats}
-
-
-def export_executorch_checked(model: torch.nn.Module, path: Path) -> str:
-    """Write `model.pte` (profilers._executorch) and check it against torch on inputs that reach every
-    expert; returns the model card's line on it. ExecuTorch is optional and a model may not lower: a note,
-    not an error. A program that computes something else is an error, as for ONNX."""
-    import importlib.util
-
-    if importlib.util.find_spec("executorch") is None:
-        return "not written: executorch is not installed; `pip install 'vmoe-nas[executorch]'`"
-    from profilers._executorch import PTE_TOLERANCE, LoweringError, write_checked_pte
-
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            delegation, difference, reached = write_checked_pte(model, path)
-    except LoweringError as error:
-        path.unlink(missing_ok=True)
-        return f"not written: {error}"
-    if difference > PTE_TOLERANCE:
-        raise ExportError(path.name, f"executorch.runtime and torch differ by {difference:.2e} > {PTE_TOLERANCE:g}")
-    return (f"`{path.name}`, lowered to XNNPACK for batch 1: {delegation.summary()}. executorch.runtime matches "
-            f"torch to {difference:.1e} on {reached} (tolerance {PTE_TOLERANCE:g}).")
-
-
-def write_executorch(model: torch.nn.Module, folder: Path, info: ModelInfo) -> str:
-    return export_executorch_checked(model, folder / "model.pte")
-
-
-FORMATS = (Format("ONNX", ("model.onnx",), write_onnx), Format("Core ML", ("model.mlpackage", "coreml"), write_coreml),
-           Format("ExecuTorch", ("model.pte",), write_executorch))
 
 
 # ---------------------------------------------------------------- the files
@@ -393,7 +270,7 @@ def against_dense(analysis: ParetoAnalysis, number: int, pick: str | None = None
             "one seed's gains, unconfirmed: the study has no confirmation (`vmoe-nas confirm`)")
         lines.append(f"Picked by `{pick}` on {basis}.\n")
     if analysis.confirm_settings:
-        from nas.confirm import latency_warning
+        from nas.pairs import latency_warning
 
         settings, confirmed = analysis.confirm_settings, analysis.confirmed
         unreliable = " (unreliable: the study's timings were too noisy, see its report)" if latency_warning(
@@ -529,6 +406,4 @@ def _stored_trial(study: optuna.Study, number: int) -> TrialRecord:
     return chosen
 
 
-__all__ = ["DEFAULT_EPOCHS", "FORMATS", "ExportError", "Format", "PICK_RULES", "export_checked_onnx",
-           "export_executorch_checked", "export_trial", "formats_in", "onnx_max_difference", "pick_trial",
-           "rebuilt_costs", "train_config", "write_formats"]
+__all__ = ["DEFAULT_EPOCHS", "PICK_RULES", "export_trial", "pick_trial", "rebuilt_costs", "train_config"]

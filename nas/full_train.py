@@ -25,7 +25,8 @@ from nas.config import ConfigError, first_line, read_yaml
 from nas.data import load_dataset
 from nas.deploy import ModelInfo
 from nas.devices import resolve_device
-from nas.export import FORMATS, formats_in, versions
+from nas.export import versions
+from nas.formats import FORMATS, formats_in
 from nas.recipe import TrainRecipe
 from nas.streaming import FOLDER_FIELDS
 from nas.superclasses import SuperclassMap

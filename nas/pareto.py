@@ -232,7 +232,7 @@ def analyze(study: optuna.Study, *, objectives: list[str] | None = None, margin:
     analysis.failures = failure_reasons(study)
     confirmed = load_confirmed(study)
     if confirmed is not None:
-        from nas.confirm import latency_warning
+        from nas.pairs import latency_warning
 
         analysis.confirmed, analysis.confirm_settings = confirmed_frame(confirmed), confirmed.settings
         analysis.notes += [w for w in [latency_warning(confirmed.settings)] if w]

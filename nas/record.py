@@ -214,7 +214,7 @@ def read_confirm_run(frozen: FrozenTrial) -> ConfirmRun:
 
 @dataclass
 class ConfirmRecord:
-    """What a companion confirm study stores about itself: its settings, the pairs (`nas.confirm.Pair.to_dict`)
+    """What a companion confirm study stores about itself: its settings, the pairs (`nas.pairs.Pair.to_dict`)
     and each pair's `nas.stats.PairedResult.to_dict()`, Holm-adjusted over the pairs, in the same order."""
 
     settings: dict | None = None  # seeds, steps, margin, latency band

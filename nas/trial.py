@@ -115,7 +115,7 @@ def measure_anchor(cfg: StudyConfig, dataset) -> Anchor | None:
     result = profile(arch, **cfg.profiler.options(), min_time_s=3 * MIN_TIME_S)
     if result.latency is None:
         return None
-    from nas.confirm import timing_spread
+    from nas.pairs import timing_spread
 
     latency = result.latency.to_dict()
     spread, limit = timing_spread(latency), cfg.confirm.max_latency_band

@@ -1,7 +1,34 @@
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
 import pytest
 import torch
+from agents import Agent, free_port
+
+from profilers.remote import TOKEN_ENV
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def start_agent(tmp_path_factory):
+    """Starts profiler agents, each in its own process with `token` in $VMOE_PROFILER_TOKEN, run as
+    `python ARGS` where ARGS = `args(port)`; every agent started is stopped at the end of the module."""
+    started = []
+
+    def start(args: Callable[[int], list[str]], token: str) -> Agent:
+        port, log = free_port(), tmp_path_factory.mktemp("agent") / "agent.log"
+        with open(log, "w") as output:  # a file, not a pipe: a full pipe would block the agent's logging
+            process = subprocess.Popen([sys.executable, *args(port)], env={**os.environ, TOKEN_ENV: token},
+                                       stdout=output, stderr=subprocess.STDOUT)
+        started.append(Agent(process, f"http://127.0.0.1:{port}", log, token))
+        return started[-1]
+
+    yield start
+    for agent in started:
+        agent.stop()

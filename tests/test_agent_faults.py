@@ -3,11 +3,7 @@ runaway measurements, YAML bombs, rebinding, odd zips; and the artifact cache un
 
 import asyncio
 import json
-import os
 import socket
-import subprocess
-import sys
-import time
 import zipfile
 from io import BytesIO
 from pathlib import Path
@@ -41,37 +37,11 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv(profilers.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
+def agent(start_agent):
     """An onnxruntime agent on loopback whose headers deadline is 1 s; its URL once it answers."""
-    port, log = free_port(), tmp_path_factory.mktemp("agent") / "agent.log"
-    code = (f"from profilers.server import serve; serve(port={port}, max_upload_mb=1, timeout_s=60, "
-            "header_timeout_s=1)")
-    with open(log, "w") as output:
-        process = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, TOKEN_ENV: TOKEN},
-                                   stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):  # up to 60 s
-            assert process.poll() is None, log.read_text()[-2000:]
-            try:
-                if httpx.get(f"{url}/device", headers=AUTH).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    serve = "from profilers.server import serve; serve(port={}, max_upload_mb=1, timeout_s=60, header_timeout_s=1)"
+    return start_agent(lambda port: ["-c", serve.format(port)], TOKEN).url
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +61,7 @@ def asgi_post(app, path="/profile", **kwargs) -> httpx.Response:
 # ---------------------------------------------------------------- 6: idle and slow connections
 
 
+@pytest.mark.slow
 def test_idle_and_slow_sockets_do_not_starve_an_authenticated_client(agent, onnx_bytes):
     host, port = agent.removeprefix("http://").split(":")
     idle = [socket.create_connection((host, int(port))) for _ in range(20)]
@@ -145,6 +116,7 @@ def spec_naming(program: Path, weights: str) -> bytes:
     return spec.SerializeToString()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("planted", ["absolute", "parent", "device"])
 def test_a_manifest_path_outside_the_package_is_refused(coreml_program, tmp_path, planted):
     outside = tmp_path / "outside.mlmodel"  # a valid spec, so reading it would succeed
@@ -208,6 +180,7 @@ def test_external_data_anywhere_in_an_onnx_model_is_refused(model, tmp_path, mon
 # ---------------------------------------------------------------- 9: bounded measurements
 
 
+@pytest.mark.slow
 def test_a_running_measurement_is_stopped_at_the_timeout(onnx_bytes):
     app = create_app(AgentSettings(timeout_s=8))
     endless = {"warmup": 0, "min_runs": 1, "min_time_s": 60}  # far past the timeout
@@ -217,6 +190,7 @@ def test_a_running_measurement_is_stopped_at_the_timeout(onnx_bytes):
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("knob", ["warmup", "min_runs", "min_time_s", "batch", "threads"])
 def test_every_knob_over_its_cap_is_a_400_naming_it(agent, onnx_bytes, knob):
     over = OPTIONS[knob][2] * 2 + 1
@@ -253,6 +227,7 @@ def test_a_yaml_alias_bomb_is_refused_with_a_short_message():
     assert len(str(refused.value)) < MAX_ERROR_CHARS
 
 
+@pytest.mark.slow
 def test_error_messages_are_capped():
     long_yaml = ("image_size: " + "9" * 20000).encode()  # a message quoting the value would be as long
     response = asgi_post(create_app(AgentSettings(backend="torch")), content=long_yaml,
@@ -263,6 +238,7 @@ def test_error_messages_are_capped():
 # ---------------------------------------------------------------- 11: token, Host, odd zips, 500s
 
 
+@pytest.mark.slow
 def test_a_foreign_host_header_is_refused_on_loopback(onnx_bytes):
     app = create_app(AgentSettings())
     for host in ("evil.example", "evil.example:8765", "127.0.0.1.evil.example"):
@@ -297,6 +273,7 @@ def test_cli_takes_the_token_from_a_file_never_the_command_line(monkeypatch, tmp
     assert "--token" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_zip_with_a_file_and_a_folder_of_one_name_is_a_400_without_paths():
     spec = json.dumps({"form": "dense", "pipeline": ["model"], "arch": tiny().to_dict()})
     buffer = BytesIO()
@@ -322,6 +299,7 @@ def test_an_internal_error_names_no_path():
 # ---------------------------------------------------------------- 14: the artifact cache
 
 
+@pytest.mark.slow
 def test_a_corrupt_cached_onnx_file_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv(profilers.CACHE_ENV, str(tmp_path))
     path = cached_onnx(tiny_moe())

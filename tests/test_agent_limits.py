@@ -63,6 +63,7 @@ def test_out_of_file_descriptors_is_a_429_and_one_log_line(caplog):
     assert "cannot accept a connection: out of file descriptors" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_zip_entry_nested_1500_deep_is_a_400():
     """It was a 500 RecursionError and some 7,000 log lines."""
     spec = json.dumps({"form": "dense", "pipeline": ["model"], "arch": tiny().to_dict()})

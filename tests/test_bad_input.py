@@ -51,6 +51,7 @@ TOP = ["study_name", "objectives", "sampler", "seed", "n_trials", "timeout", "wo
        "heartbeat_interval", "trial_timeout"]
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     section=st.sampled_from(sorted(SECTIONS)),

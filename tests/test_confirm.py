@@ -14,6 +14,7 @@ from nas import record as records
 from nas import trainer
 from nas.cli import main
 from nas.data import load_dataset
+from nas.pairs import INTERDECILE_SDS, latency_band, select_pairs, top_moes
 from nas.study import load_study_config
 from nas.trial import StudyContext
 from profilers import LatencyStats, profile
@@ -27,7 +28,7 @@ def hand_records(spread=0.1):
     rs = records.read_all(s)
     for r in rs:
         median = r.metrics.latency_ms
-        half = spread * stage.INTERDECILE_SDS * median / 2
+        half = spread * INTERDECILE_SDS * median / 2
         timing = LatencyStats(median=median, p10=median - half, p90=median + half, mean=median, std=0.0, cv=5.0, runs=9)
         r.profile = dataclasses.replace(profile(r.arch, measure=False), latency=timing)
     return rs
@@ -35,13 +36,13 @@ def hand_records(spread=0.1):
 
 def test_pairs_are_the_twin_and_the_best_dense_of_no_more_flops_and_of_no_more_latency_within_the_band():
     rs = hand_records(spread=0.1)
-    assert stage.latency_band(rs) == pytest.approx(0.1)
-    pairs = stage.select_pairs(rs, 2, ["accuracy", "flops", "latency"])
+    assert latency_band(rs) == pytest.approx(0.1)
+    pairs = select_pairs(rs, 2, ["accuracy", "flops", "latency"])
     # 1.08 <= 1.0 * 1.1: the best dense of no more FLOPs is also that of no more latency, one test for both
     assert [(p.comparator, p.cost, p.dense_trial, p.also) for p in pairs] == [("twin", "flops", 1, ()),
                                                                              ("flops", "flops", 2, ("latency",))]
     assert pairs[0].dense == arch("moe").dense() and pairs[0].moe == arch("moe")
-    tight = stage.select_pairs(rs, 2, ["accuracy", "flops", "latency"], band=0.0)
+    tight = select_pairs(rs, 2, ["accuracy", "flops", "latency"], band=0.0)
     assert [(p.comparator, p.dense_trial, p.also) for p in tight][0] == ("twin", 1, ("latency",))  # only it is as fast
 
 
@@ -49,13 +50,13 @@ def test_the_top_moes_come_from_the_next_front_when_the_first_is_short():
     rs = records.read_all(study([trial("moe", 0.80, 100, 1.0), trial("moe", 0.70, 200, 2.0, width=24),
                                  trial("moe", 0.75, 300, 3.0, width=32), trial("dense", 0.7, 100, 1.0)]))
     # the 16-wide MoE dominates both others; of those, the 32-wide is more accurate
-    assert [r.arch.width for r in stage.top_moes(rs, 2, ["accuracy", "flops"])] == [16, 32]
-    assert [r.arch.width for r in stage.top_moes(rs, 5, ["accuracy", "flops"])] == [16, 32, 24]
+    assert [r.arch.width for r in top_moes(rs, 2, ["accuracy", "flops"])] == [16, 32]
+    assert [r.arch.width for r in top_moes(rs, 5, ["accuracy", "flops"])] == [16, 32, 24]
 
 
 def test_the_best_dense_of_no_more_flops_is_left_out_when_it_is_the_twin():
     s = study([trial("moe", 0.80, 100, 1.0), trial("dense", 0.70, 100, 0.95)])
-    pairs = stage.select_pairs(records.read_all(s), 2, ["accuracy", "flops", "latency"])
+    pairs = select_pairs(records.read_all(s), 2, ["accuracy", "flops", "latency"])
     assert [(p.comparator, p.also) for p in pairs] == [("twin", ("latency",))]
 
 
@@ -113,6 +114,7 @@ def fake_run(correct_rate: dict):
     return train_arm, calls
 
 
+@pytest.mark.slow
 def test_confirm_resumes_after_a_kill_and_reruns_only_the_missing_runs(tmp_path, monkeypatch):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     s = study([trial("moe", 0.80, 100, 1.0), trial("dense", 0.70, 100, 0.95), trial("dense", 0.75, 90, 1.08, width=24)],
@@ -191,6 +193,7 @@ def test_confirm_command_refuses_bad_flags_and_names_a_missing_study(tmp_path, c
     assert "stores no config" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_dense_trials_search_run_is_its_seed_0_and_is_not_trained_again(tmp_path, monkeypatch):
     import yaml
 

@@ -18,6 +18,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_optuna_dashboard_starts_and_lists_a_studys_trials(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(storage=storage, study_name="watched", directions=["maximize", "minimize"])

@@ -128,6 +128,7 @@ def test_imagefolder_without_test_folder_has_empty_test_split(tmp_path):
     assert data.in_channels == 1 and len(data.test) == 0 and len(data.train) + len(data.val) == 6
 
 
+@pytest.mark.slow
 def test_imagefolder_reads_more_images_than_open_files_allowed(tmp_path):
     """Each image is opened, read and closed in turn (400 images once failed with 'Too many open files')."""
     for c in range(2):

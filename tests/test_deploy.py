@@ -9,7 +9,7 @@ import torch
 from test_profilers_coreml import IMAGES, sharp_router
 
 from nas.deploy import ModelInfo, coreml_routing
-from nas.export import export_checked_onnx, write_coreml
+from nas.formats import export_checked_onnx, write_coreml
 from profilers import Tail, Trunk, tail_name
 from search_spaces import build_model
 
@@ -18,6 +18,7 @@ from archs import tiny, tiny_moe
 INFO = dict(mean=(0.25,), std=(0.5,), class_names=tuple("abcde"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_the_routing_file_names_the_tail_to_run_and_its_inputs(top_k):
     cfg = tiny_moe(experts=3, top_k=top_k)
@@ -37,6 +38,7 @@ def test_the_routing_file_names_the_tail_to_run_and_its_inputs(top_k):
     assert len(routing["tails"]) == 3 and routing["trunk"]["outputs"] == ["features", "experts", "gates"]
 
 
+@pytest.mark.slow
 def test_onnx_metadata_holds_the_input_and_routing_facts(tmp_path):
     cfg = tiny_moe(experts=4, top_k=2, routing="per_token")
     info = ModelInfo(cfg, **INFO)
@@ -50,6 +52,7 @@ def test_onnx_metadata_holds_the_input_and_routing_facts(tmp_path):
     assert dense["routing"] == "dense" and "num_experts" not in dense
 
 
+@pytest.mark.slow
 def test_core_ml_programs_carry_the_facts_and_the_routing_file(tmp_path):
     ct = pytest.importorskip("coremltools")
     cfg = tiny_moe(experts=3, top_k=2)

@@ -89,6 +89,7 @@ def test_an_agent_measures_a_pte_in_a_child_within_the_limits(dense_pte):
     assert response.status_code == 504 and "3 s" in response.json()["error"]
 
 
+@pytest.mark.slow
 @needs_executorch
 @pytest.mark.parametrize("damage, options, message", [
     (lambda pte: b"\x08\x07garbage" * 100, {}, "not an ExecuTorch program"),

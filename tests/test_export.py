@@ -15,11 +15,12 @@ import yaml
 from pareto_trials import study, trial
 from tiny_study import STUDY, tiny_study_results
 
-import nas.export
+import nas.formats
 import profilers
 from nas.cli import main
 from nas.data import load_dataset
-from nas.export import EXPORT_MARKER, ExportError, export_trial, pick_trial
+from nas.export import EXPORT_MARKER, export_trial, pick_trial
+from nas.formats import ExportError
 from nas.full_train import load_train_config
 from nas.pareto import analyze
 from nas.storage import load_study
@@ -67,6 +68,7 @@ def results(tmp_path_factory):
     return tiny_study_results(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_export_of_the_moe_rebuilds_the_trial(results, tmp_path, monkeypatch, capsys):
     def broken_converter(*args, **kwargs):
         raise RuntimeError("converter broke")
@@ -115,6 +117,7 @@ def test_export_of_the_moe_rebuilds_the_trial(results, tmp_path, monkeypatch, ca
     assert "one multiply-add = 1 FLOP" in card and "MAC = 2" not in card  # fvcore's convention, as the tool counts
 
 
+@pytest.mark.slow
 def test_export_of_the_dense_trial_writes_core_ml(results, tmp_path):
     pytest.importorskip("coremltools")
     paths = export_trial(load_study(STUDY, results_dir=results), tmp_path / "dense", trial=0, executorch=False,
@@ -124,11 +127,12 @@ def test_export_of_the_dense_trial_writes_core_ml(results, tmp_path):
     assert "Core ML: form dense, fp16 ML programs: model.mlpackage" in paths["model_card.md"].read_text()
 
 
+@pytest.mark.slow
 def test_an_interrupted_export_leaves_no_directory_and_keeps_the_old_one(results, tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(nas.export, "export_checked_onnx", interrupt)
+    monkeypatch.setattr(nas.formats, "export_checked_onnx", interrupt)
     s = load_study(STUDY, results_dir=results)
     with pytest.raises(KeyboardInterrupt):
         export_trial(s, tmp_path / "new", trial=1, coreml=False, executorch=False, study_dir=results / STUDY)
@@ -145,6 +149,7 @@ def test_an_interrupted_export_leaves_no_directory_and_keeps_the_old_one(results
     assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "arch.yaml").read_text() == "kept"
 
 
+@pytest.mark.slow
 def test_export_force_after_an_export_killed_mid_swap_completes(results, tmp_path):
     s = load_study(STUDY, results_dir=results)
     out = tmp_path / "chosen"
@@ -159,6 +164,7 @@ def test_export_force_after_an_export_killed_mid_swap_completes(results, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chosen"]
 
 
+@pytest.mark.slow
 def test_export_force_never_deletes_a_training_run(results, tmp_path):
     s = load_study(STUDY, results_dir=results)
     out = tmp_path / "chosen"
@@ -170,6 +176,7 @@ def test_export_force_never_deletes_a_training_run(results, tmp_path):
     assert (out / "run" / "model.pt").read_text() == "trained for hours"
 
 
+@pytest.mark.slow
 def test_export_force_never_replaces_a_study_or_a_folder_it_did_not_write(results, tmp_path, capsys):
     """`export --out results/<study> --force` deleted the study (study.db, search.log)."""
     study_dir = tmp_path / "results" / STUDY
@@ -189,6 +196,7 @@ def test_export_force_never_replaces_a_study_or_a_folder_it_did_not_write(result
     assert main([*base, "--out", str(tmp_path / "export"), "--force"]) == 0
 
 
+@pytest.mark.slow
 def test_export_command_refuses_a_bad_trial_and_rule(results, tmp_path, capsys):
     base = ["export", "--study", STUDY, "--results-dir", str(results), "--out", str(tmp_path / "x")]
     assert main(base + ["--trial", "7"]) == 2

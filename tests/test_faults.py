@@ -127,6 +127,7 @@ def add_running(study, worker: str, lease_until=None, arch=ARCH) -> int:
     return trial.number
 
 
+@pytest.mark.slow
 def test_reclaiming_fails_dead_workers_trials_and_queues_one_retry_each():
     study = optuna.create_study()
     dead = add_running(study, dead_worker())  # same host, process gone
@@ -144,6 +145,7 @@ def test_reclaiming_fails_dead_workers_trials_and_queues_one_retry_each():
     assert sorted(records.read(t).slot for t in retries) == [dead, lapsed]  # each retry takes its slot
 
 
+@pytest.mark.slow
 def test_a_trial_that_keeps_killing_its_worker_is_retried_max_retries_times():
     study = optuna.create_study()
     first = add_running(study, dead_worker())
@@ -157,6 +159,7 @@ def test_a_trial_that_keeps_killing_its_worker_is_retried_max_retries_times():
     assert not [t for t in study.trials if t.state == TrialState.WAITING] and first == 0
 
 
+@pytest.mark.slow
 def test_waiting_on_a_dead_workers_run_of_the_same_architecture_ends(tmp_path):
     study = optuna.create_study()
     add_running(study, dead_worker())
@@ -184,6 +187,7 @@ def test_a_lease_keeps_renewing_through_storage_errors():
     assert len(trial.calls) >= 4  # renewed after the failed renewal, not stopped by it
 
 
+@pytest.mark.slow
 def test_a_budget_stops_code_that_swallows_exceptions():
     assert run_with_budget(swallow_everything, (0.1,), seconds=20, memory_mb=None) == "finished"
     started = time.monotonic()
@@ -192,6 +196,7 @@ def test_a_budget_stops_code_that_swallows_exceptions():
     assert time.monotonic() - started < 30  # stopped, not run to its end (60 s)
 
 
+@pytest.mark.slow
 def test_a_budget_measures_the_trials_own_memory():
     assert run_with_budget(hold_memory, (20, 0.5), seconds=None, memory_mb=2000) == 20 * 2**20
     with pytest.raises(BudgetExceeded, match="memory budget of 150 MB"):
@@ -200,6 +205,7 @@ def test_a_budget_measures_the_trials_own_memory():
         run_with_budget(fail, ("boom",), seconds=10, memory_mb=None)
 
 
+@pytest.mark.slow
 def test_resuming_with_an_edited_config_is_refused_naming_the_fields(tmp_path, capsys):
     config = study_yaml(tmp_path, "edited", n_trials=1, steps=6)
     assert main(["search", "--config", config, "--no-progress", "--no-report"]) == 0
@@ -224,6 +230,7 @@ def test_several_workers_on_a_sqlite_study_are_refused(tmp_path, capsys):
     assert "SQLite file, which takes one writer at a time" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_filling_slots_while_a_trial_is_reclaimed_queues_no_second_trial_for_its_slot(tmp_path):
     """The race CI met on PostgreSQL (7 trials for 6 slots): a launcher filled the slots in the moment between
     a reclaimed trial's failure and its retry. Reclaiming takes the study lock, as filling slots does."""
@@ -258,6 +265,7 @@ def test_filling_slots_while_a_trial_is_reclaimed_queues_no_second_trial_for_its
     assert sorted(slots) == [0, 1]  # the retry holds slot 0, and nothing else does
 
 
+@pytest.mark.slow
 def test_a_slot_left_free_by_a_worker_killed_mid_reclaim_is_run_before_the_study_ends(tmp_path):
     """A worker killed after failing a dead worker's trial but before queueing its retry leaves that slot with
     no trial: the workers still running queue it before they leave, so the study runs all n_trials."""

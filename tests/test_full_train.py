@@ -55,6 +55,7 @@ def stop_at(monkeypatch, step: int):
     monkeypatch.setattr(nas.trainer._Run, "step", step_or_stop)
 
 
+@pytest.mark.slow
 def test_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(exported, tmp_path, monkeypatch,
                                                                                     capsys):
     with monkeypatch.context() as patch:  # the reference run: its ONNX export is not what is compared
@@ -86,6 +87,7 @@ def test_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run
     build_model(ArchConfig.from_dict(saved["arch"])).load_state_dict(saved["model"])
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_kept_unless_forced(exported, tmp_path, monkeypatch, capsys):
     config = copy_of(exported, tmp_path)
     run = config.parent / "run"
@@ -98,6 +100,7 @@ def test_a_finished_run_is_kept_unless_forced(exported, tmp_path, monkeypatch, c
     assert not (run / "metrics.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, named", [
     (lambda d: (d / "train.yaml").unlink(), "train.yaml"),
     (lambda d: (d / "train.yaml").write_text("arch: [unclosed"), "train.yaml"),
@@ -116,6 +119,7 @@ def test_missing_or_corrupt_files_are_refused_by_name(exported, tmp_path, capsys
     assert not (config.parent / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_signal_saves_the_steps_since_the_last_evaluation_and_says_so(exported, tmp_path, monkeypatch, capsys):
     """Ctrl-C before the first evaluation saved nothing and said "resume from run/checkpoint.pt"."""
     config = copy_of(exported, tmp_path)
@@ -133,6 +137,7 @@ def test_a_signal_saves_the_steps_since_the_last_evaluation_and_says_so(exported
     assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["state"]["step"] == 4
 
 
+@pytest.mark.slow
 def test_a_second_train_on_one_run_folder_is_one_clear_error(exported, tmp_path, capsys):
     config = copy_of(exported, tmp_path)
     data = yaml.safe_load(config.read_text())

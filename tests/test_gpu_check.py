@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_without_a_gpu_says_so_in_one_line():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "VENV": str(Path(sys.executable).parent.parent)}  # no GPU seen
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--skip-install"], env=env,

@@ -27,6 +27,7 @@ UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
 # ---------------------------------------------------------------- 1: identity across PID namespaces
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not liveness.pid_namespace(), reason="PID namespaces are Linux's")
 def test_only_a_worker_of_this_boot_and_pid_namespace_is_judged_by_its_pid():
     study = optuna.create_study()
@@ -176,6 +177,7 @@ def parent_script(code: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds child processes through /proc")
 def test_a_budgeted_trials_process_dies_with_its_worker(tmp_path):
     pid_file = tmp_path / "child.pid"
@@ -393,10 +395,12 @@ def test_two_launchers_confirming_one_study_train_each_run_once(tmp_path, monkey
     assert len(companion.get_trials(states=(TrialState.COMPLETE,))) == 9
 
 
+@pytest.mark.slow
 def test_a_confirmation_run_claimed_by_a_dead_launcher_is_claimed_again(tmp_path, monkeypatch):
     from test_confirm import fake_run
 
     from nas import confirm as stage
+    from nas.pairs import select_pairs
     from nas.study import load_study_config
 
     url = hand_study(tmp_path)
@@ -405,7 +409,7 @@ def test_a_confirmation_run_claimed_by_a_dead_launcher_is_claimed_again(tmp_path
     monkeypatch.setattr("nas.trial.build_context", lambda cfg: None)
     train_arm, calls = fake_run({True: 0.8, False: 0.6})
     monkeypatch.setattr(stage, "train_arm", train_arm)
-    pairs = stage.select_pairs(records.read_all(s), 1, cfg.objectives)
+    pairs = select_pairs(records.read_all(s), 1, cfg.objectives)
     first_key = records.run_key(pairs[0].moe, 0, 60)
     orphan = stage.companion(s).ask()  # claimed by a launcher killed with -9
     orphan.set_user_attr(stage.CLAIM_ATTR, first_key)

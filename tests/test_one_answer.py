@@ -16,8 +16,10 @@ from nas import record as records
 from nas import stats
 from nas.cli import main
 from nas.export import pick_trial
+from nas.pairs import latency_warning, select_pairs
 from nas.pareto import analyze
-from nas.report import dumbbell_figure, pairs_table, pareto_plot_info, write_report
+from nas.plots import dumbbell_figure, pareto_plot_info
+from nas.report import pairs_table, write_report
 from nas.study import load_study_config
 from search_spaces import build_model, count_params
 
@@ -54,7 +56,7 @@ def real_trial(kind: str, accuracy: float, latency: float, width: int = 16) -> d
 def test_a_twin_that_is_also_the_best_dense_of_no_more_latency_is_one_test_answering_both(monkeypatch):
     s = study([trial("moe", 0.80, 100, 1.0), trial("dense", 0.70, 100, 0.95), trial("moe", 0.78, 200, 2.0, width=24),
                trial("dense", 0.72, 200, 1.9, width=24)])
-    pairs = stage.select_pairs(records.read_all(s), 2, ["accuracy", "flops", "latency"])
+    pairs = select_pairs(records.read_all(s), 2, ["accuracy", "flops", "latency"])
     assert [(p.moe.width, p.comparator, p.also) for p in pairs] == [(16, "twin", ("latency",)),
                                                                    (24, "twin", ("latency",))]
     record = confirmed(s, monkeypatch, {(16, True): 0.8, (16, False): 0.7, (24, True): 0.8, (24, False): 0.7}, 2)
@@ -160,10 +162,10 @@ def test_a_latency_band_beyond_the_limit_is_capped_warned_and_reported_unreliabl
         settings = stage.settings_for(cfg, rs, seeds=3)
     assert (settings.band, settings.band_measured) == (0.1, pytest.approx(3.06))
     assert "latency verdicts are unreliable: the latency tie band measured 306%" in caplog.text
-    pairs = stage.select_pairs(rs, 1, ["accuracy", "flops", "latency"], band=settings.band)
+    pairs = select_pairs(rs, 1, ["accuracy", "flops", "latency"], band=settings.band)
     assert [p.dense_trial for p in pairs if "latency" in (p.comparator, *p.also)] == [2]  # 1.08 ms <= 1.1 x 1.0
     raised = stage.settings_for(load_study_config("smoke", confirm={"max_latency_band": 5.0}), rs, seeds=3)
-    assert raised.band == pytest.approx(3.06) and stage.latency_warning(raised.to_dict()) is None
+    assert raised.band == pytest.approx(3.06) and latency_warning(raised.to_dict()) is None
 
 
 def test_the_report_says_latency_verdicts_are_unreliable_when_the_anchor_spreads(monkeypatch, tmp_path):

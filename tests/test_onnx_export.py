@@ -12,6 +12,7 @@ from search_spaces import build_model
 from archs import tiny, tiny_moe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("traced", [1, 3])
 @pytest.mark.parametrize("cfg", [tiny(), tiny_moe(experts=4, top_k=2)], ids=lambda c: c.name)
 def test_onnx_export_runs_in_onnxruntime_with_dynamic_batch(cfg, traced, tmp_path):

@@ -59,6 +59,7 @@ def ops(path) -> set[str]:
     return {op.type for block in function.block_specializations.values() for op in block.operations}
 
 
+@pytest.mark.slow
 def test_coreml_profile_exports_trunk_and_one_tail_without_gathers(tmp_path, monkeypatch):
     monkeypatch.setenv(profilers.CACHE_ENV, str(tmp_path))
     profiled = profile(tiny_moe(experts=3, top_k=2), backend="coreml", warmup=1, min_runs=3, min_time_s=0)
@@ -82,6 +83,7 @@ def test_all_tails_are_one_per_set_of_k_experts(tmp_path, monkeypatch):
     assert {"tail-0-1", "tail-2-3"} <= exported.programs.keys()
 
 
+@pytest.mark.slow
 def test_per_token_exports_in_the_masked_form(tmp_path):
     exported = export_coreml(build_model(tiny_moe(experts=4, routing="per_token")), tmp_path, precision="fp32")
     assert exported.form == "per_token:all_experts_masked" and exported.pipeline == ("model",)

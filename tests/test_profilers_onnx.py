@@ -79,6 +79,7 @@ def exported(request, cache):
     return model, path, model.training
 
 
+@pytest.mark.slow
 def test_export_gives_a_training_model_back_in_training_mode(exported):
     assert exported[2]
 
@@ -90,6 +91,7 @@ def holds(initializers, stacked: np.ndarray) -> bool:
     return found(stacked) or all(found(expert) for expert in stacked)
 
 
+@pytest.mark.slow
 def test_exported_moe_holds_all_experts(exported):
     model, path, _ = exported
     initializers = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
@@ -98,6 +100,7 @@ def test_exported_moe_holds_all_experts(exported):
             assert holds(initializers, param.detach().numpy()), name
 
 
+@pytest.mark.slow
 def test_exported_moe_matches_torch_on_images_routed_to_every_expert(exported):
     model, path, _ = exported
     model.eval()
@@ -110,6 +113,7 @@ def test_exported_moe_matches_torch_on_images_routed_to_every_expert(exported):
         np.testing.assert_allclose(logits, expected[: len(batch)], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_onnxruntime_latency_reads_the_input_shape_from_the_file(exported):
     measured = onnxruntime_latency(exported[1], batch=3, threads=1, **FAST)
     assert (measured["batch"], measured["threads"], measured["provider"]) == (3, 1, "CPUExecutionProvider")
@@ -117,6 +121,7 @@ def test_onnxruntime_latency_reads_the_input_shape_from_the_file(exported):
     assert measured["versions"]["onnxruntime"] == ort.__version__
 
 
+@pytest.mark.slow
 def test_unknown_provider_names_the_available_ones(exported):
     with pytest.raises(ProfileError, match="CPUExecutionProvider"):
         onnxruntime_latency(exported[1], provider="NoSuchExecutionProvider")
@@ -156,6 +161,7 @@ def test_torch_backend_measures_a_given_model_and_restores_threads():
     assert torch.get_num_threads() == threads and model.training  # the caller's model and settings, untouched
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_profile_with_an_anchor_times_both_and_gives_their_ratio(backend):
     anchor_cfg = tiny()

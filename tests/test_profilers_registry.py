@@ -17,6 +17,7 @@ from archs import tiny
 FAST = {"warmup": 1, "min_runs": 3, "min_time_s": 0.0}
 
 
+@pytest.mark.slow
 def test_import_profilers_pulls_in_no_runtime_no_http_stack_and_no_warning_filter():
     code = textwrap.dedent("""
         import sys, warnings

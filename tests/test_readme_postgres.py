@@ -6,6 +6,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 FAKES = {
@@ -33,6 +35,7 @@ def setup_steps() -> str:
     return block.split("\nURL=", 1)[0]
 
 
+@pytest.mark.slow
 def test_the_readme_postgres_steps_run_twice(tmp_path):
     bin_dir, state = tmp_path / "bin", tmp_path / "state"
     bin_dir.mkdir(), state.mkdir()

@@ -2,13 +2,9 @@
 and the agent's validation of what it is sent."""
 
 import asyncio
-import functools
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -16,6 +12,7 @@ from pathlib import Path
 import httpx
 import onnx
 import pytest
+from agents import free_port
 from onnx import TensorProto, helper
 
 import profilers
@@ -43,55 +40,16 @@ FAST = {"warmup": 1, "min_runs": 3, "min_time_s": 0.0}  # the protocol, cut to a
 ONNX = {"Content-Type": "application/onnx"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv(profilers.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "cache"))  # shared: exports once
 
 
-class Agent:
-    """An agent process; `url` waits until it answers, so a test can do local work while it starts."""
-
-    def __init__(self, process: subprocess.Popen, url: str, log: Path):
-        self.process, self._url, self.log = process, url, log
-
-    @functools.cached_property
-    def url(self) -> str:
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, f"the agent exited: {self.log.read_text()[-2000:]}"
-            try:
-                if httpx.get(f"{self._url}/device", headers=auth()).status_code == 200:
-                    return self._url
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the agent did not answer within 60 s"
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
+def agent(start_agent):
     """An agent with a token and a 1 MiB upload limit, on loopback in its own process."""
-    port, log = free_port(), tmp_path_factory.mktemp("agent") / "agent.log"
-    env = {**os.environ, TOKEN_ENV: TOKEN}
-    with open(log, "w") as output:  # a file, not a pipe: a full pipe would block the agent's logging
-        process = subprocess.Popen(
-            [sys.executable, "-m", "nas.cli", "profiler-server", "--port", str(port), "--max-upload-mb", "1"],
-            env=env, stdout=output, stderr=subprocess.STDOUT,
-        )
-    try:
-        yield Agent(process, f"http://127.0.0.1:{port}", log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    return start_agent(lambda port: ["-m", "nas.cli", "profiler-server", "--port", str(port), "--max-upload-mb", "1"],
+                       TOKEN)
 
 
 def auth(token: str = TOKEN) -> dict:
@@ -103,6 +61,7 @@ def onnx_bytes() -> bytes:
     return profilers.cached_onnx(tiny_moe()).read_bytes()  # the export the first test made
 
 
+@pytest.mark.slow
 def test_remote_profile_has_the_fields_of_a_local_one(agent, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     cfg = tiny_moe()
@@ -122,6 +81,7 @@ def test_remote_profile_has_the_fields_of_a_local_one(agent, monkeypatch):
     assert isinstance(get_backend("remote", remote_url=url), RemoteBackend)
 
 
+@pytest.mark.slow
 def test_cli_profile_with_remote_url(agent, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     arch = tiny_moe().save(tmp_path / "arch.yaml")  # the first test's architecture: its export is cached
@@ -132,6 +92,7 @@ def test_cli_profile_with_remote_url(agent, tmp_path, monkeypatch, capsys):
     assert "--backend remote" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_token_is_required_when_set(agent, onnx_bytes, monkeypatch):
     url = agent.url
     for headers in ({}, auth("wrong"), {"Authorization": TOKEN}):
@@ -159,6 +120,7 @@ def external_data_model() -> bytes:
     return helper.make_model(graph).SerializeToString()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, headers, params, status, message", [
     pytest.param(os.urandom(3 * 2**20), ONNX, {}, 413, "limit", id="oversized"),
     pytest.param(b"\x08\x07garbage" * 100, ONNX, {}, 400, "not a valid ONNX", id="garbage"),
@@ -195,6 +157,7 @@ def test_agent_refuses_to_listen_off_loopback_without_a_token(monkeypatch):
     assert not is_loopback("0.0.0.0") and not is_loopback("phone.local")
 
 
+@pytest.mark.slow
 def test_measurement_past_the_timeout_is_a_504(onnx_bytes):
     async def post() -> httpx.Response:
         transport = httpx.ASGITransport(create_app(AgentSettings(timeout_s=0.2)))

@@ -9,14 +9,8 @@ from pareto_trials import study, trial
 
 from nas.cli import main
 from nas.pareto import analyze
-from nas.report import (
-    hover_text,
-    hypervolume_history,
-    pareto_figure,
-    pareto_plot_info,
-    report_markdown,
-    write_report,
-)
+from nas.plots import hover_text, hypervolume_history, pareto_figure, pareto_plot_info
+from nas.report import report_markdown, write_report
 
 REPORT_FILES = {"trials.csv", "pareto.csv", "beats_dense.csv", "pareto.html", "report.html", "report.md"}
 

@@ -77,6 +77,7 @@ def outcome(tmp_path, name) -> dict:
 RUNGS = {"min_steps": 10, "max_steps": 90, "reduction_factor": 3}  # rungs 10, 30, 90
 
 
+@pytest.mark.slow
 def test_on_accuracy_alone_the_best_third_of_each_kind_goes_on(tmp_path, fake_trainer):
     assert main(["search", "--config", write_study(tmp_path, "acc", ["accuracy"], RUNGS), "--no-progress",
                  "--no-report"]) == 0
@@ -93,6 +94,7 @@ def test_on_accuracy_alone_the_best_third_of_each_kind_goes_on(tmp_path, fake_tr
     assert complete.rung == 90 and sorted(complete.rung_accuracy) == [10, 30, 90]
 
 
+@pytest.mark.slow
 def test_with_a_cost_objective_a_dominated_trial_stops(tmp_path, fake_trainer):
     assert main(["search", "--config", write_study(tmp_path, "cost", ["accuracy", "flops"], RUNGS), "--no-progress",
                  "--no-report"]) == 0
@@ -103,6 +105,7 @@ def test_with_a_cost_objective_a_dominated_trial_stops(tmp_path, fake_trainer):
                                          (16, True): "complete", (24, True): "complete", (32, True): 10}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("evaluator", [{"steps": 30}, {"min_steps": 30, "max_steps": 30}])
 def test_a_trial_whose_first_evaluation_is_its_last_is_never_stopped(tmp_path, fake_trainer, evaluator):
     worse_and_worse = [(32, False), (16, False), (24, False), (32, True), (16, True), (24, True)]
@@ -111,6 +114,7 @@ def test_a_trial_whose_first_evaluation_is_its_last_is_never_stopped(tmp_path, f
     assert set(outcome(tmp_path, "single").values()) == {"complete"}
 
 
+@pytest.mark.slow
 def test_two_workers_decide_exactly(tmp_path, fake_trainer, monkeypatch):
     """Two workers (threads) on a journal: each decision sees every earlier arrival at its rung. Replaying the
     logged decisions in the order they were made gives the same answers."""
@@ -150,6 +154,7 @@ def test_two_workers_decide_exactly(tmp_path, fake_trainer, monkeypatch):
     assert len(per_rung) == len(set(per_rung))  # no trial decided twice at a rung
 
 
+@pytest.mark.slow
 def test_a_trial_interrupted_between_rungs_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     config = write_study(tmp_path, "resume", ["accuracy"], {"min_steps": 6, "max_steps": 18, "reduction_factor": 3,
                                                             "eval_every": 6}, order=[(16, False)])

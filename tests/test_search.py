@@ -62,6 +62,7 @@ def failing_moe(monkeypatch):
     monkeypatch.setattr(nas.trainer, "train", train)
 
 
+@pytest.mark.slow
 def test_study_end_to_end(tmp_path, failing_moe, capsys):
     limit = (active_params(D16) + active_params(D24)) / 2  # width 24 breaks it; width 16, MoE or not, does not
     config = write_study(tmp_path, "e2e", [D16, M16, D24, D16], 4, constraints={"max_params": limit})
@@ -100,6 +101,7 @@ def test_study_end_to_end(tmp_path, failing_moe, capsys):
     assert len(resumed) == 5 and [t.datetime_start for t in resumed[:4]] == [t.datetime_start for t in trials]
 
 
+@pytest.mark.slow
 def test_superclasses_are_discovered_once_before_the_trials(tmp_path, monkeypatch, capsys):
     import nas.trial
 
@@ -203,6 +205,7 @@ def test_two_workers_on_a_journal_complete_exactly_n_trials(tmp_path):
     assert len(trained) == len(set(trained))  # no architecture trained twice
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "budget, reason",
     [
@@ -238,6 +241,7 @@ def test_a_trial_within_its_memory_budget_completes(tmp_path):
     assert trial.status == "complete" and trial.reason is None
 
 
+@pytest.mark.slow
 def test_two_studies_in_one_process_log_only_into_their_own_files(tmp_path):
     import logging
 
@@ -250,6 +254,7 @@ def test_two_studies_in_one_process_log_only_into_their_own_files(tmp_path):
     assert {name: set(logging.getLogger(name).handlers) for name in handlers} == handlers  # all removed
 
 
+@pytest.mark.slow
 def test_describe_imports_no_search_analysis_or_export_library():
     import subprocess
     import sys
@@ -261,6 +266,7 @@ def test_describe_imports_no_search_analysis_or_export_library():
     assert not loaded & {"optuna", "pandas", "sqlalchemy", "plotly", "fvcore", "onnx", "onnxruntime", "httpx"}
 
 
+@pytest.mark.slow
 def test_importing_the_search_changes_no_process_wide_state():
     import subprocess
     import sys

@@ -68,6 +68,7 @@ def test_load_study_reads_a_stored_study_and_names_the_ones_there(tmp_path):
     assert not (tmp_path / "missing.db").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stored", ["v1-sqlite.db", "v1-journal.log"])
 def test_a_study_written_before_the_trial_record_still_opens(tmp_path, stored):
     """Fixtures written by the search before records were versioned: a dense trial, a failed MoE, two
@@ -106,6 +107,7 @@ def test_per_image_correctness_is_one_attribute_a_reader_never_sees_half_of(tmp_
     assert (records.read_all(s)[1].val_correct == correct).all()
 
 
+@pytest.mark.slow
 def test_workers_opening_a_new_sqlite_file_at_once_all_open_it(tmp_path):
     """Optuna creates its tables and stamps its schema unguarded: without the schema lock, 6 processes at
     once on a new file fail with "table studies already exists" or "UNIQUE constraint failed"."""
@@ -123,6 +125,7 @@ def shared_folder():
     shutil.rmtree(folder)
 
 
+@pytest.mark.slow
 def test_a_reader_who_cannot_write_the_study_folder_still_loads_it(shared_folder):
     """Report, export and the dashboard only read: the schema lock must not need write access to the
     folder, nor to a lock file another user's search made (as root, the reader is `nobody`)."""

@@ -59,6 +59,7 @@ def test_streamed_augmentation_depends_on_seed_and_step_only(folder):
     first.close(), again.close()
 
 
+@pytest.mark.slow
 def test_worker_processes_decode_the_same_images(folder):
     in_process, workers = load(folder, stream=True), load_dataset(f"imagefolder:{folder}", image_size=32, workers=2,
                                                                   stream=True)
@@ -66,6 +67,7 @@ def test_worker_processes_decode_the_same_images(folder):
         assert torch.equal(x, u) and torch.equal(y, v)
 
 
+@pytest.mark.slow
 def test_folder_searched_end_to_end_streaming_and_in_memory_reach_identical_accuracies(folder, tmp_path):
     accuracies = {}
     for how, options in {"streamed": {"max_memory_mb": 0.01}, "held": {"stream": False}}.items():
@@ -148,6 +150,7 @@ def test_a_folder_of_many_files_opens_within_few_file_descriptors(tmp_path):
     assert (data.in_channels, data.image_size) == (3, 8)
 
 
+@pytest.mark.slow
 def test_full_training_streams_an_exported_folder_config(tmp_path):
     root = tmp_path / "data"
     write_jpegs(root / "train", per_class=8)

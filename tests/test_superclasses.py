@@ -111,6 +111,7 @@ def test_dataset_superclasses_are_used_when_the_group_count_matches():
     assert found.source == "dataset" and found.class_to_group.tolist() == data.superclasses.tolist()
 
 
+@pytest.mark.slow
 def test_discovery_recovers_the_planted_hierarchy_and_caches(tmp_path):
     data = load_dataset(SMALL)
     planted = data.superclasses

@@ -36,6 +36,7 @@ def quick(**kw) -> TrainRecipe:
     return TrainRecipe(**{"steps": 40, "batch_size": 64, "lr": 3e-3, "eval_every": 20, "num_threads": 1, **kw})
 
 
+@pytest.mark.slow
 def test_dense_and_per_image_moe_learn_well_above_chance(data):
     recipe = quick(steps=250, eval_every=250)
     dense = train(tiny(num_classes=CLASSES), data, recipe)
@@ -48,6 +49,7 @@ def test_dense_and_per_image_moe_learn_well_above_chance(data):
     assert (moe.steps, moe.epochs) == (250, round(250 / (len(data.train) // 64), 4))
 
 
+@pytest.mark.slow
 def test_per_token_moe_reports_token_shares_and_superclasses_override(data):
     result = train(tiny_moe(num_classes=CLASSES, routing="per_token", top_k=2), data, quick())
     assert len(result.expert_load) == 4 and abs(sum(result.expert_load) - 1) < 1e-5
