@@ -33,7 +33,7 @@ import torch
 
 from nas.study import load_study_config
 from nas.trainer import train
-from nas.trial import build_context, routes_on_superclasses
+from nas.trial import build_context
 from profilers import analytic_flops
 from search_spaces import ArchConfig
 from search_spaces.mobile_vmoe import InvalidArchitecture, MobileVMoESpace
@@ -104,7 +104,7 @@ def run_reference(args) -> None:
     for index, arch in enumerate(archs):
         if arch.name in store["archs"]:
             continue
-        groups = ctx.superclasses.get(arch.moe.num_experts) if routes_on_superclasses(arch) else None
+        groups = ctx.superclasses.get(arch.moe.num_experts) if arch.routes_on_superclasses else None
         tick = time.perf_counter()
         checkpoints = CHECKPOINTS / arch.config_hash()
         proxy_run = train(arch, data, proxy, superclasses=groups, checkpoint_dir=checkpoints / "proxy")

@@ -127,9 +127,7 @@ def arm_recipe(recipe, seed: int, steps: int):
 def train_arm(ctx, arch: ArchConfig, seed: int, steps: int) -> ConfirmRun:
     """One confirmation run of one arm (`ctx`: the study's `nas.trial.StudyContext`)."""
     from nas import trainer
-    from nas.trial import routes_on_superclasses
-
-    groups = ctx.superclasses.get(arch.moe.num_experts) if routes_on_superclasses(arch) else None
+    groups = ctx.superclasses.get(arch.moe.num_experts) if arch.routes_on_superclasses else None
     result = trainer.train(arch, ctx.dataset, arm_recipe(ctx.recipe, seed, steps), superclasses=groups,
                            init_from=twin_init(arch, seed))
     correct = per_image_correct(result.model, ctx.dataset)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from nas.study import StudyConfig
@@ -27,6 +28,25 @@ VERIFY_ATTR = "latency_verify"
 # The calibration's protocol: short (each point is timed once, interleaved with the anchor), so that a
 # calibration takes minutes; the fit averages the noise of its ~40 points.
 CALIBRATION_PROTOCOL = {"warmup": 5, "min_runs": 20, "min_time_s": 0.3}
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The study's latency anchor: the space's smallest dense ViT, measured once when the study starts.
+    Every trial is timed interleaved with it and reported as this latency times their ratio."""
+
+    arch: ArchConfig
+    latency_ms: float  # its median when the study started
+    latency: dict  # its full LatencyStats
+    device: str
+
+    def to_attrs(self) -> dict:
+        return {"name": self.arch.name, "arch_yaml": self.arch.to_yaml(), "latency_ms": self.latency_ms,
+                "latency": self.latency, "device": self.device}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> Anchor:
+        return cls(ArchConfig.from_yaml(attrs["arch_yaml"]), attrs["latency_ms"], attrs["latency"], attrs["device"])
 
 
 def model_key_device(cfg: StudyConfig) -> str | None:
@@ -97,7 +117,6 @@ def verify_front(study, cfg: StudyConfig, model: LatencyModel | None = None) -> 
     where the study does not verify. What an earlier call measured is not measured again."""
     from nas import record as records
     from nas.pareto import FRONT_COLUMNS, analyze, load_confirmed
-    from nas.trial import Anchor
 
     if cfg.profiler.latency != "predicted+verify":
         return None

@@ -5,13 +5,14 @@ sets up for a run: the learning-rate schedule over its budget and the optimiser'
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
 
-from nas.config import MAX_SEED, ConfigError, check_number, from_mapping, shown
+from nas.config import MAX_NUMBER, MAX_SEED, ConfigError, check_fields, check_int, check_number, from_mapping, shown
 from nas.devices import parse_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -139,3 +140,30 @@ class Schedule:
 
 __all__ = ["MAX_BATCH_SIZE", "MAX_STEPS", "PRECISIONS", "RUN_ONLY", "Schedule", "TrainRecipe", "param_groups",
            "recipe_identity"]
+
+
+EVALUATOR_KINDS = ("train", "supernet")  # standalone proxy training; inherited weights of a supernet
+
+
+@dataclass(frozen=True)
+class SupernetSpec:
+    """The supernet fields of a study's `evaluator` (beside `kind: supernet` and the training recipe)."""
+
+    random_subnets: int = 2  # per step, beside the largest and the smallest (the sandwich rule)
+    distill: bool = True  # in-place distillation: subnets learn the largest's soft predictions
+    finetune_steps: int = 0  # per candidate, after inheriting its weights (0: score the inherited weights)
+    val_images: int | None = None  # validation images a candidate is scored on (None: the whole split)
+
+    def __post_init__(self):
+        for name, minimum in (("random_subnets", 0), ("finetune_steps", 0), ("val_images", 1)):
+            check_int(f"evaluator.{name}", getattr(self, name), minimum, MAX_NUMBER, optional=name == "val_images")
+        if not isinstance(self.distill, bool):
+            raise ConfigError("evaluator.distill", f"must be true or false, got {self.distill!r}")
+
+    @classmethod
+    def of(cls, evaluator: dict) -> SupernetSpec:
+        fields = {k: v for k, v in evaluator.items() if k in SUPERNET_FIELDS}
+        return cls(**check_fields(cls, fields, "evaluator"))
+
+
+SUPERNET_FIELDS = tuple(f.name for f in dataclasses.fields(SupernetSpec))

@@ -145,7 +145,7 @@ class StudyRecord:
 
     objectives: list[str] | None = None  # the objective names, in the order of the study's directions
     config: dict | None = None  # the StudyConfig as run (`to_dict`, storage credentials removed)
-    anchor: dict | None = None  # the latency anchor (`nas.trial.Anchor.to_attrs`)
+    anchor: dict | None = None  # the latency anchor (`nas.latency.Anchor.to_attrs`)
 
 
 STUDY_ATTRS = {"objectives": "objectives", "config": "study_config", "anchor": "latency_anchor"}  # field -> attr

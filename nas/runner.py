@@ -25,6 +25,7 @@ from nas import record as records
 from nas.budget import run_with_budget
 from nas.config import first_line
 from nas.evaluation import per_image_correct
+from nas.latency import Anchor
 from nas.processes import interrupted, interruption_name
 from nas.record import TrialRecord
 from nas.rung_policy import MOASHA, Stop
@@ -32,7 +33,6 @@ from nas.storage import STORAGE_ERRORS, StorageURL, is_disk_full, make_storage, 
 from nas.study import StudyConfig
 from nas.study_log import study_logging
 from nas.trial import (
-    Anchor,
     StudyContext,
     build_context,
     check_constraints,

@@ -280,7 +280,7 @@ class StudyConfig:
     def check_supernet(self) -> None:
         """`evaluator.kind`: train (each trial trains its proxy) or supernet (each trial inherits its weights
         from the study's supernet, `nas.supernet`), whose options are checked here."""
-        from nas.supernet import EVALUATOR_KINDS
+        from nas.recipe import EVALUATOR_KINDS
 
         if self.evaluator_kind not in EVALUATOR_KINDS:
             raise ConfigError("evaluator.kind", f"must be one of {', '.join(EVALUATOR_KINDS)}, got "
@@ -300,8 +300,8 @@ class StudyConfig:
 
     @property
     def supernet(self):
-        """The supernet options of a `kind: supernet` evaluator (`nas.supernet.SupernetSpec`)."""
-        from nas.supernet import SupernetSpec
+        """The supernet options of a `kind: supernet` evaluator (`nas.recipe.SupernetSpec`)."""
+        from nas.recipe import SupernetSpec
 
         return SupernetSpec.of(self.evaluator)
 
@@ -319,7 +319,7 @@ class StudyConfig:
 
         skip = RUNG_FIELDS + ("kind",)
         if self.evaluator_kind == "supernet":
-            from nas.supernet import SUPERNET_FIELDS
+            from nas.recipe import SUPERNET_FIELDS
 
             skip += SUPERNET_FIELDS
         recipe = {k: v for k, v in self.evaluator.items() if k not in skip}

@@ -31,39 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas.batches import Batches, seeded_generator
-from nas.config import MAX_NUMBER, ConfigError, check_fields, check_int
+from nas.config import ConfigError
 from nas.devices import autocast_dtype, available_cores, resolve_device
-from nas.recipe import Schedule, TrainRecipe, param_groups, recipe_identity
+from nas.recipe import Schedule, SupernetSpec, TrainRecipe, param_groups, recipe_identity
 from nas.trainer import Checkpoint, Loss, RunState, TrainingError, evaluate, progress_bar
 from search_spaces import ArchConfig
 from search_spaces.supernet import Supernet, extreme_arch, random_arch
 
-EVALUATOR_KINDS = ("train", "supernet")  # standalone proxy training; inherited weights of a supernet
 SUPERNET_DIR = "supernet"
-
-
-@dataclass(frozen=True)
-class SupernetSpec:
-    """The supernet fields of a study's `evaluator` (beside `kind: supernet` and the training recipe)."""
-
-    random_subnets: int = 2  # per step, beside the largest and the smallest (the sandwich rule)
-    distill: bool = True  # in-place distillation: subnets learn the largest's soft predictions
-    finetune_steps: int = 0  # per candidate, after inheriting its weights (0: score the inherited weights)
-    val_images: int | None = None  # validation images a candidate is scored on (None: the whole split)
-
-    def __post_init__(self):
-        for name, minimum in (("random_subnets", 0), ("finetune_steps", 0), ("val_images", 1)):
-            check_int(f"evaluator.{name}", getattr(self, name), minimum, MAX_NUMBER, optional=name == "val_images")
-        if not isinstance(self.distill, bool):
-            raise ConfigError("evaluator.distill", f"must be true or false, got {self.distill!r}")
-
-    @classmethod
-    def of(cls, evaluator: dict) -> SupernetSpec:
-        fields = {k: v for k, v in evaluator.items() if k in SUPERNET_FIELDS}
-        return cls(**check_fields(cls, fields, "evaluator"))
-
-
-SUPERNET_FIELDS = tuple(f.name for f in dataclasses.fields(SupernetSpec))
 
 
 def build_supernet(space, dataset) -> Supernet:
@@ -239,10 +214,8 @@ class _SupernetRun:
 def score(ctx, net: Supernet, arch: ArchConfig) -> dict[str, Any]:
     """Inherited-weight val accuracy of `arch` (after `finetune_steps` of training from them, when set):
     {accuracy, router_accuracy, finetune_steps}."""
-    from nas.trial import routes_on_superclasses
-
     spec, data = ctx.cfg.supernet, ctx.dataset
-    groups = ctx.superclasses.get(arch.moe.num_experts) if routes_on_superclasses(arch) else None
+    groups = ctx.superclasses.get(arch.moe.num_experts) if arch.routes_on_superclasses else None
     model = net.extract(arch)
     if spec.finetune_steps:
         from nas.trainer import train
@@ -301,6 +274,6 @@ def inherited_model(study_cfg, arch: ArchConfig, study_dir) -> nn.Module:
     return load_supernet(folder / "checkpoint.pt", study_cfg.space, dataset, recipe, options).extract(arch).eval()
 
 
-__all__ = ["EVALUATOR_KINDS", "SUPERNET_FIELDS", "Sandwich", "SupernetCheckpoint", "SupernetResult", "SupernetSpec",
+__all__ = ["Sandwich", "SupernetCheckpoint", "SupernetResult",
            "build_supernet", "checkpoint_dir", "identity", "inherited_model", "load_supernet", "score",
            "train_supernet", "trained_supernet"]

@@ -26,7 +26,7 @@ import numpy as np
 from nas import trainer
 from nas.data import load_dataset
 from nas.datasets import Dataset
-from nas.latency import load_for_study
+from nas.latency import Anchor, load_for_study
 from nas.recipe import TrainRecipe
 from nas.record import Metrics, TrialRecord
 from nas.study import Constraints, StudyConfig
@@ -40,25 +40,6 @@ from search_spaces.mobile_vmoe import InvalidArchitecture
 
 log = logging.getLogger("vmoe_nas.trial")
 REUSABLE = ("complete", "infeasible", "early_stopped")  # results a trial of the same architecture reuses
-
-
-@dataclass(frozen=True)
-class Anchor:
-    """The study's latency anchor: the space's smallest dense ViT, measured once when the study starts.
-    Every trial is timed interleaved with it and reported as this latency times their ratio."""
-
-    arch: ArchConfig
-    latency_ms: float  # its median when the study started
-    latency: dict  # its full LatencyStats
-    device: str
-
-    def to_attrs(self) -> dict:
-        return {"name": self.arch.name, "arch_yaml": self.arch.to_yaml(), "latency_ms": self.latency_ms,
-                "latency": self.latency, "device": self.device}
-
-    @classmethod
-    def from_attrs(cls, attrs: dict) -> Anchor:
-        return cls(ArchConfig.from_yaml(attrs["arch_yaml"]), attrs["latency_ms"], attrs["latency"], attrs["device"])
 
 
 @dataclass
@@ -140,15 +121,10 @@ def sample(ctx: StudyContext, trial) -> ArchConfig:
 def validate(ctx: StudyContext, arch: ArchConfig) -> None:
     """What the space cannot know: the data set must have enough classes for a super-class router."""
     moe = arch.moe
-    if moe and routes_on_superclasses(arch) and moe.num_experts > ctx.dataset.num_classes:
+    if moe and arch.routes_on_superclasses and moe.num_experts > ctx.dataset.num_classes:
         raise InvalidArchitecture(
             f"moe.num_experts={moe.num_experts} super-classes cannot be formed from {ctx.dataset.num_classes} classes"
         )
-
-
-def routes_on_superclasses(arch: ArchConfig) -> bool:
-    moe = arch.moe
-    return bool(moe and moe.routing == "per_image" and moe.router_loss_weight > 0)
 
 
 def find_reusable(arch: ArchConfig, number: int, records: list[TrialRecord]) -> TrialRecord | None:
@@ -238,7 +214,7 @@ def train_to_rungs(ctx: StudyContext, arch: ArchConfig, decide: Callable[[int, T
     or interrupted at a rung costs only the steps it ran, and a retry resumes). `decide(rung, result)`
     after each rung returns the reason to stop, or None. Returns the last TrainResult and the reason it
     stopped (None if it ran to the end)."""
-    groups = ctx.superclasses.get(arch.moe.num_experts) if routes_on_superclasses(arch) else None
+    groups = ctx.superclasses.get(arch.moe.num_experts) if arch.routes_on_superclasses else None
     rungs = ctx.cfg.rungs.steps if ctx.cfg.rungs else (None,)
     # Keyed by architecture and recipe: a retry of the trial, or a resumed study, finds its run here.
     recipe_key = hashlib.sha256(json.dumps(ctx.recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
@@ -278,6 +254,6 @@ def trained_metrics(metrics: Metrics, result) -> Metrics:
                                images_per_s=result.images_per_s)
 
 
-__all__ = ["Anchor", "StudyContext", "build_context", "check_constraints", "find_reusable", "inherit", "measure_anchor",
+__all__ = ["StudyContext", "build_context", "check_constraints", "find_reusable", "inherit", "measure_anchor",
            "needs_latency", "predicted_metrics", "profile_arch", "reuse",
            "running_earlier", "sample", "train_to_rungs", "trained_metrics", "validate"]

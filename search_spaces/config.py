@@ -146,6 +146,11 @@ class ArchConfig:
         return self.moe is not None
 
     @property
+    def routes_on_superclasses(self) -> bool:
+        """Whether its router is trained to predict super-classes (per-image routing with a router loss)."""
+        return bool(self.moe and self.moe.routing == "per_image" and self.moe.router_loss_weight > 0)
+
+    @property
     def moe_layers(self) -> tuple[int, ...]:
         return self.moe.layers if self.moe else ()
 
