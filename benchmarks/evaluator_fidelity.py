@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import time
 from pathlib import Path
@@ -35,41 +34,14 @@ from nas.study import load_study_config
 from nas.trainer import train
 from nas.trial import build_context
 from profilers import analytic_flops
+from profilers.latency_calibration import space_architectures
 from search_spaces import ArchConfig
-from search_spaces.mobile_vmoe import InvalidArchitecture, MobileVMoESpace
 
 REFERENCE = Path(__file__).parent / "fidelity_reference.json"
 OUTPUT = Path("results/benchmarks/evaluator_fidelity.json")
 CHECKPOINTS = Path("results/benchmarks/fidelity-checkpoints")
 STUDY = "fashion-quick"
 PROXY_RUNGS = (100, 300)  # fashion-quick's rungs
-
-
-class Fixed:
-    """A Suggester answering from a dict of parameters."""
-
-    def __init__(self, params: dict):
-        self.params = params
-
-    def suggest_categorical(self, name, choices):
-        return self.params[name]
-
-
-def space_archs(space: MobileVMoESpace, *, image_size: int, in_channels: int, num_classes: int) -> list[ArchConfig]:
-    """Every distinct architecture the space samples."""
-    names = ["depth", "width", "patch_size", "mlp_ratio", "num_experts", "top_k", "moe_placement", "routing",
-             "router_loss_weight"]
-    choices = [space.depths, space.widths, space.patch_sizes, space.mlp_ratios, space.num_experts, space.top_k,
-               space.placements, space.routings, space.router_loss_weights]
-    archs = {}
-    for values in itertools.product(*choices):
-        params = dict(zip(names, values))
-        try:
-            arch = space.sample(Fixed(params), image_size=image_size, in_channels=in_channels, num_classes=num_classes)
-        except InvalidArchitecture:
-            continue
-        archs[arch.config_hash()] = arch
-    return list(archs.values())
 
 
 def stratified(archs: list[ArchConfig], count: int, seed: int = 0) -> list[ArchConfig]:
@@ -93,7 +65,7 @@ def run_reference(args) -> None:
     cfg = load_study_config(STUDY)
     ctx = build_context(cfg, progress=False)
     data = ctx.dataset
-    archs = stratified(space_archs(cfg.space, image_size=data.image_size, in_channels=data.in_channels,
+    archs = stratified(space_architectures(cfg.space, image_size=data.image_size, in_channels=data.in_channels,
                                    num_classes=data.num_classes), args.archs)
     proxy = dataclasses.replace(ctx.recipe, steps=PROXY_RUNGS[-1], eval_every=PROXY_RUNGS[0], num_threads=1)
     # Checkpointed every 250 steps (and the proxy at its rungs): a killed run resumes inside an architecture.

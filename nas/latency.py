@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nas.study import StudyConfig
-from profilers.latency_model import LatencyModel, Measurer, OutOfRange, fit_latency_model
+from profilers.latency_calibration import Measurer, fit_latency_model
+from profilers.latency_model import LatencyModel, OutOfRange
 from search_spaces import ArchConfig
 
 log = logging.getLogger("vmoe_nas.latency")
