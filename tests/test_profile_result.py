@@ -11,6 +11,7 @@ import pytest
 
 from nas import record as records
 from nas.storage import load_study
+from nas.trial_store import write
 from profilers import AnchorTiming, LatencyStats, Prediction, ProfileResult, format_profile
 from search_spaces import ArchConfig
 
@@ -74,7 +75,7 @@ def test_a_record_stores_the_profile_without_what_its_architecture_gives_again()
     result = full_result()
     study = optuna.create_study(directions=["maximize", "minimize"])
     trial = study.ask()
-    records.write(trial, records.TrialRecord(number=trial.number, arch=result.arch, profile=result))
+    write(trial, records.TrialRecord(number=trial.number, arch=result.arch, profile=result))
     stored = study.trials[0].user_attrs
     assert stored["record_version"] == records.VERSION == 5
     assert set(stored["profile"]) == set(PRINTED) - {"name", "config_hash", "arch", "size_bytes_fp32",
