@@ -38,7 +38,6 @@ from profilers.latency_calibration import (
     Measurer,
     calibrate,
     calibration_set,
-    exports_ahead_for,
     kind,
     space_architectures,
 )
@@ -108,8 +107,7 @@ def run_space(name: str, space, data: dict, args) -> dict:
     load = {"before": os.getloadavg()}
     start = time.perf_counter()
     points, device = calibrate(calibration, anchor, measurer, resume=work / f"{name}-calibration.jsonl",
-                               progress=lambda items: tqdm(items, desc=f"{name} calibration"),
-                               ahead=exports_ahead_for(measurer))
+                               progress=lambda items: tqdm(items, desc=f"{name} calibration"))
     calibration_s = time.perf_counter() - start  # of this run: 0 when every point came from the resume file
     key = {"backend": "onnxruntime", "threads": 1, "batch": 1, "provider": None, "precision": "fp32",
            "device": device_label(device)}
@@ -117,8 +115,7 @@ def run_space(name: str, space, data: dict, args) -> dict:
     deadline = time.monotonic() + 60 * args.budget_min
     until_deadline = lambda items: itertools.takewhile(lambda _: time.monotonic() < deadline, items)  # noqa: E731
     tests, _ = calibrate(holdout, anchor, measurer, resume=work / f"{name}-holdout.jsonl",
-                         progress=lambda items: tqdm(until_deadline(items), desc=f"{name} held out", total=len(items)),
-                         ahead=exports_ahead_for(measurer))
+                         progress=lambda items: tqdm(until_deadline(items), desc=f"{name} held out", total=len(items)))
     load["after"] = os.getloadavg()
     measured = np.array([p.ratio for p in tests])
     predicted = np.array([model.predict_ratio(p.arch) for p in tests])

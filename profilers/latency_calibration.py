@@ -1,5 +1,5 @@
 """Calibrating a latency model: which architectures of a space to time, timing them interleaved with the
-space's anchor (resumably, the next ones exported while the last is timed), and the fit
+space's anchor (resumably), and the fit
 (`profilers.latency_model`) of what was measured.
 
     model = fit_latency_model(space, image_size=28, in_channels=1, num_classes=10, measurer=Measurer())
@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,63 +130,21 @@ class Measurer:
 
 
 def calibrate(archs: list[ArchConfig], anchor: ArchConfig, measurer: Measurer, *, resume: str | Path | None = None,
-              progress: Callable[[Iterable], Iterable] | None = None,
-              ahead: Callable[[list[ArchConfig]], AbstractContextManager] | None = None,
-              ) -> tuple[list[CalibrationPoint], dict]:
+              progress: Callable[[Iterable], Iterable] | None = None) -> tuple[list[CalibrationPoint], dict]:
     """Measure every calibration architecture once; with `resume` (a JSON-lines file), points measured by an
-    earlier, interrupted calibration with the same key are read from it and each new one appended to it.
-    `ahead` (e.g. `onnx_exports_ahead`) prepares the architectures still to measure while earlier ones are
-    timed; it yields a function that waits until one is ready."""
+    earlier, interrupted calibration with the same key are read from it and each new one appended to it."""
     done, device = _resumed(resume, measurer)
-    todo = [cfg for cfg in archs if cfg.config_hash() not in done]
     points = []
-    with (ahead([anchor, *todo]) if ahead and todo else nullcontext(lambda cfg: None)) as ready:
-        for cfg in (progress or iter)(archs):
-            point = done.get(cfg.config_hash())
-            if point is None:
-                ready(cfg)
-                point, device = _measured(measurer, cfg, anchor, resume)
-            points.append(point)
+    for cfg in (progress or iter)(archs):
+        point = done.get(cfg.config_hash())
+        if point is None:
+            point, device = measurer.measure(cfg, anchor)
+            if resume:
+                with open(resume, "a") as log:
+                    log.write(json.dumps({"key": _measurer_key(measurer), "point": point.to_json(),
+                                          "device": device}) + "\n")
+        points.append(point)
     return points, device
-
-
-def _measured(measurer: Measurer, cfg: ArchConfig, anchor: ArchConfig,
-              resume: str | Path | None) -> tuple[CalibrationPoint, dict]:
-    point, device = measurer.measure(cfg, anchor)
-    if resume:
-        with open(resume, "a") as log:
-            log.write(json.dumps({"key": _measurer_key(measurer), "point": point.to_json(), "device": device}) + "\n")
-    return point, device
-
-
-@contextmanager
-def onnx_exports_ahead(archs: list[ArchConfig]) -> Iterator[Callable[[ArchConfig], BaseException | None]]:
-    """Export `archs` to ONNX Runtime's export cache, in order, in one worker process, while this one times
-    those already exported: the export (3-5 s for a 28 px model) is most of a calibration's time, and with a
-    second core it overlaps the timing instead of preceding it. The timed core shares the machine with the
-    export, as it would with any other job: the interleaved anchor is what keeps the ratios fair. A failed
-    export is left to the measurement, which exports again and reports it."""
-    from profilers._export import cached_onnx  # torch.onnx: only a calibration that exports pays for it
-
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
-    futures = {cfg.config_hash(): pool.submit(cached_onnx, cfg) for cfg in archs}
-    try:
-        yield lambda cfg: futures[cfg.config_hash()].exception() if cfg.config_hash() in futures else None
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def exports_ahead_for(measurer: Measurer) -> Callable[[list[ArchConfig]], AbstractContextManager] | None:
-    """`onnx_exports_ahead` where it helps: ONNX Runtime on this machine (fp32, the cached export), 2+ cores."""
-    if measurer.backend == "onnxruntime" and measurer.precision == "fp32" and (os.cpu_count() or 1) > 1:
-        return onnx_exports_ahead
-    return None
 
 
 def _measurer_key(measurer: Measurer) -> dict:
@@ -224,7 +178,6 @@ def fit_latency_model(space, *, image_size: int, in_channels: int, num_classes: 
     anchor = space.smallest_dense(**data)
     archs = calibration_set(space_architectures(space, **data), size, batch=measurer.batch)
     start = time.perf_counter()
-    points, device = calibrate(archs, anchor, measurer, resume=resume, progress=progress,
-                               ahead=exports_ahead_for(measurer))
+    points, device = calibrate(archs, anchor, measurer, resume=resume, progress=progress)
     key = {**_measurer_key(measurer), "device": device_label(device)}
     return fit(points, key=key, anchor=anchor, device=device, calibration_s=time.perf_counter() - start)

@@ -1,7 +1,6 @@
 """The latency model: features, fit, the file (round trip, refusals), calibration (set, resume), the CLI and a
 study that predicts and verifies."""
 
-import contextlib
 import json
 import warnings
 
@@ -11,7 +10,7 @@ import yaml
 
 from nas.cli import main
 from profilers import ProfileError, device_info, device_label
-from profilers.latency_calibration import calibrate, calibration_set, kind, onnx_exports_ahead, space_architectures
+from profilers.latency_calibration import calibrate, calibration_set, kind, space_architectures
 from profilers.latency_model import FEATURES, CalibrationPoint, LatencyModel, OutOfRange, features, fit, fit_ratio
 from search_spaces import ArchConfig
 from search_spaces.mobile_vmoe import MobileVMoESpace
@@ -150,35 +149,6 @@ def test_an_interrupted_calibration_resumes_without_measuring_again(tmp_path):
     assert len(first.measured) == 4 and len(again.measured) == len(archs) - 4
     assert not set(first.measured) & set(again.measured)
     assert [p.arch for p in points] == archs and device == {"cpu": "test"}
-
-
-def test_calibration_waits_for_each_architecture_prepared_ahead_and_prepares_only_those_left(tmp_path):
-    archs = calibration_set(space_architectures(SPACE, **DATA), 6)
-    anchor = SPACE.smallest_dense(**DATA)
-    log = tmp_path / "lm.jsonl"
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(archs, anchor, CountingMeasurer(fail_after=2), resume=log)
-    planned, waited = [], []
-
-    @contextlib.contextmanager
-    def ahead(todo):
-        planned.extend(cfg.config_hash() for cfg in todo)
-        yield lambda cfg: waited.append(cfg.config_hash())
-
-    again = CountingMeasurer()
-    calibrate(archs, anchor, again, resume=log, ahead=ahead)
-    left = [cfg.config_hash() for cfg in archs[2:]]
-    assert planned == [anchor.config_hash(), *left]  # the anchor first: every measurement needs it
-    assert waited == again.measured == left  # each waited for just before it is measured
-
-
-@pytest.mark.slow
-def test_exports_ahead_fill_the_export_cache_the_measurement_reads(tmp_path, monkeypatch):
-    monkeypatch.setenv("VMOE_NAS_CACHE", str(tmp_path))  # inherited by the spawned exporter
-    archs = calibration_set(space_architectures(SPACE, **DATA), 2)[:2]
-    with onnx_exports_ahead(archs) as ready:
-        assert [ready(cfg) for cfg in archs] == [None, None]  # no export failed
-    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 2  # where ONNX Runtime's measurement looks
 
 
 def test_profile_adds_the_prediction_and_refuses_a_bad_model_file(tmp_path, capsys):
