@@ -82,6 +82,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     if args.devices and "," not in args.devices:  # one device: no pinning, it is simply the device
         args.device, args.devices = args.device or args.devices, None
+    devices = args.devices.split(",") if args.devices else None  # two or more, one worker each
     cfg = load_study_config(
         args.config,
         data_name=args.data,
@@ -90,14 +91,14 @@ def cmd_search(args: argparse.Namespace) -> None:
         timeout=args.timeout,
         storage=args.storage,
         study_name=args.study_name,
-        workers=args.workers or (len(args.devices.split(",")) if args.devices and "," in args.devices else None),
+        workers=args.workers or (len(devices) if devices else None),
         sampler=args.sampler,
         seed=args.seed,
         results_dir=args.results_dir,
         backend=args.backend,
         remote_url=args.remote_url,
         device=args.device,
-        devices=args.devices.split(",") if args.devices and "," in args.devices else None,
+        devices=devices,
     )
     print(f"study {cfg.study_name}: objectives {', '.join(cfg.objectives)}; log in {cfg.study_dir / 'search.log'}")
     try:
