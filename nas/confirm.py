@@ -182,7 +182,7 @@ def compare(pairs: list[Pair], runs: dict[str, ConfirmRun], settings: Settings) 
 class Claims:
     """Confirmation runs claimed like trials, so that launchers sharing one storage train each key once: a
     claim is a RUNNING trial of the companion study naming its key, its worker and a lease (renewed every
-    `interval` s, as `nas.liveness` does for trials); a claimed run's result is stored in its own trial. Claims
+    `interval` s, as `nas.trial_store.lease` does for trials); a claimed run's result is stored in its own trial. Claims
     are taken under `lock` (the study lock across launchers); a dead worker's claim is failed and taken anew."""
 
     def __init__(self, target: optuna.Study, lock, interval: float):
@@ -218,7 +218,7 @@ class Claims:
                 return None
             trial = self.target.ask()
             for name, value in ((CLAIM_ATTR, key), ("worker", liveness.worker_id()),
-                                ("lease_until", liveness.lease_until(self.interval))):
+                                (records.LEASE_ATTR, liveness.lease_until(self.interval))):
                 trial.set_user_attr(name, value)
         with self.guard:
             self.held[trial.number] = trial
@@ -226,7 +226,7 @@ class Claims:
 
     def _reclaim_if_dead(self, frozen) -> bool:
         claim = TrialRecord(number=frozen.number, state=frozen.state, worker=frozen.user_attrs.get("worker"),
-                            lease_until=frozen.user_attrs.get("lease_until"),
+                            lease_until=frozen.user_attrs.get(records.LEASE_ATTR),
                             started=frozen.datetime_start.timestamp() if frozen.datetime_start else None)
         if not liveness.is_dead(claim, now=time.time(), grace_s=LEASE_INTERVALS * self.interval):
             return False
