@@ -9,11 +9,12 @@ standalone at a long budget as the reference, and scores them with the cheap eva
 
 Two phases, both resumable:
 
-    python benchmarks/evaluator_fidelity.py reference [--archs 24 --steps 1500]   # hours on 1 thread
+    python benchmarks/evaluator_fidelity.py reference [--archs 24 --steps 1500]   # hours on 1 thread; one per core
     python benchmarks/evaluator_fidelity.py score [--supernet-steps N]           # the tables
 
 `reference` appends each architecture's runs to benchmarks/fidelity_reference.json as soon as they finish
-(committed in the repo: a later change to an evaluator re-scores without retraining). `score` reads it,
+(committed in the repo: a later change to an evaluator re-scores without retraining). Processes started side by
+side (one per core) share the work: each trains the next architecture that no other one holds. `score` reads it,
 scores the finished ones with the supernet and writes results/benchmarks/evaluator_fidelity.json: Kendall tau
 and Spearman rho of the reference against each evaluator with bootstrap 95% intervals over architectures,
 top-5 overlap, and the training images each evaluator spent.
@@ -22,7 +23,9 @@ top-5 overlap, and the training images each evaluator spent.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -74,22 +77,43 @@ def run_reference(args) -> None:
     store.update(study=STUDY, reference_steps=args.steps, batch_size=ctx.recipe.batch_size,
                  proxy_recipe=proxy.to_dict(), reference_recipe=long.to_dict(), order=[a.name for a in archs])
     for index, arch in enumerate(archs):
-        if arch.name in store["archs"]:
+        if arch.name in load_reference()["archs"]:
             continue
-        groups = ctx.superclasses.get(arch.moe.num_experts) if arch.routes_on_superclasses else None
-        tick = time.perf_counter()
-        checkpoints = CHECKPOINTS / arch.config_hash()
-        proxy_run = train(arch, data, proxy, superclasses=groups, checkpoint_dir=checkpoints / "proxy")
-        reference_run = train(arch, data, long, superclasses=groups, checkpoint_dir=checkpoints / "reference")
-        store["archs"][arch.name] = {
-            "arch": arch.to_dict(), "flops": analytic_flops(arch), "moe": arch.is_moe,
-            "reference": reference_run.val_accuracy, "reference_steps": args.steps,
+        with claimed(CHECKPOINTS / arch.config_hash()) as checkpoints:
+            if checkpoints is None:
+                continue  # another process is training it
+            entry = train_reference(arch, data, proxy, long, ctx.superclasses, checkpoints)
+        with open(CHECKPOINTS.with_suffix(".lock"), "a") as lock:  # processes on other cores write the same file
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            store["archs"] = {**load_reference()["archs"], arch.name: entry}
+            REFERENCE.write_text(json.dumps(store, indent=1) + "\n")  # each one kept as soon as it is done
+        print(f"[{index + 1}/{len(archs)}] {arch.name}: reference {entry['reference']:.4f} proxy "
+              f"{entry['proxy']} ({entry['wall_time_s']:.0f} s)", flush=True)
+
+
+@contextlib.contextmanager
+def claimed(checkpoints: Path):
+    """`checkpoints` while this process holds its lock, or None while another does. The lock goes with its
+    process (kill -9 included), so a killed run's architecture is taken up by the next process to reach it."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    with open(checkpoints / "claim.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        yield checkpoints
+
+
+def train_reference(arch, data, proxy, long, superclasses, checkpoints: Path) -> dict:
+    groups = superclasses.get(arch.moe.num_experts) if arch.routes_on_superclasses else None
+    tick = time.perf_counter()
+    proxy_run = train(arch, data, proxy, superclasses=groups, checkpoint_dir=checkpoints / "proxy")
+    reference_run = train(arch, data, long, superclasses=groups, checkpoint_dir=checkpoints / "reference")
+    return {"arch": arch.to_dict(), "flops": analytic_flops(arch), "moe": arch.is_moe,
+            "reference": reference_run.val_accuracy, "reference_steps": long.steps,
             "proxy": {str(step): acc for step, acc in proxy_run.evals if step in PROXY_RUNGS},
-            "wall_time_s": round(time.perf_counter() - tick, 1),
-        }
-        REFERENCE.write_text(json.dumps(store, indent=1) + "\n")  # each one kept as soon as it is done
-        print(f"[{index + 1}/{len(archs)}] {arch.name}: reference {reference_run.val_accuracy:.4f} proxy "
-              f"{store['archs'][arch.name]['proxy']} ({time.perf_counter() - tick:.0f} s)", flush=True)
+            "wall_time_s": round(time.perf_counter() - tick, 1)}
 
 
 def rank_agreement(reference: np.ndarray, scores: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> dict:
