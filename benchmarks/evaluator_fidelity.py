@@ -139,13 +139,19 @@ def rank_agreement(reference: np.ndarray, scores: np.ndarray, *, resamples: int 
     return out
 
 
-def supernet_config(steps: int, random_subnets: int, **evaluator):
-    """fashion-quick's study with a supernet evaluator of its recipe (lr, batch), `steps` supernet steps."""
+def supernet_evaluator(steps: int, random_subnets: int, **options) -> dict:
+    """A supernet evaluator of fashion-quick's recipe (lr, batch), `steps` supernet steps."""
     quick = load_study_config(STUDY).recipe()
-    evaluator = {"kind": "supernet", "steps": steps, "batch_size": quick.batch_size, "lr": quick.lr, "augment": False,
-                 "eval_every": max(steps // 4, 1), "random_subnets": random_subnets, "distill": True,
-                 "num_threads": 1, **evaluator}
-    return load_study_config(STUDY, study_name=f"{STUDY}-fidelity", evaluator=evaluator, confirm={"enabled": False})
+    return {"kind": "supernet", "steps": steps, "batch_size": quick.batch_size, "lr": quick.lr, "augment": False,
+            "eval_every": max(steps // 4, 1), "random_subnets": random_subnets, "distill": True, "num_threads": 1,
+            **options}
+
+
+def supernet_config(steps: int, random_subnets: int, **options):
+    """fashion-quick's study with a supernet evaluator, named by its steps: search_efficiency.py's one-shot
+    study of the same steps trains (or finds) the same supernet."""
+    return load_study_config(STUDY, study_name=f"{STUDY}-oneshot-{steps}",
+                             evaluator=supernet_evaluator(steps, random_subnets, **options), confirm={"enabled": False})
 
 
 def run_score(args) -> None:
