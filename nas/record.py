@@ -2,7 +2,7 @@
 
 A search trial stores everything a later command needs as Optuna user attributes, so the storage alone
 rebuilds any model: the architecture (its YAML), its profile (`profilers.ProfileResult`), the training record
-and each metric as its own attribute; the accuracy at each rung is an intermediate value.
+and each metric and the accuracy at each rung as attributes of their own.
 `user_attrs(record)` and `read(frozen_trial)` are the only places that spell those attribute names (a running
 trial's record is written through `nas.trial_store.write`, which owns the storage); the layout is versioned
 (`record_version`), and `read` still understands studies written before it was.
@@ -30,8 +30,10 @@ from search_spaces import ArchConfig
 # `val_correct_bits` and `n_val`; 3: it is one attribute, so a reader never sees half of it; 4: this layout, where
 # the metrics are flat attributes and the rung accuracies Optuna's intermediate values (version 3 kept them in a
 # `metrics` dict and a `rung_accuracy` list), which optuna-dashboard sorts by and plots as learning curves; 5: the
-# profile without what its architecture gives again (`ProfileResult.to_dict(derived=False)`; 4 stored it all)
-VERSION = 5
+# profile without what its architecture gives again (`ProfileResult.to_dict(derived=False)`; 4 stored it all); 6: the
+# rung accuracies one attribute again, `rung_accuracy` ([step, accuracy] pairs): as intermediate values, TPE read
+# them as a single objective's and failed every multi-objective trial past its start-up trials
+VERSION = 6
 VERSION_ATTR = "record_version"
 LEASE_ATTR = "lease_until"  # renewed by the running trial's worker (nas.trial_store.lease)
 CONSTRAINED_ATTR = "constraints_set"  # the trial's constraints are stored (in Optuna's system attributes)
@@ -248,7 +250,7 @@ def enqueue_attrs(slot: int) -> dict[str, Any]:
 
 def user_attrs(record: TrialRecord) -> dict[str, Any]:
     """The user attributes that store `record` (`nas.trial_store.write`; `optuna.trial.create_trial` in tests
-    and copies of studies, where its `intermediate_values` are the record's `rung_accuracy`)."""
+    and copies of studies)."""
     attrs: dict[str, Any] = {VERSION_ATTR: VERSION}
     if record.arch is not None:
         # The YAML is the architecture; name and hash are kept beside it for the dashboard and for lookups.
@@ -262,6 +264,8 @@ def user_attrs(record: TrialRecord) -> dict[str, Any]:
             attrs[key] = getattr(record, key)
     if record.seeds:
         attrs["seeds"] = list(record.seeds)
+    if record.rung_accuracy:
+        attrs["rung_accuracy"] = [[step, accuracy] for step, accuracy in sorted(record.rung_accuracy.items())]
     if record.val_correct is not None:
         # One attribute: a storage writes attributes one at a time, and workers read each other's running trials.
         attrs["val_correct"] = {"n": len(record.val_correct), "bits": pack_bits(record.val_correct)}
@@ -283,7 +287,7 @@ def read(frozen: FrozenTrial) -> TrialRecord:
         metrics=Metrics.from_dict(attrs if version >= 4 else attrs.get("metrics")), train=attrs.get("train"),
         reason=attrs.get("reason"), duplicate_of=attrs.get("duplicate_of"),
         rung=attrs.get("rung", (attrs.get("train") or {}).get("steps")), seeds=list(attrs.get("seeds", [])),
-        rung_accuracy=(dict(frozen.intermediate_values) if version >= 4
+        rung_accuracy=(dict(frozen.intermediate_values) if version in (4, 5)
                        else {int(s): a for s, a in attrs.get("rung_accuracy", [])}),
         slot=attrs.get("slot"), worker=attrs.get("worker"),
         interrupted=bool(attrs.get("interrupted")), constraints=dict(frozen.constraints),

@@ -9,8 +9,7 @@ Our studies break both on purpose:
 - a trial whose worker died (kill -9, the OOM killer, a lost machine) is failed by ANOTHER worker and its
   retry queued (`reclaim`; who counts as dead is `nas.liveness`'s rule); its worker, if it was only slow,
   meets `UpdateFinishedTrialError` and drops its result;
-- the running trial's lease is renewed by a thread (`lease`), and its rung accuracies are stored as
-  intermediate values directly (`Trial.report` refuses multi-objective studies);
+- the running trial's lease is renewed by a thread (`lease`);
 - a budgeted trial runs in a child process that attaches to the trial by id (`attach`).
 Everything else in vmoe-nas uses Optuna's public API, and calls this module for the rest.
 """
@@ -79,13 +78,12 @@ def optuna_verbosity(level: int = optuna.logging.WARNING):
 
 
 def write(trial: optuna.Trial, record: TrialRecord) -> None:
-    """Store `record` on a running trial: the user attributes that changed, its new rung accuracies, and, the
-    first time it has them, its constraints (Optuna keeps a trial's constraints as first set)."""
+    """Store `record` on a running trial: the user attributes that changed and, the first time it has them, its
+    constraints (Optuna keeps a trial's constraints as first set)."""
     stored = trial.user_attrs
     for key, value in records.user_attrs(record).items():
         if stored.get(key) != value:
             trial.set_user_attr(key, value)
-    _report_rungs(trial.storage, trial._trial_id, record)
     if record.constraints and not stored.get(records.CONSTRAINED_ATTR):
         for name, value in record.constraints.items():
             trial.set_constraint(name, value)
@@ -98,18 +96,6 @@ def write_stored(storage: optuna.storages.BaseStorage, trial_id: int, record: Tr
     for key, value in records.user_attrs(record).items():
         if stored.get(key) != value:
             storage.set_trial_user_attr(trial_id, key, value)
-    _report_rungs(storage, trial_id, record)
-
-
-def _report_rungs(storage: optuna.storages.BaseStorage, trial_id: int, record: TrialRecord) -> None:
-    """The rung accuracies not yet stored, as intermediate values (what `Trial.report` stores; it refuses
-    multi-objective studies, whose dashboards plot them all the same)."""
-    if not record.rung_accuracy:
-        return
-    reported = storage.get_trial(trial_id).intermediate_values
-    for step, accuracy in sorted(record.rung_accuracy.items()):
-        if step not in reported:
-            storage.set_trial_intermediate_value(trial_id, step, accuracy)
 
 
 def renew_lease(trial: optuna.Trial, until: float) -> None:

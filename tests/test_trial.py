@@ -10,7 +10,7 @@ from nas import record as records
 from nas import trial_store
 from nas.objectives import OBJECTIVES
 from nas.record import Metrics, TrialRecord
-from nas.study import Constraints, StudyConfig
+from nas.study import Constraints, StudyConfig, load_study_config
 from nas.trial import (
     build_context,
     check_constraints,
@@ -111,23 +111,55 @@ def test_a_record_round_trips_through_optuna():
     assert back.to_json()["arch"]["moe"]["num_experts"] == 4
 
 
-def test_metrics_are_flat_attributes_and_rung_accuracies_intermediate_values():
-    """What optuna-dashboard sorts its trial table by and plots as learning curves (record version 4)."""
+def test_metrics_are_flat_attributes_and_rung_accuracies_one_attribute():
+    """What optuna-dashboard sorts its trial table by (record version 4); the rung accuracies are one attribute
+    (version 6), not intermediate values, which Optuna's samplers read as a single objective's."""
     import optuna
 
     arch = ArchConfig(image_size=16, in_channels=1, patch_size=4, num_classes=12, depth=2, width=16, num_heads=2)
-    study = optuna.create_study(directions=["maximize", "minimize"])  # Trial.report refuses multi-objective
+    study = optuna.create_study(directions=["maximize", "minimize"])
     trial = study.ask()
     record = TrialRecord(arch=arch, metrics=Metrics(accuracy=0.7, flops=123), rung_accuracy={3: 0.5})
     trial_store.write(trial, record)
     record.rung_accuracy[9] = 0.7
     trial_store.write(trial, record)
     stored = study.trials[0]
-    assert stored.intermediate_values == {3: 0.5, 9: 0.7}
+    assert stored.intermediate_values == {} and stored.user_attrs["rung_accuracy"] == [[3, 0.5], [9, 0.7]]
     assert (stored.user_attrs["accuracy"], stored.user_attrs["flops"]) == (0.7, 123)
     assert "metrics" not in stored.user_attrs and "latency_ms" not in stored.user_attrs  # not measured: none
     back = records.read(stored)
     assert back.metrics == record.metrics and back.rung_accuracy == {3: 0.5, 9: 0.7}
+
+
+def test_tpe_samples_a_multi_objective_study_with_trials_stopped_at_a_rung():
+    """fashion-quick's trials 11 and 12 failed with "A single direction cannot be retrieved from a multi-objective
+    study": TPE, past its 10 start-up trials, sorted the stopped (pruned) trials by their intermediate values, a
+    single objective's, and record versions 4-5 stored the rung accuracies there."""
+    import optuna
+
+    from nas.opening import make_sampler
+
+    cfg = load_study_config("smoke", sampler="tpe")
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(cfg))
+    arch = ArchConfig(image_size=16, in_channels=1, patch_size=4, num_classes=12, depth=2, width=16, num_heads=2)
+    for number in range(12):
+        trial = study.ask()
+        width = trial.suggest_categorical("width", [16, 32, 48])
+        trial_store.write(trial, TrialRecord(arch=arch, rung_accuracy={100: 0.5 + number / 100}))
+        if number % 2:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, [0.5 + number / 100, float(width)])
+    assert study.ask().suggest_categorical("width", [16, 32, 48]) in (16, 32, 48)
+
+
+def test_a_version_5_record_reads_its_rung_accuracies_from_intermediate_values():
+    import optuna
+
+    arch = ArchConfig(image_size=16, in_channels=1, patch_size=4, num_classes=12, depth=2, width=16, num_heads=2)
+    stored = optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values={100: 0.6},
+                                       user_attrs={records.VERSION_ATTR: 5, "arch_yaml": arch.to_yaml()})
+    assert records.read(stored).rung_accuracy == {100: 0.6}
 
 
 def test_a_version_3_record_still_reads():
