@@ -10,7 +10,7 @@ standalone at a long budget as the reference, and scores them with the cheap eva
 Two phases, both resumable:
 
     python benchmarks/evaluator_fidelity.py reference [--archs 24 --steps 1500]   # hours on 1 thread; one per core
-    python benchmarks/evaluator_fidelity.py score [--supernet-steps N]           # the tables
+    python benchmarks/evaluator_fidelity.py score [--supernet-steps 75 150 300 600]  # the table
 
 `reference` appends each architecture's runs to benchmarks/fidelity_reference.json as soon as they finish
 (committed in the repo: a later change to an evaluator re-scores without retraining). Processes started side by
@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import time
 from pathlib import Path
 
@@ -154,44 +155,81 @@ def supernet_config(steps: int, random_subnets: int, **options):
                              evaluator=supernet_evaluator(steps, random_subnets, **options), confirm={"enabled": False})
 
 
+def multi_fidelity_images(n: int, batch: int) -> int:
+    """What fashion-quick's search spends to rank `n` architectures: each trains to the first rung, the best third
+    (reduction factor 3) on to the last."""
+    return (n * PROXY_RUNGS[0] + math.ceil(n / 3) * (PROXY_RUNGS[-1] - PROXY_RUNGS[0])) * batch
+
+
+def tau_gain(reference: np.ndarray, better: np.ndarray, worse: np.ndarray, *, resamples: int = 2000,
+             seed: int = 0) -> dict:
+    """Kendall tau of `better` minus that of `worse`, both against `reference`, with a paired bootstrap 95%
+    interval (the same resampled architectures for both)."""
+    from scipy.stats import kendalltau
+
+    rng = np.random.default_rng(seed)
+    n, draws = len(reference), []
+    for _ in range(resamples):
+        pick = rng.integers(0, n, n)
+        if len(set(reference[pick])) > 1:
+            draws.append(kendalltau(reference[pick], better[pick]).statistic
+                         - kendalltau(reference[pick], worse[pick]).statistic)
+    point = kendalltau(reference, better).statistic - kendalltau(reference, worse).statistic
+    return {"difference": float(point),
+            "ci": [float(np.nanpercentile(draws, 2.5)), float(np.nanpercentile(draws, 97.5))]}
+
+
 def run_score(args) -> None:
-    """Score the finished references with the supernet (trained here on first use, resumable) and the proxies."""
+    """Score the finished references with a supernet of each of `--supernet-steps` (trained here on first use,
+    resumable, shared with search_efficiency.py's one-shot studies) and with the proxies."""
     from nas.supernet import score, train_supernet
 
-    ctx = build_context(supernet_config(args.supernet_steps, args.random_subnets))
-    trained = train_supernet(ctx, progress=args.progress)  # first, so that it trains while references do
     store = load_reference()
     done = store["archs"]
     if len(done) < 3:
         raise SystemExit(f"{len(done)} reference architectures finished: too few to rank; score again later")
     names = sorted(done)
+    archs = [ArchConfig.from_dict(done[n]["arch"]) for n in names]
     reference = np.array([done[n]["reference"] for n in names])
-    tick = time.perf_counter()
-    inherited = np.array([score(ctx, trained.net, ArchConfig.from_dict(done[n]["arch"]))["accuracy"] for n in names])
-    scoring_s = time.perf_counter() - tick
     batch = store["batch_size"]
     evaluators = {
-        "supernet": (inherited, trained.train_images),
         "proxy_100": (np.array([done[n]["proxy"]["100"] for n in names]), len(names) * 100 * batch),
         "proxy_300": (np.array([done[n]["proxy"]["300"] for n in names]), len(names) * 300 * batch),
     }
+    supernets = {}
+    for steps in args.supernet_steps:
+        ctx = build_context(supernet_config(steps, args.random_subnets))
+        trained = train_supernet(ctx, progress=args.progress)
+        tick = time.perf_counter()
+        inherited = np.array([score(ctx, trained.net, arch)["accuracy"] for arch in archs])
+        evaluators[f"supernet_{steps}"] = (inherited, trained.train_images)
+        supernets[steps] = {"random_subnets": args.random_subnets, "distill": True,
+                            "largest_accuracy": trained.largest_accuracy,
+                            "smallest_accuracy": trained.smallest_accuracy, "wall_time_s": trained.wall_time_s,
+                            "scoring_s_per_arch": round((time.perf_counter() - tick) / len(names), 3)}
+    search_images = multi_fidelity_images(len(names), batch)
     out = {"study": STUDY, "n_archs": len(names), "reference_steps": store["reference_steps"], "reference_seeds": 1,
-           "supernet": {"steps": trained.steps, "random_subnets": args.random_subnets, "distill": True,
-                        "largest_accuracy": trained.largest_accuracy, "smallest_accuracy": trained.smallest_accuracy,
-                        "wall_time_s": trained.wall_time_s, "scoring_s_per_arch": round(scoring_s / len(names), 3)},
-           "evaluators": {}, "archs": {n: {"flops": done[n]["flops"], "moe": done[n]["moe"],
-                                           "reference": done[n]["reference"], "supernet": float(acc),
-                                           "proxy": done[n]["proxy"]} for n, acc in zip(names, inherited)}}
+           "multi_fidelity_search_images": search_images, "supernets": supernets, "evaluators": {},
+           "archs": {n: {"flops": done[n]["flops"], "moe": done[n]["moe"], "reference": done[n]["reference"],
+                         "proxy": done[n]["proxy"], **{e: float(v[0][i]) for e, v in evaluators.items()
+                                                       if e.startswith("supernet")}}
+                     for i, n in enumerate(names)},
+           "goal": "tau(supernet) >= 0.7 and above tau(proxy_100), with <= 1/5 of the multi-fidelity search's images"}
     for name, (scores, images) in evaluators.items():
-        out["evaluators"][name] = {**rank_agreement(reference, scores), "training_images": int(images)}
+        out["evaluators"][name] = {**rank_agreement(reference, scores), "training_images": int(images),
+                                   "images_over_multi_fidelity": round(images / search_images, 3)}
+        if name.startswith("supernet"):
+            out["evaluators"][name]["tau_over_proxy_100"] = tau_gain(reference, scores, evaluators["proxy_100"][0])
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"{len(names)} architectures, reference {store['reference_steps']} steps (1 seed)")
-    print(f"{'evaluator':>10} {'tau [95% CI]':>24} {'rho [95% CI]':>24} {'top-5':>6} {'train images':>13}")
+    print(f"{len(names)} architectures, reference {store['reference_steps']} steps (1 seed); the multi-fidelity "
+          f"search ranks them with {search_images:,} training images")
+    print(f"{'evaluator':>13} {'tau [95% CI]':>22} {'rho [95% CI]':>22} {'top-5':>6} {'train images':>13} {'/ m-f':>6}")
     for name, e in out["evaluators"].items():
         tau, rho = e["kendall_tau_ci"], e["spearman_rho_ci"]
-        print(f"{name:>10} {e['kendall_tau']:+.2f} [{tau[0]:+.2f}, {tau[1]:+.2f}]   {e['spearman_rho']:+.2f} "
-              f"[{rho[0]:+.2f}, {rho[1]:+.2f}] {e['top5_overlap']:>6} {e['training_images']:>13,}")
+        print(f"{name:>13} {e['kendall_tau']:+.2f} [{tau[0]:+.2f}, {tau[1]:+.2f}] {e['spearman_rho']:+.2f} "
+              f"[{rho[0]:+.2f}, {rho[1]:+.2f}] {e['top5_overlap']:>6} {e['training_images']:>13,} "
+              f"{e['images_over_multi_fidelity']:>6.2f}")
     print(f"wrote {OUTPUT}")
 
 
@@ -202,7 +240,7 @@ def main() -> None:
     reference.add_argument("--archs", type=int, default=24)
     reference.add_argument("--steps", type=int, default=1500)
     score = commands.add_parser("score", help="rank agreement of each evaluator with the reference")
-    score.add_argument("--supernet-steps", type=int, default=600)
+    score.add_argument("--supernet-steps", type=int, nargs="+", default=[75, 150, 300, 600])
     score.add_argument("--random-subnets", type=int, default=2)
     score.add_argument("--progress", action="store_true")
     args = parser.parse_args()

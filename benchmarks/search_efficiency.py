@@ -5,7 +5,8 @@ Both studies search fashion-quick's space (264 architectures) on Fashion-MNIST f
 - multi-fidelity: fashion-quick as `make run` runs it (its 7 enqueued architectures, then TPE; 12 trials of
   100 steps, the best third of each kind continued to 300), the confirmation off;
 - one-shot: a supernet of S steps (sandwich rule, 4 subnets a step, distillation), then `--trials` candidates
-  (NSGA-II, fashion-quick's 7 enqueued first) scored with the weights they inherit; one study per S.
+  (NSGA-II, fashion-quick's 7 enqueued first) scored with the weights they inherit on the first 2,000 validation
+  images (as fashion-oneshot scores); one study per S.
 
 Each study's picks are its (accuracy, FLOPs) front, at most `--picks` of them in preference order (rank, then
 crowding). Every pick is then trained standalone from scratch at fashion-quick's top rung (300 steps, its recipe,
@@ -64,9 +65,9 @@ def multi_fidelity_config():
 
 def one_shot_config(steps: int, trials: int):
     # evaluator_fidelity's study name and supernet of the same steps: the supernet is trained once for both.
+    evaluator = supernet_evaluator(steps, 2, num_threads=None, val_images=2000)
     return load_study_config(STUDY, study_name=supernet_config(steps, 2).study_name, objectives=OBJECTIVES,
-                             sampler="nsga2", n_trials=trials, evaluator=supernet_evaluator(steps, 2, num_threads=None),
-                             confirm={"enabled": False})
+                             sampler="nsga2", n_trials=trials, evaluator=evaluator, confirm={"enabled": False})
 
 
 def searched(label: str, cfg, picks: int) -> dict:

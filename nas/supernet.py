@@ -1,10 +1,11 @@
 """One-shot evaluation: train a study's supernet once (`search_spaces.supernet`), then score any candidate
 with its inherited weights in a fraction of a second.
 
-Training (`train_supernet`, `vmoe-nas supernet --config STUDY`) follows BigNAS / AutoFormer's sandwich rule:
-each step runs the space's largest subnet, its smallest and `random_subnets` random ones on one batch and
-sums their gradients; with `distill`, every subnet but the largest learns the largest's (detached) soft
-predictions of that batch, in-place distillation (Yu et al. 2020). Each MoE subnet keeps its super-class
+Training (`train_supernet`, `vmoe-nas supernet --config STUDY`) follows BigNAS / AutoFormer's sandwich rule,
+one trunk (patch size, `search_spaces.supernet`) a step in turn: each step runs the trunk's largest subnet, its
+smallest and `random_subnets` random ones on one batch and sums their gradients; with `distill`, every subnet
+but the largest learns the largest's (detached) soft predictions of that batch, in-place distillation (Yu et
+al. 2020). Each MoE subnet keeps its super-class
 router loss, with the class grouping of its expert count. The trainer's pieces run it: `Batches`,
 `Schedule`, `Loss`, `evaluate`, `Checkpoint`, devices and precision. Subnets of a step are drawn from
 (seed, step), so a resumed run takes the same steps as one that never stopped.
@@ -36,7 +37,7 @@ from nas.devices import autocast_dtype, available_cores, resolve_device
 from nas.recipe import Schedule, SupernetSpec, TrainRecipe, param_groups, recipe_identity
 from nas.trainer import Checkpoint, Loss, RunState, TrainingError, evaluate, progress_bar
 from search_spaces import ArchConfig
-from search_spaces.supernet import Supernet, extreme_arch, random_arch
+from search_spaces.supernet import Supernet, check_space, extreme_arch, of_patch_size, random_arch
 
 SUPERNET_DIR = "supernet"
 
@@ -69,7 +70,8 @@ class SupernetCheckpoint(Checkpoint):
 
 @dataclass
 class Sandwich:
-    """The subnets of each step: the largest, the smallest and `random` ones drawn from (seed, step)."""
+    """The subnets of each step, one trunk (patch size) a step in turn: that trunk's largest, its smallest and
+    `random` of its subnets drawn from (seed, step). `largest` and `smallest` are the whole space's."""
 
     space: Any
     dims: dict  # image_size, in_channels, num_classes
@@ -79,11 +81,15 @@ class Sandwich:
     def __post_init__(self):
         self.largest = extreme_arch(self.space, True, **self.dims)
         self.smallest = extreme_arch(self.space, False, **self.dims)
+        self.trunks = [of_patch_size(self.space, p) for p in check_space(self.space, self.dims["image_size"])]
+        self.extremes = [(extreme_arch(t, True, **self.dims), extreme_arch(t, False, **self.dims))
+                         for t in self.trunks]
 
     def at(self, step: int) -> list[ArchConfig]:
+        trunk = step % len(self.trunks)
         generator = seeded_generator(self.seed, step, 3)
-        return [self.largest, self.smallest] + [random_arch(self.space, generator, **self.dims)
-                                                for _ in range(self.random)]
+        return [*self.extremes[trunk]] + [random_arch(self.trunks[trunk], generator, **self.dims)
+                                          for _ in range(self.random)]
 
 
 @dataclass

@@ -4,9 +4,15 @@ Weight entanglement as in AutoFormer (Chen et al. 2021, Cream/AutoFormer's `Line
 a subnet of width w, MLP hidden size h and depth d uses the leading slices `[:w]`, `[:h]` of the largest
 layers' weights and the first d blocks. Heads follow the width (q, k and v each sliced to their leading w
 columns, so h heads of a fixed head width are the first h heads; AutoFormer's `qkv_super` interleaves
-q, k, v rows instead, but `VisionMoE` reads qkv as [q | k | v] blocks). Per patch size, its own patch embedding
-and position embedding (their shapes differ: a kernel of p x p, (S/p)^2 + 1 positions), as AutoFormer keeps
-one per supernet and Once-for-All one per resolution.
+q, k, v rows instead, but `VisionMoE` reads qkv as [q | k | v] blocks).
+
+Patch sizes: one trunk per patch size (patch and position embedding, blocks, routers, norm, head), weights
+shared only between subnets of one token count. Sharing the blocks across patch sizes was measured first
+(benchmarks/evaluator_fidelity.py, fashion-quick's space, 24 architectures against 1,500-step standalone
+training): the shared blocks served the largest subnet's 49 tokens and rated every 16-token (patch 7) subnet
+below the 49-token ones, the reverse of standalone training, Kendall tau 0.08 [-0.27, 0.41]; a trunk per patch
+size ranked them at tau 0.54 [0.32, 0.72] for half the training images. Once-for-All likewise keeps what
+depends on the resolution apart.
 
 Experts: each block holds its dense MLP and a bank of max(num_experts) experts; a subnet with E experts in
 blocks L runs, in those blocks, the first E experts (sliced like the MLP), per image, k of E. One per-image
@@ -21,6 +27,7 @@ slices, computes exactly what the subnet computed: profile, export and full trai
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from typing import Any
 
@@ -85,32 +92,54 @@ class SuperBlock(nn.Module):
         return {prefix + name: value for name, value in state.items()}
 
 
+class Trunk(nn.Module):
+    """The weights of every subnet of one patch size, at the largest width, depth, MLP and expert count."""
+
+    def __init__(self, space: MobileVMoESpace, patch_size: int, *, image_size: int, in_channels: int,
+                 num_classes: int):
+        super().__init__()
+        width = max(space.widths)
+        hidden = max(int(w * r) for w in space.widths for r in space.mlp_ratios)
+        expert_counts = sorted(e for e in set(space.num_experts) if e > 0)
+        self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(1, (image_size // patch_size) ** 2 + 1, width) * 0.02)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.blocks = nn.ModuleList(SuperBlock(width, hidden, max(expert_counts, default=0))
+                                    for _ in range(max(space.depths)))
+        self.routers = nn.ModuleDict({str(e): nn.Linear(width, e, bias=False) for e in expert_counts})
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def subnet_state(self, arch: ArchConfig) -> dict[str, torch.Tensor]:
+        w = arch.width
+        state = {"patch_embed.weight": self.patch_embed.weight[:w], "patch_embed.bias": self.patch_embed.bias[:w],
+                 "cls_token": self.cls_token[..., :w], "pos_embed": self.pos_embed[..., :w],
+                 "norm.weight": self.norm.weight[:w], "norm.bias": self.norm.bias[:w],
+                 "head.weight": self.head.weight[:, :w], "head.bias": self.head.bias}
+        for index in range(arch.depth):
+            state.update(self.blocks[index].subnet_state(arch, index in arch.moe_layers, f"blocks.{index}."))
+        if arch.is_moe:
+            state["router.linear.weight"] = self.routers[str(arch.moe.num_experts)].weight[:, :w]
+        return state
+
+
 class Supernet(nn.Module):
     def __init__(self, space: MobileVMoESpace, *, image_size: int, in_channels: int, num_classes: int):
         super().__init__()
         self.space, self.image_size = space, image_size
         self.in_channels, self.num_classes = in_channels, num_classes
         self.patch_sizes = check_space(space, image_size)
-        width = max(space.widths)
-        hidden = max(int(w * r) for w in space.widths for r in space.mlp_ratios)
         self.expert_counts = tuple(sorted(e for e in set(space.num_experts) if e > 0))
-        self.patch_embeds = nn.ModuleDict({str(p): nn.Conv2d(in_channels, width, p, stride=p)
-                                           for p in self.patch_sizes})
-        self.pos_embeds = nn.ParameterDict({str(p): nn.Parameter(torch.randn(1, (image_size // p) ** 2 + 1, width)
-                                                                 * 0.02) for p in self.patch_sizes})
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        experts = max(self.expert_counts, default=0)
-        self.blocks = nn.ModuleList(SuperBlock(width, hidden, experts) for _ in range(max(space.depths)))
-        self.routers = nn.ModuleDict({str(e): nn.Linear(width, e, bias=False) for e in self.expert_counts})
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, num_classes)
+        self.trunks = nn.ModuleDict({str(p): Trunk(space, p, image_size=image_size, in_channels=in_channels,
+                                                   num_classes=num_classes) for p in self.patch_sizes})
         self.apply(_init_linear)
         self._templates: OrderedDict[str, VisionMoE] = OrderedDict()
 
     def identity(self) -> dict[str, Any]:
-        """What the supernet's weights mean: its space and the data's shape (checkpoints are keyed by it)."""
+        """What the supernet's weights mean: its space, the data's shape and its layout (checkpoints are keyed
+        by it: a supernet of the blocks shared across patch sizes is another folder)."""
         return {"space": self.space.to_dict(), "image_size": self.image_size, "in_channels": self.in_channels,
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, "layout": "a trunk per patch size"}
 
     def check_arch(self, arch: ArchConfig) -> None:
         """Refuse an architecture that is not a subnet, naming its field."""
@@ -118,9 +147,10 @@ class Supernet(nn.Module):
         for name, value in data:
             if getattr(arch, name) != value:
                 raise SupernetError(name, f"{arch.name} has {getattr(arch, name)}, the supernet {value}")
-        held = (("patch_size", arch.patch_size, self.patch_sizes), ("depth", arch.depth, range(len(self.blocks) + 1)),
-                ("width", arch.width, range(self.norm.normalized_shape[0] + 1)),
-                ("mlp_ratio", arch.mlp_hidden, range(self.blocks[0].mlp.fc1.out_features + 1)),
+        trunk = self.trunks[str(self.patch_sizes[0])]  # every trunk has the same sizes
+        held = (("patch_size", arch.patch_size, self.patch_sizes), ("depth", arch.depth, range(len(trunk.blocks) + 1)),
+                ("width", arch.width, range(trunk.norm.normalized_shape[0] + 1)),
+                ("mlp_ratio", arch.mlp_hidden, range(trunk.blocks[0].mlp.fc1.out_features + 1)),
                 ("moe.num_experts", arch.moe.num_experts if arch.moe else 0, (0, *self.expert_counts)),
                 ("moe.routing", arch.moe.routing if arch.moe else "per_image", ("per_image",)))
         for name, value, choices in held:
@@ -128,19 +158,10 @@ class Supernet(nn.Module):
                 raise SupernetError(name, f"{arch.name}: {shown(value)} is not held by the supernet")
 
     def subnet_state(self, arch: ArchConfig) -> dict[str, torch.Tensor]:
-        """`build_model(arch)`'s state dict as slices of the supernet's weights (views where a slice is one,
-        made contiguous: the subnet and its extracted copy then run the same kernels on the same layout)."""
+        """`build_model(arch)`'s state dict as slices of its trunk's weights (views where a slice is one, made
+        contiguous: the subnet and its extracted copy then run the same kernels on the same layout)."""
         self.check_arch(arch)
-        w, p = arch.width, str(arch.patch_size)
-        embed = self.patch_embeds[p]
-        state = {"patch_embed.weight": embed.weight[:w], "patch_embed.bias": embed.bias[:w],
-                 "cls_token": self.cls_token[..., :w], "pos_embed": self.pos_embeds[p][..., :w],
-                 "norm.weight": self.norm.weight[:w], "norm.bias": self.norm.bias[:w],
-                 "head.weight": self.head.weight[:, :w], "head.bias": self.head.bias}
-        for index in range(arch.depth):
-            state.update(self.blocks[index].subnet_state(arch, index in arch.moe_layers, f"blocks.{index}."))
-        if arch.is_moe:
-            state["router.linear.weight"] = self.routers[str(arch.moe.num_experts)].weight[:, :w]
+        state = self.trunks[str(arch.patch_size)].subnet_state(arch)
         return {name: value.contiguous() for name, value in state.items()}
 
     def template(self, arch: ArchConfig) -> VisionMoE:
@@ -175,6 +196,11 @@ class _Pick:
 
     def suggest_categorical(self, name: str, choices: Any) -> Any:
         return self.choose(name, tuple(choices))
+
+
+def of_patch_size(space: MobileVMoESpace, patch_size: int) -> MobileVMoESpace:
+    """The part of `space` that one trunk holds."""
+    return dataclasses.replace(space, patch_sizes=(patch_size,))
 
 
 def extreme_arch(space: MobileVMoESpace, largest: bool, *, image_size: int, in_channels: int, num_classes: int
@@ -220,4 +246,5 @@ def random_arch(space: MobileVMoESpace, generator: torch.Generator, *, image_siz
     raise SupernetError("space", f"{tries} random draws built no architecture")
 
 
-__all__ = ["SuperBlock", "Supernet", "SupernetError", "check_space", "extreme_arch", "random_arch"]
+__all__ = ["SuperBlock", "Supernet", "SupernetError", "Trunk", "check_space", "extreme_arch", "of_patch_size",
+           "random_arch"]

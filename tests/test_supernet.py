@@ -71,10 +71,29 @@ def test_gradients_reach_only_the_subnets_slices(net):
     net.train()
     cfg = arch(depth=2, width=16, ratio=2.0, experts=2, layers=(1,))
     net(torch.randn(4, 1, 28, 28), cfg, with_aux=True).logits.sum().backward()
-    grad = net.blocks[1].experts.fc1_weight.grad
+    trunk = net.trunks["4"]
+    grad = trunk.blocks[1].experts.fc1_weight.grad
     assert grad[:2, :16, :32].abs().sum() > 0 and grad[2:].abs().sum() == 0 and grad[:, 16:].abs().sum() == 0
-    assert net.blocks[2].norm1.weight.grad is None and net.routers["4"].weight.grad is None
-    assert net.patch_embeds["7"].weight.grad is None
+    assert trunk.blocks[2].norm1.weight.grad is None and trunk.routers["4"].weight.grad is None
+    assert all(p.grad is None for p in net.trunks["7"].parameters())  # another patch size: another trunk
+
+
+def test_each_patch_size_has_a_trunk_of_its_own(net):
+    patch4, patch7 = (net.extract(arch(patch=p)).state_dict() for p in (4, 7))
+    assert patch4["blocks.0.attn.qkv.weight"].shape == patch7["blocks.0.attn.qkv.weight"].shape
+    assert not torch.equal(patch4["blocks.0.attn.qkv.weight"], patch7["blocks.0.attn.qkv.weight"])
+
+
+def test_the_sandwich_takes_one_trunk_a_step_in_turn():
+    from nas.supernet import Sandwich
+
+    sandwich = Sandwich(SPACE, DIMS, random=2, seed=0)
+    for step, patch in ((0, 4), (1, 7), (2, 4), (7, 7)):
+        largest, smallest, *drawn = sandwich.at(step)
+        assert {a.patch_size for a in (largest, smallest, *drawn)} == {patch} and len(drawn) == 2
+        assert (largest.depth, largest.width, largest.moe.num_experts) == (3, 32, 4)
+        assert (smallest.depth, smallest.width, smallest.moe) == (2, 16, None)
+    assert sandwich.largest.patch_size == 4 and sandwich.smallest.patch_size == 7  # the space's, for its curve
 
 
 def test_extremes_and_random_draws_are_subnets(net):
