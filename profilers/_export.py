@@ -65,12 +65,12 @@ def export_onnx(model_or_cfg: ArchConfig | VisionMoE, path: str | Path, *, batch
                 metadata: dict[str, str] | None = None) -> Path:
     """Export to one ONNX file (input `images`, output `logits`, dynamic batch) and check it.
 
-    The TorchScript exporter (`dynamo=False`) traces in ~0.2 s what torch.export, its decompositions and
-    onnxscript's optimizer took 2-5 s over (and their imports ~1 s): a cold `vmoe-nas profile` is mostly
-    export. The model reads no shape at run time but the batch (see `Attention`), so ONNX Runtime runs
-    its graph as fast as the optimised torch.export one (benchmarks/cold_profile.py). `batch` is the
-    example batch traced (at least 2, so that no size-1 dimension is taken for a constant); the batch
-    dimension stays dynamic. `metadata` goes into the file's metadata_props."""
+    The TorchScript exporter (`dynamo=False`) exports a 28 px model in ~0.2 s, where torch.export, its
+    decompositions and onnxscript's optimizer (`dynamo=True`) took ~10 s on two busy cores: most of a cold
+    `vmoe-nas profile` (benchmarks/cold_profile.py). The model reads no shape at run time but the batch (see
+    `Attention`), so ONNX Runtime runs the traced graph about as fast as the optimised torch.export one.
+    `batch` is the example batch traced (at least 2, so that no size-1 dimension is taken for a constant);
+    the batch dimension stays dynamic. `metadata` goes into the file's metadata_props."""
     model = as_model(model_or_cfg)
     path = Path(path)
     with eval_mode(model), torch.no_grad(), _quiet_exporter():
