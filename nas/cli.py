@@ -4,6 +4,7 @@ over a Python function of the same name."""
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -220,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vmoe-nas {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if argv is None:  # the command line's own process, about to exit: its shutdown then skips a last garbage
+            gc.freeze()   # collection over torch's objects (0.3-0.6 s of a cold `vmoe-nas profile` on 2 busy cores)
     return 0
 
 

@@ -6,7 +6,6 @@ code that decides what an export writes, so an upgrade or a model change never r
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 import uuid
@@ -24,7 +23,7 @@ from search_spaces import ArchConfig, VisionMoE, build_model
 CACHE_ENV = "VMOE_NAS_CACHE"
 DEFAULT_CACHE = Path("results/cache")
 # What an export depends on besides the config: the exporters, and the code of the model and its forms.
-EXPORTERS = ("onnxscript", "coremltools", "executorch")  # with torch and onnx, whose versions are read off the modules
+EXPORTERS = ("coremltools", "executorch")  # with torch and onnx, whose versions are read off the modules
 EXPORT_CODE = ("search_spaces/model.py", "profilers/_export.py", "profilers/_coreml.py", "profilers/_executorch.py")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,21 +46,38 @@ def example_images(cfg: ArchConfig, batch: int) -> torch.Tensor:
     return torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
 
 
+OPSET = 20  # what the torch.export-based exporter wrote before this one: same operators, same ONNX Runtime kernels
+
+
+class _ImagesOnly(torch.nn.Module):
+    """`model(images)`, with images as the one argument: the TorchScript exporter passes every parameter's
+    default positionally, which `VisionMoE.forward`'s keyword-only `with_aux` refuses (a TypeError)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+
 def export_onnx(model_or_cfg: ArchConfig | VisionMoE, path: str | Path, *, batch: int = 1,
                 metadata: dict[str, str] | None = None) -> Path:
     """Export to one ONNX file (input `images`, output `logits`, dynamic batch) and check it.
 
-    `batch` is the example batch traced; the batch dimension stays dynamic. A batch-1 example is traced
-    at 2 because torch.export specialises size-1 dimensions, which would pin the batch to 1. `metadata`
-    goes into the file's metadata_props."""
+    The TorchScript exporter (`dynamo=False`) exports a 28 px model in ~0.2 s, where torch.export, its
+    decompositions and onnxscript's optimizer (`dynamo=True`) took ~10 s on two busy cores: most of a cold
+    `vmoe-nas profile` (benchmarks/cold_profile.py). The model reads no shape at run time but the batch (see
+    `Attention`), so ONNX Runtime runs the traced graph about as fast as the optimised torch.export one.
+    `batch` is the example batch traced (at least 2, so that no size-1 dimension is taken for a constant);
+    the batch dimension stays dynamic. `metadata` goes into the file's metadata_props."""
     model = as_model(model_or_cfg)
     path = Path(path)
     with eval_mode(model), torch.no_grad(), _quiet_exporter():
         torch.onnx.export(
-            model, (example_images(model.cfg, max(batch, 2)),), path,
+            _ImagesOnly(model), (example_images(model.cfg, max(batch, 2)),), path,
             input_names=["images"], output_names=["logits"],
-            dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
-            dynamo=True, external_data=False, verbose=False,
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET, dynamo=False,
         )
     if metadata:
         exported = onnx.load(str(path))
@@ -73,17 +89,12 @@ def export_onnx(model_or_cfg: ArchConfig | VisionMoE, path: str | Path, *, batch
 
 @contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """Every export warns that torchvision's ops are missing and that a pytree class is deprecated: noise
-    that buries a search's progress (our models use neither)."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
-            yield
-    finally:
-        logger.setLevel(level)
+    """The TorchScript exporter warns that it is deprecated, and its tracer that a per-image MoE's k becomes a
+    constant (as it should: k is the architecture's): noise that buries a search's progress."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
 
 
 def cache_dir() -> Path:

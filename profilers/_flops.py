@@ -54,7 +54,7 @@ ZERO_FLOP_OPS = (  # elementwise and routing ops: zero in fvcore's convention, l
     "aten::add", "aten::sub", "aten::mul", "aten::div", "aten::neg", "aten::gelu", "aten::softmax",
     "aten::topk", "aten::sum", "aten::mean", "aten::one_hot", "aten::index", "aten::index_select",
     "aten::gather", "aten::index_add", "aten::scatter_add", "aten::nonzero", "aten::nonzero_numpy",
-    "aten::sort", "aten::argmax", "aten::where", "aten::unflatten",
+    "aten::sort", "aten::argmax", "aten::where", "aten::unflatten", "aten::scatter", "aten::view_as",
 )
 
 

@@ -40,16 +40,16 @@ class ModelOutput:
 class Attention(nn.Module):
     def __init__(self, width: int, num_heads: int):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.head_dim = num_heads, width // num_heads
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        # Shapes from the module, not from x: a traced ONNX export then computes no shape at run time but the batch.
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        x = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5)  # (B, heads, N, head_dim)
+        return self.proj(x.transpose(1, 2).flatten(2))
 
 
 class Mlp(nn.Module):
@@ -87,10 +87,14 @@ class PerImageExperts(Experts):
     grouped by expert instead: the backward of a per-image weight gather scatters B weight-sized
     gradients, which made a step ~1.3x a dense one; grouped, the gradients land on each expert directly."""
 
+    def __init__(self, num_experts: int, top_k: int, width: int, hidden: int):
+        super().__init__(num_experts, width, hidden)
+        self.top_k = top_k  # a number, not the routing's shape: a trace keeps it a constant
+
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.training:
             return self._forward_grouped(x, routing)
-        if routing.experts.shape[1] == 1:
+        if self.top_k == 1:
             # k=1: the one renormalised gate is exactly 1, so there is nothing to mix. Skipping the mixing
             # (and the k axis) keeps the exported graph to one Gather per expert tensor and the matmuls;
             # the gate is applied only where a gradient is wanted, as the router's one path from the task.
@@ -104,7 +108,8 @@ class PerImageExperts(Experts):
 
         def pick(weight: torch.Tensor) -> torch.Tensor:  # (E, ...) -> (*experts.shape, ...)
             # index_select exports to one ONNX Gather; weight[experts] to index reshaping and a GatherND.
-            return weight.index_select(0, experts.flatten()).unflatten(0, experts.shape)
+            picked = weight.index_select(0, experts.flatten())
+            return picked if experts.dim() == 1 else picked.unflatten(0, (-1, self.top_k))
 
         hidden = F.gelu(x @ pick(self.fc1_weight) + pick(self.fc1_bias.unsqueeze(1)))  # (B, [k,] N, H)
         return hidden @ pick(self.fc2_weight) + pick(self.fc2_bias.unsqueeze(1))  # (B, [k,] N, C)
@@ -129,17 +134,19 @@ class PerTokenExperts(Experts):
         self.router = nn.Linear(width, num_experts, bias=False)
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        B, N, C = x.shape
-        tokens = x.reshape(B * N, C)
+        tokens, width = x.flatten(0, 1), self.fc2_bias.shape[1]  # a parameter's shape: a constant in a trace
         probs = self.router(tokens).softmax(-1)  # (T, E)
         gates, experts = probs.topk(self.top_k, dim=-1)  # (T, k)
         out = torch.zeros_like(tokens)
+        routed = torch.zeros_like(probs).scatter(1, experts, gates)  # (T, E): each expert's gate, 0 if not chosen
+        chosen = torch.zeros_like(probs).scatter(1, experts, 1.0) > 0  # (T, E)
         for expert in range(self.fc1_weight.shape[0]):
-            token_index, slot = (experts == expert).nonzero(as_tuple=True)
-            expert_out = self.expert_mlp(tokens[token_index], expert)
-            out = out.index_add(0, token_index, expert_out * gates[token_index, slot].unsqueeze(-1))
+            token_index = chosen[:, expert].nonzero().squeeze(-1)
+            gate = routed[:, expert].index_select(0, token_index).unsqueeze(-1)
+            expert_out = self.expert_mlp(tokens.index_select(0, token_index), expert) * gate
+            out = out.scatter_add(0, token_index.unsqueeze(-1).expand(-1, width), expert_out)
         routing.aux_losses.append(load_balancing_loss(probs, experts))
-        return out.reshape(B, N, C)
+        return out.view_as(x)
 
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -200,7 +207,7 @@ def _make_mlp(cfg: ArchConfig, index: int) -> nn.Module:
     if index not in cfg.moe_layers:
         return Mlp(cfg.width, cfg.mlp_hidden)
     if cfg.moe.routing == "per_image":
-        return PerImageExperts(cfg.moe.num_experts, cfg.width, cfg.mlp_hidden)
+        return PerImageExperts(cfg.moe.num_experts, cfg.moe.top_k, cfg.width, cfg.mlp_hidden)
     return PerTokenExperts(cfg.moe.num_experts, cfg.moe.top_k, cfg.width, cfg.mlp_hidden)
 
 

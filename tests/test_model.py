@@ -6,6 +6,7 @@ import torch
 
 from nas.cli import main
 from search_spaces import MoEConfig, build_model, count_params, describe, load_arch, preset_names
+from search_spaces.model import Routing
 
 from archs import tiny, tiny_moe
 
@@ -141,6 +142,19 @@ def test_per_token_outputs_do_not_depend_on_the_batch():
     x = images(cfg, 5)
     with torch.no_grad():
         torch.testing.assert_close(model(x), torch.cat([model(x[i : i + 1]) for i in range(5)]), atol=1e-5, rtol=0)
+
+
+def test_per_token_layer_gives_each_token_the_gate_weighted_sum_of_its_top_k_experts():
+    cfg = tiny_moe(experts=4, top_k=2, layers=(1,), routing="per_token")
+    layer = build_model(cfg).blocks[1].mlp.eval()
+    x = torch.randn(3, 5, cfg.width)
+    with torch.no_grad():
+        out = layer(x, Routing()).reshape(-1, cfg.width)
+        tokens = x.reshape(-1, cfg.width)
+        gates, experts = layer.router(tokens).softmax(-1).topk(2)
+        expected = torch.stack([sum(g * layer.expert_mlp(token[None], e)[0] for g, e in zip(gs, es.tolist()))
+                                for token, gs, es in zip(tokens, gates, experts)])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
 
 
 def test_dense_model_has_no_routing_outputs():
