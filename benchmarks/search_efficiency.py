@@ -16,7 +16,8 @@ front's hypervolume is computed from those standalone accuracies against one ref
 processes, FLOPs are exact, and so each study's cost is its training alone.
 
 Compute is counted in training images: the multi-fidelity study's trials (steps reached x batch, reused
-duplicates 0), the supernet's (steps x batch x subnets a step), and, separately, the standalone runs of the picks.
+duplicates 0), the supernet's (steps x batch x subnets a step), and, separately, the one-shot picks' standalone
+runs (a multi-fidelity pick reached the top rung in the search: its standalone run is that trial's own).
 
     python benchmarks/evaluator_fidelity.py ...                 # not needed first; shares the 300-step runs
     python benchmarks/search_efficiency.py [--supernet-steps 75 150 300 600 --trials 300 --picks 8]
@@ -161,7 +162,9 @@ def main() -> None:
     rows = []
     for s in studies:
         values = np.array([[standalone[standalone_key(a)], analytic_flops(a)] for a in s["picks"]])
-        evaluation = len(s["picks"]) * STANDALONE_STEPS * batch
+        # A multi-fidelity pick is a trial that trained to the top rung from scratch: its standalone run is the
+        # search's own (same recipe and seed: the same accuracy), paid for in its search images.
+        evaluation = 0 if s["evaluator"] == "train" else len(s["picks"]) * STANDALONE_STEPS * batch
         rows.append({**{k: v for k, v in s.items() if k != "picks"},
                      "picks": [{"name": a.name, "flops": int(f), "standalone_accuracy": float(acc)}
                                for a, (acc, f) in zip(s["picks"], values)],
