@@ -175,13 +175,13 @@ def main() -> None:
         row["search_compute_ratio"] = row["search_images"] / base["search_images"]
         row["total_compute_ratio"] = row["total_images"] / base["total_images"]
         row["reaches_multi_fidelity"] = bool(row["hypervolume"] >= base["hypervolume"])
-    cheapest = min((r for r in rows[1:] if r["reaches_multi_fidelity"]), key=lambda r: r["search_images"],
+    cheapest = min((r for r in rows[1:] if r["reaches_multi_fidelity"]), key=lambda r: r["total_images"],
                    default=None)
     out = {"study": STUDY, "objectives": OBJECTIVES, "standalone_steps": STANDALONE_STEPS, "standalone_seeds": 1,
            "reference_point": {"accuracy": 0.0, "flops": float(reference[1])}, "studies": rows,
            "cheapest_one_shot_reaching": None if cheapest is None else cheapest["label"],
-           "goal": "a one-shot study reaches the multi-fidelity hypervolume with <= 1/3 of its compute",
-           "goal_met": bool(cheapest is not None and cheapest["search_compute_ratio"] <= 1 / 3),
+           "goal": "a one-shot study reaches the multi-fidelity hypervolume with <= 1/3 of its total training images",
+           "goal_met": bool(cheapest is not None and cheapest["total_compute_ratio"] <= 1 / 3),
            "wall_time_s": round(time.perf_counter() - tick, 1)}
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text(json.dumps(out, indent=1) + "\n")
