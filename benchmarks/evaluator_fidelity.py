@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import math
+import os
 import time
 from pathlib import Path
 
@@ -78,18 +78,24 @@ def run_reference(args) -> None:
     store.update(study=STUDY, reference_steps=args.steps, batch_size=ctx.recipe.batch_size,
                  proxy_recipe=proxy.to_dict(), reference_recipe=long.to_dict(), order=[a.name for a in archs])
     for index, arch in enumerate(archs):
-        if arch.name in load_reference()["archs"]:
-            continue
         with claimed(CHECKPOINTS / arch.config_hash()) as checkpoints:
-            if checkpoints is None:
-                continue  # another process is training it
+            # Checked inside the claim: another process may have finished it since (and let go of its claim).
+            if checkpoints is None or arch.name in load_reference()["archs"]:
+                continue
             entry = train_reference(arch, data, proxy, long, ctx.superclasses, checkpoints)
-        with open(CHECKPOINTS.with_suffix(".lock"), "a") as lock:  # processes on other cores write the same file
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            store["archs"] = {**load_reference()["archs"], arch.name: entry}
-            REFERENCE.write_text(json.dumps(store, indent=1) + "\n")  # each one kept as soon as it is done
+            with open(CHECKPOINTS.with_suffix(".lock"), "a") as lock:  # processes on other cores write it too
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                store["archs"] = {**load_reference()["archs"], arch.name: entry}
+                write_atomically(REFERENCE, json.dumps(store, indent=1) + "\n")  # kept as soon as it is done
         print(f"[{index + 1}/{len(archs)}] {arch.name}: reference {entry['reference']:.4f} proxy "
               f"{entry['proxy']} ({entry['wall_time_s']:.0f} s)", flush=True)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers that take no lock (a sibling's check, `score`) see the old file or the new one, never half."""
+    part = path.with_name(f".{path.name}.{os.getpid()}")
+    part.write_text(text)
+    os.replace(part, path)
 
 
 @contextlib.contextmanager
@@ -155,10 +161,11 @@ def supernet_config(steps: int, random_subnets: int, **options):
                              evaluator=supernet_evaluator(steps, random_subnets, **options), confirm={"enabled": False})
 
 
-def multi_fidelity_images(n: int, batch: int) -> int:
-    """What fashion-quick's search spends to rank `n` architectures: each trains to the first rung, the best third
-    (reduction factor 3) on to the last."""
-    return (n * PROXY_RUNGS[0] + math.ceil(n / 3) * (PROXY_RUNGS[-1] - PROXY_RUNGS[0])) * batch
+def multi_fidelity_images(kinds: list[bool], batch: int) -> int:
+    """What fashion-quick's search spends at least to rank architectures of these kinds (MoE or not): each trains
+    to the first rung, the best third of its kind (`nas.rung_policy.MOASHA`: at least one) on to the last."""
+    promoted = sum(max(1, count // 3) for count in (kinds.count(True), kinds.count(False)) if count)
+    return (len(kinds) * PROXY_RUNGS[0] + promoted * (PROXY_RUNGS[-1] - PROXY_RUNGS[0])) * batch
 
 
 def tau_gain(reference: np.ndarray, better: np.ndarray, worse: np.ndarray, *, resamples: int = 2000,
@@ -207,7 +214,7 @@ def run_score(args) -> None:
                             "largest_accuracy": trained.largest_accuracy,
                             "smallest_accuracy": trained.smallest_accuracy, "wall_time_s": trained.wall_time_s,
                             "scoring_s_per_arch": round((time.perf_counter() - tick) / len(names), 3)}
-    search_images = multi_fidelity_images(len(names), batch)
+    search_images = multi_fidelity_images([done[n]["moe"] for n in names], batch)
     out = {"study": STUDY, "n_archs": len(names), "reference_steps": store["reference_steps"], "reference_seeds": 1,
            "multi_fidelity_search_images": search_images, "supernets": supernets, "evaluators": {},
            "archs": {n: {"flops": done[n]["flops"], "moe": done[n]["moe"], "reference": done[n]["reference"],

@@ -64,9 +64,27 @@ def open_study(cfg: StudyConfig, url: StorageURL, *, worker_index: int = 0,
         if changed:
             log.warning("study %s resumes with changed %s", cfg.study_name, ", ".join(changed))
             records.write_study(study, records.StudyRecord(config=config))
+    check_stored_trials(study, cfg)
     if study.metric_names is None:  # optuna-dashboard names objectives by these, not "Objective 0, 1, ..."
         study.set_metric_names([objective.metric for objective in cfg.study_objectives])
     return study
+
+
+def check_stored_trials(study: optuna.Study, cfg: StudyConfig) -> None:
+    """Refuse to resume a study whose stored trials (written by record version 5 or before) this version cannot
+    go on from, saying what to do."""
+    trials = study.get_trials(deepcopy=False)
+    if cfg.sampler == "tpe" and len(cfg.directions) > 1 and any(t.intermediate_values for t in trials):
+        raise ConfigError("sampler", f"study {cfg.study_name!r} keeps its rung accuracies as intermediate values "
+                          "(record versions 4-5), which Optuna's TPE reads as a single objective's: every trial of "
+                          "this multi-objective study would fail. Resume it with --sampler nsga2 (or random), or "
+                          "start a new study (--study-name)")
+    if cfg.evaluator_kind == "supernet" and any(t.user_attrs.get("evaluator") == "supernet"
+                                                and t.user_attrs.get(records.VERSION_ATTR, 1) < 6 for t in trials):
+        raise ConfigError("evaluator", f"study {cfg.study_name!r} was scored by a supernet whose blocks were "
+                          "shared across patch sizes (record version 5 and before; it ranked architectures unlike "
+                          "standalone training), and its trials would not compare with those of the supernet of a "
+                          "trunk per patch size: start a new study (--study-name)")
 
 
 # What may differ when a study resumes: how it runs, not what its trials mean. Everything else (data, space,
@@ -104,4 +122,4 @@ def _flat(data: dict, prefix: str = "") -> dict:
     return flat
 
 
-__all__ = ["RUN_SETTINGS", "config_changes", "make_sampler", "open_study"]
+__all__ = ["RUN_SETTINGS", "check_stored_trials", "config_changes", "make_sampler", "open_study"]

@@ -251,7 +251,7 @@ def enqueue_attrs(slot: int) -> dict[str, Any]:
 def user_attrs(record: TrialRecord) -> dict[str, Any]:
     """The user attributes that store `record` (`nas.trial_store.write`; `optuna.trial.create_trial` in tests
     and copies of studies)."""
-    attrs: dict[str, Any] = {VERSION_ATTR: VERSION}
+    attrs: dict[str, Any] = {}
     if record.arch is not None:
         # The YAML is the architecture; name and hash are kept beside it for the dashboard and for lookups.
         attrs.update(arch_yaml=record.arch.to_yaml(), name=record.arch.name, config_hash=record.arch.config_hash())
@@ -271,6 +271,7 @@ def user_attrs(record: TrialRecord) -> dict[str, Any]:
         attrs["val_correct"] = {"n": len(record.val_correct), "bits": pack_bits(record.val_correct)}
     if record.interrupted:
         attrs["interrupted"] = True
+    attrs[VERSION_ATTR] = VERSION  # written last: a trial rewritten from an older version reads as it until then
     return attrs
 
 

@@ -9,10 +9,9 @@ q, k, v rows instead, but `VisionMoE` reads qkv as [q | k | v] blocks).
 Patch sizes: one trunk per patch size (patch and position embedding, blocks, routers, norm, head), weights
 shared only between subnets of one token count. Sharing the blocks across patch sizes was measured first
 (benchmarks/evaluator_fidelity.py, fashion-quick's space, 24 architectures against 1,500-step standalone
-training): the shared blocks served the largest subnet's 49 tokens and rated every 16-token (patch 7) subnet
-below the 49-token ones, the reverse of standalone training, Kendall tau 0.08 [-0.27, 0.41]; a trunk per patch
-size ranked them at tau 0.54 [0.32, 0.72] for half the training images. Once-for-All likewise keeps what
-depends on the resolution apart.
+training): shared blocks rated every 16-token (patch 7) subnet below the 49-token ones, the reverse of
+standalone training, Kendall tau 0.08 [-0.27, 0.41] after 600 steps; a trunk per patch size ranks them at
+0.57 [0.34, 0.75] after 300. Once-for-All likewise keeps what depends on the resolution apart.
 
 Experts: each block holds its dense MLP and a bank of max(num_experts) experts; a subnet with E experts in
 blocks L runs, in those blocks, the first E experts (sliced like the MLP), per image, k of E. One per-image

@@ -8,6 +8,7 @@ from optuna.trial import FixedTrial, TrialState
 import profilers
 from nas import record as records
 from nas import trial_store
+from nas.config import ConfigError
 from nas.objectives import OBJECTIVES
 from nas.record import Metrics, TrialRecord
 from nas.study import Constraints, StudyConfig, load_study_config
@@ -193,3 +194,30 @@ def test_the_runner_stores_the_record_once_per_step_as_it_grows(ctx, monkeypatch
     back = records.read(study.get_trials(deepcopy=False)[0])
     assert back.arch == runner.record.arch and back.metrics == runner.record.metrics and back.rung == 6
     assert values == [runner.record.metrics.accuracy, runner.record.metrics.flops]
+
+
+@pytest.mark.parametrize("written, sampler, kind, field", [
+    ({"intermediate_values": {100: 0.6}}, "tpe", "train", "sampler"),
+    ({"user_attrs": {records.VERSION_ATTR: 5, "evaluator": "supernet"}}, "nsga2", "supernet", "evaluator")],
+    ids=["tpe-over-intermediate-values", "shared-block-supernet"])
+def test_a_study_of_record_version_5_that_cannot_go_on_is_refused_with_what_to_do(tmp_path, written, sampler, kind,
+                                                                                 field):
+    """Record version 6 fixed TPE and the supernet, but a version-5 study keeps what it stored: TPE would fail
+    its trials again, and a one-shot study would rank shared-block scores beside trunk scores."""
+    import optuna
+
+    from nas.opening import open_study
+    from nas.trial_store import storage_url
+
+    evaluator = {"kind": "supernet", "steps": 2} if kind == "supernet" else {"steps": 2}
+    cfg = load_study_config("smoke", sampler=sampler, evaluator=evaluator, results_dir=str(tmp_path),
+                            confirm={"enabled": False})
+    study = open_study(cfg, storage_url(cfg))
+    stopped = kind == "train"
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED if stopped else TrialState.COMPLETE,
+                                              values=None if stopped else [0.5] * len(cfg.directions), **written))
+    with pytest.raises(ConfigError) as error:
+        open_study(cfg, storage_url(cfg))
+    assert error.value.field == field and "--study-name" in str(error.value)
+    if field == "sampler":
+        open_study(dataclasses.replace(cfg, sampler="nsga2"), storage_url(cfg))  # what the message says to do
