@@ -189,6 +189,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, url: 
                  interrupted=True)
             raise
         except STORAGE_ERRORS:
+            if interrupted():  # the signal's KeyboardInterrupt landed inside a storage call, which wrapped it
+                fail(f"interrupted ({interrupted()}); its slot is run again when the study resumes", interrupted=True)
+                raise KeyboardInterrupt(interrupted()) from None
             raise  # the storage itself failed: nothing can be recorded; run_worker reports it
         except ProfilerUnreachable as error:  # the device is gone, not the architecture: stop, retry on resume
             fail(f"{error}; its slot is run again when the study resumes", interrupted=True)

@@ -58,6 +58,7 @@ def run_worker(cfg: StudyConfig, worker_index: int = 0, *, study: optuna.Study |
         ctx = ctx or build_context(cfg, anchor=stored_anchor(study))
         return _work(cfg, study, ctx, url, on_trial)
     except (*STORAGE_ERRORS, OSError) as error:
+        raise_if_interrupted()  # a signal inside a storage call (claiming, queueing): an interruption, no lost storage
         if is_disk_full(error):
             raise NoSpaceLeft(url.path.parent if url.path else url.redacted,
                               "the study storage cannot be written; finished trials are kept: free some space and "

@@ -433,3 +433,27 @@ def test_sigterm_and_sighup_interrupt_like_ctrl_c_but_an_ignored_signal_stays_ig
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+@pytest.mark.parametrize("where", ["claim", "trial"])
+def test_a_signal_inside_a_storage_call_is_an_interruption_not_a_lost_storage(tmp_path, monkeypatch, where):
+    """CI saw SIGTERM land inside SQLite's commit: the storage wrapped its KeyboardInterrupt in its own error, and
+    the search said the storage "became unreachable" (exit 2) instead of interrupted (130)."""
+    from nas import processes, runner, search
+    from nas.study import load_study_config
+
+    def commit_hit_by_sigterm(*args, **kwargs):
+        processes.RECEIVED.append("SIGTERM")
+        raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.")
+
+    monkeypatch.setattr(processes, "RECEIVED", [])
+    if where == "claim":
+        monkeypatch.setattr(search, "claim_trial", commit_hit_by_sigterm)
+    else:
+        monkeypatch.setattr(runner.TrialRunner, "run_steps", commit_hit_by_sigterm)
+    cfg = load_study_config(study_yaml(tmp_path, f"sig-{where}", n_trials=1, steps=2))
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        search.run_worker(cfg)
+    if where == "trial":
+        (stopped,) = records.read_all(load_study(cfg.study_name, results_dir=cfg.results_dir))
+        assert stopped.state == TrialState.FAIL and stopped.interrupted  # its slot runs again, no retry used
