@@ -71,7 +71,7 @@ def run_reference(args) -> None:
     data = ctx.dataset
     archs = stratified(space_architectures(cfg.space, image_size=data.image_size, in_channels=data.in_channels,
                                    num_classes=data.num_classes), args.archs)
-    proxy = dataclasses.replace(ctx.recipe, steps=PROXY_RUNGS[-1], eval_every=PROXY_RUNGS[0], num_threads=1)
+    proxy = proxy_recipe(ctx)
     # Checkpointed every 250 steps (and the proxy at its rungs): a killed run resumes inside an architecture.
     long = dataclasses.replace(ctx.recipe, steps=args.steps, eval_every=250, num_threads=1)
     store = load_reference()
@@ -82,7 +82,7 @@ def run_reference(args) -> None:
             # Checked inside the claim: another process may have finished it since (and let go of its claim).
             if checkpoints is None or arch.name in load_reference()["archs"]:
                 continue
-            entry = train_reference(arch, data, proxy, long, ctx.superclasses, checkpoints)
+            entry = train_reference(ctx, arch, proxy, long, checkpoints)
             with open(CHECKPOINTS.with_suffix(".lock"), "a") as lock:  # processes on other cores write it too
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 store["archs"] = {**load_reference()["archs"], arch.name: entry}
@@ -112,8 +112,14 @@ def claimed(checkpoints: Path):
         yield checkpoints
 
 
-def train_reference(arch, data, proxy, long, superclasses, checkpoints: Path) -> dict:
-    groups = superclasses.get(arch.moe.num_experts) if arch.routes_on_superclasses else None
+def proxy_recipe(ctx):
+    """fashion-quick's recipe for one 300-step run evaluated at each rung, on 1 thread: its proxies, and the
+    standalone run search_efficiency.py trains its picks with (so each reuses the other's results)."""
+    return dataclasses.replace(ctx.recipe, steps=PROXY_RUNGS[-1], eval_every=PROXY_RUNGS[0], num_threads=1)
+
+
+def train_reference(ctx, arch, proxy, long, checkpoints: Path) -> dict:
+    groups, data = ctx.groups_for(arch), ctx.dataset
     tick = time.perf_counter()
     proxy_run = train(arch, data, proxy, superclasses=groups, checkpoint_dir=checkpoints / "proxy")
     reference_run = train(arch, data, long, superclasses=groups, checkpoint_dir=checkpoints / "reference")

@@ -30,7 +30,7 @@ under results/ and the standalone runs in results/benchmarks/search_efficiency_s
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import json
 import multiprocessing
 import time
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from evaluator_fidelity import REFERENCE, STUDY, supernet_config, supernet_evaluator
+from evaluator_fidelity import PROXY_RUNGS, REFERENCE, STUDY, proxy_recipe, supernet_config, supernet_evaluator
 
 from nas import record as records
 from nas.fronts import hypervolume, preference_order
@@ -56,7 +56,7 @@ from search_spaces import ArchConfig
 OUTPUT = Path("results/benchmarks/search_efficiency.json")
 STANDALONE = Path("results/benchmarks/search_efficiency_standalone.json")
 OBJECTIVES = ["accuracy", "flops"]
-STANDALONE_STEPS = 300  # fashion-quick's top rung, the budget its confirmation retrains at
+STANDALONE_STEPS = PROXY_RUNGS[-1]  # fashion-quick's top rung, the budget its confirmation retrains at
 
 
 def multi_fidelity_config():
@@ -113,13 +113,17 @@ def known_standalone() -> dict[str, float]:
     return known
 
 
+@functools.cache
+def _study_context():
+    """fashion-quick's data and super-classes, loaded once per process (and per pool worker)."""
+    return build_context(load_study_config(STUDY), progress=False)
+
+
 def _train_standalone(arch_dict: dict) -> float:
     torch.set_num_threads(1)
-    ctx = build_context(load_study_config(STUDY), progress=False)
+    ctx = _study_context()
     arch = ArchConfig.from_dict(arch_dict)
-    recipe = dataclasses.replace(ctx.recipe, steps=STANDALONE_STEPS, eval_every=100, num_threads=1)
-    groups = ctx.superclasses.get(arch.moe.num_experts) if arch.routes_on_superclasses else None
-    return train(arch, ctx.dataset, recipe, superclasses=groups).val_accuracy
+    return train(arch, ctx.dataset, proxy_recipe(ctx), superclasses=ctx.groups_for(arch)).val_accuracy
 
 
 def evaluate_standalone(archs: list[ArchConfig], processes: int) -> dict[str, float]:
@@ -153,7 +157,7 @@ def main() -> None:
     configs += [(f"one-shot {s}", one_shot_config(s, args.trials)) for s in args.supernet_steps]
     studies = [searched(label, cfg, args.picks) for label, cfg in configs]
     standalone = evaluate_standalone([a for s in studies for a in s["picks"]], args.processes)
-    data = build_context(load_study_config(STUDY), progress=False).dataset
+    data = _study_context().dataset
     space = space_architectures(load_study_config(STUDY).space, image_size=data.image_size,
                                 in_channels=data.in_channels, num_classes=data.num_classes)
     reference = np.array([0.0, 1.1 * max(analytic_flops(a) for a in space)])

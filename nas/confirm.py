@@ -127,7 +127,7 @@ def arm_recipe(recipe, seed: int, steps: int):
 def train_arm(ctx, arch: ArchConfig, seed: int, steps: int) -> ConfirmRun:
     """One confirmation run of one arm (`ctx`: the study's `nas.trial.StudyContext`)."""
     from nas import trainer
-    groups = ctx.superclasses.get(arch.moe.num_experts) if arch.routes_on_superclasses else None
+    groups = ctx.groups_for(arch)
     result = trainer.train(arch, ctx.dataset, arm_recipe(ctx.recipe, seed, steps), superclasses=groups,
                            init_from=twin_init(arch, seed))
     correct = per_image_correct(result.model, ctx.dataset)

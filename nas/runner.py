@@ -170,6 +170,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, url: 
         runner.store()
         study.tell(trial, state=TrialState.FAIL)
 
+    def stop_interrupted() -> None:  # a library or a storage call turned the signal's KeyboardInterrupt into an error
+        fail(f"interrupted ({interrupted()}); its slot is run again when the study resumes", interrupted=True)
+        raise KeyboardInterrupt(interrupted()) from None
+
     cfg = ctx.cfg
     try:
         try:
@@ -189,9 +193,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, url: 
                  interrupted=True)
             raise
         except STORAGE_ERRORS:
-            if interrupted():  # the signal's KeyboardInterrupt landed inside a storage call, which wrapped it
-                fail(f"interrupted ({interrupted()}); its slot is run again when the study resumes", interrupted=True)
-                raise KeyboardInterrupt(interrupted()) from None
+            if interrupted():
+                stop_interrupted()
             raise  # the storage itself failed: nothing can be recorded; run_worker reports it
         except ProfilerUnreachable as error:  # the device is gone, not the architecture: stop, retry on resume
             fail(f"{error}; its slot is run again when the study resumes", interrupted=True)
@@ -199,9 +202,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, url: 
         except UpdateFinishedTrialError:
             raise
         except Exception as error:
-            if interrupted():  # a library turned the signal's KeyboardInterrupt into its own error
-                fail(f"interrupted ({interrupted()}); its slot is run again when the study resumes", interrupted=True)
-                raise KeyboardInterrupt(interrupted()) from None
+            if interrupted():
+                stop_interrupted()
             if is_disk_full(error):  # the machine's disk, not the architecture: no retry used, the worker stops
                 fail(f"no space left ({first_line(error)}); its slot is run again when the study resumes",
                      interrupted=True)

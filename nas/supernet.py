@@ -221,7 +221,7 @@ def score(ctx, net: Supernet, arch: ArchConfig) -> dict[str, Any]:
     """Inherited-weight val accuracy of `arch` (after `finetune_steps` of training from them, when set):
     {accuracy, router_accuracy, finetune_steps}."""
     spec, data = ctx.cfg.supernet, ctx.dataset
-    groups = ctx.superclasses.get(arch.moe.num_experts) if arch.routes_on_superclasses else None
+    groups = ctx.groups_for(arch)
     model = net.extract(arch)
     if spec.finetune_steps:
         from nas.trainer import train

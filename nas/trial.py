@@ -53,6 +53,10 @@ class StudyContext:
     anchor: Anchor | None = None
     latency_model: LatencyModel | None = None  # `profiler.latency_model`, checked
 
+    def groups_for(self, arch: ArchConfig) -> np.ndarray | None:
+        """The class grouping `arch`'s router learns (its super-class targets), or None where it learns none."""
+        return self.superclasses.get(arch.moe.num_experts) if arch.routes_on_superclasses else None
+
 
 def build_context(cfg: StudyConfig, *, anchor: Anchor | None = None, progress: bool = False) -> StudyContext:
     """Load the data set and find the class groupings the space's routers need (discovered once per study
@@ -214,7 +218,7 @@ def train_to_rungs(ctx: StudyContext, arch: ArchConfig, decide: Callable[[int, T
     or interrupted at a rung costs only the steps it ran, and a retry resumes). `decide(rung, result)`
     after each rung returns the reason to stop, or None. Returns the last TrainResult and the reason it
     stopped (None if it ran to the end)."""
-    groups = ctx.superclasses.get(arch.moe.num_experts) if arch.routes_on_superclasses else None
+    groups = ctx.groups_for(arch)
     rungs = ctx.cfg.rungs.steps if ctx.cfg.rungs else (None,)
     # Keyed by architecture and recipe: a retry of the trial, or a resumed study, finds its run here.
     recipe_key = hashlib.sha256(json.dumps(ctx.recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:8]

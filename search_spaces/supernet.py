@@ -94,12 +94,11 @@ class SuperBlock(nn.Module):
 class Trunk(nn.Module):
     """The weights of every subnet of one patch size, at the largest width, depth, MLP and expert count."""
 
-    def __init__(self, space: MobileVMoESpace, patch_size: int, *, image_size: int, in_channels: int,
-                 num_classes: int):
+    def __init__(self, space: MobileVMoESpace, patch_size: int, expert_counts: tuple[int, ...], *, image_size: int,
+                 in_channels: int, num_classes: int):
         super().__init__()
         width = max(space.widths)
         hidden = max(int(w * r) for w in space.widths for r in space.mlp_ratios)
-        expert_counts = sorted(e for e in set(space.num_experts) if e > 0)
         self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.randn(1, (image_size // patch_size) ** 2 + 1, width) * 0.02)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -129,8 +128,8 @@ class Supernet(nn.Module):
         self.in_channels, self.num_classes = in_channels, num_classes
         self.patch_sizes = check_space(space, image_size)
         self.expert_counts = tuple(sorted(e for e in set(space.num_experts) if e > 0))
-        self.trunks = nn.ModuleDict({str(p): Trunk(space, p, image_size=image_size, in_channels=in_channels,
-                                                   num_classes=num_classes) for p in self.patch_sizes})
+        dims = {"image_size": image_size, "in_channels": in_channels, "num_classes": num_classes}
+        self.trunks = nn.ModuleDict({str(p): Trunk(space, p, self.expert_counts, **dims) for p in self.patch_sizes})
         self.apply(_init_linear)
         self._templates: OrderedDict[str, VisionMoE] = OrderedDict()
 
