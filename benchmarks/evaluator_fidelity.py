@@ -211,15 +211,18 @@ def run_score(args) -> None:
     }
     supernets = {}
     for steps in args.supernet_steps:
-        ctx = build_context(supernet_config(steps, args.random_subnets))
-        trained = train_supernet(ctx, progress=args.progress)
-        tick = time.perf_counter()
-        inherited = np.array([score(ctx, trained.net, arch)["accuracy"] for arch in archs])
-        evaluators[f"supernet_{steps}"] = (inherited, trained.train_images)
+        trained = train_supernet(build_context(supernet_config(steps, args.random_subnets)), progress=args.progress)
         supernets[steps] = {"random_subnets": args.random_subnets, "distill": True,
                             "largest_accuracy": trained.largest_accuracy,
-                            "smallest_accuracy": trained.smallest_accuracy, "wall_time_s": trained.wall_time_s,
-                            "scoring_s_per_arch": round((time.perf_counter() - tick) / len(names), 3)}
+                            "smallest_accuracy": trained.smallest_accuracy, "wall_time_s": trained.wall_time_s}
+        for count in args.val_images:  # the same supernet scored on the first `count` validation images
+            ctx = build_context(supernet_config(steps, args.random_subnets, val_images=count or None))
+            tick = time.perf_counter()
+            inherited = np.array([score(ctx, trained.net, arch)["accuracy"] for arch in archs])
+            name = f"supernet_{steps}" + (f"_val{count}" if count else "")
+            evaluators[name] = (inherited, trained.train_images)
+            supernets[steps][f"scoring_s_per_arch_val{count or len(ctx.dataset.val)}"] = round(
+                (time.perf_counter() - tick) / len(names), 3)
     search_images = multi_fidelity_images([done[n]["moe"] for n in names], batch)
     out = {"study": STUDY, "n_archs": len(names), "reference_steps": store["reference_steps"], "reference_seeds": 1,
            "multi_fidelity_search_images": search_images, "supernets": supernets, "evaluators": {},
@@ -237,10 +240,10 @@ def run_score(args) -> None:
     OUTPUT.write_text(json.dumps(out, indent=1) + "\n")
     print(f"{len(names)} architectures, reference {store['reference_steps']} steps (1 seed); the multi-fidelity "
           f"search ranks them with {search_images:,} training images")
-    print(f"{'evaluator':>13} {'tau [95% CI]':>22} {'rho [95% CI]':>22} {'top-5':>6} {'train images':>13} {'/ m-f':>6}")
+    print(f"{'evaluator':>20} {'tau [95% CI]':>22} {'rho [95% CI]':>22} {'top-5':>6} {'train images':>13} {'/ m-f':>6}")
     for name, e in out["evaluators"].items():
         tau, rho = e["kendall_tau_ci"], e["spearman_rho_ci"]
-        print(f"{name:>13} {e['kendall_tau']:+.2f} [{tau[0]:+.2f}, {tau[1]:+.2f}] {e['spearman_rho']:+.2f} "
+        print(f"{name:>20} {e['kendall_tau']:+.2f} [{tau[0]:+.2f}, {tau[1]:+.2f}] {e['spearman_rho']:+.2f} "
               f"[{rho[0]:+.2f}, {rho[1]:+.2f}] {e['top5_overlap']:>6} {e['training_images']:>13,} "
               f"{e['images_over_multi_fidelity']:>6.2f}")
     print(f"wrote {OUTPUT}")
@@ -255,6 +258,8 @@ def main() -> None:
     score = commands.add_parser("score", help="rank agreement of each evaluator with the reference")
     score.add_argument("--supernet-steps", type=int, nargs="+", default=[75, 150, 300, 600])
     score.add_argument("--random-subnets", type=int, default=2)
+    score.add_argument("--val-images", type=int, nargs="+", default=[0],
+                       help="validation images each candidate is scored on (0: the whole split); several: each")
     score.add_argument("--progress", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -2,6 +2,7 @@
 
     model = load_for_study(cfg)                    # None for `measured`; refuses a model of another key
     fit_for_study(cfg, out="lm.json")              # `vmoe-nas latency-model fit --config STUDY --out lm.json`
+    fit_auto_model(cfg)                            # `latency_model: auto`: the search fits the study's own
     predicted_latency(ctx, arch)                   # (ms on the study anchor's scale, ratio): the profile step's
     verify_front(study, cfg)                       # measure the fronts' trials, store both, flag the model
 
@@ -9,17 +10,24 @@
 trial on a Pareto front (overall, dense, MoE) and stores the measured latency beside the predicted one; the
 study's `latency_verify` attribute holds the errors, and `flagged` is true when their mean on the fronts
 exceeds the model's stated bound (95% of its leave-one-out errors were within it).
+
+`latency_model: auto` needs no file: the search fits the study's model on its first run, before any trial,
+and keeps it (and a killed calibration's progress) under results/<study>/latency_model/, one file per
+profiler key, so the study resumed on another machine fits that machine's.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nas.study import StudyConfig
+from nas.config import ConfigError
+from nas.study import AUTO, StudyConfig
 from profilers.latency_calibration import Measurer, fit_latency_model
 from profilers.latency_model import LatencyModel, OutOfRange
 from search_spaces import ArchConfig
@@ -64,6 +72,11 @@ def load_for_study(cfg: StudyConfig, path: str | Path | None = None) -> LatencyM
     path = path or cfg.profiler.latency_model
     if not path:
         return None
+    if path == AUTO:
+        path = auto_model_path(cfg)
+        if not path.is_file():
+            raise ConfigError("profiler.latency_model", f"auto: no model is fitted yet at {path}; `vmoe-nas search "
+                                                        f"--config {cfg.study_name}` fits it before its first trial")
     model = LatencyModel.load(path)
     check(model, cfg)
     return model
@@ -73,6 +86,33 @@ def check(model: LatencyModel, cfg: StudyConfig) -> None:
     spec = cfg.profiler
     model.check(backend=spec.backend, device=model_key_device(cfg), threads=spec.threads, batch=spec.batch,
                 precision=(spec.options().get("precision") or "fp32"))
+
+
+def auto_model_path(cfg: StudyConfig) -> Path:
+    """Where `latency_model: auto` keeps the study's model: a file per profiler key (backend, device, threads,
+    batch, provider, precision)."""
+    spec = cfg.profiler
+    key = {"backend": spec.backend, "device": model_key_device(cfg), "threads": spec.threads, "batch": spec.batch,
+           "provider": spec.provider, "precision": spec.options().get("precision") or "fp32"}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return cfg.study_dir / "latency_model" / f"{digest}.json"
+
+
+def fit_auto_model(cfg: StudyConfig, *, progress: bool = True) -> None:
+    """`latency_model: auto`: fit and store the study's model unless it is stored (the search's launcher, before
+    any worker starts); a killed calibration resumes from what it had measured."""
+    if cfg.profiler.latency_model != AUTO or auto_model_path(cfg).is_file():
+        return
+    path = auto_model_path(cfg)
+    resume = path.with_name(path.name + ".partial.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("fitting the study's latency model (latency_model: auto) into %s", path)
+    model = fit_for_study(cfg, resume=resume, progress=progress)
+    model.save(path)
+    resume.unlink(missing_ok=True)
+    errors = model.errors["features"]
+    log.info("latency model: %d architectures in %.0f s, leave-one-out MAPE %.1f%%, bound %.1f%%",
+             len(model.calibration), model.calibration_s, errors["mape"], model.bound_pct)
 
 
 def fit_for_study(cfg: StudyConfig, *, size: int = 40, resume: str | Path | None = None, progress: bool = True,

@@ -228,3 +228,34 @@ def test_a_predicted_and_verified_study_reports_both_for_its_front(tmp_path, cap
     assert "## Latency: predicted against measured" in report and "**flagged**" in report
     assert "Latency: predicted against measured" in (tmp_path / "results" / "predicted" / "report.html").read_text()
     assert (tmp_path / "results" / "predicted" / "latency_verify.csv").read_text().startswith("trial,why,name")
+
+
+@pytest.mark.slow
+def test_latency_model_auto_is_fitted_once_by_the_search_and_kept_in_the_study(tmp_path, monkeypatch):
+    from nas import latency
+    from nas.config import ConfigError
+    from nas.study import load_study_config
+    from tests.test_search import D16, M16, load, write_study
+
+    monkeypatch.setenv("VMOE_NAS_CACHE", str(tmp_path / "cache"))
+    config = write_study(tmp_path, "auto", [D16, M16], 2, objectives=["accuracy", "latency"],
+                         profiler={"latency": "predicted", "latency_model": "auto"})
+    cfg = load_study_config(config)
+    with pytest.raises(ConfigError, match="profiler.latency_model: auto: no model is fitted yet at .*latency_model"):
+        latency.load_for_study(cfg)  # a worker never fits: the search's launcher does, before any trial
+    assert main(["search", "--config", config, "--no-progress"]) == 0
+    (path,) = (tmp_path / "results" / "auto" / "latency_model").iterdir()  # no partial calibration left
+    assert path == latency.auto_model_path(cfg)
+    model = latency.load_for_study(cfg)
+    assert model.key["device"] == device_label(device_info()) and len(model.calibration) >= 2
+    from nas import record as records
+
+    anchor = records.read_study(load(tmp_path, "auto")).anchor
+    for trial in records.read_all(load(tmp_path, "auto")):
+        assert trial.metrics.latency_ms == pytest.approx(model.predict(trial.arch, anchor_ms=anchor["latency_ms"]))
+    # Resumed, the study predicts from the stored model: nothing is calibrated again.
+    monkeypatch.setattr(latency, "fit_for_study", lambda *a, **k: pytest.fail("calibrated again"))
+    config = write_study(tmp_path, "auto", [D16, M16], 3, objectives=["accuracy", "latency"],
+                         profiler={"latency": "predicted", "latency_model": "auto"})
+    assert main(["search", "--config", config, "--no-progress"]) == 0
+    assert len(load(tmp_path, "auto").trials) == 3
