@@ -120,10 +120,11 @@ def run_space(name: str, space, data: dict, args) -> dict:
     # The noise floor: the same architectures measured again, each in a fresh session, the same way. No model
     # can agree with a measurement better than a second measurement does.
     retests, _ = calibrate([p.arch for p in tests], anchor, measurer, resume=work / f"{name}-retest.jsonl",
-                           progress=lambda items: tqdm(items, desc=f"{name} measured again"))
+                           progress=lambda items: tqdm(until_deadline(items), desc=f"{name} measured again",
+                                                       total=len(items)))
     load["after"] = os.getloadavg()
     measured = np.array([p.ratio for p in tests])
-    again = np.array([p.ratio for p in retests])
+    again = np.array([p.ratio for p in retests])  # a run stopped by --budget-min: the first len(again) of them
     predicted = np.array([model.predict_ratio(p.arch) for p in tests])
     flops = lambda ps: np.stack([np.ones(len(ps)), [analytic_flops(p.arch) for p in ps]], axis=1)  # noqa: E731
     flops_fit = flops(tests) @ fit_ratio(flops(points), np.array([p.ratio for p in points]))
@@ -134,7 +135,9 @@ def run_space(name: str, space, data: dict, args) -> dict:
         "holdout_size": len(tests), "holdout_by_kind": {k: int((kinds == k).sum()) for k in sorted(set(kinds))},
         "calibration_s_this_run": calibration_s, "calibration_leave_one_out": model.errors,
         "features": figures(predicted, measured), "flops_only": figures(flops_fit, measured),
-        "retest": figures(again, measured), "features_vs_mean_of_two": figures(predicted, (measured + again) / 2),
+        "retest": figures(again, measured[:len(again)]) if len(again) > 1 else None,
+        "features_vs_mean_of_two": (figures(predicted[:len(again)], (measured[:len(again)] + again) / 2)
+                                    if len(again) > 1 else None),
         "features_by_kind": {k: error_figures(predicted[kinds == k], measured[kinds == k]) for k in sorted(set(kinds))},
         "prediction_ms": prediction_ms(model, [p.arch for p in tests]),
         "median_cv": float(np.median([p.cv for p in tests if p.cv is not None])),
@@ -166,6 +169,8 @@ def main() -> None:
               f"tau {f['kendall_tau']:.3f} {f['kendall_tau_95ci']}; FLOPs only: MAPE "
               f"{result[name]['flops_only']['mape']:.1f}%; prediction {result[name]['prediction_ms']:.3f} ms")
         r = result[name]["retest"]
+        if r is None:
+            continue  # --budget-min ran out before a second measurement
         print(f"{name}, measured again (the noise floor): MAPE {r['mape']:.1f}%, within 5% {r['within_5']:.0%}, "
               f"within 10% {r['within_10']:.0%}, tau {r['kendall_tau']:.3f}")
     print(f"written to {args.out}")

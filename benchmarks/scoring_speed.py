@@ -6,9 +6,10 @@ fitted latency model: neither is timed here).
     python benchmarks/scoring_speed.py [--candidates 1000 --val-images 2000 --processes 2 --threads 1]
 
 `--processes` score side by side, each its share of the candidates on `--threads` threads, as a study's
-workers do (`vmoe-nas search --workers`). Uses the supernet `evaluator_fidelity.py score` trains (same steps:
-resumed or trained here if absent). Writes results/benchmarks/scoring_speed_val<N>.json: total seconds,
-per-candidate median and p90. Goal: 1,000 candidates in at most 5 minutes on 2 cores.
+workers do with `vmoe-nas search --workers 2` (the presets run one worker of all cores). Uses the supernet
+`evaluator_fidelity.py score` trains (same steps: resumed or trained here if absent). Writes
+results/benchmarks/scoring_speed_val<N>.json: total seconds, per-candidate median and p90. Goal: 1,000
+candidates in at most 5 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ RESULTS = Path("results/benchmarks")
 
 
 def context(args):
-    return build_context(supernet_config(args.supernet_steps, 2, val_images=args.val_images), progress=False)
+    return build_context(supernet_config(args.supernet_steps, 2, val_images=args.val_images or None), progress=False)
 
 
 def score_share(args, index: int) -> dict:
@@ -63,7 +64,7 @@ def score_share(args, index: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", type=int, default=1000)
-    parser.add_argument("--val-images", type=int, default=2000)
+    parser.add_argument("--val-images", type=int, default=2000, help="0: the whole validation split")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="per process")
     parser.add_argument("--supernet-steps", type=int, default=600)

@@ -6,13 +6,14 @@ Both studies search fashion-quick's space (264 architectures) on Fashion-MNIST f
   100 steps, the best third of each kind continued to 300), the confirmation off;
 - one-shot: a supernet of S steps (sandwich rule, 4 subnets a step, distillation), then `--trials` candidates
   (NSGA-II, fashion-quick's 7 enqueued first) scored with the weights they inherit on the first 2,000 validation
-  images (as fashion-oneshot scores); one study per S.
+  images (fashion-oneshot now scores on 1,000, which ranks alike: evaluator_fidelity.py); one study per S.
 
-Each study's picks are its (accuracy, FLOPs) front, at most `--picks` of them in preference order (rank, then
-crowding). Every pick is then trained standalone from scratch at fashion-quick's top rung (300 steps, its recipe,
-seed 0, 1 thread: the same run as `evaluator_fidelity.py`'s 300-step proxy, whose results are reused), and the
-front's hypervolume is computed from those standalone accuracies against one reference point for all studies
-(accuracy 0; 1.1 x the largest FLOPs of the space). Latency is left out: measured latency drifts between
+Each study's picks are its (accuracy, FLOPs) front, at most P of them in preference order (rank, then crowding),
+one row per P of `--picks` (fewer picks: less standalone training, a front of fewer points). Every pick is then
+trained standalone from scratch at fashion-quick's top rung (300 steps, its recipe, seed 0, 1 thread: the same
+run as `evaluator_fidelity.py`'s 300-step proxy, whose results are reused), and the front's hypervolume is
+computed from those standalone accuracies against one reference point for all studies (accuracy 0; 1.1 x the
+largest FLOPs of the space). Latency is left out: measured latency drifts between
 processes, FLOPs are exact, and so each study's cost is its training alone.
 
 Compute is counted in training images: the multi-fidelity study's trials (steps reached x batch, reused
@@ -20,7 +21,7 @@ duplicates 0), the supernet's (steps x batch x subnets a step), and, separately,
 runs (a multi-fidelity pick reached the top rung in the search: its standalone run is that trial's own).
 
     python benchmarks/evaluator_fidelity.py ...                 # not needed first; shares the 300-step runs
-    python benchmarks/search_efficiency.py [--supernet-steps 75 150 300 600 --trials 300 --picks 8]
+    python benchmarks/search_efficiency.py [--supernet-steps 75 150 300 600 --trials 300 --picks 1 2 4 8]
 
 Writes results/benchmarks/search_efficiency.json and prints one row per study. Goal: a one-shot study reaches
 the multi-fidelity study's hypervolume with at most a third of its compute. Resumable: the studies are stored
@@ -149,13 +150,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--supernet-steps", type=int, nargs="+", default=[75, 150, 300, 600])
     parser.add_argument("--trials", type=int, default=300)
-    parser.add_argument("--picks", type=int, default=8)
+    parser.add_argument("--picks", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--processes", type=int, default=2, help="standalone runs at a time (1 thread each)")
     args = parser.parse_args()
     tick = time.perf_counter()
     configs = [("multi-fidelity", multi_fidelity_config())]
     configs += [(f"one-shot {s}", one_shot_config(s, args.trials)) for s in args.supernet_steps]
-    studies = [searched(label, cfg, args.picks) for label, cfg in configs]
+    studies = [searched(label, cfg, max(args.picks)) for label, cfg in configs]
+    # The multi-fidelity study is the baseline with all its picks; each one-shot study once per number of picks.
+    studies = studies[:1] + [{**s, "label": f"{s['label']}, {k} picks", "picks": s["picks"][:k]}
+                             for s in studies[1:] for k in sorted({min(p, len(s["picks"])) for p in args.picks})]
     standalone = evaluate_standalone([a for s in studies for a in s["picks"]], args.processes)
     data = _study_context().dataset
     space = space_architectures(load_study_config(STUDY).space, image_size=data.image_size,
@@ -189,9 +193,9 @@ def main() -> None:
            "wall_time_s": round(time.perf_counter() - tick, 1)}
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"{'study':>16} {'trials':>6} {'picks':>5} {'HV':>7} {'search images':>14} {'ratio':>6} {'with picks':>11}")
+    print(f"{'study':>26} {'trials':>6} {'picks':>5} {'HV':>7} {'search images':>14} {'ratio':>6} {'with picks':>11}")
     for r in rows:
-        print(f"{r['label']:>16} {r['trials']:>6} {len(r['picks']):>5} {r['hypervolume']:.4f} "
+        print(f"{r['label']:>26} {r['trials']:>6} {len(r['picks']):>5} {r['hypervolume']:.4f} "
               f"{r['search_images']:>14,} {r['search_compute_ratio']:>6.2f} {r['total_compute_ratio']:>11.2f}")
     print(f"wrote {OUTPUT}")
 

@@ -18,16 +18,20 @@ profiler key, so the study resumed on another machine fits that machine's.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import time
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from nas.config import ConfigError
+from nas.config import ConfigError, first_line
 from nas.study import AUTO, StudyConfig
+from profilers._errors import ProfileError
 from profilers.latency_calibration import Measurer, fit_latency_model
 from profilers.latency_model import LatencyModel, OutOfRange
 from search_spaces import ArchConfig
@@ -66,17 +70,21 @@ def model_key_device(cfg: StudyConfig) -> str | None:
     return None if cfg.profiler.backend == "remote" else device_label(device_info())
 
 
+def needs_latency(cfg: StudyConfig) -> bool:
+    return "latency" in cfg.objectives or cfg.constraints.max_latency_ms is not None
+
+
 def load_for_study(cfg: StudyConfig, path: str | Path | None = None) -> LatencyModel | None:
     """The study's latency model (`profiler.latency_model`, or `path`), checked against its profiler; None
-    when the study measures latency and names no model."""
+    when the study measures latency and names no model, or names `auto` and does not use latency."""
     path = path or cfg.profiler.latency_model
-    if not path:
+    if not path or (path == AUTO and not needs_latency(cfg)):
         return None
     if path == AUTO:
         path = auto_model_path(cfg)
         if not path.is_file():
-            raise ConfigError("profiler.latency_model", f"auto: no model is fitted yet at {path}; `vmoe-nas search "
-                                                        f"--config {cfg.study_name}` fits it before its first trial")
+            raise ConfigError("profiler.latency_model", f"auto: no model is fitted yet at {path}; the study's search "
+                                                        "(or `vmoe-nas supernet`, `vmoe-nas confirm`) fits it")
     model = LatencyModel.load(path)
     check(model, cfg)
     return model
@@ -89,30 +97,56 @@ def check(model: LatencyModel, cfg: StudyConfig) -> None:
 
 
 def auto_model_path(cfg: StudyConfig) -> Path:
-    """Where `latency_model: auto` keeps the study's model: a file per profiler key (backend, device, threads,
-    batch, provider, precision)."""
+    """Where `latency_model: auto` keeps the study's model: a file per profiler key (backend, device or agent,
+    threads, batch, provider, precision) and space, so that another machine, agent or space gets its own."""
     spec = cfg.profiler
-    key = {"backend": spec.backend, "device": model_key_device(cfg), "threads": spec.threads, "batch": spec.batch,
-           "provider": spec.provider, "precision": spec.options().get("precision") or "fp32"}
+    key = {"backend": spec.backend, "device": model_key_device(cfg), "agent": spec.remote_url, "threads": spec.threads,
+           "batch": spec.batch, "provider": spec.provider, "precision": spec.options().get("precision") or "fp32",
+           "space": cfg.space.to_dict(), "data": [cfg.data.name, cfg.data.image_size]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return cfg.study_dir / "latency_model" / f"{digest}.json"
 
 
 def fit_auto_model(cfg: StudyConfig, *, progress: bool = True) -> None:
-    """`latency_model: auto`: fit and store the study's model unless it is stored (the search's launcher, before
-    any worker starts); a killed calibration resumes from what it had measured."""
-    if cfg.profiler.latency_model != AUTO or auto_model_path(cfg).is_file():
+    """`latency_model: auto`, where the study uses latency: fit and store the study's model unless a valid one is
+    stored. One process fits while the others (workers, a second launcher) wait for it; a killed calibration
+    resumes from what it had measured; a stored model that no longer loads (corrupted, an older format) is
+    moved aside, not deleted, and fitted again."""
+    if cfg.profiler.latency_model != AUTO or not needs_latency(cfg):
         return
     path = auto_model_path(cfg)
     resume = path.with_name(path.name + ".partial.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("fitting the study's latency model (latency_model: auto) into %s", path)
-    model = fit_for_study(cfg, resume=resume, progress=progress)
-    model.save(path)
-    resume.unlink(missing_ok=True)
+    with _exclusive(path.with_name(path.name + ".lock")):
+        if path.is_file():
+            try:
+                check(LatencyModel.load(path), cfg)
+                resume.unlink(missing_ok=True)  # left by a process killed between saving the model and this
+                return
+            except ProfileError as error:
+                aside = path.with_name(f"{path.name}.unusable-{time.strftime('%Y%m%d-%H%M%S')}")
+                path.replace(aside)
+                log.warning("latency model %s cannot be used (%s): moved to %s, fitting it again", path,
+                            first_line(error), aside)
+        others = sorted(p.name for p in path.parent.glob("*.json") if p != path)
+        if others:  # the study resumed on another machine or agent, or over a changed space
+            log.warning("this study's earlier trials were predicted by another latency model (%s); trials from "
+                        "now on are predicted by a new one", ", ".join(others))
+        log.info("fitting the study's latency model (latency_model: auto) into %s", path)
+        model = fit_for_study(cfg, resume=resume, progress=progress)
+        model.save(path)
+        resume.unlink(missing_ok=True)
     errors = model.errors["features"]
     log.info("latency model: %d architectures in %.0f s, leave-one-out MAPE %.1f%%, bound %.1f%%",
              len(model.calibration), model.calibration_s, errors["mape"], model.bound_pct)
+
+
+@contextmanager
+def _exclusive(lock: Path):
+    """Hold an exclusive lock on the file `lock` (processes of this machine wait for each other)."""
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def fit_for_study(cfg: StudyConfig, *, size: int = 40, resume: str | Path | None = None, progress: bool = True,

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from nas import record as records
 from nas.config import first_line
 from nas.devices import resolve_device
-from nas.latency import fit_auto_model, verify_front
+from nas.latency import verify_front
 from nas.opening import open_study
 from nas.processes import die_with_parent, interruption_name, raise_if_interrupted, treat_signals_as_interruptions
 from nas.runner import run_trial, stored_anchor
@@ -180,7 +180,6 @@ def run_search(cfg: StudyConfig, *, progress: bool = True, allow_changes: bool =
         if cfg.profiler.backend == "remote":  # before any trial starts: an absent agent is one error, not N failures
             AgentClient(cfg.profiler.remote_url).device()
         study = open_study(cfg, url, allow_changes=allow_changes)
-        fit_auto_model(cfg, progress=progress)  # latency_model: auto, before any trial (the context loads it)
         # Super-classes are found before any trial (in view, not inside some worker's first MoE trial).
         ctx = build_context(cfg, progress=progress)
         if cfg.evaluator_kind == "supernet":  # trained (or resumed) before any trial, in view like the super-classes

@@ -105,9 +105,9 @@ class ProfilerSpec:
             raise ConfigError("profiler.latency", f"must be one of {', '.join(LATENCY_MODES)}, got {self.latency!r}")
         if self.latency != "measured" and not self.latency_model:
             raise ConfigError("profiler.latency_model", f"latency: {self.latency} needs a latency model file "
-                              "(vmoe-nas latency-model fit --config STUDY --out PATH)")
+                              "(vmoe-nas latency-model fit --config STUDY --out PATH), or auto (the search fits it)")
         if self.latency_model is not None and not isinstance(self.latency_model, str):
-            raise ConfigError("profiler.latency_model", f"must be a file path, got {self.latency_model!r}")
+            raise ConfigError("profiler.latency_model", f"must be a file path or auto, got {self.latency_model!r}")
 
     def options(self) -> dict[str, Any]:
         options = {"backend": self.backend, "threads": self.threads, "batch": self.batch}

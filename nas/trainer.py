@@ -44,7 +44,7 @@ from search_spaces.model import ModelOutput, PerTokenExperts
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_EVERY = 10  # steps per loss-curve point: the curve stays small enough to store on every trial
-EVAL_BATCH = 256  # images per evaluation forward: at 1,024 a 28 px model's activations spill the cache (1.3-1.5x)
+EVAL_BATCH = 256  # images per evaluation forward: at 1,024 a 28 px model's activations spill a CPU's cache
 
 
 class TrainingError(RuntimeError):

@@ -26,7 +26,7 @@ import numpy as np
 from nas import trainer
 from nas.data import load_dataset
 from nas.datasets import Dataset
-from nas.latency import Anchor, load_for_study
+from nas.latency import Anchor, fit_auto_model, load_for_study, needs_latency
 from nas.recipe import TrainRecipe
 from nas.record import Metrics, TrialRecord
 from nas.study import Constraints, StudyConfig
@@ -70,6 +70,7 @@ def build_context(cfg: StudyConfig, *, anchor: Anchor | None = None, progress: b
     groups = [g for g in cfg.space.router_groups() if g <= dataset.num_classes]  # more: rejected as invalid
     superclasses = {g: class_groups(dataset, g, cfg.study_dir / "superclasses", progress=progress,
                                     device=recipe.device, num_threads=recipe.num_threads) for g in groups}
+    fit_auto_model(cfg, progress=progress)  # latency_model: auto; the search's launcher fits it before any trial
     return StudyContext(cfg, dataset, recipe, superclasses, anchor, load_for_study(cfg))
 
 
@@ -81,10 +82,6 @@ def class_groups(dataset, groups: int, cache_dir: Path, *, progress: bool = Fals
                                num_threads=num_threads)
     log.info("super-classes for %d experts (%s): %s", groups, mapping.source, mapping.class_to_group.tolist())
     return np.asarray(mapping.class_to_group)
-
-
-def needs_latency(cfg: StudyConfig) -> bool:
-    return "latency" in cfg.objectives or cfg.constraints.max_latency_ms is not None
 
 
 def measure_anchor(cfg: StudyConfig, dataset) -> Anchor | None:

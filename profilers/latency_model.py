@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -220,7 +221,7 @@ class LatencyModel:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a name of its own: two writers do not mix
         tmp.write_text(json.dumps(self.to_json(), indent=1))
         tmp.replace(path)  # a reader never sees half a file
         return path

@@ -244,7 +244,9 @@ def test_latency_model_auto_is_fitted_once_by_the_search_and_kept_in_the_study(t
     with pytest.raises(ConfigError, match="profiler.latency_model: auto: no model is fitted yet at .*latency_model"):
         latency.load_for_study(cfg)  # a worker never fits: the search's launcher does, before any trial
     assert main(["search", "--config", config, "--no-progress"]) == 0
-    (path,) = (tmp_path / "results" / "auto" / "latency_model").iterdir()  # no partial calibration left
+    folder = tmp_path / "results" / "auto" / "latency_model"
+    (path,) = folder.glob("*.json")
+    assert not list(folder.glob("*.partial.jsonl"))  # the calibration's progress, gone once the model is stored
     assert path == latency.auto_model_path(cfg)
     model = latency.load_for_study(cfg)
     assert model.key["device"] == device_label(device_info()) and len(model.calibration) >= 2
@@ -253,9 +255,38 @@ def test_latency_model_auto_is_fitted_once_by_the_search_and_kept_in_the_study(t
     anchor = records.read_study(load(tmp_path, "auto")).anchor
     for trial in records.read_all(load(tmp_path, "auto")):
         assert trial.metrics.latency_ms == pytest.approx(model.predict(trial.arch, anchor_ms=anchor["latency_ms"]))
+    # A stored model that no longer loads is moved aside, not deleted, and fitted again (by any entry point
+    # that builds the study's context: search, supernet, confirm).
+    path.write_text(path.read_text().replace('"threads": 1', '"threads": 2', 1))  # a hand edit: checksum fails
+    from nas.trial import build_context
+
+    assert build_context(cfg).latency_model.calibration  # fitted again here
+    (aside,) = path.parent.glob(f"{path.name}.unusable-*")
+    assert '"threads": 2' in aside.read_text() and LatencyModel.load(path).key["threads"] == 1
     # Resumed, the study predicts from the stored model: nothing is calibrated again.
     monkeypatch.setattr(latency, "fit_for_study", lambda *a, **k: pytest.fail("calibrated again"))
     config = write_study(tmp_path, "auto", [D16, M16], 3, objectives=["accuracy", "latency"],
                          profiler={"latency": "predicted", "latency_model": "auto"})
     assert main(["search", "--config", config, "--no-progress"]) == 0
     assert len(load(tmp_path, "auto").trials) == 3
+
+
+def test_latency_model_auto_is_keyed_by_machine_agent_and_space_and_unused_without_latency(tmp_path):
+    from nas import latency
+    from nas.study import load_study_config
+
+    auto = {"latency": "predicted", "latency_model": "auto"}
+    cfg = load_study_config("smoke", results_dir=str(tmp_path), profiler=auto)
+    paths = {latency.auto_model_path(cfg)}
+    for profiler in ({"backend": "remote", "remote_url": "http://phone-a:8765"},
+                     {"backend": "remote", "remote_url": "http://phone-b:8765"}, {"threads": 2}):
+        paths.add(latency.auto_model_path(load_study_config("smoke", results_dir=str(tmp_path), profiler={
+            "latency": "predicted", "latency_model": "auto", **profiler})))
+    narrower = {**cfg.space.to_dict(), "widths": cfg.space.widths[:1]}
+    paths.add(latency.auto_model_path(load_study_config("smoke", results_dir=str(tmp_path), space=narrower,
+                                                        profiler={"latency": "predicted", "latency_model": "auto"})))
+    assert len(paths) == 5 and all(p.parent == tmp_path / "smoke" / "latency_model" for p in paths)
+    unused = load_study_config("smoke", results_dir=str(tmp_path), objectives=["accuracy", "flops"],
+                               profiler={"latency": "predicted", "latency_model": "auto"})
+    latency.fit_auto_model(unused)  # latency is not an objective nor a constraint: nothing to fit
+    assert latency.load_for_study(unused) is None and not (tmp_path / "smoke" / "latency_model").exists()
