@@ -2,7 +2,7 @@
 
     model = load_for_study(cfg)                    # None for `measured`; refuses a model of another key
     fit_for_study(cfg, out="lm.json")              # `vmoe-nas latency-model fit --config STUDY --out lm.json`
-    fit_auto_model(cfg)                            # `latency_model: auto`: the search fits the study's own
+    fit_auto_model(cfg)                            # `latency_model: auto`: the study's own, fitted once
     predicted_latency(ctx, arch)                   # (ms on the study anchor's scale, ratio): the profile step's
     verify_front(study, cfg)                       # measure the fronts' trials, store both, flag the model
 
@@ -11,9 +11,10 @@ trial on a Pareto front (overall, dense, MoE) and stores the measured latency be
 study's `latency_verify` attribute holds the errors, and `flagged` is true when their mean on the fronts
 exceeds the model's stated bound (95% of its leave-one-out errors were within it).
 
-`latency_model: auto` needs no file: the search fits the study's model on its first run, before any trial,
-and keeps it (and a killed calibration's progress) under results/<study>/latency_model/, one file per
-profiler key, so the study resumed on another machine fits that machine's.
+`latency_model: auto` needs no file: the first command that builds the study's context (`vmoe-nas search`
+before any trial, `supernet`, `confirm`) fits the study's model and keeps it (and a killed calibration's
+progress) under results/<study>/latency_model/, one file per profiler key and space, so the study resumed on
+another machine fits that machine's.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ log = logging.getLogger("vmoe_nas.study")
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 LATENCY_MODES = ("measured", "predicted", "predicted+verify")
-AUTO = "auto"  # profiler.latency_model: fitted by the study's search (nas.latency.fit_auto_model)
+AUTO = "auto"  # profiler.latency_model: the study fits its own (nas.latency.fit_auto_model)
 BACKENDS = profilers.BACKENDS  # the backend registry: names, and the classes on demand
 # Upper bounds: past them a number is a typo, and would fail deep inside a run (an overflow, a raw MemoryError).
 MAX_COUNT = 2**63 - 1  # trials, steps, images: what storages and torch hold as int64
@@ -87,8 +87,8 @@ class ProfilerSpec:
     anchor: bool = True
     # Where a trial's latency comes from: `measured` (exported and timed), `predicted` (from the latency model
     # file `latency_model`, fitted with `vmoe-nas latency-model fit`), or `predicted+verify` (predicted, and
-    # the trials on a Pareto front measured after the search: nas.latency). `latency_model: auto`: the search
-    # fits the study's own before its first trial (results/<study>/latency_model/).
+    # the trials on a Pareto front measured after the search: nas.latency). `latency_model: auto`: the study
+    # fits its own before its first trial (results/<study>/latency_model/).
     latency: str = "measured"
     latency_model: str | None = None
 

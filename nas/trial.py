@@ -256,5 +256,5 @@ def trained_metrics(metrics: Metrics, result) -> Metrics:
 
 
 __all__ = ["StudyContext", "build_context", "check_constraints", "find_reusable", "inherit", "measure_anchor",
-           "needs_latency", "predicted_metrics", "profile_arch", "reuse",
+           "predicted_metrics", "profile_arch", "reuse",
            "running_earlier", "sample", "train_to_rungs", "trained_metrics", "validate"]
