@@ -5,8 +5,6 @@ project, so `search_spaces` and every layer of `nas` can stand on it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import fields
 from pathlib import Path
@@ -162,12 +160,5 @@ def first_line(error: BaseException, *, typed: bool = False) -> str:
     return f"{type(error).__name__}: {line}" if typed else line
 
 
-def json_digest(data: Any, length: int = 12) -> str:
-    """A short hash of JSON-able `data`, the same for equal data (keys sorted): the name of a file or folder that
-    holds what the data describe (a checkpoint's run, a latency model's key)."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:length]
-
-
 __all__ = ["MAX_NUMBER", "MAX_PROBLEM", "MAX_SEED", "MAX_YAML_VALUES", "ConfigError", "check_fields", "check_int",
-           "check_number", "first_line", "from_mapping", "is_file", "is_number", "json_digest", "read_yaml",
-           "safe_yaml_load", "shown"]
+           "check_number", "first_line", "from_mapping", "is_file", "is_number", "read_yaml", "safe_yaml_load", "shown"]

@@ -10,7 +10,9 @@ A URL's password is never stored in a study or printed: `StorageURL.redacted` is
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
+import os
 import sqlite3
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -22,7 +24,6 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 from nas.config import first_line
-from nas.processes import file_lock
 
 # What a storage raises when its database is gone: Optuna wraps SQLAlchemy's errors, mostly.
 STORAGE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
@@ -175,8 +176,16 @@ def _exclusive(url: StorageURL, key: str, file_name: str):
     elif url.path is not None:
         path = url.lock_path(file_name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(path):
+        try:  # read-only: flock needs no write access, so a reader may lock a file another user's search made
+            descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError:  # a folder this user cannot write to: nor can they change the storage in it
             yield
+            return
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)
     else:
         yield
 
