@@ -25,7 +25,7 @@ from nas.config import first_line
 from nas.export import DEFAULT_EPOCHS, PICK_RULES
 from nas.objectives import OBJECTIVES
 from nas.processes import interruptible
-from profilers import BACKENDS
+from profilers import BACKENDS, STATISTICS
 
 
 class AgentBackends:
@@ -61,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", help="ONNX Runtime execution provider, torch device or Core ML compute units")
     p.add_argument("--anchor", help="another architecture timed interleaved with ARCH: their latency ratio holds "
                    "where absolute times drift (local backends)")
+    p.add_argument("--statistic", choices=list(STATISTICS), help="what a latency is of the per-call times, for "
+                   "--anchor's ratio and --latency-model (default: the model's, else median)")
     p.add_argument("--latency-model", help="a latency model file (vmoe-nas latency-model fit): adds "
-                   "latency_ms.predicted beside the measured median")
+                   "latency_ms.predicted beside the measured latency")
     p.add_argument("--no-measure", action="store_true", help="with --latency-model: the predicted latency only, "
                    "nothing exported or timed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -74,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="study YAML file or preset whose space and profiler to calibrate")
     p.add_argument("--backend", help="latency backend (overrides profiler.backend)")
     p.add_argument("--remote-url", help="profiler agent http://HOST:PORT for --backend remote")
+    p.add_argument("--statistic", choices=list(STATISTICS), help="what the model predicts of the per-call times "
+                   "(overrides profiler.statistic)")
     p.add_argument("--out", type=Path, required=True, help="the model file to write (JSON)")
     p.add_argument("--size", type=int, default=40, help="calibration architectures (default 40)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -45,14 +45,15 @@ def cmd_profile(args: argparse.Namespace) -> None:
         from profilers.latency_model import LatencyModel
 
         model = LatencyModel.load(args.latency_model)  # a bad file is refused before anything is measured
+    statistic = args.statistic or (model.statistic if model else "median")
     result = profile(load_arch(args.arch), backend=args.backend, threads=args.threads, batch=args.batch,
-                     provider=args.provider, anchor=anchor, measure=not args.no_measure, **remote)
+                     provider=args.provider, anchor=anchor, measure=not args.no_measure, statistic=statistic, **remote)
     for warning in result.warnings or []:
         print(f"vmoe-nas profile: warning: {warning}", file=sys.stderr)
     if model:
         from profilers.latency_model import add_prediction
 
-        result = add_prediction(result, model)
+        result = add_prediction(result, model, statistic)
     if args.json:
         return _print_json(result.to_dict())
     print(format_profile(result))
@@ -63,16 +64,16 @@ def cmd_latency_model_fit(args: argparse.Namespace) -> None:
     from nas.study import load_study_config
 
     check_int("--size", args.size, 2)
-    cfg = load_study_config(args.config, backend=args.backend, remote_url=args.remote_url)
+    cfg = load_study_config(args.config, backend=args.backend, remote_url=args.remote_url, statistic=args.statistic)
     resume = args.out.with_name(args.out.name + ".partial.jsonl")  # an interrupted calibration resumes from it
     model = fit_for_study(cfg, size=args.size, resume=resume, progress=not args.no_progress)
     model.save(args.out)
     resume.unlink(missing_ok=True)
     errors = model.errors["features"]
-    print(f"latency model for {model.key['backend']} on {model.key['device']}, threads {model.key['threads']}, "
-          f"batch {model.key['batch']}: {len(model.calibration)} architectures in {model.calibration_s:.0f} s; "
-          f"leave-one-out MAPE {errors['mape']:.1f}%, {100 * errors['within_10']:.0f}% within +-10%, "
-          f"bound {model.bound_pct:.1f}% (FLOPs alone: MAPE {model.errors['flops']['mape']:.1f}%); "
+    print(f"latency model ({model.statistic}) for {model.key['backend']} on {model.key['device']}, threads "
+          f"{model.key['threads']}, batch {model.key['batch']}: {len(model.calibration)} architectures in "
+          f"{model.calibration_s:.0f} s; leave-one-out MAPE {errors['mape']:.1f}%, {100 * errors['within_10']:.0f}% "
+          f"within +-10%, bound {model.bound_pct:.1f}% (FLOPs alone: MAPE {model.errors['flops']['mape']:.1f}%); "
           f"written to {args.out}")
 
 

@@ -196,7 +196,7 @@ def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: 
     limit = f"{study_cfg.data.limit:,} training images" if study_cfg.data.limit else "the full training split"
     latency, anchor = (profile.latency, profile.anchor) if profile else (None, None)
     anchored = (f"; {anchor.ratio:.3g}x the study's latency anchor {anchor.name}, timed interleaved with it "
-                f"(this run's own median: {_fmt_metric(metrics.latency_ms_measured, ' ms')})" if anchor else "")
+                f"(this run's own: {_fmt_metric(metrics.latency_ms_measured, ' ms')})" if anchor else "")
     rows = [
         ("validation accuracy", _fmt_metric(metrics.accuracy),
          f"proxy training ({budget}, batch {recipe.batch_size}) on {limit} of {study_cfg.data.name}; "
@@ -207,9 +207,9 @@ def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: 
          f"{_fmt_metric(metrics.params_active)}", "search_spaces.count_params; active: k of E experts"),
         ("size (fp32)", _fmt_metric(metrics.size_mb, " MB"), "4 bytes per parameter"),
         ("latency", _fmt_metric(metrics.latency_ms, " ms"),
-         f"median, {profile and profile.backend}, batch {profile and profile.batch}, {profile and profile.threads} "
-         f"thread(s), cv {_fmt_metric(latency and latency.cv)}, on {metrics.latency_device or 'an unrecorded device'}"
-         f"{anchored}"),
+         f"{study_cfg.profiler.statistic}, {profile and profile.backend}, batch {profile and profile.batch}, "
+         f"{profile and profile.threads} thread(s), cv {_fmt_metric(latency and latency.cv)}, "
+         f"on {metrics.latency_device or 'an unrecorded device'}{anchored}"),
     ]
     table = "| metric | value | how |\n|---|---|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
     against = against_dense(analysis, trial.number, pick)

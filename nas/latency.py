@@ -50,17 +50,19 @@ class Anchor:
     Every trial is timed interleaved with it and reported as this latency times their ratio."""
 
     arch: ArchConfig
-    latency_ms: float  # its median when the study started
+    latency_ms: float  # its latency (profiler.statistic) when the study started
     latency: dict  # its full LatencyStats
     device: str
+    statistic: str = "median"  # what latency_ms is of its per-call times
 
     def to_attrs(self) -> dict:
         return {"name": self.arch.name, "arch_yaml": self.arch.to_yaml(), "latency_ms": self.latency_ms,
-                "latency": self.latency, "device": self.device}
+                "latency": self.latency, "device": self.device, "statistic": self.statistic}
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> Anchor:
-        return cls(ArchConfig.from_yaml(attrs["arch_yaml"]), attrs["latency_ms"], attrs["latency"], attrs["device"])
+        return cls(ArchConfig.from_yaml(attrs["arch_yaml"]), attrs["latency_ms"], attrs["latency"], attrs["device"],
+                   attrs.get("statistic", "median"))
 
 
 def model_key_device(cfg: StudyConfig) -> str | None:
@@ -94,7 +96,7 @@ def load_for_study(cfg: StudyConfig, path: str | Path | None = None) -> LatencyM
 def check(model: LatencyModel, cfg: StudyConfig) -> None:
     spec = cfg.profiler
     model.check(backend=spec.backend, device=model_key_device(cfg), threads=spec.threads, batch=spec.batch,
-                precision=(spec.options().get("precision") or "fp32"))
+                precision=(spec.options().get("precision") or "fp32"), statistic=spec.statistic)
 
 
 def auto_model_path(cfg: StudyConfig) -> Path:
@@ -103,7 +105,7 @@ def auto_model_path(cfg: StudyConfig) -> Path:
     spec = cfg.profiler
     key = {"backend": spec.backend, "device": model_key_device(cfg), "agent": spec.remote_url, "threads": spec.threads,
            "batch": spec.batch, "provider": spec.provider, "precision": spec.options().get("precision") or "fp32",
-           "space": cfg.space.to_dict(), "data": [cfg.data.name, cfg.data.image_size]}
+           "space": cfg.space.to_dict(), "data": [cfg.data.name, cfg.data.image_size], "statistic": spec.statistic}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return cfg.study_dir / "latency_model" / f"{digest}.json"
 
@@ -160,9 +162,9 @@ def fit_for_study(cfg: StudyConfig, *, size: int = 40, resume: str | Path | None
     dataset = load_dataset(data.name, data_dir=data.data_dir, val_fraction=data.val_fraction, seed=data.seed,
                            limit=data.limit, **data.folder_options())
     options = {key: value for key, value in spec.options().items() if key not in ("backend", "threads", "batch",
-                                                                                   "provider")}
+                                                                                   "provider", "statistic")}
     measurer = Measurer(spec.backend, spec.threads, spec.batch, spec.provider,
-                        {**CALIBRATION_PROTOCOL, **(protocol or {}), **options})
+                        {**CALIBRATION_PROTOCOL, **(protocol or {}), **options}, statistic=spec.statistic)
     bar = _bar("calibrating") if progress else None
     return fit_latency_model(cfg.space, image_size=dataset.image_size, in_channels=dataset.in_channels,
                              num_classes=dataset.num_classes, measurer=measurer, size=size, resume=resume,
@@ -226,10 +228,10 @@ def measure_beside_prediction(cfg: StudyConfig, model: LatencyModel, arch: ArchC
 
     predicted, _ = predicted_latency(model, arch, anchor.latency_ms if anchor else None)
     result = profile(arch, anchor=anchor.arch if anchor else None, **cfg.profiler.options())
-    median = result.latency.median
-    measured = result.anchor.ratio * anchor.latency_ms if anchor else median
+    timed = result.latency.value(cfg.profiler.statistic)
+    measured = result.anchor.ratio * anchor.latency_ms if anchor else timed
     return {"config_hash": arch.config_hash(), "name": arch.name, "predicted_ms": predicted, "measured_ms": measured,
-            "measured_median_ms": median, "error_pct": 100 * (predicted - measured) / measured}
+            "measured_unanchored_ms": timed, "error_pct": 100 * (predicted - measured) / measured}
 
 
 def summarize(rows: list[dict], bound_pct: float, model: str) -> dict:

@@ -242,7 +242,7 @@ def analyze(study: optuna.Study, *, objectives: list[str] | None = None, margin:
             f"latency_ms is on one scale for the whole study: each trial was timed interleaved with the anchor "
             f"{anchor['name']} and its latency is their ratio (latency_ratio) times the anchor's "
             f"{anchor['latency_ms']:.4g} ms, measured when the study started on {anchor['device']}; "
-            "latency_ms_measured is the trial's own median"
+            f"latency_ms_measured is the trial's own {anchor.get('statistic', 'median')}"
         )
     return analysis
 

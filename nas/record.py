@@ -52,7 +52,7 @@ class Metrics:
     size_bytes_fp32: int | None = None
     size_mb: float | None = None
     latency_ms: float | None = None  # on the study anchor's scale where there is one
-    latency_ms_measured: float | None = None  # the trial's own median
+    latency_ms_measured: float | None = None  # the trial's own timing (profiler.statistic: median or p5)
     latency_ms_predicted: float | None = None  # from the study's latency model (profiler.latency: predicted...)
     latency_ratio: float | None = None  # to the anchor, timed interleaved
     latency_cv: float | None = None

@@ -186,7 +186,9 @@ def run_search(cfg: StudyConfig, *, progress: bool = True, allow_changes: bool =
             trained_supernet(ctx, progress=progress)
         with study_lock(url, cfg.study_name):
             queued = fill_slots(study, cfg)
-            if stored_anchor(study) is None:
+            stored = stored_anchor(study)
+            # A study resumed with another profiler.statistic (--allow-changes) needs its anchor in that statistic
+            if stored is None or stored.statistic != cfg.profiler.statistic:
                 anchor = measure_anchor(cfg, ctx.dataset)
                 if anchor is not None:
                     records.write_study(study, records.StudyRecord(anchor=anchor.to_attrs()))

@@ -91,6 +91,10 @@ class ProfilerSpec:
     # fits its own before its first trial (results/<study>/latency_model/).
     latency: str = "measured"
     latency_model: str | None = None
+    # What a latency is, of a timing's per-call times: `median`, or `p5` (5th percentile: the time of a call
+    # nothing interrupted, which repeats on a loaded machine where the median drifts; a latency model fitted
+    # on one predicts that one).
+    statistic: str = "median"
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -106,11 +110,14 @@ class ProfilerSpec:
         if self.latency != "measured" and not self.latency_model:
             raise ConfigError("profiler.latency_model", f"latency: {self.latency} needs a latency model file "
                               "(vmoe-nas latency-model fit --config STUDY --out PATH), or auto (the search fits it)")
+        if self.statistic not in profilers.STATISTICS:
+            raise ConfigError("profiler.statistic", f"must be one of {', '.join(profilers.STATISTICS)}, got "
+                              f"{self.statistic!r}")
         if self.latency_model is not None and not isinstance(self.latency_model, str):
             raise ConfigError("profiler.latency_model", f"must be a file path or auto, got {self.latency_model!r}")
 
     def options(self) -> dict[str, Any]:
-        options = {"backend": self.backend, "threads": self.threads, "batch": self.batch}
+        options = {"backend": self.backend, "threads": self.threads, "batch": self.batch, "statistic": self.statistic}
         if self.provider:
             options["provider"] = self.provider
         if self.remote_url:
@@ -416,9 +423,9 @@ def load_study_config(path_or_preset: str | Path, **overrides: Any) -> StudyConf
     if not isinstance(data, dict):
         raise ConfigError("config", f"{path} must hold a mapping of study fields")
     data.update({key: value for key, value in overrides.items() if value is not None})
-    # Flags that override one field of a section: --data, --data-dir, --backend, --remote-url.
+    # Flags that override one field of a section: --data, --data-dir, --backend, --remote-url, --statistic.
     for section, flags in (("data", {"data_name": "name", "data_dir": "data_dir"}),
-                           ("profiler", {"backend": "backend", "remote_url": "remote_url"}),
+                           ("profiler", {"backend": "backend", "remote_url": "remote_url", "statistic": "statistic"}),
                            ("evaluator", {"device": "device"})):
         section_overrides = {flags[k]: data.pop(k) for k in flags if k in data}
         if section_overrides:

@@ -105,7 +105,8 @@ def measure_anchor(cfg: StudyConfig, dataset) -> Anchor | None:
         log.warning("latency anchor %s: its timings spread %.0f%%, beyond the limit of %.0f%% "
                     "(confirm.max_latency_band): a loaded machine; latency verdicts will be unreliable",
                     arch.name, 100 * spread, 100 * limit)
-    return Anchor(arch, result.latency.median, latency, device_label(result.device))
+    statistic = cfg.profiler.statistic
+    return Anchor(arch, result.latency.value(statistic), latency, device_label(result.device), statistic)
 
 
 # ---------------------------------------------------------------- the steps
@@ -170,13 +171,13 @@ def profile_arch(ctx: StudyContext, arch: ArchConfig) -> tuple[ProfileResult, Me
     if predict:
         return predicted_metrics(ctx, arch, result, costs)
     latency = result.latency
-    median, cv = (latency.median, latency.cv) if latency else (None, None)
+    timed, cv = (latency.value(ctx.cfg.profiler.statistic), latency.cv) if latency else (None, None)
     ratio = result.anchor.ratio if result.anchor else None
     metrics = dataclasses.replace(
         costs,
         # On the anchor's scale where there is one: its latency at the study's start times this trial's ratio.
-        latency_ms=ratio * anchor.latency_ms if ratio else median,
-        latency_ms_measured=median, latency_ratio=ratio, latency_cv=cv,
+        latency_ms=ratio * anchor.latency_ms if ratio else timed,
+        latency_ms_measured=timed, latency_ratio=ratio, latency_cv=cv,
         latency_backend=result.backend, latency_device=device_label(result.device) if latency else None,
     )
     if ctx.latency_model is not None and wanted:  # a model given beside measured latency: both, side by side

@@ -24,7 +24,15 @@ from profilers._backends import (
     register_backend,
 )
 from profilers._errors import PayloadError, ProfileError, ProfilerBusy, ProfilerUnreachable, RemoteProfilerError
-from profilers._latency import MAX_BATCH, MAX_THREADS, MIN_TIME_S, LatencyStats, measure_interleaved, measure_latency
+from profilers._latency import (
+    MAX_BATCH,
+    MAX_THREADS,
+    MIN_TIME_S,
+    STATISTICS,
+    LatencyStats,
+    measure_interleaved,
+    measure_latency,
+)
 from profilers._result import AnchorTiming, Prediction, ProfileResult
 
 # The rest imports ONNX and fvcore: loaded on first use, so that reading the registry (the command line, a
@@ -87,6 +95,7 @@ __all__ = [
     "RemoteBackend",
     "RemoteProfilerError",
     "Runnable",
+    "STATISTICS",
     "Tail",
     "TorchBackend",
     "Trunk",

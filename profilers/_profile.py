@@ -10,11 +10,11 @@ import sys
 
 import torch
 
-from nas.config import check_int
+from nas.config import ConfigError, check_int
 from profilers._backends import get_backend
 from profilers._export import as_model, package_version
 from profilers._flops import count_flops
-from profilers._latency import MAX_BATCH, MAX_THREADS
+from profilers._latency import MAX_BATCH, MAX_THREADS, STATISTICS
 from profilers._result import AnchorTiming, ProfileResult
 from search_spaces import ArchConfig, VisionMoE, build_model, count_params
 
@@ -57,7 +57,8 @@ def device_label(device: dict) -> str:
 
 def profile(
     model_or_cfg: ArchConfig | VisionMoE, *, backend: str = "onnxruntime", threads: int = 1, batch: int = 1,
-    measure: bool = True, provider: str | None = None, anchor: ArchConfig | None = None, **backend_options,
+    measure: bool = True, provider: str | None = None, anchor: ArchConfig | None = None, statistic: str = "median",
+    **backend_options,
 ) -> ProfileResult:
     """Parameters, sizes, FLOPs per image and (unless `measure=False`, the cheap path for filtering)
     latency on `backend` at `batch` with `threads`. A config is exported through the artifact cache; a
@@ -65,10 +66,11 @@ def profile(
     warmup / min_runs / min_time_s, and coreml's precision / all_tails.
 
     With an `anchor` config, a local backend times the model and the anchor interleaved; the result's
-    `anchor` holds the anchor's latency and `ratio`, the model's median over the anchor's: a figure that
-    holds across processes and hours, where absolute times drift by 5-25% on a shared machine."""
+    `anchor` holds the anchor's latency and `ratio`, the model's `statistic` (median or p5) over the anchor's: a
+    figure that holds across processes and hours, where absolute times drift by 5-25% on a shared machine."""
     check_int("threads", threads, 1, MAX_THREADS)
     check_int("batch", batch, 1, MAX_BATCH)
+    check_statistic("statistic", statistic)
     model = as_model(model_or_cfg)
     runner = get_backend(backend, **backend_options)  # fails fast on a bad name or option, even unmeasured
     total, active = count_params(model)
@@ -89,13 +91,20 @@ def profile(
         device = run.device
     else:
         device["versions"].update(run.versions)
-    timing = (AnchorTiming(anchor.name, anchor.config_hash(), run.anchor, run.latency.median / run.anchor.median)
-              if run.anchor else None)
+    timing = None
+    if run.anchor:
+        ratio = run.latency.value(statistic) / run.anchor.value(statistic)
+        timing = AnchorTiming(anchor.name, anchor.config_hash(), run.anchor, ratio, statistic)
     return dataclasses.replace(
         counted, latency=run.latency, latency_note=run.note, provider=run.provider, export_form=run.export_form,
         artifact=run.artifact, device=device, anchor=timing,
         warnings=measurement_warnings(device, threads, measured=run.latency is not None),
     )
+
+
+def check_statistic(name: str, statistic: str) -> None:
+    if statistic not in STATISTICS:
+        raise ConfigError(name, f"must be one of {', '.join(STATISTICS)}, got {statistic!r}")
 
 
 def measurement_warnings(device: dict, threads: int, *, measured: bool) -> list[str]:
@@ -137,14 +146,15 @@ def format_profile(result: ProfileResult) -> str:
     if latency:
         per_batch = (f" per batch of {result.batch} ({result.latency_ms_per_image()['median']:.3f} ms per image)"
                      if result.batch > 1 else "")
-        lines.append(f"latency     median {latency.median:.3f} ms{per_batch}  p10 {latency.p10:.3f}  "
+        p5 = f"  p5 {latency.p5:.3f}" if latency.p5 is not None else ""
+        lines.append(f"latency     median {latency.median:.3f} ms{per_batch}{p5}  p10 {latency.p10:.3f}  "
                      f"p90 {latency.p90:.3f}  cv {latency.cv:.3f}  ({latency.runs} runs)")
     elif not prediction:
         lines.append(f"latency     unavailable: {result.latency_note}")
     if result.anchor:
         anchor = result.anchor
-        lines.append(f"anchor      {anchor.name}: median {anchor.latency.median:.3f} ms, "
-                     f"timed interleaved; ratio {anchor.ratio:.3f}")
+        lines.append(f"anchor      {anchor.name}: {anchor.statistic} {anchor.latency.value(anchor.statistic):.3f} ms, "
+                     f"timed interleaved; ratio {anchor.ratio:.3f} (of {anchor.statistic}s)")
     lines += [
         f"backend     {result.backend} ({result.provider or 'default'}), threads {result.threads}, "
         f"batch {result.batch}, form {result.export_form}",

@@ -24,15 +24,20 @@ class AnchorTiming:
     name: str
     config_hash: str
     latency: LatencyStats
-    ratio: float  # the profiled model's median over the anchor's: what holds across processes and hours
+    ratio: float  # the profiled model's `statistic` over the anchor's: what holds across processes and hours
+    statistic: str = "median"
 
     def to_dict(self) -> dict:
+        # The statistic only where it is not the median: a profile stored before the choice existed reads and
+        # writes back unchanged.
+        statistic = {"statistic": self.statistic} if self.statistic != "median" else {}
         return {"name": self.name, "config_hash": self.config_hash, "latency_ms": self.latency.to_dict(),
-                "ratio": self.ratio}
+                "ratio": self.ratio, **statistic}
 
     @classmethod
     def from_dict(cls, data: dict) -> AnchorTiming:
-        return cls(data["name"], data["config_hash"], LatencyStats(**data["latency_ms"]), data["ratio"])
+        return cls(data["name"], data["config_hash"], LatencyStats(**data["latency_ms"]), data["ratio"],
+                   data.get("statistic", "median"))
 
 
 @dataclass(frozen=True)

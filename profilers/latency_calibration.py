@@ -94,6 +94,7 @@ class Measurer:
     batch: int = 1
     provider: str | None = None
     options: dict = field(default_factory=dict)  # the protocol (warmup, min_runs, min_time_s) and backend options
+    statistic: str = "median"  # of the per-call times: what the model predicts
 
     def __post_init__(self):
         from profilers._backends import get_backend
@@ -115,8 +116,9 @@ class Measurer:
                               cache=True, anchor=None if remote else build_model(anchor))
         if run.latency is None:
             raise ProfileError(f"the {self.backend} backend cannot measure here: {run.note}")
-        anchor_ms = run.anchor.median if run.anchor else self.anchor_alone(anchor)
-        return CalibrationPoint(cfg, run.latency.median, anchor_ms, run.latency.cv), run.device or device_info()
+        anchor_ms = run.anchor.value(self.statistic) if run.anchor else self.anchor_alone(anchor)
+        return (CalibrationPoint(cfg, run.latency.value(self.statistic), anchor_ms, run.latency.cv),
+                run.device or device_info())
 
     def anchor_alone(self, anchor: ArchConfig) -> float:
         key = anchor.config_hash()
@@ -125,7 +127,7 @@ class Measurer:
 
             run = self.runner.run(build_model(anchor), batch=self.batch, threads=self.threads, provider=self.provider,
                                   cache=True)
-            self._anchor_alone[key] = run.latency.median
+            self._anchor_alone[key] = run.latency.value(self.statistic)
         return self._anchor_alone[key]
 
 
@@ -149,7 +151,7 @@ def calibrate(archs: list[ArchConfig], anchor: ArchConfig, measurer: Measurer, *
 
 def _measurer_key(measurer: Measurer) -> dict:
     return {"backend": measurer.backend, "threads": measurer.threads, "batch": measurer.batch,
-            "provider": measurer.provider, "precision": measurer.precision}
+            "provider": measurer.provider, "precision": measurer.precision, "statistic": measurer.statistic}
 
 
 def _resumed(path: str | Path | None, measurer: Measurer) -> tuple[dict[str, CalibrationPoint], dict]:

@@ -51,6 +51,7 @@ FEATURES = (
     "mlp_macs",  # dense MLPs
     "hidden_elements",  # tokens x hidden per MLP run: GELU
     "moe_layers",  # extra operators of an MoE layer (gather or the routing loop)
+    "mixed_layers",  # per-image layers with k > 1: the k axis's reshapes, gate product and sum (k = 1 skips them)
     "gathered_weights",  # per-image: the expert weights gathered per image (k x 2 x width x hidden)
     "expert_macs",  # the experts' matmuls, k per token
     "token_experts",  # per-token: one loop iteration per expert (NonZero, Gather, ScatterND...)
@@ -83,6 +84,7 @@ def features(cfg: ArchConfig, batch: int = 1) -> np.ndarray:
         batch * (depth - layers) * tokens * 2 * width * hidden,
         batch * mlp_runs * tokens * hidden,
         layers,
+        layers if per_image and k > 1 else 0,
         batch * layers * k * 2 * width * hidden if per_image else 0,
         batch * layers * k * tokens * 2 * width * hidden,
         layers * moe.num_experts if per_token else 0,
@@ -128,8 +130,8 @@ class CalibrationPoint:
     """One calibration architecture, timed interleaved with the anchor."""
 
     arch: ArchConfig
-    latency_ms: float  # its median
-    anchor_ms: float  # the anchor's median, timed with it
+    latency_ms: float  # its latency (the model's statistic of the per-call times)
+    anchor_ms: float  # the anchor's, timed with it
     cv: float | None = None
 
     @property
@@ -147,11 +149,12 @@ class CalibrationPoint:
 
 @dataclass
 class LatencyModel:
-    """A fitted latency model; `key` says what it predicts for: backend, device, threads, batch, precision."""
+    """A fitted latency model; `key` says what it predicts for: backend, device, threads, batch, precision, and
+    the statistic of the per-call times it predicts (median or p5: `profilers._latency.STATISTICS`)."""
 
     key: dict
     anchor: ArchConfig
-    anchor_ms: float  # the anchor's median over the calibration: predict_ratio x this = milliseconds
+    anchor_ms: float  # the anchor's latency over the calibration: predict_ratio x this = milliseconds
     coefficients: np.ndarray
     ranges: dict[str, tuple[float, float]]  # each feature's calibrated [min, max]
     calibration: list[CalibrationPoint]
@@ -178,7 +181,7 @@ class LatencyModel:
         return float(x @ self.coefficients)
 
     def predict(self, cfg: ArchConfig, *, anchor_ms: float | None = None) -> float:
-        """Milliseconds on the calibrated device; with `anchor_ms` (the anchor's median measured now), on
+        """Milliseconds on the calibrated device; with `anchor_ms` (the anchor's latency measured now), on
         that scale instead, as a study reports measured latencies."""
         return self.predict_ratio(cfg) * (anchor_ms if anchor_ms is not None else self.anchor_ms)
 
@@ -196,13 +199,20 @@ class LatencyModel:
     def name(self) -> str:
         return self.path or f"{self.key['backend']}@{self.key['device']}"
 
-    def check(self, *, backend: str, device: str | None, threads: int, batch: int, precision: str = "fp32") -> None:
+    @property
+    def statistic(self) -> str:
+        return self.key.get("statistic", "median")  # a file fitted before the choice existed: medians
+
+    def check(self, *, backend: str, device: str | None, threads: int, batch: int, precision: str = "fp32",
+              statistic: str = "median") -> None:
         """Refuse to predict for a key this model was not fitted for, naming the field that differs (`device`
         None: not known here, e.g. a remote agent not asked)."""
-        wanted = {"backend": backend, "device": device, "threads": threads, "batch": batch, "precision": precision}
+        wanted = {"backend": backend, "device": device, "threads": threads, "batch": batch, "precision": precision,
+                  "statistic": statistic}
         for name, value in wanted.items():
-            if value is not None and self.key[name] != value:
-                raise ProfileError(f"latency model {self.name} is for {name} {self.key[name]!r}, not {value!r}: "
+            fitted = self.statistic if name == "statistic" else self.key[name]
+            if value is not None and fitted != value:
+                raise ProfileError(f"latency model {self.name} is for {name} {fitted!r}, not {value!r}: "
                                    "fit one for it with `vmoe-nas latency-model fit`")
 
     # ------------------------------------------------------------ the file
@@ -265,16 +275,16 @@ class LatencyModel:
         )
 
 
-def add_prediction(result: ProfileResult, model: LatencyModel) -> ProfileResult:
+def add_prediction(result: ProfileResult, model: LatencyModel, statistic: str = "median") -> ProfileResult:
     """`result` with the model's prediction (beside the measured latency, or alone when nothing was measured):
     its file, stated bound and any out-of-range feature; refuses a model of another backend, device, threads,
-    batch or precision."""
+    batch, precision or statistic."""
     from profilers._profile import device_label
 
     remote_unmeasured = result.backend == "remote" and result.latency is None  # the agent, not this machine: not asked
     # A profile records no precision option: the model is checked for the default, fp32.
     model.check(backend=result.backend, device=None if remote_unmeasured else device_label(result.device),
-                threads=result.threads, batch=result.batch)
+                threads=result.threads, batch=result.batch, statistic=statistic)
     start = time.perf_counter()
     predicted = model.predict(result.arch)
     elapsed = time.perf_counter() - start

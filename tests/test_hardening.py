@@ -92,7 +92,8 @@ def test_a_worker_killed_in_another_pid_namespace_is_reclaimed_and_the_study_end
     if not unshare_works():
         pytest.skip("unshare --pid --fork --mount-proc is unavailable (needs root or user namespaces)")
     name, n_trials = f"pidns-{uuid.uuid4().hex[:8]}", 3
-    config = study_yaml(tmp_path, name, n_trials=n_trials, steps=400, max_retries=1)
+    # 2,000 steps: at 400 a trial could end (3.5 s) before the second search started one beside it
+    config = study_yaml(tmp_path, name, n_trials=n_trials, steps=2000, max_retries=1)
     storage = storage_for(kind, tmp_path, name)
     first = namespaced_search(config, storage)
     (victim,) = running_trials(name, storage, first)

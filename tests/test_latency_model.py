@@ -60,7 +60,12 @@ def test_features_add_up_the_architecture():
     assert f_dense["linear_macs"] == 2 * 17 * 4 * 16**2
     assert f_dense["mlp_macs"] == 2 * 17 * 2 * 16 * 32 and f_dense["expert_macs"] == 0
     assert f_moe["mlp_macs"] == 17 * 2 * 16 * 32 and f_moe["expert_macs"] == 2 * 17 * 2 * 16 * 32
-    assert f_moe["token_experts"] == 4 and f_moe["gathered_weights"] == 0
+    assert f_moe["token_experts"] == 4 and f_moe["gathered_weights"] == 0 and f_moe["mixed_layers"] == 0
+    per_image = {"num_experts": 4, "layers": [1, 2], "routing": "per_image"}
+    k1, k2 = (dict(zip(FEATURES, features(ArchConfig(**DATA, patch_size=4, depth=3, width=16, num_heads=2,
+                                                     mlp_ratio=2.0, moe={**per_image, "top_k": k})))) for k in (1, 2))
+    assert (k1["mixed_layers"], k2["mixed_layers"]) == (0, 2)  # k = 1 exports no k axis to mix over
+    assert k2["gathered_weights"] == 2 * 2 * 2 * 16 * 32 and k2["router_macs"] == 16 * 4
     assert features(dense, batch=4)[FEATURES.index("linear_macs")] == 4 * f_dense["linear_macs"]
 
 
@@ -101,14 +106,18 @@ def test_the_file_round_trips_and_a_hand_edit_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("backend", "torch"), ("batch", 8), ("threads", 4),
-                                          ("device", "another cpu, 2 cores, Linux"), ("precision", "fp16")])
+                                          ("device", "another cpu, 2 cores, Linux"), ("precision", "fp16"),
+                                          ("statistic", "p5")])
 def test_a_model_for_another_key_is_refused_by_name(field, value):
-    model = synthetic_model()
-    wanted = {**{name: model.key[name] for name in ("backend", "device", "threads", "batch", "precision")},
-              field: value}
+    model = synthetic_model()  # its key names no statistic, as files fitted before the choice existed: medians
+    fitted = {**{name: model.key[name] for name in ("backend", "device", "threads", "batch", "precision")},
+              "statistic": "median"}
     with pytest.raises(ProfileError, match=f"is for {field} "):
-        model.check(**wanted)
-    model.check(**{**wanted, field: model.key[field]})  # the right key passes
+        model.check(**{**fitted, field: value})
+    model.check(**fitted)  # the right key passes
+    p5 = synthetic_model({**model.key, "statistic": "p5"})
+    with pytest.raises(ProfileError, match="is for statistic 'p5', not 'median'"):
+        p5.check(**fitted)
 
 
 def test_an_architecture_outside_the_calibrated_range_is_predicted_with_a_warning_naming_the_feature():
@@ -125,7 +134,7 @@ def test_an_architecture_outside_the_calibrated_range_is_predicted_with_a_warnin
 class CountingMeasurer:
     """A measurer that makes up latencies and counts what it was asked to time."""
 
-    backend, threads, batch, provider, precision = "onnxruntime", 1, 1, None, "fp32"
+    backend, threads, batch, provider, precision, statistic = "onnxruntime", 1, 1, None, "fp32", "median"
 
     def __init__(self, fail_after: int | None = None):
         self.measured, self.fail_after = [], fail_after
@@ -149,6 +158,52 @@ def test_an_interrupted_calibration_resumes_without_measuring_again(tmp_path):
     assert len(first.measured) == 4 and len(again.measured) == len(archs) - 4
     assert not set(first.measured) & set(again.measured)
     assert [p.arch for p in points] == archs and device == {"cpu": "test"}
+
+
+def test_a_calibration_of_another_statistic_measures_again(tmp_path):
+    """Medians measured for one model are not p5s for another: the resume file is keyed by the statistic."""
+    archs = calibration_set(space_architectures(SPACE, **DATA), 6)
+    anchor = SPACE.smallest_dense(**DATA)
+    log = tmp_path / "lm.json.partial.jsonl"
+    calibrate(archs, anchor, CountingMeasurer(), resume=log)  # every point measured, as medians
+    p5 = CountingMeasurer()
+    p5.statistic = "p5"
+    calibrate(archs, anchor, p5, resume=log)
+    assert len(p5.measured) == len(archs)
+
+
+def test_a_latency_is_the_statistic_asked_for_in_the_ratio_and_refused_where_the_agent_lacks_it(monkeypatch):
+    from profilers import BackendResult, LatencyStats, _profile, profile
+
+    times = [0.001 * (1 + i % 7) + 0.0001 * i for i in range(40)]
+    stats = LatencyStats.from_times(times)
+    assert stats.p5 == pytest.approx(1e3 * np.percentile(times, 5)) and stats.value("median") == stats.median
+
+    def timed(model_ms: LatencyStats, anchor_ms: LatencyStats):
+        class Runner:
+            def form(self, model):
+                return "onnx"
+
+            def run(self, model, **kwargs):
+                return BackendResult(model_ms, None, "onnx", anchor=anchor_ms)
+        monkeypatch.setattr(_profile, "get_backend", lambda name, **options: Runner())
+
+    model_ms = LatencyStats(median=4.0, p10=2.5, p90=6.0, mean=4.0, std=1.0, cv=0.25, runs=30, p5=2.0)
+    anchor_ms = LatencyStats(median=2.0, p10=1.8, p90=2.2, mean=2.0, std=0.1, cv=0.05, runs=30, p5=1.6)
+    timed(model_ms, anchor_ms)
+    arch, anchor = space_architectures(SPACE, **DATA)[-1], SPACE.smallest_dense(**DATA)
+    assert profile(arch, anchor=anchor).anchor.ratio == pytest.approx(2.0)  # 4.0 / 2.0: medians
+    result = profile(arch, anchor=anchor, statistic="p5")
+    assert result.anchor.ratio == pytest.approx(1.25) and result.anchor.statistic == "p5"  # 2.0 / 1.6
+    assert type(result).from_dict(result.to_dict()).anchor == result.anchor
+    from nas.config import ConfigError
+
+    with pytest.raises(ConfigError, match="statistic: must be one of median, p5, got 'mean'"):
+        profile(arch, anchor=anchor, statistic="mean")
+    older_agent = LatencyStats(**{**model_ms.to_dict(), "p5": None})  # an agent of an older vmoe-nas
+    timed(older_agent, anchor_ms)
+    with pytest.raises(ProfileError, match="'p5' is not in this measurement .* update the profiler agent"):
+        profile(arch, anchor=anchor, statistic="p5")
 
 
 def test_profile_adds_the_prediction_and_refuses_a_bad_model_file(tmp_path, capsys):
@@ -176,16 +231,20 @@ def test_profile_adds_the_prediction_and_refuses_a_bad_model_file(tmp_path, caps
 def test_fit_on_the_smoke_study_then_profile_with_the_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VMOE_NAS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "lm.json"
-    assert main(["latency-model", "fit", "--config", "smoke", "--size", "6", "--out", str(out), "--no-progress"]) == 0
+    assert main(["latency-model", "fit", "--config", "smoke", "--size", "6", "--statistic", "p5", "--out", str(out),
+                 "--no-progress"]) == 0
     assert "written to" in capsys.readouterr().out and not out.with_name("lm.json.partial.jsonl").exists()
     model = LatencyModel.load(out)
     assert model.key["backend"] == "onnxruntime" and model.key["device"] == device_label(device_info())
+    assert model.statistic == "p5"  # each point is its p5 over the anchor's p5, timed together
     assert len(model.calibration) >= 6 and model.errors["features"]["count"] == len(model.calibration)
     arch = tmp_path / "arch.yaml"
     model.calibration[-1].arch.save(arch)
-    assert main(["profile", str(arch), "--latency-model", str(out), "--json"]) == 0
+    assert main(["profile", str(arch), "--latency-model", str(out), "--json"]) == 0  # the model's statistic: p5
     latency = json.loads(capsys.readouterr().out)["latency_ms"]
-    assert latency["median"] > 0 and latency["predicted"] > 0
+    assert 0 < latency["p5"] <= latency["median"] and latency["predicted"] > 0
+    assert main(["profile", str(arch), "--latency-model", str(out), "--statistic", "median", "--no-measure"]) == 2
+    assert "is for statistic 'p5', not 'median'" in capsys.readouterr().err
 
 
 def test_study_config_latency_keys_are_checked(tmp_path):
@@ -196,6 +255,8 @@ def test_study_config_latency_keys_are_checked(tmp_path):
         load_study_config("smoke", profiler={"latency": "guessed"})
     with pytest.raises(ConfigError, match="profiler.latency_model: latency: predicted needs a latency model"):
         load_study_config("smoke", profiler={"latency": "predicted"})
+    with pytest.raises(ConfigError, match="profiler.statistic: must be one of median, p5, got 'p50'"):
+        load_study_config("smoke", profiler={"statistic": "p50"})
     cfg = load_study_config("smoke", profiler={"latency": "predicted+verify", "latency_model": "lm.json"})
     assert "latency" not in cfg.profiler.options()  # what profile() takes is unchanged
 
@@ -279,13 +340,13 @@ def test_latency_model_auto_is_keyed_by_machine_agent_and_space_and_unused_witho
     cfg = load_study_config("smoke", results_dir=str(tmp_path), profiler=auto)
     paths = {latency.auto_model_path(cfg)}
     for profiler in ({"backend": "remote", "remote_url": "http://phone-a:8765"},
-                     {"backend": "remote", "remote_url": "http://phone-b:8765"}, {"threads": 2}):
+                     {"backend": "remote", "remote_url": "http://phone-b:8765"}, {"threads": 2}, {"statistic": "p5"}):
         paths.add(latency.auto_model_path(load_study_config("smoke", results_dir=str(tmp_path), profiler={
             "latency": "predicted", "latency_model": "auto", **profiler})))
     narrower = {**cfg.space.to_dict(), "widths": cfg.space.widths[:1]}
     paths.add(latency.auto_model_path(load_study_config("smoke", results_dir=str(tmp_path), space=narrower,
                                                         profiler={"latency": "predicted", "latency_model": "auto"})))
-    assert len(paths) == 5 and all(p.parent == tmp_path / "smoke" / "latency_model" for p in paths)
+    assert len(paths) == 6 and all(p.parent == tmp_path / "smoke" / "latency_model" for p in paths)
     unused = load_study_config("smoke", results_dir=str(tmp_path), objectives=["accuracy", "flops"],
                                profiler={"latency": "predicted", "latency_model": "auto"})
     latency.fit_auto_model(unused)  # latency is not an objective nor a constraint: nothing to fit

@@ -221,3 +221,21 @@ def test_a_study_of_record_version_5_that_cannot_go_on_is_refused_with_what_to_d
     assert error.value.field == field and "--study-name" in str(error.value)
     if field == "sampler":
         open_study(dataclasses.replace(cfg, sampler="nsga2"), storage_url(cfg))  # what the message says to do
+
+
+def test_a_trials_latency_is_the_statistic_its_study_asks_for(ctx, monkeypatch):
+    """`profiler.statistic: p5`: the trial's own timing is its p5, and on the anchor's scale the p5 ratio times the
+    anchor's p5; with the median (the default) both would be 4.0 and 2 x 1.6."""
+    from nas.latency import Anchor
+
+    dense = sample(ctx, FixedTrial(DENSE))
+    timed = profilers.LatencyStats(median=4.0, p10=2.5, p90=6.0, mean=4.0, std=1.0, cv=0.25, runs=30, p5=2.0)
+    counted = profilers.profile  # the costs counted, the latency and anchor timing made up
+    monkeypatch.setattr(profilers, "profile", lambda arch, **kw: dataclasses.replace(
+        counted(arch, measure=False), latency=timed, anchor=profilers.AnchorTiming(
+            dense.name, dense.config_hash(), timed, 1.25 if kw["statistic"] == "p5" else 2.0, kw["statistic"])))
+    cfg = dataclasses.replace(ctx.cfg, objectives=["accuracy", "latency"],
+                              profiler=dataclasses.replace(ctx.cfg.profiler, statistic="p5"))
+    p5 = dataclasses.replace(ctx, cfg=cfg, anchor=Anchor(dense, 1.6, timed.to_dict(), "cpu", "p5"))
+    _, metrics = profile_arch(p5, sample(ctx, FixedTrial(MOE)))
+    assert metrics.latency_ms_measured == 2.0 and metrics.latency_ms == pytest.approx(1.25 * 1.6)
