@@ -51,10 +51,11 @@ def test_statistics_are_in_milliseconds():
     stats = LatencyStats.from_times(times)
     ms = np.array(times) * 1e3
     assert stats.median == pytest.approx(3.0)
-    assert (stats.p10, stats.p90) == pytest.approx(tuple(np.percentile(ms, [10, 90])))
+    assert (stats.p5, stats.p10, stats.p90) == pytest.approx(tuple(np.percentile(ms, [5, 10, 90])))
+    assert stats.p5 == pytest.approx(1.2)  # a fifth of the way from 1 ms to 2 ms, numpy's linear interpolation
     assert stats.mean == pytest.approx(4.0) and stats.std == pytest.approx(ms.std(ddof=1))
     assert stats.cv == pytest.approx(stats.std / stats.mean) and stats.runs == 5
-    assert set(stats.to_dict()) == {"median", "p10", "p90", "mean", "std", "cv", "runs"}
+    assert set(stats.to_dict()) == {"median", "p5", "p10", "p90", "mean", "std", "cv", "runs"}
 
 
 def test_a_single_run_has_zero_spread():

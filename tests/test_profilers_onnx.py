@@ -132,7 +132,8 @@ def test_profile_is_json_and_reuses_the_cached_export(monkeypatch, exported):
     monkeypatch.setattr(profilers._export, "export_onnx", lambda *a, **k: pytest.fail("exported twice"))
     second = profile(cfg, threads=2, batch=4, **FAST).to_dict()
     assert second["artifact"] == str(path)
-    assert json.loads(json.dumps(second))["latency_ms"].keys() == {"median", "p10", "p90", "mean", "std", "cv", "runs"}
+    assert json.loads(json.dumps(second))["latency_ms"].keys() == {"median", "p5", "p10", "p90", "mean", "std", "cv",
+                                                                   "runs"}
     assert (second["backend"], second["provider"], second["threads"], second["batch"]) == (
         "onnxruntime", "CPUExecutionProvider", 2, 4)
     assert second["export_form"] == f"{cfg.moe.routing}:{FORMS[cfg.moe.routing]}" and second["latency_ms"]["runs"] >= 3
