@@ -27,13 +27,13 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nas.config import write_atomically
 from nas.study import load_study_config
 from nas.trainer import train
 from nas.trial import build_context
@@ -89,13 +89,6 @@ def run_reference(args) -> None:
                 write_atomically(REFERENCE, json.dumps(store, indent=1) + "\n")  # kept as soon as it is done
         print(f"[{index + 1}/{len(archs)}] {arch.name}: reference {entry['reference']:.4f} proxy "
               f"{entry['proxy']} ({entry['wall_time_s']:.0f} s)", flush=True)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Readers that take no lock (a sibling's check, `score`) see the old file or the new one, never half."""
-    part = path.with_name(f".{path.name}.{os.getpid()}")
-    part.write_text(text)
-    os.replace(part, path)
 
 
 @contextlib.contextmanager

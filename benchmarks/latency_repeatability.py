@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 from pathlib import Path
-from time import perf_counter
 
 import numpy as np
 from latency_model import held_out, spaces
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from nas.latency import CALIBRATION_PROTOCOL
 from profilers import device_info, device_label
 from profilers._export import cached_onnx
+from profilers._latency import time_interleaved
 from profilers._onnxruntime import ort_inference
 from profilers.latency_calibration import calibration_set, space_architectures
 from profilers.latency_model import error_figures
@@ -37,18 +37,8 @@ STATISTICS = {"median": np.median, "p5": lambda t: np.percentile(t, 5), "min": n
 def ratios(cfg, anchor) -> dict[str, float]:
     """`cfg`'s latency over the anchor's, per statistic, from one interleaved measurement in fresh sessions."""
     calls = [ort_inference(cached_onnx(c), batch=1, threads=1, provider=None)[1] for c in (cfg, anchor)]
-    protocol = CALIBRATION_PROTOCOL
-    for call in calls:
-        for _ in range(protocol["warmup"]):
-            call()
-    times = [[], []]
-    while len(times[0]) < protocol["min_runs"] or sum(times[0]) < protocol["min_time_s"]:
-        for call, own in zip(calls, times):
-            for _ in range(5):  # profilers._latency.BLOCK
-                start = perf_counter()
-                call()
-                own.append(perf_counter() - start)
-    return {name: float(f(times[0]) / f(times[1])) for name, f in STATISTICS.items()}
+    model, reference = time_interleaved(calls, **CALIBRATION_PROTOCOL)  # the calibration's protocol, per call
+    return {name: float(f(model) / f(reference)) for name, f in STATISTICS.items()}
 
 
 def main() -> None:

@@ -5,7 +5,11 @@ project, so `search_spaces` and every layer of `nas` can stand on it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import uuid
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -160,5 +164,25 @@ def first_line(error: BaseException, *, typed: bool = False) -> str:
     return f"{type(error).__name__}: {line}" if typed else line
 
 
+def write_atomically(path: Path, text: str) -> Path:
+    """Write `text` to `path` whole or not at all: a reader, or another process writing it at the same moment,
+    sees the old file or a new one, never half of one. The temporary file has a name of its own and goes if
+    the write fails (a full disk keeps no half-written file)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def json_digest(data: Any, length: int = 12) -> str:
+    """A short hash of JSON-able `data`, the same for equal data (keys sorted): the name of a file or folder that
+    holds what the data describe (a checkpoint's run, a latency model's key)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:length]
+
+
 __all__ = ["MAX_NUMBER", "MAX_PROBLEM", "MAX_SEED", "MAX_YAML_VALUES", "ConfigError", "check_fields", "check_int",
-           "check_number", "first_line", "from_mapping", "is_file", "is_number", "read_yaml", "safe_yaml_load", "shown"]
+           "check_number", "first_line", "from_mapping", "is_file", "is_number", "json_digest", "read_yaml",
+           "safe_yaml_load", "shown", "write_atomically"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from nas.config import ConfigError, first_line, read_yaml
+from nas.config import ConfigError, first_line, read_yaml, write_atomically
 from nas.data import load_dataset
 from nas.deploy import ModelInfo
 from nas.devices import resolve_device
@@ -85,9 +85,7 @@ def load_train_config(path) -> TrainConfig:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(data, indent=1))
-    os.replace(partial, path)
+    write_atomically(path, json.dumps(data, indent=1))
 
 
 def _remove(path: Path) -> None:

@@ -19,18 +19,15 @@ another machine fits that machine's.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import logging
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from nas.config import ConfigError, first_line
+from nas.config import ConfigError, first_line, json_digest
+from nas.processes import file_lock
 from nas.study import AUTO, StudyConfig
 from profilers._errors import ProfileError
 from profilers.latency_calibration import Measurer, fit_latency_model
@@ -106,8 +103,7 @@ def auto_model_path(cfg: StudyConfig) -> Path:
     key = {"backend": spec.backend, "device": model_key_device(cfg), "agent": spec.remote_url, "threads": spec.threads,
            "batch": spec.batch, "provider": spec.provider, "precision": spec.options().get("precision") or "fp32",
            "space": cfg.space.to_dict(), "data": [cfg.data.name, cfg.data.image_size], "statistic": spec.statistic}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return cfg.study_dir / "latency_model" / f"{digest}.json"
+    return cfg.study_dir / "latency_model" / f"{json_digest(key)}.json"
 
 
 def fit_auto_model(cfg: StudyConfig, *, progress: bool = True) -> None:
@@ -120,7 +116,7 @@ def fit_auto_model(cfg: StudyConfig, *, progress: bool = True) -> None:
     path = auto_model_path(cfg)
     resume = path.with_name(path.name + ".partial.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(path.with_name(path.name + ".lock")):
+    with file_lock(path.with_name(path.name + ".lock")):
         if path.is_file():
             try:
                 check(LatencyModel.load(path), cfg)
@@ -142,14 +138,6 @@ def fit_auto_model(cfg: StudyConfig, *, progress: bool = True) -> None:
     errors = model.errors["features"]
     log.info("latency model: %d architectures in %.0f s, leave-one-out MAPE %.1f%%, bound %.1f%%",
              len(model.calibration), model.calibration_s, errors["mape"], model.bound_pct)
-
-
-@contextmanager
-def _exclusive(lock: Path):
-    """Hold an exclusive lock on the file `lock` (processes of this machine wait for each other)."""
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def fit_for_study(cfg: StudyConfig, *, size: int = 40, resume: str | Path | None = None, progress: bool = True,

@@ -8,18 +8,22 @@ process that is PID 1 in a container also needs the handler: the kernel ignores 
 Children (a budgeted trial's process, search workers, confirmation pool workers) get a parent-death signal
 on Linux (prctl PR_SET_PDEATHSIG), and elsewhere watch their parent's pid: killed with -9, a parent takes
 them with it, instead of leaving them training on (and writing to its checkpoints) for minutes.
+
+`file_lock(path)`: one process of this machine at a time (the lock goes with its process, killed or not).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import signal
 import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 INTERRUPTIONS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -129,5 +133,21 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-__all__ = ["deferred_interruptions", "die_with_parent", "interrupt", "interruptible", "interrupted",
+@contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive lock on the file `path` (created if absent), waiting for another process that holds it.
+    A folder this user cannot write to gets no lock: nor can they change what is in it."""
+    try:  # read-only: flock needs no write access, so a reader may lock a file another user's process made
+        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+__all__ = ["deferred_interruptions", "die_with_parent", "file_lock", "interrupt", "interruptible", "interrupted",
            "interruption_name", "raise_if_interrupted", "treat_signals_as_interruptions"]

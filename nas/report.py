@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import errno
 import html
-import os
-import uuid
 from pathlib import Path
 
 import optuna
@@ -18,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from nas.config import write_atomically
 from nas.pairs import latency_warning
 from nas.pareto import FRONT_COLUMNS, ParetoAnalysis, analyze, confirmed_at, confirmed_summary
 from nas.plots import (
@@ -40,14 +39,11 @@ COMPARISONS_SHOWN = 10  # MoE-against-dense rows in report.md and report.html
 
 
 def _write(path: Path, text: str) -> Path:
-    """Write whole or not at all: a report being rewritten is never seen half-written."""
-    # A name of its own: launchers sharing a study each write the report when they finish, at the same moment.
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    """Write whole or not at all: a report being rewritten is never seen half-written (launchers sharing a
+    study each write the report when they finish, at the same moment)."""
     try:
-        partial.write_text(text)
-        os.replace(partial, path)
+        write_atomically(path, text)
     except OSError as error:
-        partial.unlink(missing_ok=True)  # a full disk keeps no half-written file
         if error.errno == errno.ENOSPC:
             raise NoSpaceLeft(path.parent, f"{path.name} was not written (the report's other files may be older); "
                                            "free some space and run vmoe-nas pareto again") from None

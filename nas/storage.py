@@ -10,9 +10,7 @@ A URL's password is never stored in a study or printed: `StorageURL.redacted` is
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
-import os
 import sqlite3
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 from nas.config import first_line
+from nas.processes import file_lock
 
 # What a storage raises when its database is gone: Optuna wraps SQLAlchemy's errors, mostly.
 STORAGE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
@@ -176,16 +175,8 @@ def _exclusive(url: StorageURL, key: str, file_name: str):
     elif url.path is not None:
         path = url.lock_path(file_name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # read-only: flock needs no write access, so a reader may lock a file another user's search made
-            descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-        except OSError:  # a folder this user cannot write to: nor can they change the storage in it
+        with file_lock(path):
             yield
-            return
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(descriptor)
     else:
         yield
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nas.config import write_atomically
 from nas.datasets import Dataset
 from nas.recipe import Schedule, TrainRecipe
 from nas.trainer import train
@@ -78,17 +77,10 @@ class SuperclassMap:
         return result
 
     def save(self, path: str | Path) -> Path:
-        """Write to a unique temporary file, then rename it over `path`: a worker reading the cache meanwhile (or
-        another writing it) sees a whole file, old or new."""
+        """Written atomically: a worker reading the cache meanwhile (or another writing it) sees a whole file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            temporary.write_text(json.dumps(self.to_dict(), indent=1))
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-        return path
+        return write_atomically(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> SuperclassMap:

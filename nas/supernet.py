@@ -18,8 +18,6 @@ refused naming what differs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas.batches import Batches, seeded_generator
-from nas.config import ConfigError
+from nas.config import ConfigError, json_digest
 from nas.devices import autocast_dtype, available_cores, resolve_device
 from nas.recipe import Schedule, SupernetSpec, TrainRecipe, param_groups, recipe_identity
 from nas.trainer import Checkpoint, Loss, RunState, TrainingError, evaluate, progress_bar
@@ -56,8 +54,7 @@ def identity(net: Supernet, recipe: TrainRecipe, spec: SupernetSpec, dataset_nam
 
 
 def checkpoint_dir(study_dir: Path, ident: dict) -> Path:
-    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(study_dir) / SUPERNET_DIR / key
+    return Path(study_dir) / SUPERNET_DIR / json_digest(ident)
 
 
 class SupernetCheckpoint(Checkpoint):

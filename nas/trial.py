@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -24,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from nas import trainer
+from nas.config import json_digest
 from nas.data import load_dataset
 from nas.datasets import Dataset
 from nas.latency import Anchor, fit_auto_model, load_for_study, needs_latency
@@ -219,7 +218,7 @@ def train_to_rungs(ctx: StudyContext, arch: ArchConfig, decide: Callable[[int, T
     groups = ctx.groups_for(arch)
     rungs = ctx.cfg.rungs.steps if ctx.cfg.rungs else (None,)
     # Keyed by architecture and recipe: a retry of the trial, or a resumed study, finds its run here.
-    recipe_key = hashlib.sha256(json.dumps(ctx.recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    recipe_key = json_digest(ctx.recipe.to_dict(), 8)
     checkpoints = ctx.cfg.study_dir / "checkpoints" / f"{arch.config_hash()}-{recipe_key}" if rungs[0] else None
     for rung in rungs:
         final = rung == rungs[-1]

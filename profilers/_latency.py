@@ -76,6 +76,15 @@ def measure_interleaved(
 ) -> list[LatencyStats]:
     """`measure_latency` for several functions at once: `warmup` calls of each, then rounds of `block`
     timed calls of each in turn, until every one has `min_runs` calls and the first `min_time_s` seconds."""
+    times = time_interleaved(fns, warmup=warmup, min_runs=min_runs, min_time_s=min_time_s, block=block)
+    return [LatencyStats.from_times(own) for own in times]
+
+
+def time_interleaved(
+    fns: Sequence[Callable[[], object]], *, warmup: int = WARMUP, min_runs: int = MIN_RUNS,
+    min_time_s: float = MIN_TIME_S, block: int = BLOCK,
+) -> list[list[float]]:
+    """`measure_interleaved`'s per-call seconds of each function, for statistics it does not report."""
     if min_runs < 1:
         raise ValueError(f"min_runs must be >= 1, got {min_runs}")
     if block < 1:
@@ -92,4 +101,4 @@ def measure_interleaved(
                 fn()
                 own.append(perf_counter() - start)
         elapsed += sum(times[0][-block:])
-    return [LatencyStats.from_times(own) for own in times]
+    return times

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nas.config import write_atomically
 from profilers._errors import ProfileError
 from profilers._result import Prediction, ProfileResult
 from search_spaces import ArchConfig
@@ -231,10 +231,7 @@ class LatencyModel:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a name of its own: two writers do not mix
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)  # a reader never sees half a file
-        return path
+        return write_atomically(path, json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyModel:
