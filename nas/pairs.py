@@ -4,7 +4,8 @@ For each of the top K MoEs of the MoE front (by accuracy), (a) its FLOPs twin, t
 with E=0 (equal FLOPs at k=1), (b) the most accurate dense trial of no more FLOPs, (c) the most accurate dense
 trial of no more latency, within a tie band measured on the study: the median over its trials of the relative
 spread of one timing, (p90 - p10) / (2.563 median), the interdecile range as a normal sd (robust to the rare
-slow calls that inflate `latency_cv`), so two latencies closer than a timing's noise count as equal. (b) is
+slow calls that inflate `latency_cv`), so two latencies closer than a timing's noise count as equal; a
+predicted latency's spread is its model's stated bound (95% of its errors within it) as a normal sd. (b) is
 left out where it is the twin. A (MoE, dense) pair is tested once: where (c) is the same dense model as (a) or
 (b), that pair also answers the latency question (`also`), so Holm adjusts over distinct pairs only. The band is
 capped at `confirm.max_latency_band`: a wider one (a loaded machine) is a warning and makes the latency
@@ -59,6 +60,7 @@ def _costs(r: TrialRecord) -> dict:
 
 
 INTERDECILE_SDS = 2 * 1.2816  # p90 - p10 of a normal distribution, in standard deviations
+NORMAL_95 = 1.96  # 95% of a normal distribution lies within this many standard deviations of its mean
 
 
 def timing_spread(latency: dict | None) -> float | None:
@@ -71,10 +73,18 @@ def timing_spread(latency: dict | None) -> float | None:
 
 
 def latency_band(rs: list[TrialRecord]) -> float:
-    """The latency tie band: the median over measured trials of a timing's robust relative spread (0: none)."""
-    timings = [r.profile.latency.to_dict() for r in rs if r.profile and r.profile.latency]
-    spreads = [s for t in timings if (s := timing_spread(t)) is not None]
+    """The latency tie band: the median over trials of their latency's relative spread, a measured timing's
+    robust one or a prediction's bound as an sd (0: no trial has a latency)."""
+    spreads = [s for r in rs if r.profile and (s := latency_spread(r.profile)) is not None]
     return float(np.median(spreads)) if spreads else 0.0
+
+
+def latency_spread(profile) -> float | None:
+    if profile.latency:
+        return timing_spread(profile.latency.to_dict())
+    if profile.prediction:  # without this, predicted latencies tied only when equal: a band of 0
+        return profile.prediction.bound_pct / 100 / NORMAL_95
+    return None
 
 
 def latency_warning(settings: dict) -> str | None:

@@ -17,7 +17,7 @@ from nas.data import load_dataset
 from nas.pairs import INTERDECILE_SDS, latency_band, select_pairs, top_moes
 from nas.study import load_study_config
 from nas.trial import StudyContext
-from profilers import LatencyStats, profile
+from profilers import LatencyStats, Prediction, profile
 
 
 def hand_records(spread=0.1):
@@ -32,6 +32,21 @@ def hand_records(spread=0.1):
         timing = LatencyStats(median=median, p10=median - half, p90=median + half, mean=median, std=0.0, cv=5.0, runs=9)
         r.profile = dataclasses.replace(profile(r.arch, measure=False), latency=timing)
     return rs
+
+
+def test_predicted_latencies_tie_within_their_models_bound():
+    """A study of predicted latencies had a tie band of 0 (nothing measured): 1.08 ms was then more than 1.0 ms
+    however wrong the model could be. Its band is the model's 95% bound as an sd: 9.8% / 1.96 = 5%."""
+    rs = hand_records()
+    for r in rs:
+        r.profile = dataclasses.replace(r.profile, latency=None,
+                                        prediction=Prediction(r.metrics.latency_ms, "lm.json", bound_pct=9.8))
+    assert latency_band(rs) == pytest.approx(0.05)
+    # 1.08 > 1.0 x 1.05: not a tie; at a bound of 19.6% (band 10%) it is the MoE's latency comparator
+    assert [p.also for p in select_pairs(rs, 2, ["accuracy", "flops", "latency"])][1] == ()
+    for r in rs:
+        r.profile = dataclasses.replace(r.profile, prediction=Prediction(r.metrics.latency_ms, "lm.json", 19.6))
+    assert [p.also for p in select_pairs(rs, 2, ["accuracy", "flops", "latency"])][1] == ("latency",)
 
 
 def test_pairs_are_the_twin_and_the_best_dense_of_no_more_flops_and_of_no_more_latency_within_the_band():
