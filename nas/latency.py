@@ -237,7 +237,8 @@ def verify_frame(summary: dict):
     import pandas as pd
 
     columns = ["trial", "why", "name", "predicted_ms", "measured_ms", "error_pct"]
-    return pd.DataFrame(summary["trials"], columns=columns)
+    frame = pd.DataFrame(summary["trials"], columns=columns)
+    return frame.astype({"trial": "Int64"})  # a confirmed arm of no search trial: <NA>, the others not floats
 
 
 def verify_markdown(summary: dict, table: Callable) -> str:
