@@ -195,6 +195,7 @@ def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: 
     budget = ", ".join(f"{k} {getattr(recipe, k):g}" for k in ("epochs", "steps", "seconds") if getattr(recipe, k))
     limit = f"{study_cfg.data.limit:,} training images" if study_cfg.data.limit else "the full training split"
     latency, anchor = (profile.latency, profile.anchor) if profile else (None, None)
+    statistic = anchor.statistic if anchor else study_cfg.profiler.statistic  # what this trial was timed by
     anchored = (f"; {anchor.ratio:.3g}x the study's latency anchor {anchor.name}, timed interleaved with it "
                 f"(this run's own: {_fmt_metric(metrics.latency_ms_measured, ' ms')})" if anchor else "")
     rows = [
@@ -207,7 +208,7 @@ def model_card(cfg: ArchConfig, trial: TrialRecord, study_name: str, study_cfg: 
          f"{_fmt_metric(metrics.params_active)}", "search_spaces.count_params; active: k of E experts"),
         ("size (fp32)", _fmt_metric(metrics.size_mb, " MB"), "4 bytes per parameter"),
         ("latency", _fmt_metric(metrics.latency_ms, " ms"),
-         f"{study_cfg.profiler.statistic}, {profile and profile.backend}, batch {profile and profile.batch}, "
+         f"{statistic}, {profile and profile.backend}, batch {profile and profile.batch}, "
          f"{profile and profile.threads} thread(s), cv {_fmt_metric(latency and latency.cv)}, "
          f"on {metrics.latency_device or 'an unrecorded device'}{anchored}"),
     ]

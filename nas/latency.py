@@ -180,7 +180,8 @@ def verify_front(study, cfg: StudyConfig, model: LatencyModel | None = None) -> 
     """Measure, interleaved with the study's anchor, every trial on a Pareto front (overall, dense, MoE) and
     every arm of a confirmation, and store their predicted and measured latencies side by side with the
     errors, in the study's `latency_verify` attribute (a finished trial's own attributes are frozen); None
-    where the study does not verify. What an earlier call measured is not measured again."""
+    where the study does not verify. What an earlier call measured (with the same model and statistic) is not
+    measured again."""
     from nas import record as records
     from nas.pareto import FRONT_COLUMNS, analyze, load_confirmed
 
@@ -198,11 +199,14 @@ def verify_front(study, cfg: StudyConfig, model: LatencyModel | None = None) -> 
         for arm in ("moe", "dense"):
             arch = ArchConfig.from_yaml(pair[f"{arm}_yaml"])
             wanted.setdefault(arch.config_hash(), (arch, pair[f"{arm}_trial"], "confirmed arm"))
-    done = {row["config_hash"]: row for row in (study.user_attrs.get(VERIFY_ATTR) or {}).get("trials", [])}
+    earlier = study.user_attrs.get(VERIFY_ATTR) or {}
+    same = (earlier.get("model"), earlier.get("statistic", "median")) == (model.name, cfg.profiler.statistic)
+    done = {row["config_hash"]: row for row in earlier.get("trials", [])} if same else {}  # else stale: again
     for key, (arch, number, why) in wanted.items():
         if key not in done:
             done[key] = measure_beside_prediction(cfg, model, arch, anchor) | {"trial": number, "why": why}
-    summary = summarize([done[key] for key in wanted], model.bound_pct, model.name)
+    summary = summarize([done[key] for key in wanted], model.bound_pct, model.name) | {
+        "statistic": cfg.profiler.statistic}
     study.set_user_attr(VERIFY_ATTR, summary)
     if summary["flagged"]:
         log.warning("latency model %s: mean error %.1f%% on %d verified trials exceeds its stated bound of %.1f%%",

@@ -103,7 +103,8 @@ def latency_warning(settings: dict) -> str | None:
         return None
     return (f"latency verdicts are unreliable: {' and '.join(problems)}, beyond the limit of {limit:.0%} "
             f"(confirm.max_latency_band; the band was capped at {settings['latency_band']:.1%}): timings this "
-            "noisy come from a loaded machine; measure again on a quiet one, or raise the limit in the study config")
+            "noisy come from a loaded machine (a predicted band, from a latency model this loose); measure again on "
+            "a quiet one, or raise the limit in the study config")
 
 
 def comparable(rs: list[TrialRecord]) -> list[TrialRecord]:

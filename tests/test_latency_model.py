@@ -289,6 +289,15 @@ def test_a_predicted_and_verified_study_reports_both_for_its_front(tmp_path, cap
     assert "## Latency: predicted against measured" in report and "**flagged**" in report
     assert "Latency: predicted against measured" in (tmp_path / "results" / "predicted" / "report.html").read_text()
     assert (tmp_path / "results" / "predicted" / "latency_verify.csv").read_text().startswith("trial,why,name")
+    # Verified again: what was measured is kept, unless the statistic (or the model) changed: then it is stale
+    from nas.latency import verify_front
+    from nas.study import load_study_config
+
+    again = verify_front(study, load_study_config(config), model)
+    assert [r["measured_ms"] for r in again["trials"]] == [r["measured_ms"] for r in verified["trials"]]
+    p5 = verify_front(study, load_study_config(config, statistic="p5"), model)  # the same model file
+    assert p5["statistic"] == "p5" and all(
+        new["measured_ms"] != old["measured_ms"] for new, old in zip(p5["trials"], verified["trials"]))
 
 
 @pytest.mark.slow
