@@ -18,6 +18,7 @@ import yaml
 import profilers
 from nas.config import MAX_SEED, ConfigError, check_fields, check_number, from_mapping, is_file, read_yaml
 from nas.objectives import OBJECTIVES, Objective, objectives_for
+from profilers._latency import check_statistic
 from search_spaces import ArchConfig, load_arch
 from search_spaces.mobile_vmoe import SPACES, MobileVMoESpace
 
@@ -110,9 +111,7 @@ class ProfilerSpec:
         if self.latency != "measured" and not self.latency_model:
             raise ConfigError("profiler.latency_model", f"latency: {self.latency} needs a latency model file "
                               "(vmoe-nas latency-model fit --config STUDY --out PATH), or auto (the search fits it)")
-        if self.statistic not in profilers.STATISTICS:
-            raise ConfigError("profiler.statistic", f"must be one of {', '.join(profilers.STATISTICS)}, got "
-                              f"{self.statistic!r}")
+        check_statistic("profiler.statistic", self.statistic)
         if self.latency_model is not None and not isinstance(self.latency_model, str):
             raise ConfigError("profiler.latency_model", f"must be a file path or auto, got {self.latency_model!r}")
 

@@ -11,6 +11,7 @@ from time import perf_counter
 
 import numpy as np
 
+from nas.config import ConfigError
 from profilers._errors import ProfileError
 
 # Defaults sized for the search: ~1 s per architecture, enough runs for a stable median.
@@ -24,6 +25,12 @@ BLOCK = 5  # calls of one model in a row when interleaving: short, so drift is s
 # nothing else runs on its core. On a shared machine the second repeats where the first drifts (a second
 # measurement within +-5% of the first for 100% of architectures, against 92%: benchmarks/latency_repeatability.py).
 STATISTICS = ("median", "p5")
+
+
+def check_statistic(name: str, statistic: str) -> None:
+    """One ConfigError naming `name` unless `statistic` is one of STATISTICS."""
+    if statistic not in STATISTICS:
+        raise ConfigError(name, f"must be one of {', '.join(STATISTICS)}, got {statistic!r}")
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ import sys
 
 import torch
 
-from nas.config import ConfigError, check_int
+from nas.config import check_int
 from profilers._backends import get_backend
 from profilers._export import as_model, package_version
 from profilers._flops import count_flops
-from profilers._latency import MAX_BATCH, MAX_THREADS, STATISTICS
+from profilers._latency import MAX_BATCH, MAX_THREADS, check_statistic
 from profilers._result import AnchorTiming, ProfileResult
 from search_spaces import ArchConfig, VisionMoE, build_model, count_params
 
@@ -100,11 +100,6 @@ def profile(
         artifact=run.artifact, device=device, anchor=timing,
         warnings=measurement_warnings(device, threads, measured=run.latency is not None),
     )
-
-
-def check_statistic(name: str, statistic: str) -> None:
-    if statistic not in STATISTICS:
-        raise ConfigError(name, f"must be one of {', '.join(STATISTICS)}, got {statistic!r}")
 
 
 def measurement_warnings(device: dict, threads: int, *, measured: bool) -> list[str]:
