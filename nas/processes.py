@@ -4,6 +4,10 @@ SIGTERM (schedulers, `docker stop`, `kubectl delete`) and SIGHUP (a closed termi
 treated as Ctrl-C: they raise KeyboardInterrupt in the main thread, so an interrupted trial frees its slot
 instead of counting as a crash (a process killed outright by them would use up its trial's retries). A
 process that is PID 1 in a container also needs the handler: the kernel ignores SIGTERM there otherwise.
+Python drops an exception raised where it cannot propagate (a weakref callback, a __del__): SQLAlchemy's
+weakref callbacks, run by garbage collections mid-step, took 6 of 10 SIGTERMs sent to a training search. So
+each signal is also remembered (RECEIVED), training loops call `raise_if_interrupted` after every step, and
+the dropped KeyboardInterrupt's traceback is not printed.
 
 Children (a budgeted trial's process, search workers, confirmation pool workers) get a parent-death signal
 on Linux (prctl PR_SET_PDEATHSIG), and elsewhere watch their parent's pid: killed with -9, a parent takes
@@ -17,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fcntl
+import functools
 import os
 import signal
 import sys
@@ -52,8 +57,18 @@ def raise_if_interrupted() -> None:
 
 
 def interruption_name(error: KeyboardInterrupt) -> str:
-    """What interrupted: the signal's name, or Ctrl-C for a plain KeyboardInterrupt."""
-    return str(error) if str(error).startswith("SIG") else "Ctrl-C"
+    """What interrupted: the signal's name, or Ctrl-C for SIGINT or a plain KeyboardInterrupt."""
+    name = str(error)
+    return name if name.startswith("SIG") and name != "SIGINT" else "Ctrl-C"
+
+
+def quiet_swallowed_interruption(unraisable, fallback=sys.__unraisablehook__) -> None:
+    """`sys.unraisablehook`: an interruption's KeyboardInterrupt that Python dropped (raised in a weakref callback
+    or a __del__) is in RECEIVED, and the run stops at its next check: its traceback would only alarm. Any other
+    goes to `fallback`."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and RECEIVED:
+        return
+    fallback(unraisable)
 
 
 def interrupt_once(signum: int, frame=None) -> None:
@@ -65,13 +80,15 @@ def interrupt_once(signum: int, frame=None) -> None:
 
 
 def treat_signals_as_interruptions(*, once: bool = False) -> None:
-    """SIGTERM and SIGHUP raise KeyboardInterrupt from now on, as SIGINT does (main thread only; a signal
-    ignored, as under nohup, stays ignored); `once`: only the first of them does."""
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt from now on and are remembered in RECEIVED (main thread
+    only; a signal ignored, as under nohup, stays ignored); `once`: only the first of them does."""
     if threading.current_thread() is not threading.main_thread():
         return
     for number in INTERRUPTIONS:
-        if (once or number != signal.SIGINT) and signal.getsignal(number) != signal.SIG_IGN:  # nohup: kept
+        if signal.getsignal(number) != signal.SIG_IGN:  # nohup: kept
             signal.signal(number, interrupt_once if once else interrupt)
+    if getattr(sys.unraisablehook, "func", None) is not quiet_swallowed_interruption:
+        sys.unraisablehook = functools.partial(quiet_swallowed_interruption, fallback=sys.unraisablehook)
 
 
 @contextmanager
@@ -80,7 +97,7 @@ def interruptible():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {number: signal.getsignal(number) for number in INTERRUPTIONS}
+    previous, previous_hook = {number: signal.getsignal(number) for number in INTERRUPTIONS}, sys.unraisablehook
     RECEIVED.clear()
     treat_signals_as_interruptions()
     try:
@@ -89,6 +106,7 @@ def interruptible():
         RECEIVED.clear()  # handled: a later run in this process starts uninterrupted
         for number, old in previous.items():
             signal.signal(number, old)
+        sys.unraisablehook = previous_hook
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from torch import nn
 from nas.batches import Batches, seeded_generator
 from nas.config import ConfigError, json_digest
 from nas.devices import autocast_dtype, available_cores, resolve_device
+from nas.processes import raise_if_interrupted
 from nas.recipe import Schedule, SupernetSpec, TrainRecipe, param_groups, recipe_identity
 from nas.trainer import Checkpoint, Loss, RunState, TrainingError, evaluate, progress_bar
 from search_spaces import ArchConfig
@@ -189,6 +190,7 @@ class _SupernetRun:
                 tick = time.perf_counter()
                 losses.append(self.step())
                 s.train_time += time.perf_counter() - tick
+                raise_if_interrupted()  # a signal's KeyboardInterrupt swallowed mid-step (see nas.processes)
                 bar.update(1)
                 done = s.step >= steps
                 if done or s.step == stop_at or s.step % every == 0:

@@ -37,7 +37,7 @@ from nas.batches import Batches
 from nas.config import ConfigError, check_number, first_line
 from nas.datasets import Dataset, Split
 from nas.devices import autocast_dtype, default_threads, resolve_device
-from nas.processes import deferred_interruptions
+from nas.processes import deferred_interruptions, raise_if_interrupted
 from nas.recipe import Schedule, TrainRecipe, param_groups, recipe_identity
 from search_spaces import ArchConfig, build_model
 from search_spaces.model import ModelOutput, PerTokenExperts
@@ -356,6 +356,7 @@ class _Run:
                 tick = time.perf_counter()
                 losses.append(self.step())
                 s.train_time += time.perf_counter() - tick
+                raise_if_interrupted()  # a signal's KeyboardInterrupt swallowed mid-step (see nas.processes)
                 bar.update(1)
                 done = self.schedule.progress(s.step, s.train_time) >= 1
                 evaluating = done or s.step == stop_at or s.step % self.eval_every == 0

@@ -1,6 +1,8 @@
 import os
+import signal
 import subprocess
 import sys
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -13,6 +15,26 @@ from profilers.remote import TOKEN_ENV
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def swallow_a_sigterm(monkeypatch) -> Callable[[], None]:
+    """A function that receives SIGTERM as CI saw it: its handler's KeyboardInterrupt raised inside a weakref
+    callback (SQLAlchemy's, at a garbage collection mid-step), which Python prints ("Exception ignored") and
+    drops, leaving only `nas.processes.RECEIVED` to say it came."""
+    from nas import processes
+
+    monkeypatch.setattr(processes, "RECEIVED", [])
+
+    def swallow() -> None:
+        class Collected:
+            pass
+
+        collected = Collected()
+        ref = weakref.ref(collected, lambda _: processes.interrupt(signal.SIGTERM))  # noqa: F841 - held while it dies
+        del collected
+
+    return swallow
 
 
 @pytest.fixture(scope="module")

@@ -100,8 +100,10 @@ def test_report_of_a_sampled_study_adds_optuna_plots(tmp_path):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = optuna.create_study(directions=["maximize", "minimize"])
     s.set_user_attr("objectives", ["accuracy", "flops"])
-    for width in (16, 24, 32, 16, 24, 32):
+    for width in (16, 24, 32, 16, 24, 32):  # enqueued: a sampled width could be one value six times (no variance)
+        s.enqueue_trial({"width": width})
         t = s.ask({"width": optuna.distributions.IntDistribution(16, 32, step=8)})
+        assert t.params["width"] == width
         spec = trial("dense" if t.number % 2 else "moe", 0.5 + width / 100 - t.number / 50, 1000 * width)
         for key, value in spec["user_attrs"].items():
             t.set_user_attr(key, value)

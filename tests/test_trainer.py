@@ -93,6 +93,25 @@ def test_on_eval_sees_each_evaluation(data):
     assert result.evals == [(s, a) for s, _, a in calls] and result.val_accuracy == calls[-1][2]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the one swallowed
+def test_a_swallowed_sigterm_stops_training_after_its_step(data, monkeypatch, swallow_a_sigterm):
+    """The trial trained on to its end after a SIGTERM its handler raised inside a weakref callback (7 of 8
+    SIGTERMs on a search): `docker stop` would then kill it mid-trial, a dead worker's trial, retry used."""
+    steps = []
+    real_step = trainer._Run.step
+
+    def step_hit_by_sigterm(run):
+        steps.append(real_step(run))
+        if len(steps) == 3:
+            swallow_a_sigterm()
+        return steps[-1]
+
+    monkeypatch.setattr(trainer._Run, "step", step_hit_by_sigterm)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        train(tiny(num_classes=CLASSES), data, quick(steps=30, eval_every=10))
+    assert len(steps) == 3
+
+
 def test_epoch_and_time_budgets(data):
     per_epoch = len(data.train) // 64
     by_epochs = train(tiny(num_classes=CLASSES), data, quick(epochs=0.5, steps=10**6, eval_every="epoch"))
