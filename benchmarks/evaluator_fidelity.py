@@ -145,6 +145,20 @@ def rank_agreement(reference: np.ndarray, scores: np.ndarray, *, resamples: int 
     return out
 
 
+def noise_ceiling(reference: np.ndarray, seed_sd: float, *, draws: int = 4000, seed: int = 0) -> dict:
+    """The Kendall tau a perfect evaluator would reach against a one-seed reference: the architectures' true
+    accuracies (the reference shrunk to its spread less a seed's variance) against themselves plus one seed's
+    noise of sd `seed_sd`. Mean and the 95% range over `draws` simulated references."""
+    from scipy.stats import kendalltau
+
+    rng = np.random.default_rng(seed)
+    variance = reference.var(ddof=1)
+    true = reference.mean() + (reference - reference.mean()) * np.sqrt(max(variance - seed_sd**2, 0.0) / variance)
+    taus = [kendalltau(true, true + rng.normal(0.0, seed_sd, len(true))).statistic for _ in range(draws)]
+    return {"kendall_tau": float(np.mean(taus)), "range_95": [float(np.percentile(taus, 2.5)),
+                                                              float(np.percentile(taus, 97.5))], "seed_sd": seed_sd}
+
+
 def supernet_evaluator(steps: int, random_subnets: int, **options) -> dict:
     """A supernet evaluator of fashion-quick's recipe (lr, batch), `steps` supernet steps."""
     quick = load_study_config(STUDY).recipe()
@@ -223,7 +237,8 @@ def run_score(args) -> None:
                          "proxy": done[n]["proxy"], **{e: float(v[0][i]) for e, v in evaluators.items()
                                                        if e.startswith("supernet")}}
                      for i, n in enumerate(names)},
-           "goal": "tau(supernet) >= 0.7 and above tau(proxy_100), with <= 1/5 of the multi-fidelity search's images"}
+           "goal": "tau(supernet) >= 0.7 and above tau(proxy_100), with <= 1/5 of the multi-fidelity search's images",
+           "noise_ceiling": {f"{sd:g}": noise_ceiling(reference, sd) for sd in args.seed_sd}}
     for name, (scores, images) in evaluators.items():
         out["evaluators"][name] = {**rank_agreement(reference, scores), "training_images": int(images),
                                    "images_over_multi_fidelity": round(images / search_images, 3)}
@@ -239,6 +254,10 @@ def run_score(args) -> None:
         print(f"{name:>20} {e['kendall_tau']:+.2f} [{tau[0]:+.2f}, {tau[1]:+.2f}] {e['spearman_rho']:+.2f} "
               f"[{rho[0]:+.2f}, {rho[1]:+.2f}] {e['top5_overlap']:>6} {e['training_images']:>13,} "
               f"{e['images_over_multi_fidelity']:>6.2f}")
+    for ceiling in out["noise_ceiling"].values():
+        low, high = ceiling["range_95"]
+        print(f"a perfect evaluator against this 1-seed reference (seed sd {100 * ceiling['seed_sd']:.2f} points): "
+              f"tau {ceiling['kendall_tau']:.2f} [{low:.2f}, {high:.2f}]")
     print(f"wrote {OUTPUT}")
 
 
@@ -253,6 +272,9 @@ def main() -> None:
     score.add_argument("--random-subnets", type=int, default=2)
     score.add_argument("--val-images", type=int, nargs="+", default=[0],
                        help="validation images each candidate is scored on (0: the whole split); several: each")
+    score.add_argument("--seed-sd", type=float, nargs="+", default=[0.0025, 0.0035, 0.005],
+                       help="a seed's sd of one reference accuracy, for the noise ceiling (0.0035: the 1,500-step "
+                            "gains' sd of ~0.5 points in verdict_stability.py, over sqrt 2); several: each")
     score.add_argument("--progress", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)

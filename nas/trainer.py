@@ -344,9 +344,8 @@ class _Run:
             self.batches.close()
 
     def _loop(self, on_eval, stop_at: float, progress: bool, evaluate_test: bool, label: str) -> TrainResult:
-        """Train to `stop_at` or the end. With a checkpoint: saved at each evaluation, every
-        `checkpoint_every_s`, and on SIGINT/SIGTERM/SIGHUP, which then stop the run after the step under way
-        (a second signal stops it at once)."""
+        """Train to `stop_at` or the end. With a checkpoint: saved at each evaluation, every `checkpoint_every_s`
+        and on SIGINT/SIGTERM/SIGHUP, which then stop the run after the step under way (a second one at once)."""
         s = self.state
         bar = progress_bar(progress, self.schedule.steps, s.step, label)
         start, losses = time.perf_counter(), []
