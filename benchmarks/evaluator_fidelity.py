@@ -17,7 +17,9 @@ Two phases, both resumable:
 side (one per core) share the work: each trains the next architecture that no other one holds. `score` reads it,
 scores the finished ones with the supernet and writes results/benchmarks/evaluator_fidelity.json: Kendall tau
 and Spearman rho of the reference against each evaluator with bootstrap 95% intervals over architectures,
-top-5 overlap, and the training images each evaluator spent.
+top-5 overlap, the training images each evaluator spent, and the noise ceiling: the tau a perfect evaluator
+would reach against a one-seed reference (`--seed-sd`). `--batch-size`, `--lr`, `--no-distill` and
+`--random-subnets` change the supernet's recipe (each variant its own checkpoint and JSON file).
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def noise_ceiling(reference: np.ndarray, seed_sd: float, *, draws: int = 4000, s
 
 
 def supernet_evaluator(steps: int, random_subnets: int, **options) -> dict:
-    """A supernet evaluator of fashion-quick's recipe (lr, batch), `steps` supernet steps."""
+    """A supernet evaluator of fashion-quick's recipe (lr, batch; `options` override), `steps` supernet steps."""
     quick = load_study_config(STUDY).recipe()
     return {"kind": "supernet", "steps": steps, "batch_size": quick.batch_size, "lr": quick.lr, "augment": False,
             "eval_every": max(steps // 4, 1), "random_subnets": random_subnets, "distill": True, "num_threads": 1,
@@ -217,18 +219,25 @@ def run_score(args) -> None:
         "proxy_300": (np.array([done[n]["proxy"]["300"] for n in names]), len(names) * 300 * batch),
     }
     supernets = {}
+    options = {"distill": not args.no_distill, **({"batch_size": args.batch_size} if args.batch_size else {}),
+               **({"lr": args.lr} if args.lr else {})}
+    variant = "".join([f"_b{args.batch_size}" if args.batch_size else "", f"_lr{args.lr:g}" if args.lr else "",
+                       "_nodistill" if args.no_distill else "", f"_rs{args.random_subnets}"
+                       if args.random_subnets != 2 else ""])
     for steps in args.supernet_steps:
-        trained = train_supernet(build_context(supernet_config(steps, args.random_subnets)), progress=args.progress)
-        supernets[steps] = {"random_subnets": args.random_subnets, "distill": True,
-                            "largest_accuracy": trained.largest_accuracy,
-                            "smallest_accuracy": trained.smallest_accuracy, "wall_time_s": trained.wall_time_s}
+        trained = train_supernet(build_context(supernet_config(steps, args.random_subnets, **options)),
+                                 progress=args.progress)
+        supernets[f"{steps}{variant}"] = {"random_subnets": args.random_subnets, **options,
+                                          "largest_accuracy": trained.largest_accuracy,
+                                          "smallest_accuracy": trained.smallest_accuracy,
+                                          "wall_time_s": trained.wall_time_s}
         for count in args.val_images:  # the same supernet scored on the first `count` validation images
-            ctx = build_context(supernet_config(steps, args.random_subnets, val_images=count or None))
+            ctx = build_context(supernet_config(steps, args.random_subnets, val_images=count or None, **options))
             tick = time.perf_counter()
             inherited = np.array([score(ctx, trained.net, arch)["accuracy"] for arch in archs])
-            name = f"supernet_{steps}" + (f"_val{count}" if count else "")
+            name = f"supernet_{steps}{variant}" + (f"_val{count}" if count else "")
             evaluators[name] = (inherited, trained.train_images)
-            supernets[steps][f"scoring_s_per_arch_val{count or len(ctx.dataset.val)}"] = round(
+            supernets[f"{steps}{variant}"][f"scoring_s_per_arch_val{count or len(ctx.dataset.val)}"] = round(
                 (time.perf_counter() - tick) / len(names), 3)
     search_images = multi_fidelity_images([done[n]["moe"] for n in names], batch)
     out = {"study": STUDY, "n_archs": len(names), "reference_steps": store["reference_steps"], "reference_seeds": 1,
@@ -244,8 +253,9 @@ def run_score(args) -> None:
                                    "images_over_multi_fidelity": round(images / search_images, 3)}
         if name.startswith("supernet"):
             out["evaluators"][name]["tau_over_proxy_100"] = tau_gain(reference, scores, evaluators["proxy_100"][0])
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    OUTPUT.write_text(json.dumps(out, indent=1) + "\n")
+    output = OUTPUT.with_name(f"{OUTPUT.stem}{variant}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(out, indent=1) + "\n")
     print(f"{len(names)} architectures, reference {store['reference_steps']} steps (1 seed); the multi-fidelity "
           f"search ranks them with {search_images:,} training images")
     print(f"{'evaluator':>20} {'tau [95% CI]':>22} {'rho [95% CI]':>22} {'top-5':>6} {'train images':>13} {'/ m-f':>6}")
@@ -258,7 +268,7 @@ def run_score(args) -> None:
         low, high = ceiling["range_95"]
         print(f"a perfect evaluator against this 1-seed reference (seed sd {100 * ceiling['seed_sd']:.2f} points): "
               f"tau {ceiling['kendall_tau']:.2f} [{low:.2f}, {high:.2f}]")
-    print(f"wrote {OUTPUT}")
+    print(f"wrote {output}")
 
 
 def main() -> None:
@@ -270,6 +280,9 @@ def main() -> None:
     score = commands.add_parser("score", help="rank agreement of each evaluator with the reference")
     score.add_argument("--supernet-steps", type=int, nargs="+", default=[75, 150, 300, 600])
     score.add_argument("--random-subnets", type=int, default=2)
+    score.add_argument("--batch-size", type=int, help="the supernet's batch (default: fashion-quick's, 128)")
+    score.add_argument("--lr", type=float, help="the supernet's learning rate (default: fashion-quick's, 3e-3)")
+    score.add_argument("--no-distill", action="store_true", help="no in-place distillation from the largest")
     score.add_argument("--val-images", type=int, nargs="+", default=[0],
                        help="validation images each candidate is scored on (0: the whole split); several: each")
     score.add_argument("--seed-sd", type=float, nargs="+", default=[0.0025, 0.0035, 0.005],
