@@ -18,10 +18,10 @@ def _seed():
 
 
 @pytest.fixture
-def swallow_a_sigterm(monkeypatch) -> Callable[[], None]:
-    """A function that receives SIGTERM as CI saw it: its handler's KeyboardInterrupt raised inside a weakref
-    callback (SQLAlchemy's, at a garbage collection mid-step), which Python prints ("Exception ignored") and
-    drops, leaving only `nas.processes.RECEIVED` to say it came."""
+def sigterm_swallowed_at(monkeypatch) -> Callable[[type, int], list[float]]:
+    """`sigterm_swallowed_at(Run, n)`: after `Run.step`'s n-th call a SIGTERM arrives as CI saw it, its handler's
+    KeyboardInterrupt raised inside a weakref callback (SQLAlchemy's, at a garbage collection mid-step), which
+    Python drops, leaving only `nas.processes.RECEIVED` to say it came. Returns the losses of the steps run."""
     from nas import processes
 
     monkeypatch.setattr(processes, "RECEIVED", [])
@@ -34,7 +34,19 @@ def swallow_a_sigterm(monkeypatch) -> Callable[[], None]:
         ref = weakref.ref(collected, lambda _: processes.interrupt(signal.SIGTERM))  # noqa: F841 - held while it dies
         del collected
 
-    return swallow
+    def patch(run_class: type, n: int) -> list[float]:
+        losses, real_step = [], run_class.step
+
+        def step(run) -> float:
+            losses.append(real_step(run))
+            if len(losses) == n:
+                swallow()
+            return losses[-1]
+
+        monkeypatch.setattr(run_class, "step", step)
+        return losses
+
+    return patch
 
 
 @pytest.fixture(scope="module")

@@ -180,22 +180,13 @@ def test_supernet_checkpoint_of_another_space_is_refused_by_name(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the one swallowed
-def test_a_swallowed_sigterm_stops_supernet_training_after_its_step(tmp_path, monkeypatch, swallow_a_sigterm):
+def test_a_swallowed_sigterm_stops_supernet_training_after_its_step(tmp_path, sigterm_swallowed_at):
     """As a trial's training (tests/test_trainer.py): a SIGTERM whose KeyboardInterrupt a weakref callback
     swallowed stops the supernet at the next step, not at its end."""
     from nas import supernet
     from nas.trial import build_context
 
-    steps = []
-    real_step = supernet._SupernetRun.step
-
-    def step_hit_by_sigterm(run):
-        steps.append(real_step(run))
-        if len(steps) == 3:
-            swallow_a_sigterm()
-        return steps[-1]
-
-    monkeypatch.setattr(supernet._SupernetRun, "step", step_hit_by_sigterm)
+    steps = sigterm_swallowed_at(supernet._SupernetRun, 3)
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         supernet.train_supernet(build_context(tiny(tmp_path)))
     assert len(steps) == 3

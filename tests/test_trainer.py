@@ -94,19 +94,10 @@ def test_on_eval_sees_each_evaluation(data):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the one swallowed
-def test_a_swallowed_sigterm_stops_training_after_its_step(data, monkeypatch, swallow_a_sigterm):
+def test_a_swallowed_sigterm_stops_training_after_its_step(data, sigterm_swallowed_at):
     """The trial trained on to its end after a SIGTERM its handler raised inside a weakref callback (7 of 8
     SIGTERMs on a search): `docker stop` would then kill it mid-trial, a dead worker's trial, retry used."""
-    steps = []
-    real_step = trainer._Run.step
-
-    def step_hit_by_sigterm(run):
-        steps.append(real_step(run))
-        if len(steps) == 3:
-            swallow_a_sigterm()
-        return steps[-1]
-
-    monkeypatch.setattr(trainer._Run, "step", step_hit_by_sigterm)
+    steps = sigterm_swallowed_at(trainer._Run, 3)
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         train(tiny(num_classes=CLASSES), data, quick(steps=30, eval_every=10))
     assert len(steps) == 3
