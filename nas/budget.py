@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nas.processes import die_with_parent
+from nas.processes import die_with_parent, raise_if_interrupted
 
 POLL_S = 0.2  # how often the parent looks at the child's time and memory
 
@@ -68,6 +68,7 @@ def run_with_budget(target: Callable, args: tuple, *, seconds: float | None, mem
     send.close()
     try:
         while True:
+            raise_if_interrupted()  # a signal swallowed here: the child is killed below, the trial interrupted
             if receive.poll(POLL_S):
                 kind, value = receive.recv()
                 process.join()

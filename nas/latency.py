@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nas.config import ConfigError, first_line, json_digest
-from nas.processes import file_lock
+from nas.processes import file_lock, raise_if_interrupted
 from nas.study import AUTO, StudyConfig
 from profilers._errors import ProfileError
 from profilers.latency_calibration import Measurer, fit_latency_model
@@ -203,6 +203,7 @@ def verify_front(study, cfg: StudyConfig, model: LatencyModel | None = None) -> 
     same = (earlier.get("model"), earlier.get("statistic", "median")) == (model.name, cfg.profiler.statistic)
     done = {row["config_hash"]: row for row in earlier.get("trials", [])} if same else {}  # else stale: again
     for key, (arch, number, why) in wanted.items():
+        raise_if_interrupted()  # a signal swallowed in the last measurement
         if key not in done:
             done[key] = measure_beside_prediction(cfg, model, arch, anchor) | {"trial": number, "why": why}
     summary = summarize([done[key] for key in wanted], model.bound_pct, model.name) | {

@@ -6,8 +6,9 @@ instead of counting as a crash (a process killed outright by them would use up i
 process that is PID 1 in a container also needs the handler: the kernel ignores SIGTERM there otherwise.
 Python drops an exception raised where it cannot propagate (a weakref callback, a __del__): SQLAlchemy's
 weakref callbacks, run by garbage collections mid-step, took 6 of 10 SIGTERMs sent to a training search. So
-each signal is also remembered (RECEIVED), training loops call `raise_if_interrupted` after every step, and
-the dropped KeyboardInterrupt's traceback is not printed.
+each signal is also remembered (RECEIVED), long loops call `raise_if_interrupted` (after every training step,
+in a launcher's and a budget's waits, between latency measurements, and as `interruptible` ends), and the
+dropped KeyboardInterrupt's "Exception ignored" traceback is not printed.
 
 Children (a budgeted trial's process, search workers, confirmation pool workers) get a parent-death signal
 on Linux (prctl PR_SET_PDEATHSIG), and elsewhere watch their parent's pid: killed with -9, a parent takes
@@ -39,9 +40,14 @@ RECEIVED: list[str] = []  # the interrupting signals received: an exception rais
 # be swallowed (a weakref callback, a native library wrapping it), so the signal is remembered too
 
 
+def signal_name(signum: int) -> str:
+    """'SIGTERM', 'SIGHUP', or 'Ctrl-C' for SIGINT: what a trial's reason says interrupted it."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
 def interrupt(signum: int, frame=None) -> None:
-    """A signal handler: raise KeyboardInterrupt naming the signal (`str(error)` is e.g. 'SIGTERM')."""
-    RECEIVED.append(signal.Signals(signum).name)
+    """A signal handler: remember the signal, then raise KeyboardInterrupt naming it (`str(error)`: `signal_name`)."""
+    RECEIVED.append(signal_name(signum))
     raise KeyboardInterrupt(RECEIVED[-1])
 
 
@@ -57,9 +63,8 @@ def raise_if_interrupted() -> None:
 
 
 def interruption_name(error: KeyboardInterrupt) -> str:
-    """What interrupted: the signal's name, or Ctrl-C for SIGINT or a plain KeyboardInterrupt."""
-    name = str(error)
-    return name if name.startswith("SIG") and name != "SIGINT" else "Ctrl-C"
+    """What interrupted: the signal's name, or Ctrl-C for a plain KeyboardInterrupt."""
+    return str(error) if str(error).startswith("SIG") else "Ctrl-C"
 
 
 def quiet_swallowed_interruption(unraisable, fallback=sys.__unraisablehook__) -> None:
@@ -102,11 +107,12 @@ def interruptible():
     treat_signals_as_interruptions()
     try:
         yield
+        raise_if_interrupted()  # swallowed after the last check: the block ran on, but it was interrupted
     finally:
-        RECEIVED.clear()  # handled: a later run in this process starts uninterrupted
         for number, old in previous.items():
             signal.signal(number, old)
         sys.unraisablehook = previous_hook
+        RECEIVED.clear()  # handled: a later run in this process starts uninterrupted
 
 
 @contextmanager
@@ -119,8 +125,8 @@ def deferred_interruptions(on_signal):
     received = []
 
     def handler(signum, frame):
-        if received:
-            interrupt(signum)
+        if received:  # not remembered in RECEIVED: nothing outside `interruptible` would ever clear it
+            raise KeyboardInterrupt(signal.Signals(signum).name)
         received.append(signum)
         on_signal(signal.Signals(signum).name)
 

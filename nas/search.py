@@ -231,6 +231,7 @@ def _run_processes(cfg: StudyConfig, study: optuna.Study, bar: Progress | None, 
     exit_codes = []
     try:
         while workers:
+            raise_if_interrupted()  # a signal swallowed in a storage call below: the workers are stopped all the same
             time.sleep(1.0)
             for index, worker in list(workers.items()):
                 if worker.is_alive():

@@ -137,7 +137,7 @@ class _SupernetRun:
         self.state = checkpoint.restore(net, self.optimizer, self.scaler) or RunState()
 
     def loss_of(self, arch: ArchConfig) -> Loss:
-        groups = self.ctx.superclasses.get(arch.moe.num_experts) if arch.is_moe else None
+        groups = self.ctx.groups_for(arch)
         groups = None if groups is None else torch.as_tensor(np.asarray(groups), dtype=torch.int64, device=self.device)
         return Loss.of(arch, self.recipe, groups)
 

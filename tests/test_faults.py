@@ -197,6 +197,18 @@ def test_a_budget_stops_code_that_swallows_exceptions():
 
 
 @pytest.mark.slow
+def test_a_signal_swallowed_while_a_budget_waits_stops_its_trial(monkeypatch):
+    """A signal swallowed in the waiting parent (its child has every signal ignored) let the trial run to its end."""
+    from nas import processes
+
+    monkeypatch.setattr(processes, "RECEIVED", ["SIGTERM"])
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        run_with_budget(swallow_everything, (60,), seconds=None, memory_mb=None)
+    assert time.monotonic() - started < 30  # the child killed, not run to its end (60 s)
+
+
+@pytest.mark.slow
 def test_a_budget_measures_the_trials_own_memory():
     assert run_with_budget(hold_memory, (20, 0.5), seconds=None, memory_mb=2000) == 20 * 2**20
     with pytest.raises(BudgetExceeded, match="memory budget of 150 MB"):

@@ -178,7 +178,6 @@ def test_supernet_checkpoint_of_another_space_is_refused_by_name(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.net.state_dict().values(), result.net.state_dict().values()))
 
 
-@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the one swallowed
 def test_a_swallowed_sigterm_stops_supernet_training_after_its_step(tmp_path, sigterm_swallowed_at):
     """As a trial's training (tests/test_trainer.py): a SIGTERM whose KeyboardInterrupt a weakref callback
@@ -192,6 +191,7 @@ def test_a_swallowed_sigterm_stops_supernet_training_after_its_step(tmp_path, si
     assert len(steps) == 3
 
 
+@pytest.mark.slow
 def test_killed_supernet_training_resumes_where_it_stopped(tmp_path):
     """kill -9 after its first checkpoint; the rerun resumes there and ends with the weights of a run that
     never stopped."""
