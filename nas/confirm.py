@@ -326,25 +326,35 @@ def _train_claimed_in_pool(cfg: StudyConfig, claims: Claims, wanted: dict, runs:
                            workers: int) -> None:
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                              initargs=(cfg.to_dict(), workers, os.getpid())) as pool:
-        running = {}
-        while True:
-            while len(running) < workers:
-                claimed = claims.take(_missing(claims, wanted, runs))  # its own claims are taken too
-                if claimed is None:
-                    break
-                trial, arch, seed = claimed
-                running[pool.submit(_run_in_worker, arch.to_yaml(), seed, steps)] = trial
-            if not running:
-                if _wait_for_others(claims, wanted, runs):
-                    continue
-                return
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                trial = running.pop(future)
-                run = future.result()  # a failed run raises here; close() gives the other claims up
-                claims.finish(trial, run)
-                runs[run.key] = run
-                bar.update(1)
+        try:
+            _feed_pool(pool, claims, wanted, runs, bar, steps, workers)
+        except KeyboardInterrupt:  # SIGTERM reaches this launcher alone, and the pool's exit waits for its arms
+            for worker in multiprocessing.active_children():
+                worker.terminate()
+            raise
+
+
+def _feed_pool(pool: ProcessPoolExecutor, claims: Claims, wanted: dict, runs: dict, bar, steps: int,
+               workers: int) -> None:
+    running = {}
+    while True:
+        while len(running) < workers:
+            claimed = claims.take(_missing(claims, wanted, runs))  # its own claims are taken too
+            if claimed is None:
+                break
+            trial, arch, seed = claimed
+            running[pool.submit(_run_in_worker, arch.to_yaml(), seed, steps)] = trial
+        if not running:
+            if _wait_for_others(claims, wanted, runs):
+                continue
+            return
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            trial = running.pop(future)
+            run = future.result()  # a failed run raises here; close() gives the other claims up
+            claims.finish(trial, run)
+            runs[run.key] = run
+            bar.update(1)
 
 
 def confirm(study: optuna.Study, cfg: StudyConfig, *, seeds: int | None = None, pairs: int | None = None,
