@@ -227,17 +227,17 @@ def run_score(args) -> None:
     for steps in args.supernet_steps:
         trained = train_supernet(build_context(supernet_config(steps, args.random_subnets, **options)),
                                  progress=args.progress)
-        supernets[f"{steps}{variant}"] = {"random_subnets": args.random_subnets, **options,
-                                          "largest_accuracy": trained.largest_accuracy,
-                                          "smallest_accuracy": trained.smallest_accuracy,
-                                          "wall_time_s": trained.wall_time_s}
+        key = f"{steps}{variant}"
+        supernets[key] = {"random_subnets": args.random_subnets, **options,
+                          "largest_accuracy": trained.largest_accuracy,
+                          "smallest_accuracy": trained.smallest_accuracy, "wall_time_s": trained.wall_time_s}
         for count in args.val_images:  # the same supernet scored on the first `count` validation images
             ctx = build_context(supernet_config(steps, args.random_subnets, val_images=count or None, **options))
             tick = time.perf_counter()
             inherited = np.array([score(ctx, trained.net, arch)["accuracy"] for arch in archs])
-            name = f"supernet_{steps}{variant}" + (f"_val{count}" if count else "")
+            name = f"supernet_{key}" + (f"_val{count}" if count else "")
             evaluators[name] = (inherited, trained.train_images)
-            supernets[f"{steps}{variant}"][f"scoring_s_per_arch_val{count or len(ctx.dataset.val)}"] = round(
+            supernets[key][f"scoring_s_per_arch_val{count or len(ctx.dataset.val)}"] = round(
                 (time.perf_counter() - tick) / len(names), 3)
     search_images = multi_fidelity_images([done[n]["moe"] for n in names], batch)
     out = {"study": STUDY, "n_archs": len(names), "reference_steps": store["reference_steps"], "reference_seeds": 1,
