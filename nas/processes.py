@@ -7,8 +7,8 @@ process that is PID 1 in a container also needs the handler: the kernel ignores 
 Python drops an exception raised where it cannot propagate (a weakref callback, a __del__): SQLAlchemy's
 weakref callbacks, run by garbage collections mid-step, took 6 of 10 SIGTERMs sent to a training search. So
 each signal is also remembered (RECEIVED), long loops call `raise_if_interrupted` (after every training step,
-in a launcher's and a budget's waits, between latency measurements, and as `interruptible` ends), and the
-dropped KeyboardInterrupt's "Exception ignored" traceback is not printed.
+in a launcher's and a budget's waits, between latency measurements and calibration points, and as
+`interruptible` ends), and the dropped KeyboardInterrupt's "Exception ignored" traceback is not printed.
 
 Children (a budgeted trial's process, search workers, confirmation pool workers) get a parent-death signal
 on Linux (prctl PR_SET_PDEATHSIG), and elsewhere watch their parent's pid: killed with -9, a parent takes

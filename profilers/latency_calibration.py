@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nas.processes import raise_if_interrupted
 from profilers._errors import ProfileError
 from profilers.latency_model import CalibrationPoint, LatencyModel, features, fit
 from search_spaces import ArchConfig
@@ -138,6 +139,7 @@ def calibrate(archs: list[ArchConfig], anchor: ArchConfig, measurer: Measurer, *
     done, device = _resumed(resume, measurer)
     points = []
     for cfg in (progress or iter)(archs):
+        raise_if_interrupted()  # a signal swallowed in the last measurement (see nas.processes)
         point = done.get(cfg.config_hash())
         if point is None:
             point, device = measurer.measure(cfg, anchor)

@@ -160,6 +160,24 @@ def test_an_interrupted_calibration_resumes_without_measuring_again(tmp_path):
     assert [p.arch for p in points] == archs and device == {"cpu": "test"}
 
 
+def test_a_signal_swallowed_in_a_measurement_stops_the_calibration_before_the_next(tmp_path, monkeypatch):
+    from nas import processes
+
+    archs = calibration_set(space_architectures(SPACE, **DATA), 6)
+    measurer = CountingMeasurer()
+    real_measure = measurer.measure
+
+    def measure_hit_by_sigterm(cfg, anchor):  # its KeyboardInterrupt dropped, as in a weakref callback
+        processes.RECEIVED.append("SIGTERM")
+        return real_measure(cfg, anchor)
+
+    monkeypatch.setattr(processes, "RECEIVED", [])
+    monkeypatch.setattr(measurer, "measure", measure_hit_by_sigterm)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        calibrate(archs, SPACE.smallest_dense(**DATA), measurer, resume=tmp_path / "lm.jsonl")
+    assert len(measurer.measured) == 1
+
+
 def test_a_calibration_of_another_statistic_measures_again(tmp_path):
     """Medians measured for one model are not p5s for another: the resume file is keyed by the statistic."""
     archs = calibration_set(space_architectures(SPACE, **DATA), 6)
