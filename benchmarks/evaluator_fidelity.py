@@ -155,6 +155,8 @@ def noise_ceiling(reference: np.ndarray, seed_sd: float, *, draws: int = 4000, s
 
     rng = np.random.default_rng(seed)
     variance = reference.var(ddof=1)
+    if seed_sd < 0 or seed_sd**2 >= variance:
+        raise SystemExit(f"--seed-sd {seed_sd:g}: must be >= 0 and below the reference's own sd ({variance**0.5:.4f})")
     true = reference.mean() + (reference - reference.mean()) * np.sqrt(max(variance - seed_sd**2, 0.0) / variance)
     taus = [kendalltau(true, true + rng.normal(0.0, seed_sd, len(true))).statistic for _ in range(draws)]
     return {"kendall_tau": float(np.mean(taus)), "range_95": [float(np.percentile(taus, 2.5)),
@@ -213,15 +215,17 @@ def run_score(args) -> None:
     names = sorted(done)
     archs = [ArchConfig.from_dict(done[n]["arch"]) for n in names]
     reference = np.array([done[n]["reference"] for n in names])
+    ceilings = {f"{sd:g}": noise_ceiling(reference, sd) for sd in args.seed_sd}  # before training: a bad --seed-sd
     batch = store["batch_size"]
     evaluators = {
         "proxy_100": (np.array([done[n]["proxy"]["100"] for n in names]), len(names) * 100 * batch),
         "proxy_300": (np.array([done[n]["proxy"]["300"] for n in names]), len(names) * 300 * batch),
     }
     supernets = {}
-    options = {"distill": not args.no_distill, **({"batch_size": args.batch_size} if args.batch_size else {}),
-               **({"lr": args.lr} if args.lr else {})}
-    variant = "".join([f"_b{args.batch_size}" if args.batch_size else "", f"_lr{args.lr:g}" if args.lr else "",
+    given = {"batch_size": args.batch_size, "lr": args.lr}
+    options = {"distill": not args.no_distill, **{k: v for k, v in given.items() if v is not None}}
+    variant = "".join([f"_b{args.batch_size}" if args.batch_size is not None else "",
+                       f"_lr{args.lr:g}" if args.lr is not None else "",
                        "_nodistill" if args.no_distill else "", f"_rs{args.random_subnets}"
                        if args.random_subnets != 2 else ""])
     for steps in args.supernet_steps:
@@ -247,7 +251,7 @@ def run_score(args) -> None:
                                                        if e.startswith("supernet")}}
                      for i, n in enumerate(names)},
            "goal": "tau(supernet) >= 0.7 and above tau(proxy_100), with <= 1/5 of the multi-fidelity search's images",
-           "noise_ceiling": {f"{sd:g}": noise_ceiling(reference, sd) for sd in args.seed_sd}}
+           "noise_ceiling": ceilings}
     for name, (scores, images) in evaluators.items():
         out["evaluators"][name] = {**rank_agreement(reference, scores), "training_images": int(images),
                                    "images_over_multi_fidelity": round(images / search_images, 3)}
