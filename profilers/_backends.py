@@ -53,9 +53,9 @@ class BackendResult:
     def from_json(cls, data: dict) -> BackendResult:
         latency, anchor = data["latency_ms"], data.get("anchor_ms")
         return cls(
-            LatencyStats(**latency) if latency else None, data["provider"], data.get("export_form"),
+            LatencyStats.from_dict(latency) if latency else None, data["provider"], data.get("export_form"),
             artifact=data.get("artifact"), note=data.get("note"), versions=dict(data.get("versions") or {}),
-            device=data.get("device"), anchor=LatencyStats(**anchor) if anchor else None,
+            device=data.get("device"), anchor=LatencyStats.from_dict(anchor) if anchor else None,
             threads=data.get("threads"), batch=data.get("batch"),
         )
 

@@ -6,7 +6,7 @@ their ratios hold where absolute times do not."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from time import perf_counter
 
 import numpy as np
@@ -57,6 +57,16 @@ class LatencyStats:
                                f"{', '.join(s for s in STATISTICS if getattr(self, s) is not None)}): update the "
                                "profiler agent, or use statistic median")
         return value
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LatencyStats:
+        """From `to_dict`'s form, written by this or another vmoe-nas (a stored record, a remote agent's reply):
+        a statistic a newer one adds is left out, so adding one does not break older readers."""
+        known = {f.name for f in fields(cls)}
+        missing = sorted(f.name for f in fields(cls) if f.name not in data and f.default is MISSING)
+        if missing:
+            raise ProfileError(f"a latency without {', '.join(missing)}: {data!r}")
+        return cls(**{key: value for key, value in data.items() if key in known})
 
     @classmethod
     def from_times(cls, times_s: list[float]) -> LatencyStats:

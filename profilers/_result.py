@@ -36,7 +36,7 @@ class AnchorTiming:
 
     @classmethod
     def from_dict(cls, data: dict) -> AnchorTiming:
-        return cls(data["name"], data["config_hash"], LatencyStats(**data["latency_ms"]), data["ratio"],
+        return cls(data["name"], data["config_hash"], LatencyStats.from_dict(data["latency_ms"]), data["ratio"],
                    data.get("statistic", "median"))
 
 
@@ -138,7 +138,7 @@ class ProfileResult:
             flops_by_module=data["flops_by_module"], uncounted_ops=data["uncounted_ops"],
             backend=data["backend"], provider=data["provider"], threads=data["threads"], batch=data["batch"],
             export_form=data["export_form"], device=data["device"],
-            latency=LatencyStats(**latency) if latency else None, latency_note=data.get("latency_note"),
+            latency=LatencyStats.from_dict(latency) if latency else None, latency_note=data.get("latency_note"),
             artifact=data.get("artifact"), anchor=AnchorTiming.from_dict(data["anchor"]) if "anchor" in data else None,
             warnings=data.get("warnings"),
             prediction=Prediction.from_dict(predicted, data["latency_model"]) if predicted is not None else None,

@@ -112,3 +112,23 @@ def test_the_profiles_of_a_study_written_before_versioning_read_as_typed_results
     profiled = [r for r in got if r.profile is not None]
     assert profiled and all(r.profile.arch == r.arch for r in profiled)
     assert got[0].profile.anchor.name == "vit-2x16h2-p4-16-r2" and got[0].profile.latency.runs > 0
+
+
+def test_a_latency_with_a_statistic_a_newer_vmoe_nas_adds_still_reads():
+    """A stored profile and an agent's reply written by a newer vmoe-nas: its extra statistic is left out, every
+    known one kept; a latency that lacks a statistic this one needs is one error naming it."""
+    from profilers._backends import BackendResult
+    from profilers._errors import ProfileError
+
+    stored = stored_profile(1)
+    newer = {**stored, "latency_ms": {**stored["latency_ms"], "p1": 0.01},
+             "anchor": {**stored["anchor"], "latency_ms": {**stored["anchor"]["latency_ms"], "p1": 0.01}}}
+    back = ProfileResult.from_dict(newer)
+    assert back.latency == LatencyStats(**stored["latency_ms"])
+    assert back.anchor.latency == LatencyStats(**stored["anchor"]["latency_ms"])
+    reply = {"latency_ms": {**stored["latency_ms"], "p1": 0.01}, "provider": "CPUExecutionProvider",
+             "anchor_ms": {**stored["anchor"]["latency_ms"], "p1": 0.01}}
+    assert BackendResult.from_json(reply).latency == back.latency
+    lacking = {key: value for key, value in stored["latency_ms"].items() if key not in ("median", "runs")}
+    with pytest.raises(ProfileError, match="a latency without median, runs"):
+        LatencyStats.from_dict(lacking)
