@@ -280,7 +280,7 @@ def test_study_config_latency_keys_are_checked(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_predicted_and_verified_study_reports_both_for_its_front(tmp_path, capsys):
+def test_a_predicted_and_verified_study_reports_both_for_its_front(tmp_path, capsys, monkeypatch):
     from tests.test_search import D16, M16, load, write_study
 
     path = synthetic_model().save(tmp_path / "lm.json")
@@ -316,6 +316,13 @@ def test_a_predicted_and_verified_study_reports_both_for_its_front(tmp_path, cap
     p5 = verify_front(study, load_study_config(config, statistic="p5"), model)  # the same model file
     assert p5["statistic"] == "p5" and all(
         new["measured_ms"] != old["measured_ms"] for new, old in zip(p5["trials"], verified["trials"]))
+    # A signal swallowed in a measurement: verification stops before the next one, and what is stored stays.
+    from nas import processes
+
+    monkeypatch.setattr(processes, "RECEIVED", ["SIGTERM"])
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        verify_front(study, load_study_config(config), model)  # the median again: every trial stale
+    assert load(tmp_path, "predicted").user_attrs["latency_verify"] == p5
 
 
 @pytest.mark.slow
