@@ -90,27 +90,23 @@ def run_reference(args) -> None:
     for index, arch in enumerate(archs):
         with claimed(CHECKPOINTS / arch.config_hash(), seed) as checkpoints:
             # Checked inside the claim: another process may have finished it since (and let go of its claim).
-            if checkpoints is None or has_seed(load_reference()["archs"].get(arch.name), seed, long.seed):
+            entry = load_reference()["archs"].get(arch.name)
+            if checkpoints is None or (entry is not None and seed in reference_accuracies(entry, long.seed)):
                 continue
             if seed == long.seed:
-                entry = train_reference(ctx, arch, proxy, long, checkpoints)
+                run = entry = train_reference(ctx, arch, proxy, long, checkpoints)
             else:
-                entry = train_another_seed(ctx, arch, dataclasses.replace(long, seed=seed), checkpoints)
+                run = train_another_seed(ctx, arch, dataclasses.replace(long, seed=seed), checkpoints)
             with open(CHECKPOINTS.with_suffix(".lock"), "a") as lock:  # processes on other cores write it too
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 done = load_reference()["archs"]
                 if seed != long.seed:
-                    entry = {**done[arch.name], "other_seeds": {**done[arch.name].get("other_seeds", {}), **entry}}
+                    entry = {**done[arch.name], "other_seeds": {**done[arch.name].get("other_seeds", {}),
+                                                                str(seed): run}}
                 store["archs"] = {**done, arch.name: entry}
                 write_atomically(REFERENCE, json.dumps(store, indent=1) + "\n")  # kept as soon as it is done
-        accuracy = reference_accuracies(entry, long.seed)[seed]
-        wall_time = entry_wall_time(entry, seed, long.seed)
-        print(f"[{index + 1}/{len(archs)}] {arch.name}, seed {seed}: reference {accuracy:.4f} ({wall_time:.0f} s)",
-              flush=True)
-
-
-def has_seed(entry: dict | None, seed: int, first_seed: int) -> bool:
-    return entry is not None and (seed == first_seed or str(seed) in entry.get("other_seeds", {}))
+        print(f"[{index + 1}/{len(archs)}] {arch.name}, seed {seed}: reference {run['reference']:.4f} "
+              f"({run['wall_time_s']:.0f} s)", flush=True)
 
 
 def reference_accuracies(entry: dict, first_seed: int) -> dict[int, float]:
@@ -119,16 +115,12 @@ def reference_accuracies(entry: dict, first_seed: int) -> dict[int, float]:
     return {first_seed: entry["reference"], **{int(seed): run["reference"] for seed, run in others.items()}}
 
 
-def entry_wall_time(entry: dict, seed: int, first_seed: int) -> float:
-    return entry["wall_time_s"] if seed == first_seed else entry["other_seeds"][str(seed)]["wall_time_s"]
-
-
 def train_another_seed(ctx, arch, long, checkpoints: Path) -> dict:
     """The long run alone, with the recipe's seed (weights and data order) changed: a seed-averaged reference."""
     tick = time.perf_counter()
     run = train(arch, ctx.dataset, long, superclasses=ctx.groups_for(arch),
                 checkpoint_dir=checkpoints / f"reference-seed{long.seed}")
-    return {str(long.seed): {"reference": run.val_accuracy, "wall_time_s": round(time.perf_counter() - tick, 1)}}
+    return {"reference": run.val_accuracy, "wall_time_s": round(time.perf_counter() - tick, 1)}
 
 
 @contextlib.contextmanager
