@@ -20,8 +20,9 @@ and Spearman rho of the reference against each evaluator with bootstrap 95% inte
 top-5 overlap, the training images each evaluator spent, and the noise ceiling: the tau a perfect evaluator
 would reach against a reference of this many seeds (`--seed-sd`). The proxies share the first reference
 seed's weights and data order: `--reference-seeds 1 2` scores them against seeds of their own. `--batch-size`,
-`--lr`, `--no-distill`, `--random-subnets`, `--supernet-seed` and `--finetune-steps` make variants (each its
-own JSON file; a supernet recipe its own checkpoint). `reference --seed S` adds seed S's long run of each
+`--lr`, `--no-distill`, `--no-sandwich`, `--random-subnets`, `--supernet-seed` and `--finetune-steps` make
+variants (each its own JSON file, which keeps the step counts scored before; a supernet recipe its own
+checkpoint). `reference --seed S` adds seed S's long run of each
 architecture (after the first seed's): `score` averages the seeds every architecture has and measures a seed's
 sd from them; `rescore` re-scores the tables written before against the reference as it is now, no training.
 """
@@ -251,13 +252,17 @@ def run_score(args) -> None:
     evaluators, supernets = {}, {}
     given = {"batch_size": args.batch_size, "lr": args.lr, "seed": args.supernet_seed,
              "finetune_steps": args.finetune_steps}
-    options = {"distill": not args.no_distill, **{k: v for k, v in given.items() if v is not None}}
+    options = {"distill": not args.no_distill, **({"sandwich": False} if args.no_sandwich else {}),
+               **{k: v for k, v in given.items() if v is not None}}
     variant = "".join([f"_b{args.batch_size}" if args.batch_size is not None else "",
                        f"_lr{args.lr:g}" if args.lr is not None else "",
-                       "_nodistill" if args.no_distill else "", f"_rs{args.random_subnets}"
+                       "_nodistill" if args.no_distill else "", "_nosandwich" if args.no_sandwich else "",
+                       f"_rs{args.random_subnets}"
                        if args.random_subnets != 2 else "",
                        f"_seed{args.supernet_seed}" if args.supernet_seed is not None else "",
                        f"_ft{args.finetune_steps}" if args.finetune_steps is not None else ""])
+    output = OUTPUT.with_name(f"{OUTPUT.stem}{variant}.json")
+    earlier = earlier_scores(output, store)  # before training: what an unreadable table loses is said first
     for steps in args.supernet_steps:
         trained = train_supernet(build_context(supernet_config(steps, args.random_subnets, **options)),
                                  progress=args.progress)
@@ -275,7 +280,7 @@ def run_score(args) -> None:
                                                                               trained.train_images + finetuned)
             supernets[key][f"scoring_s_per_arch_val{count or len(ctx.dataset.val)}"] = round(
                 (time.perf_counter() - tick) / len(names), 3)
-    write_table(store, args, evaluators, supernets, OUTPUT.with_name(f"{OUTPUT.stem}{variant}.json"))
+    write_table(store, args, *merged(earlier, evaluators, supernets), output)
 
 
 def run_rescore(args) -> None:
@@ -286,17 +291,53 @@ def run_rescore(args) -> None:
     if not tables:
         raise SystemExit(f"no {OUTPUT.parent}/{OUTPUT.stem}*.json: run `score` first")
     for table in tables:
+        try:
+            write_table(store, args, *stored_scores(table, store), table)
+        except UnusableTable as why:
+            print(f"{table}: skipped, {why}")
+
+
+class UnusableTable(Exception):
+    """A stored table whose scores cannot be read again; the message says why."""
+
+
+def stored_scores(table: Path, store: dict) -> tuple[dict, dict]:
+    """A table's supernet scores ({name: ({arch: score}, training images)}) and its supernets."""
+    try:
         before = json.loads(table.read_text())
         missing = sorted(set(store["archs"]) - set(before["archs"]))
-        if missing:
-            print(f"{table}: skipped, it scored no {', '.join(missing)}")
-            continue
-        if any("training_images" not in e for e in before["evaluators"].values()) or "supernets" not in before:
-            print(f"{table}: skipped, written by an older evaluator_fidelity.py (score it again)")
-            continue
-        evaluators = {name: ({n: before["archs"][n][name] for n in store["archs"]}, e["training_images"])
-                      for name, e in before["evaluators"].items() if name.startswith("supernet")}
-        write_table(store, args, evaluators, before["supernets"], table)
+        evaluators = {name: e["training_images"] for name, e in before["evaluators"].items()}
+        supernets = dict(before["supernets"])
+    except KeyError as error:
+        raise UnusableTable(f"written by an older evaluator_fidelity.py (no {error})") from None
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise UnusableTable(f"unreadable ({type(error).__name__}: {error})") from None
+    if missing:
+        raise UnusableTable(f"it scored no {', '.join(missing)}")
+    return ({name: ({n: before["archs"][n][name] for n in store["archs"]}, images)
+             for name, images in evaluators.items() if name.startswith("supernet")}, supernets)
+
+
+def earlier_scores(table: Path, store: dict) -> tuple[dict, dict]:
+    """The scores a variant's table holds from before, to keep beside new ones (none, saying why, when it
+    cannot be read)."""
+    if not table.is_file():
+        return {}, {}
+    try:
+        return stored_scores(table, store)
+    except UnusableTable as why:
+        print(f"{table}: its earlier scores are dropped, {why}")
+        return {}, {}
+
+
+def merged(earlier: tuple[dict, dict], evaluators: dict, supernets: dict) -> tuple[dict, dict]:
+    """New scores beside the earlier ones, by steps; a supernet scored again drops all its earlier rows (those of
+    every `--val-images` count)."""
+    before, before_supernets = earlier
+    kept = {name: e for name, e in before.items()
+            if not any(name == f"supernet_{key}" or name.startswith(f"supernet_{key}_val") for key in supernets)}
+    by_steps = dict(sorted({**kept, **evaluators}.items(), key=lambda item: (int(item[0].split("_")[1]), item[0])))
+    return by_steps, {**before_supernets, **supernets}
 
 
 def seed_averaged(store: dict, seeds: list[int] | None) -> tuple[np.ndarray, list[int]]:
@@ -390,6 +431,8 @@ def main() -> None:
     score.add_argument("--batch-size", type=int, help="the supernet's batch (default: fashion-quick's, 128)")
     score.add_argument("--lr", type=float, help="the supernet's learning rate (default: fashion-quick's, 3e-3)")
     score.add_argument("--no-distill", action="store_true", help="no in-place distillation from the largest")
+    score.add_argument("--no-sandwich", action="store_true", help="each step trains its random subnets only, not "
+                                                                  "the largest and smallest (needs --no-distill)")
     score.add_argument("--finetune-steps", type=int, help="steps each candidate trains from its inherited weights "
                                                           "before it is scored (its images counted)")
     score.add_argument("--supernet-seed", type=int, help="the supernet's seed: weights, subnets drawn, data order "
@@ -406,6 +449,8 @@ def main() -> None:
         command.add_argument("--reference-seeds", type=int, nargs="+",
                              help="average these reference seeds (default: every seed all architectures have)")
     args = parser.parse_args()
+    if getattr(args, "no_sandwich", False) and (not args.no_distill or args.random_subnets < 1):
+        parser.error("--no-sandwich needs --no-distill (no largest subnet teaches) and --random-subnets 1 or more")
     torch.set_num_threads(1)
     {"reference": run_reference, "score": run_score, "rescore": run_rescore}[args.command](args)
 

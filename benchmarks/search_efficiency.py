@@ -90,7 +90,7 @@ def search_images(cfg, study) -> int:
     the supernet's steps x batch x subnets a step."""
     recipe = cfg.recipe()
     if cfg.evaluator_kind == "supernet":
-        return recipe.steps * recipe.batch_size * (2 + cfg.supernet.random_subnets)
+        return recipe.steps * recipe.batch_size * cfg.supernet.subnets_per_step
     steps = [r.rung or 0 for r in records.read_all(study) if r.arch is not None and r.duplicate_of is None]
     return int(sum(steps)) * recipe.batch_size
 

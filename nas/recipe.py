@@ -149,16 +149,28 @@ EVALUATOR_KINDS = ("train", "supernet")  # standalone proxy training; inherited 
 class SupernetSpec:
     """The supernet fields of a study's `evaluator` (beside `kind: supernet` and the training recipe)."""
 
-    random_subnets: int = 2  # per step, beside the largest and the smallest (the sandwich rule)
+    random_subnets: int = 2  # per step (beside the largest and the smallest with `sandwich`)
     distill: bool = True  # in-place distillation: subnets learn the largest's soft predictions
+    sandwich: bool = True  # false: each step trains only its `random_subnets` uniformly drawn (single path)
     finetune_steps: int = 0  # per candidate, after inheriting its weights (0: score the inherited weights)
     val_images: int | None = None  # validation images a candidate is scored on (None: the whole split)
 
     def __post_init__(self):
         for name, minimum in (("random_subnets", 0), ("finetune_steps", 0), ("val_images", 1)):
             check_int(f"evaluator.{name}", getattr(self, name), minimum, MAX_NUMBER, optional=name == "val_images")
-        if not isinstance(self.distill, bool):
-            raise ConfigError("evaluator.distill", f"must be true or false, got {self.distill!r}")
+        for name in ("distill", "sandwich"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"evaluator.{name}", f"must be true or false, got {getattr(self, name)!r}")
+        if not self.sandwich and self.distill:
+            raise ConfigError("evaluator.distill", "in-place distillation learns from the sandwich's largest "
+                                                   "subnet: set sandwich: true or distill: false")
+        if not self.sandwich and not self.random_subnets:
+            raise ConfigError("evaluator.random_subnets", "without the sandwich rule a step trains only its "
+                                                          "random subnets: at least 1")
+
+    @property
+    def subnets_per_step(self) -> int:
+        return (2 if self.sandwich else 0) + self.random_subnets
 
     @classmethod
     def of(cls, evaluator: dict) -> SupernetSpec:

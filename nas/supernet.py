@@ -5,8 +5,10 @@ Training (`train_supernet`, `vmoe-nas supernet --config STUDY`) follows BigNAS /
 one trunk (patch size, `search_spaces.supernet`) a step in turn: each step runs the trunk's largest subnet, its
 smallest and `random_subnets` random ones on one batch and sums their gradients; with `distill`, every subnet
 but the largest learns the largest's (detached) soft predictions of that batch, in-place distillation (Yu et
-al. 2020). Each MoE subnet keeps its super-class
-router loss, with the class grouping of its expert count. The trainer's pieces run it: `Batches`,
+al. 2020). `sandwich: false` drops the largest and the smallest: single-path one-shot (Guo et al. 2020) with
+`random_subnets: 1`, whose subnets, at the same training images, come out about twice as accurate (the
+largest 0.61-0.66 against 0.25-0.32) and rank no better (benchmarks/README.md). Each MoE subnet keeps its
+super-class router loss, with the class grouping of its expert count. The trainer's pieces run it: `Batches`,
 `Schedule`, `Loss`, `evaluate`, `Checkpoint`, devices and precision. Subnets of a step are drawn from
 (seed, step), so a resumed run takes the same steps as one that never stopped.
 
@@ -50,6 +52,8 @@ def identity(net: Supernet, recipe: TrainRecipe, spec: SupernetSpec, dataset_nam
     """What a supernet's weights mean: space, data shape, data set, recipe (less where and how fast it ran:
     the same supernet on another device) and the training options."""
     training = {k: v for k, v in dataclasses.asdict(spec).items() if k in ("random_subnets", "distill")}
+    if not spec.sandwich:  # keyed only when off: the sandwich's checkpoints keep their folders
+        training["sandwich"] = False
     return {**net.identity(), "recipe": recipe_identity(recipe.to_dict()), "supernet": training,
             "dataset": dataset_name}
 
@@ -69,12 +73,14 @@ class SupernetCheckpoint(Checkpoint):
 @dataclass
 class Sandwich:
     """The subnets of each step, one trunk (patch size) a step in turn: that trunk's largest, its smallest and
-    `random` of its subnets drawn from (seed, step). `largest` and `smallest` are the whole space's."""
+    `random` of its subnets drawn from (seed, step); without `with_extremes`, the `random` alone. `largest` and
+    `smallest` are the whole space's."""
 
     space: Any
     dims: dict  # image_size, in_channels, num_classes
     random: int
     seed: int
+    with_extremes: bool = True
 
     def __post_init__(self):
         self.largest = extreme_arch(self.space, True, **self.dims)
@@ -86,8 +92,8 @@ class Sandwich:
     def at(self, step: int) -> list[ArchConfig]:
         trunk = step % len(self.trunks)
         generator = seeded_generator(self.seed, step, 3)
-        return [*self.extremes[trunk]] + [random_arch(self.trunks[trunk], generator, **self.dims)
-                                          for _ in range(self.random)]
+        extremes = self.extremes[trunk] if self.with_extremes else ()
+        return [*extremes, *(random_arch(self.trunks[trunk], generator, **self.dims) for _ in range(self.random))]
 
 
 @dataclass
@@ -133,7 +139,7 @@ class _SupernetRun:
         if self.schedule.steps is None:
             raise ConfigError("evaluator.steps", "a supernet trains for a number of steps or epochs, not seconds")
         dims = {"image_size": data.image_size, "in_channels": data.in_channels, "num_classes": data.num_classes}
-        self.sandwich = Sandwich(ctx.cfg.space, dims, spec.random_subnets, recipe.seed)
+        self.sandwich = Sandwich(ctx.cfg.space, dims, spec.random_subnets, recipe.seed, spec.sandwich)
         self.state = checkpoint.restore(net, self.optimizer, self.scaler) or RunState()
 
     def loss_of(self, arch: ArchConfig) -> Loss:
@@ -150,7 +156,8 @@ class _SupernetRun:
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
         teacher, total = None, 0.0
-        for arch in self.sandwich.at(s.step):  # one backward per subnet: only one graph held at a time
+        archs = self.sandwich.at(s.step)
+        for arch in archs:  # one backward per subnet: only one graph held at a time
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 out = self.net(images, arch, with_aux=True)
                 loss = self.loss_of(arch)(out, labels, teacher)
@@ -171,7 +178,7 @@ class _SupernetRun:
         else:
             self.optimizer.step()
         s.step += 1
-        return total / (2 + self.spec.random_subnets)
+        return total / len(archs)
 
     def evaluate(self) -> dict[str, float]:
         """Val accuracy of the largest and the smallest subnet: the supernet's learning curve."""
@@ -210,7 +217,7 @@ class _SupernetRun:
                               self.checkpoint.path)
 
     def train_images(self, steps: int) -> int:
-        return steps * self.batches.size * (2 + self.spec.random_subnets)
+        return steps * self.batches.size * self.spec.subnets_per_step
 
 
 # ---------------------------------------------------------------- scoring

@@ -1,6 +1,7 @@
 """benchmarks/evaluator_fidelity.py's reference of several seeds: which seeds are averaged, a seed's measured sd,
 and the noise ceiling of a seed-averaged reference (pure functions: no training)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
-from evaluator_fidelity import measured_seed_sd, noise_ceiling, seed_averaged  # noqa: E402
+from evaluator_fidelity import earlier_scores, measured_seed_sd, merged, noise_ceiling, seed_averaged  # noqa: E402
 
 
 def store(accuracies: dict[str, list[float]]) -> dict:
@@ -47,3 +48,31 @@ def test_the_noise_ceiling_of_k_seeds_is_that_of_one_seed_with_a_sd_over_sqrt_k(
     assert noise_ceiling(reference, 0.006, 1, draws=200)["kendall_tau"] < four["kendall_tau"] < 1
     with pytest.raises(SystemExit, match="over sqrt 1 .* below the reference's own sd"):
         noise_ceiling(reference, 0.02, 1, draws=1)  # the seeds' noise as large as the whole spread
+
+
+def table(archs: str, scores: dict[str, float], images: int = 1200) -> dict:
+    """A stored table of supernet scores ({evaluator: score of every arch}), as `score` writes it."""
+    return {"archs": {n: {**scores, "reference": 0.8} for n in archs},
+            "evaluators": {"proxy_100": {"training_images": 9}, **{e: {"training_images": images} for e in scores}},
+            "supernets": {e.removeprefix("supernet_").split("_val")[0]: {} for e in scores}}
+
+
+def test_scoring_a_variant_again_keeps_its_other_step_counts_and_drops_its_own(tmp_path, capsys):
+    runs, stored = store({n: [0.8] for n in "abc"}), tmp_path / "evaluator_fidelity_x.json"
+    stored.write_text(json.dumps(table("abc", {"supernet_300_x": 0.5, "supernet_150_x": 0.4,
+                                               "supernet_150_x_val500": 0.3})))
+    earlier = earlier_scores(stored, runs)
+    assert earlier[0]["supernet_150_x_val500"] == ({n: 0.3 for n in "abc"}, 1200) and set(earlier[1]) == {"300_x",
+                                                                                                         "150_x"}
+    new = {"supernet_600_x": ({n: 0.9 for n in "abc"}, 4800)}
+    assert list(merged(earlier, new, {"600_x": {}})[0]) == ["supernet_150_x", "supernet_150_x_val500",
+                                                            "supernet_300_x", "supernet_600_x"]  # by steps
+    again = {"supernet_150_x": ({n: 0.7 for n in "abc"}, 1200)}
+    evaluators, supernets = merged(earlier, again, {"150_x": {"new": 1}})
+    assert evaluators == {"supernet_150_x": again["supernet_150_x"], "supernet_300_x": earlier[0]["supernet_300_x"]}
+    assert supernets["150_x"] == {"new": 1}  # its val500 row went with it: that score was of the old supernet
+    for broken, why in (("{", "unreadable"), ("[]", "unreadable"), ("{}", "older"),
+                        (json.dumps(table("ab", {"supernet_150_x": 0.4})), "scored no c")):
+        stored.write_text(broken)
+        assert earlier_scores(stored, runs) == ({}, {}) and why in capsys.readouterr().out
+    assert earlier_scores(tmp_path / "none.json", runs) == ({}, {})

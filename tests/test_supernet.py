@@ -96,6 +96,16 @@ def test_the_sandwich_takes_one_trunk_a_step_in_turn():
     assert sandwich.largest.patch_size == 4 and sandwich.smallest.patch_size == 7  # the space's, for its curve
 
 
+def test_without_the_sandwich_a_step_trains_its_random_draws_alone():
+    from nas.supernet import Sandwich
+
+    sandwich, single = (Sandwich(SPACE, DIMS, random=1, seed=0, with_extremes=on) for on in (True, False))
+    for step in range(6):
+        drawn = single.at(step)
+        assert len(drawn) == 1 and drawn[0].patch_size == (4, 7)[step % 2]
+        assert drawn == sandwich.at(step)[2:]  # the same draws, the extremes left out
+
+
 def test_extremes_and_random_draws_are_subnets(net):
     largest, smallest = (extreme_arch(SPACE, big, **DIMS) for big in (True, False))
     assert (largest.depth, largest.width, largest.patch_size, largest.mlp_ratio) == (3, 32, 4, 4.0)
@@ -145,6 +155,10 @@ def tiny(tmp_path, **changes) -> StudyConfig:
     ({"kind": "supernet", "min_steps": 5, "max_steps": 10}, "evaluator.min_steps"),
     ({"kind": "supernet", "steps": 5, "random_subnets": -1}, "evaluator.random_subnets"),
     ({"steps": 5, "random_subnets": 2}, "evaluator.random_subnets"),  # a supernet option, for kind: train
+    ({"kind": "supernet", "steps": 5, "sandwich": False}, "evaluator.distill"),  # no largest to learn from
+    ({"kind": "supernet", "steps": 5, "sandwich": False, "distill": False, "random_subnets": 0},
+     "evaluator.random_subnets"),  # a step that trains nothing
+    ({"kind": "supernet", "steps": 5, "sandwich": "no"}, "evaluator.sandwich"),
 ])
 def test_evaluator_kind_and_options_are_checked(tmp_path, evaluator, field):
     with pytest.raises(ConfigError) as error:
@@ -176,6 +190,20 @@ def test_supernet_checkpoint_of_another_space_is_refused_by_name(tmp_path):
     assert str(result.checkpoint) in str(error.value)
     again = train_supernet(ctx)  # finished: loaded, not trained again
     assert all(torch.equal(a, b) for a, b in zip(again.net.state_dict().values(), result.net.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_a_single_path_supernet_counts_its_images_and_has_a_folder_of_its_own(tmp_path):
+    from nas.supernet import train_supernet
+    from nas.trial import build_context
+
+    results = {on: train_supernet(build_context(tiny(tmp_path, evaluator={**TINY["evaluator"], "sandwich": on,
+                                                                           "distill": False})))
+               for on in (True, False)}
+    assert results[True].train_images == 8 * 16 * 3 and results[False].train_images == 8 * 16 * 1
+    assert results[False].checkpoint.parent != results[True].checkpoint.parent
+    state = torch.load(results[False].checkpoint, weights_only=False)
+    assert state["state"]["loss_curve"][0][1] > 1.5  # a step's mean over its subnets: near ln 12 at first, not a third
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the one swallowed
