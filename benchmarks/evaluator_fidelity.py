@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from nas.config import write_atomically
+from nas.processes import interruptible, interruption_name
 from nas.study import load_study_config
 from nas.trainer import train
 from nas.trial import build_context
@@ -452,7 +454,13 @@ def main() -> None:
     if getattr(args, "no_sandwich", False) and (not args.no_distill or args.random_subnets < 1):
         parser.error("--no-sandwich needs --no-distill (no largest subnet teaches) and --random-subnets 1 or more")
     torch.set_num_threads(1)
-    {"reference": run_reference, "score": run_score, "rescore": run_rescore}[args.command](args)
+    try:
+        with interruptible():  # SIGTERM and SIGHUP stop it like Ctrl-C: checkpoints saved, the store as it was
+            {"reference": run_reference, "score": run_score, "rescore": run_rescore}[args.command](args)
+    except KeyboardInterrupt as stop:
+        print(f"evaluator_fidelity.py {args.command}: stopped by {interruption_name(stop)}; what finished is stored, "
+              "and the same command resumes from the checkpoints", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

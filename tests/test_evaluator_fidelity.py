@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import evaluator_fidelity  # noqa: E402
 from evaluator_fidelity import earlier_scores, measured_seed_sd, merged, noise_ceiling, seed_averaged  # noqa: E402
 
 
@@ -76,3 +77,17 @@ def test_scoring_a_variant_again_keeps_its_other_step_counts_and_drops_its_own(t
         stored.write_text(broken)
         assert earlier_scores(stored, runs) == ({}, {}) and why in capsys.readouterr().out
     assert earlier_scores(tmp_path / "none.json", runs) == ({}, {})
+
+
+def test_a_signal_stops_the_benchmark_with_one_line_not_a_traceback(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(evaluator_fidelity, "run_rescore", interrupted)
+    monkeypatch.setattr(sys, "argv", ["evaluator_fidelity.py", "rescore"])
+    with pytest.raises(BaseException) as stopped:  # without the handler a KeyboardInterrupt would end pytest
+        evaluator_fidelity.main()
+    assert stopped.type is SystemExit and stopped.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "evaluator_fidelity.py rescore: stopped by SIGTERM; what finished is stored, and the same command resumes "
+        "from the checkpoints"]
