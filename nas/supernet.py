@@ -34,9 +34,9 @@ from torch import nn
 from nas.batches import Batches, seeded_generator
 from nas.config import ConfigError, json_digest
 from nas.devices import autocast_dtype, available_cores, resolve_device
-from nas.processes import raise_if_interrupted
+from nas.processes import deferred_interruptions, raise_if_interrupted
 from nas.recipe import Schedule, SupernetSpec, TrainRecipe, param_groups, recipe_identity
-from nas.trainer import Checkpoint, Loss, RunState, TrainingError, evaluate, progress_bar
+from nas.trainer import Checkpoint, Loss, RunState, TrainingError, TrainingInterrupted, evaluate, progress_bar
 from search_spaces import ArchConfig
 from search_spaces.supernet import Supernet, check_space, extreme_arch, of_patch_size, random_arch
 
@@ -187,28 +187,37 @@ class _SupernetRun:
                 for name, arch in (("largest", self.sandwich.largest), ("smallest", self.sandwich.smallest))}
 
     def loop(self, stop_at: float, progress: bool) -> SupernetResult:
+        """Train to `stop_at` or the end: saved at each evaluation, every `checkpoint_every_s` and on SIGINT /
+        SIGTERM / SIGHUP, which then stop it after the step under way (a second one at once), as the trainer."""
         s, steps = self.state, self.schedule.steps
         every = self.batches.per_epoch if self.recipe.eval_every == "epoch" else self.recipe.eval_every
         bar = progress_bar(progress, steps, s.step, "supernet")
         bar.set_description("supernet")
         start, losses = time.perf_counter(), []
+        signals, saved_at = [], time.monotonic()
         try:
-            while not s.finished and s.step < stop_at:
-                tick = time.perf_counter()
-                losses.append(self.step())
-                s.train_time += time.perf_counter() - tick
-                raise_if_interrupted()  # a signal's KeyboardInterrupt swallowed mid-step (see nas.processes)
-                bar.update(1)
-                done = s.step >= steps
-                if done or s.step == stop_at or s.step % every == 0:
-                    s.loss_curve.append((s.step, float(np.mean(losses))))
-                    losses = []
-                    s.metrics = self.evaluate()
-                    s.evals.append((s.step, s.metrics["largest"]))
-                    s.finished = done
-                    s.wall_time += time.perf_counter() - start
-                    start = time.perf_counter()
-                    self.checkpoint.save(self.net, self.optimizer, s, self.scaler)
+            with deferred_interruptions(signals.append):
+                while not s.finished and s.step < stop_at:
+                    tick = time.perf_counter()
+                    losses.append(self.step())
+                    s.train_time += time.perf_counter() - tick
+                    raise_if_interrupted()  # a signal's KeyboardInterrupt swallowed mid-step (see nas.processes)
+                    bar.update(1)
+                    done = s.step >= steps
+                    evaluating = done or s.step == stop_at or s.step % every == 0
+                    if evaluating:
+                        s.loss_curve.append((s.step, float(np.mean(losses))))
+                        losses = []
+                        s.metrics = self.evaluate()
+                        s.evals.append((s.step, s.metrics["largest"]))
+                        s.finished = done
+                    if evaluating or signals or time.monotonic() - saved_at >= self.recipe.checkpoint_every_s:
+                        s.wall_time += time.perf_counter() - start
+                        start = time.perf_counter()
+                        self.checkpoint.save(self.net, self.optimizer, s, self.scaler)
+                        saved_at = time.monotonic()
+                    if signals:
+                        raise TrainingInterrupted(signals[0], s.step, steps, self.checkpoint.path)
         finally:
             bar.close()
             self.batches.close()

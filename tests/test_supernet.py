@@ -220,6 +220,35 @@ def test_a_swallowed_sigterm_stops_supernet_training_after_its_step(tmp_path, si
 
 
 @pytest.mark.slow
+def test_sigterm_saves_the_supernet_at_its_step_and_the_rerun_resumes_there(tmp_path, monkeypatch):
+    """Between evaluations (every 5 steps), a SIGTERM saves the step under way and stops; the rerun resumes
+    there and ends with the weights of a run that never stopped."""
+    from nas import supernet
+    from nas.processes import interruptible
+    from nas.trainer import TrainingInterrupted
+    from nas.trial import build_context
+
+    evaluator = {**TINY["evaluator"], "eval_every": 5}
+    straight = supernet.train_supernet(build_context(tiny(tmp_path / "straight", evaluator=evaluator))).net
+    step = supernet._SupernetRun.step
+
+    def signalled_at_step_7(run):
+        if run.state.step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(run)
+
+    monkeypatch.setattr(supernet._SupernetRun, "step", signalled_at_step_7)
+    ctx = build_context(tiny(tmp_path / "stopped", evaluator=evaluator))
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM") as stopped, interruptible():  # as the CLI runs it
+        supernet.train_supernet(ctx)
+    assert stopped.type is TrainingInterrupted and stopped.value.step == 7 and torch.load(stopped.value.path, weights_only=True)["state"]["step"] == 7
+    monkeypatch.setattr(supernet._SupernetRun, "step", step)
+    resumed = supernet.train_supernet(ctx)
+    assert resumed.steps == 8
+    assert all(torch.equal(a, b) for a, b in zip(resumed.net.state_dict().values(), straight.state_dict().values()))
+
+
+@pytest.mark.slow
 def test_killed_supernet_training_resumes_where_it_stopped(tmp_path):
     """kill -9 after its first checkpoint; the rerun resumes there and ends with the weights of a run that
     never stopped."""
