@@ -44,7 +44,7 @@ import torch
 from nas.config import write_atomically
 from nas.processes import interruptible, interruption_name
 from nas.study import load_study_config
-from nas.trainer import train
+from nas.trainer import TrainingInterrupted, train
 from nas.trial import build_context
 from profilers import analytic_flops
 from profilers.latency_calibration import space_architectures
@@ -398,7 +398,7 @@ def write_table(store: dict, args, evaluators: dict, supernets: dict, output: Pa
         if name.startswith("supernet"):
             out["evaluators"][name]["tau_over_proxy_100"] = tau_gain(reference, values, scores["proxy_100"][0])
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(out, indent=1) + "\n")
+    write_atomically(output, json.dumps(out, indent=1) + "\n")  # a signal mid-write keeps the variant's earlier table
     print(f"{len(names)} architectures, reference {store['reference_steps']} steps ({seeds} seed(s) averaged); the "
           f"multi-fidelity search ranks them with {search_images:,} training images")
     if measured:
@@ -458,8 +458,9 @@ def main() -> None:
         with interruptible():  # SIGTERM and SIGHUP stop it like Ctrl-C: checkpoints saved, the store as it was
             {"reference": run_reference, "score": run_score, "rescore": run_rescore}[args.command](args)
     except KeyboardInterrupt as stop:
-        print(f"evaluator_fidelity.py {args.command}: stopped by {interruption_name(stop)}; what finished is stored, "
-              "and the same command resumes from the checkpoints", file=sys.stderr)
+        saved = f" ({stop.saved()})" if isinstance(stop, TrainingInterrupted) else ""
+        print(f"evaluator_fidelity.py {args.command}: stopped by {interruption_name(stop)}; what finished is stored"
+              f"{saved}, and the same command resumes from the checkpoints", file=sys.stderr)
         raise SystemExit(130) from None
 
 

@@ -130,6 +130,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_supernet(args: argparse.Namespace) -> None:
     from nas.study import load_study_config
     from nas.supernet import train_supernet
+    from nas.trainer import TrainingInterrupted
     from nas.trial import build_context
 
     cfg = load_study_config(args.config, data_dir=args.data_dir, results_dir=args.results_dir, device=args.device)
@@ -139,7 +140,11 @@ def cmd_supernet(args: argparse.Namespace) -> None:
     ctx = build_context(cfg, progress=not args.no_progress)
     try:
         result = train_supernet(ctx, progress=not args.no_progress)
-    except KeyboardInterrupt:
+    except TrainingInterrupted as stopped:
+        print(f"interrupted ({stopped}): {stopped.saved()}; run the same command again to resume the supernet of "
+              f"{cfg.study_name} from there", file=sys.stderr)
+        raise
+    except KeyboardInterrupt:  # before training began, or a second signal
         print(f"interrupted: run the same command again to resume the supernet of {cfg.study_name}", file=sys.stderr)
         raise
     print(f"supernet of {cfg.study_name}: {result.steps} steps, {result.train_images:,} training images, "
@@ -286,8 +291,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     try:
         metrics = run_training(args.config, force=args.force, progress=not args.no_progress, device=args.device)
     except TrainingInterrupted as stopped:
-        print(f"interrupted ({stopped}): saved step {stopped.step}{f' of {stopped.steps}' if stopped.steps else ''} "
-              f"to {stopped.path}; run the same command again to resume from there", file=sys.stderr)
+        print(f"interrupted ({stopped}): {stopped.saved()}; run the same command again to resume from there",
+              file=sys.stderr)
         raise
     except KeyboardInterrupt:  # before training began, or a second signal: say what is on disk
         saved = f"resume from {checkpoint}" if checkpoint.is_file() else "start over (nothing was saved)"

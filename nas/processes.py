@@ -40,6 +40,20 @@ RECEIVED: list[str] = []  # the interrupting signals received: an exception rais
 # be swallowed (a weakref callback, a native library wrapping it), so the signal is remembered too
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by a signal (SIGINT, SIGTERM, SIGHUP) after saving a checkpoint at `step` to `path`."""
+
+    def __init__(self, name: str, step: int, steps: int | None, path: Path):
+        super().__init__(name)  # the signal's, as `signal_name` says it
+        self.step, self.steps, self.path = step, steps, path
+
+    def __reduce__(self):  # sent back from a budgeted trial's process: rebuilt with its fields
+        return type(self), (str(self), self.step, self.steps, self.path)
+
+    def saved(self) -> str:
+        return f"saved step {self.step}{f' of {self.steps}' if self.steps else ''} to {self.path}"
+
+
 def signal_name(signum: int) -> str:
     """'SIGTERM', 'SIGHUP', or 'Ctrl-C' for SIGINT: what a trial's reason says interrupted it."""
     return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
@@ -118,7 +132,8 @@ def interruptible():
 @contextmanager
 def deferred_interruptions(on_signal):
     """While the block runs, an interrupting signal calls `on_signal(name)` instead of raising, so that the
-    block can reach a safe point first; a second one raises at once. Outside the main thread: no change."""
+    block can reach a safe point first; a second one raises at once. A signal ignored (nohup) stays ignored;
+    outside the main thread: no change."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -126,11 +141,14 @@ def deferred_interruptions(on_signal):
 
     def handler(signum, frame):
         if received:  # not remembered in RECEIVED: nothing outside `interruptible` would ever clear it
-            raise KeyboardInterrupt(signal.Signals(signum).name)
+            raise KeyboardInterrupt(signal_name(signum))
         received.append(signum)
-        on_signal(signal.Signals(signum).name)
+        on_signal(signal_name(signum))
 
-    previous = {number: signal.signal(number, handler) for number in INTERRUPTIONS}
+    previous = {number: signal.getsignal(number) for number in INTERRUPTIONS}
+    for number, old in previous.items():
+        if old != signal.SIG_IGN:  # nohup: kept
+            signal.signal(number, handler)
     try:
         yield
     finally:

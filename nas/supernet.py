@@ -197,7 +197,7 @@ class _SupernetRun:
         signals, saved_at = [], time.monotonic()
         try:
             with deferred_interruptions(signals.append):
-                while not s.finished and s.step < stop_at:
+                while not s.finished and s.step < stop_at and not signals:
                     tick = time.perf_counter()
                     losses.append(self.step())
                     s.train_time += time.perf_counter() - tick
@@ -211,13 +211,15 @@ class _SupernetRun:
                         s.metrics = self.evaluate()
                         s.evals.append((s.step, s.metrics["largest"]))
                         s.finished = done
-                    if evaluating or signals or time.monotonic() - saved_at >= self.recipe.checkpoint_every_s:
+                    if evaluating or time.monotonic() - saved_at >= self.recipe.checkpoint_every_s:
                         s.wall_time += time.perf_counter() - start
                         start = time.perf_counter()
                         self.checkpoint.save(self.net, self.optimizer, s, self.scaler)
                         saved_at = time.monotonic()
-                    if signals:
-                        raise TrainingInterrupted(signals[0], s.step, steps, self.checkpoint.path)
+            if signals:  # saved at the step under way, also when the signal came as the last one ended
+                s.wall_time += time.perf_counter() - start
+                self.checkpoint.save(self.net, self.optimizer, s, self.scaler)
+                raise TrainingInterrupted(signals[0], s.step, steps, self.checkpoint.path)
         finally:
             bar.close()
             self.batches.close()

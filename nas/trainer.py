@@ -37,7 +37,7 @@ from nas.batches import Batches
 from nas.config import ConfigError, check_number, first_line
 from nas.datasets import Dataset, Split
 from nas.devices import autocast_dtype, default_threads, resolve_device
-from nas.processes import deferred_interruptions, raise_if_interrupted
+from nas.processes import TrainingInterrupted, deferred_interruptions, raise_if_interrupted
 from nas.recipe import Schedule, TrainRecipe, param_groups, recipe_identity
 from search_spaces import ArchConfig, build_model
 from search_spaces.model import ModelOutput, PerTokenExperts
@@ -53,14 +53,6 @@ class TrainingError(RuntimeError):
 
 class CheckpointError(TrainingError):
     """A checkpoint that cannot be resumed: unreadable, or another run's."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped by a signal (SIGINT, SIGTERM, SIGHUP) after saving a checkpoint at `step` to `path`."""
-
-    def __init__(self, signal_name: str, step: int, steps: int | None, path: Path):
-        super().__init__(signal_name)
-        self.step, self.steps, self.path = step, steps, path
 
 
 @dataclass
@@ -351,7 +343,7 @@ class _Run:
         start, losses = time.perf_counter(), []
         signals, saved_at = [], time.monotonic()
         with deferred_interruptions(signals.append) if self.checkpoint else nullcontext():
-            while not s.finished and s.step < stop_at:
+            while not s.finished and s.step < stop_at and not signals:
                 tick = time.perf_counter()
                 losses.append(self.step())
                 s.train_time += time.perf_counter() - tick
@@ -359,8 +351,7 @@ class _Run:
                 bar.update(1)
                 done = self.schedule.progress(s.step, s.train_time) >= 1
                 evaluating = done or s.step == stop_at or s.step % self.eval_every == 0
-                saving = self.checkpoint and (evaluating or signals
-                                              or time.monotonic() - saved_at >= self.checkpoint_every_s)
+                saving = self.checkpoint and (evaluating or time.monotonic() - saved_at >= self.checkpoint_every_s)
                 if len(losses) == LOG_EVERY or evaluating:  # not at timed saves: curves stay deterministic
                     s.loss_curve.append((s.step, float(np.mean(losses))))
                     losses = []
@@ -377,10 +368,11 @@ class _Run:
                 if saving:
                     self.checkpoint.save(self.model, self.optimizer, s, self.scaler)
                     saved_at = time.monotonic()
-                if signals:
-                    bar.close()
-                    raise TrainingInterrupted(signals[0], s.step, self.schedule.steps, self.checkpoint.path)
         bar.close()
+        if signals:  # saved at the step under way, also when the signal came as the last one ended
+            s.wall_time += time.perf_counter() - start
+            self.checkpoint.save(self.model, self.optimizer, s, self.scaler)
+            raise TrainingInterrupted(signals[0], s.step, self.schedule.steps, self.checkpoint.path)
         return self.result(evaluate_test)
 
     def epochs(self) -> float:

@@ -133,7 +133,7 @@ def test_a_signal_saves_the_steps_since_the_last_evaluation_and_says_so(exported
     monkeypatch.setattr(nas.trainer._Run, "step", step_then_interrupt)
     assert main(["train", str(config), "--no-progress"]) == 130
     run = config.parent / "run"
-    assert f"interrupted (SIGINT): saved step 4 of {STEPS} to {run / CHECKPOINT_NAME}" in capsys.readouterr().err
+    assert f"interrupted (Ctrl-C): saved step 4 of {STEPS} to {run / CHECKPOINT_NAME}" in capsys.readouterr().err
     assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["state"]["step"] == 4
 
 

@@ -476,19 +476,44 @@ def test_ctrl_c_is_remembered_and_a_swallowed_interruption_prints_no_traceback()
     assert "ZeroDivisionError" in run.stderr and "KeyboardInterrupt" not in run.stderr, run.stderr
 
 
+def test_a_signal_ignored_under_nohup_stays_ignored_while_interruptions_are_deferred():
+    """Training defers signals to save first; it took SIGHUP over from nohup, so logging out stopped it."""
+    from nas.processes import deferred_interruptions
+
+    deferred, previous = [], signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with deferred_interruptions(deferred.append):
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)
+        assert deferred == [] and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_training_interruption_survives_pickling_with_what_it_saved():
+    """A budgeted trial's process sends its exception back pickled: TrainingInterrupted could not be rebuilt."""
+    import pickle
+
+    from nas.trainer import TrainingInterrupted
+
+    stopped = pickle.loads(pickle.dumps(TrainingInterrupted("SIGTERM", 3, 8, Path("run/checkpoint.pt"))))
+    assert (str(stopped), stopped.saved()) == ("SIGTERM", "saved step 3 of 8 to run/checkpoint.pt")
+
+
 def test_a_second_signal_during_deferred_interruptions_is_not_remembered():
     """`vmoe-nas train`'s second Ctrl-C was remembered in RECEIVED, which only the CLI's `interruptible` clears: a
     later `train()` of the same Python process (a notebook, a script) stopped after its first step."""
     from nas.processes import deferred_interruptions, interrupted
 
     deferred = []
-    with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+    with pytest.raises(KeyboardInterrupt, match="Ctrl-C"):
         with deferred_interruptions(deferred.append):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)  # the first is deferred: the block goes on
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
-    assert deferred == ["SIGINT"] and interrupted() is None
+    assert deferred == ["Ctrl-C"] and interrupted() is None
 
 
 @pytest.mark.parametrize("where", ["claim", "trial"])
