@@ -98,14 +98,19 @@ def interrupt_once(signum: int, frame=None) -> None:
     interrupt(signum)
 
 
+def take_over_interruptions(handler) -> None:
+    """`handler` on SIGINT, SIGTERM and SIGHUP, but for a signal ignored (as under nohup): it stays ignored."""
+    for number in INTERRUPTIONS:
+        if signal.getsignal(number) != signal.SIG_IGN:
+            signal.signal(number, handler)
+
+
 def treat_signals_as_interruptions(*, once: bool = False) -> None:
     """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt from now on and are remembered in RECEIVED (main thread
     only; a signal ignored, as under nohup, stays ignored); `once`: only the first of them does."""
     if threading.current_thread() is not threading.main_thread():
         return
-    for number in INTERRUPTIONS:
-        if signal.getsignal(number) != signal.SIG_IGN:  # nohup: kept
-            signal.signal(number, interrupt_once if once else interrupt)
+    take_over_interruptions(interrupt_once if once else interrupt)
     if getattr(sys.unraisablehook, "func", None) is not quiet_swallowed_interruption:
         sys.unraisablehook = functools.partial(quiet_swallowed_interruption, fallback=sys.unraisablehook)
 
@@ -146,9 +151,7 @@ def deferred_interruptions(on_signal):
         on_signal(signal_name(signum))
 
     previous = {number: signal.getsignal(number) for number in INTERRUPTIONS}
-    for number, old in previous.items():
-        if old != signal.SIG_IGN:  # nohup: kept
-            signal.signal(number, handler)
+    take_over_interruptions(handler)
     try:
         yield
     finally:
